@@ -1,0 +1,134 @@
+"""The Flowerpot client: a NumPyClient that trains the shared CNN on one claimed shard."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.compat.client.numpy_client import NumPyClient
+
+from client import task, wiring
+from client.claim import claim_shard
+from shared.errors import BadInput
+from shared.logs import tame_flower
+from shared.model import build_model, get_weights, set_weights
+from shared.modelfile import save_model
+from shared.settings import Settings
+from shared.shards import Shard, load_shard
+
+log = logging.getLogger("flowerpot.client")
+
+FINAL_MODEL = "final_model.npz"
+
+
+class FlowerpotClient(NumPyClient):
+    """get_parameters / set_parameters / fit / evaluate, as in Flower's PyTorch tutorial."""
+
+    def __init__(self, shard: Shard, settings: Settings, model_dir: Path) -> None:
+        self.shard, self.settings, self.model_dir = shard, settings, model_dir
+        self.model = build_model(shard.spec, settings.seed)
+
+    def get_parameters(self, config: dict) -> list[np.ndarray]:
+        return get_weights(self.model)
+
+    def set_parameters(self, parameters: list[np.ndarray]) -> None:
+        try:
+            set_weights(self.model, parameters)
+        except ValueError as exc:
+            raise BadInput(
+                f"the server's model does not fit this client's data set {self.shard.spec.dataset} ({exc}): "
+                "run server and clients with the same DATASET, or start the server on a fresh RESULTS_DIR"
+            ) from None
+
+    def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        self.set_parameters(parameters)
+        server_round = int(config.get("server_round", 0))
+        started = time.perf_counter()
+        outcome = task.train(
+            self.model,
+            self.shard.x_train,
+            self.shard.y_train,
+            self.shard.spec,
+            epochs=int(config.get("local_epochs", self.settings.local_epochs)),
+            batch_size=int(config.get("batch_size", self.settings.batch_size)),
+            lr=float(config.get("learning_rate", self.settings.learning_rate)),
+            seed=self.settings.seed * 100_003 + server_round,
+            proximal_mu=float(config.get("proximal_mu", 0.0)),
+        )
+        seconds = time.perf_counter() - started
+        log.info(
+            "round %s: trained on %d examples, loss %.4f, %.2f s",
+            server_round or "?",
+            outcome.examples,
+            outcome.loss,
+            seconds,
+        )
+        metrics = {
+            "train_loss": outcome.loss,
+            "train_accuracy": outcome.accuracy,
+            "train_seconds": seconds,
+            "shard": self.shard.name,
+        }
+        return self.get_parameters({}), outcome.examples, metrics
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
+        self.set_parameters(parameters)
+        started = time.perf_counter()
+        outcome = task.evaluate(self.model, self.shard.x_test, self.shard.y_test, self.shard.spec)
+        seconds = time.perf_counter() - started
+        server_round, num_rounds = int(config.get("server_round", 0)), int(config.get("num_rounds", -1))
+        log.info(
+            "round %s: evaluated on %d examples, accuracy %.4f", server_round or "?", outcome.examples, outcome.accuracy
+        )
+        if server_round == num_rounds:
+            self.keep_final_model(server_round, outcome)
+        return (
+            outcome.loss,
+            outcome.examples,
+            {"accuracy": outcome.accuracy, "eval_seconds": seconds, "shard": self.shard.name},
+        )
+
+    def keep_final_model(self, server_round: int, outcome: task.Outcome) -> None:
+        path = self.model_dir / FINAL_MODEL
+        meta = {
+            "round": server_round,
+            "shard": self.shard.name,
+            "spec": self.shard.spec.to_json(),
+            "local_test_accuracy": outcome.accuracy,
+            "local_test_examples": outcome.examples,
+        }
+        save_model(path, self.get_parameters({}), meta)
+        log.info("kept the final global model in %s", path)
+
+
+def client_name(settings: Settings) -> str:
+    return settings.client_name or socket.gethostname()
+
+
+def run_client(settings: Settings) -> None:
+    """Claim a shard, connect (with retries), train for the whole run, keep the final model."""
+    tame_flower(settings.log_level)
+    torch.set_num_threads(settings.torch_threads)
+    with claim_shard(settings.data_dir, settings.shard_id) as folder:
+        shard = load_shard(folder)
+        log.info(
+            "claimed %s of %s: %d train and %d test examples",
+            shard.name,
+            shard.spec.dataset,
+            len(shard.y_train),
+            len(shard.y_test),
+        )
+        model_dir = settings.results_dir / f"client_{shard.name}"
+        client = FlowerpotClient(shard, settings, model_dir)
+        endpoint = wiring.Endpoint(
+            address=settings.server_address,
+            name=client_name(settings),
+            max_message_bytes=settings.max_message_bytes,
+            connect_timeout=settings.connect_timeout,
+        )
+        wiring.run(client.to_client(), endpoint)
+        log.info("the server ended the run; %s is released", shard.name)

@@ -1,0 +1,113 @@
+"""`flowerpot predict`: classify image files, or shards' test splits, with a saved global model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.task import predict_proba
+from shared.errors import BadInput
+from shared.images import ImageSpec, load_image
+from shared.model import build_model, set_weights
+from shared.modelfile import load_model
+from shared.shards import MANIFEST, SHARD_META, load_shard, shard_dirs
+
+
+def find_spec(meta: dict[str, Any], data_dir: Path) -> ImageSpec:
+    """The model's own spec (a client-kept model has one), else the data set's in DATA_DIR."""
+    if "spec" in meta:
+        return ImageSpec.from_json(meta["spec"])
+    for candidate in (data_dir / MANIFEST, data_dir / SHARD_META, *sorted(data_dir.glob(f"shard_*/{SHARD_META}"))):
+        if candidate.is_file():
+            return ImageSpec.from_json(json.loads(candidate.read_text())["spec"])
+    raise BadInput(
+        f"the model has no image spec and DATA_DIR={data_dir} holds no shards to take it from: "
+        "pass --data-dir with the shards the model was trained on, or use a client's final_model.npz"
+    )
+
+
+def load_predictor(model_path: Path, data_dir: Path) -> tuple[torch.nn.Module, ImageSpec]:
+    arrays, meta = load_model(model_path)
+    spec = find_spec(meta, data_dir)
+    model = build_model(spec, seed=0)
+    try:
+        set_weights(model, arrays)
+    except ValueError as exc:
+        raise BadInput(
+            f"{model_path} does not fit the {spec.dataset} model ({exc}): use the data it was trained on"
+        ) from None
+    return model, spec
+
+
+def predict_files(model_path: Path, data_dir: Path, images: list[Path], invert: str) -> list[dict[str, Any]]:
+    model, spec = load_predictor(model_path, data_dir)
+    batch = []
+    for path in images:
+        try:
+            batch.append(load_image(path, spec, invert=invert))
+        except (ValueError, FileNotFoundError) as exc:
+            raise BadInput(f"{exc}: pass PNG or JPEG image files") from None
+    proba = predict_proba(model, np.stack(batch), spec)
+    return [
+        {"image": str(path), "label": spec.classes[int(p.argmax())], "confidence": float(p.max())}
+        for path, p in zip(images, proba)
+    ]
+
+
+def evaluate_test_splits(model_path: Path, data_dir: Path) -> dict[str, Any]:
+    """Accuracy on the test split of every shard in DATA_DIR (or of DATA_DIR, if it is one)."""
+    model, spec = load_predictor(model_path, data_dir)
+    per_shard, correct, total = [], 0, 0
+    examples = []
+    for folder in shard_dirs(data_dir):
+        shard = load_shard(folder)
+        proba = predict_proba(model, shard.x_test, spec)
+        hits = int((proba.argmax(1) == shard.y_test).sum())
+        per_shard.append({"shard": shard.name, "examples": len(shard.y_test), "accuracy": hits / len(shard.y_test)})
+        correct, total = correct + hits, total + len(shard.y_test)
+        examples += [
+            {
+                "shard": shard.name,
+                "index": i,
+                "true": spec.classes[int(y)],
+                "label": spec.classes[int(p.argmax())],
+                "confidence": float(p.max()),
+            }
+            for i, (y, p) in enumerate(zip(shard.y_test, proba))
+        ]
+    return {"accuracy": correct / total, "examples": total, "shards": per_shard, "predictions": examples}
+
+
+def main(
+    model_path: Path, data_dir: Path, images: list[Path], test_split: bool, invert: str, as_json: bool, show: int
+) -> None:
+    if not images and not test_split:
+        raise BadInput("give image files to classify, or --test-split to classify the shards' test splits")
+    if images:
+        rows = predict_files(model_path, data_dir, images, invert)
+        lines = [f"{r['image']}\t{r['label']}\t{r['confidence']:.4f}" for r in rows]
+        _emit(rows, lines, as_json)
+    if test_split:
+        report = evaluate_test_splits(model_path, data_dir)
+        report["predictions"] = report["predictions"][:show]
+        lines = [
+            *(
+                f"{p['shard']}[{p['index']}]\t{p['label']}\t{p['confidence']:.4f}\t(true: {p['true']})"
+                for p in report["predictions"]
+            ),
+            *(
+                f"{s['shard']}: accuracy {s['accuracy']:.4f} over {s['examples']} test examples"
+                for s in report["shards"]
+            ),
+            f"all shards: accuracy {report['accuracy']:.4f} over {report['examples']} test examples",
+        ]
+        _emit(report, lines, as_json)
+
+
+def _emit(data: Any, lines: list[str], as_json: bool) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n" if as_json else "".join(f"{line}\n" for line in lines))

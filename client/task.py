@@ -1,0 +1,80 @@
+"""Local training and evaluation of the model on one shard (plain PyTorch, no Flower)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.images import ImageSpec
+from shared.model import to_input
+
+
+@dataclass
+class Outcome:
+    loss: float
+    accuracy: float
+    examples: int
+
+
+def train(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    spec: ImageSpec,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    proximal_mu: float = 0.0,
+) -> Outcome:
+    """SGD with momentum; with proximal_mu > 0 adds FedProx's (mu/2)·||w - w_global||²."""
+    inputs, targets = to_input(x, spec), torch.from_numpy(y)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(targets), generator=generator)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            logits = model(inputs[idx])
+            loss = F.cross_entropy(logits, targets[idx])
+            if anchor is not None:
+                drift = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                loss = loss + 0.5 * proximal_mu * drift
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(idx)
+            correct += (logits.argmax(1) == targets[idx]).sum().item()
+            seen += len(idx)
+    return Outcome(loss=total_loss / seen, accuracy=correct / seen, examples=len(targets))
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x: np.ndarray, spec: ImageSpec, batch_size: int = 512) -> np.ndarray:
+    """Class probabilities (N, classes) for uint8 images."""
+    model.eval()
+    inputs = to_input(x, spec)
+    return torch.cat(
+        [F.softmax(model(inputs[i : i + batch_size]), 1) for i in range(0, len(inputs), batch_size)]
+    ).numpy()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: ImageSpec, batch_size: int = 512) -> Outcome:
+    model.eval()
+    inputs, targets = to_input(x, spec), torch.from_numpy(y)
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(targets), batch_size):
+        logits = model(inputs[start : start + batch_size])
+        batch = targets[start : start + batch_size]
+        total_loss += F.cross_entropy(logits, batch, reduction="sum").item()
+        correct += (logits.argmax(1) == batch).sum().item()
+    return Outcome(loss=total_loss / len(targets), accuracy=correct / len(targets), examples=len(targets))

@@ -1,0 +1,220 @@
+"""The client's Flower wiring: one gRPC stream to the server in Flower's grpc-bidi protocol.
+
+Flower 1.42's `start_client` presents no client certificate, gives up about 3 s after starting
+when the server is not up yet, and dies with StopIteration when the server refuses it. This
+module keeps Flower's protocol and message conversion (the `flwr.proto` stub, `flwr.common.serde`,
+a `Client` made from a NumPyClient) and adds bounded retries with backoff, a clear refusal, and
+TLS with an optional client certificate. It is the only client module that knows about gRPC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from queue import Full, Queue
+
+import grpc
+from flwr.common import serde
+from flwr.compat.client.client import Client
+from flwr.proto.transport_pb2 import ClientMessage, Reason, ServerMessage
+from flwr.proto.transport_pb2_grpc import FlowerServiceStub
+
+from shared.errors import Refused, Unreachable
+
+log = logging.getLogger("flowerpot.client")
+
+CLIENT_NAME_KEY = "flowerpot-client"  # gRPC metadata: the name the client gives itself
+ATTEMPT_SECONDS = 5.0  # how long one attempt waits for the channel to become ready
+MAX_BACKOFF = 5.0
+REFUSAL_CODES = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
+
+# ServerMessage field -> (decode, Client method, encode, ClientMessage field)
+_HANDLERS = {
+    "get_properties_ins": (
+        serde.get_properties_ins_from_proto,
+        "get_properties",
+        serde.get_properties_res_to_proto,
+        "get_properties_res",
+    ),
+    "get_parameters_ins": (
+        serde.get_parameters_ins_from_proto,
+        "get_parameters",
+        serde.get_parameters_res_to_proto,
+        "get_parameters_res",
+    ),
+    "fit_ins": (serde.fit_ins_from_proto, "fit", serde.fit_res_to_proto, "fit_res"),
+    "evaluate_ins": (
+        serde.evaluate_ins_from_proto,
+        "evaluate",
+        serde.evaluate_res_to_proto,
+        "evaluate_res",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the server is and how to talk to it."""
+
+    address: str
+    name: str
+    max_message_bytes: int
+    connect_timeout: float
+    root_certificates: bytes | None = None  # TLS when set
+    certificate_chain: bytes | None = None  # client certificate (mutual TLS) when set
+    private_key: bytes | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.root_certificates is not None
+
+
+def run(client: Client, endpoint: Endpoint) -> None:
+    """Serve the server's instructions until it ends the run.
+
+    Raises Unreachable when no connection is made within `connect_timeout` (counted afresh
+    after every lost connection), Refused when the server turns this client away.
+    """
+    deadline = time.monotonic() + endpoint.connect_timeout
+    delay, handshake_failures = 0.5, 0
+    while True:
+        channel = _open_channel(endpoint)
+        try:
+            wait = max(0.1, min(ATTEMPT_SECONDS, deadline - time.monotonic()))
+            if _ready(channel, wait):
+                if _serve(client, channel, endpoint):
+                    return
+                log.warning("lost the connection to the server at %s; reconnecting", endpoint.address)
+                deadline, delay, handshake_failures = time.monotonic() + endpoint.connect_timeout, 0.5, 0
+                continue
+            problem = _tcp_problem(endpoint.address)
+            details = _failure_details(channel) if problem is None else ""
+        finally:
+            channel.close()
+        if problem is None:  # the port answers, yet no gRPC channel: TLS or protocol mismatch
+            handshake_failures += 1
+            if handshake_failures >= 2:
+                raise Refused(_handshake_message(endpoint, details))
+        else:
+            handshake_failures = 0
+        if time.monotonic() + delay > deadline:
+            raise Unreachable(
+                f"the server at SERVER_ADDRESS={endpoint.address} was not reachable within "
+                f"CONNECT_TIMEOUT={endpoint.connect_timeout:g} s ({problem or 'no gRPC answer'}): "
+                "start the server first, or check SERVER_ADDRESS and the network"
+            )
+        log.info(
+            "server at %s not reachable yet (%s); retrying in %.1f s",
+            endpoint.address,
+            problem or "no gRPC answer",
+            delay,
+        )
+        time.sleep(delay)
+        delay = min(delay * 2, MAX_BACKOFF)
+
+
+def _open_channel(endpoint: Endpoint) -> grpc.Channel:
+    options = [
+        ("grpc.max_send_message_length", endpoint.max_message_bytes),
+        ("grpc.max_receive_message_length", endpoint.max_message_bytes),
+    ]
+    if not endpoint.tls:
+        return grpc.insecure_channel(endpoint.address, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=endpoint.root_certificates,
+        private_key=endpoint.private_key,
+        certificate_chain=endpoint.certificate_chain,
+    )
+    return grpc.secure_channel(endpoint.address, credentials, options=options)
+
+
+def _ready(channel: grpc.Channel, timeout: float) -> bool:
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+
+
+def _serve(client: Client, channel: grpc.Channel, endpoint: Endpoint) -> bool:
+    """Answer instructions on one stream; True when the server ended the run."""
+    outbox: Queue[ClientMessage | None] = Queue(maxsize=1)
+    stream = FlowerServiceStub(channel).Join(iter(outbox.get, None), metadata=((CLIENT_NAME_KEY, endpoint.name),))
+    received = 0
+    try:
+        for message in stream:
+            received += 1
+            kind = message.WhichOneof("msg")
+            if kind == "reconnect_ins":
+                outbox.put(ClientMessage(disconnect_res=ClientMessage.DisconnectRes(reason=Reason.ACK)))
+                return True
+            outbox.put(_answer(client, kind, message))
+    except grpc.RpcError as err:
+        if err.code() in REFUSAL_CODES:
+            raise Refused(f"the server at {endpoint.address} refused this client: {err.details()}") from None
+        log.debug("stream ended: %s %s", err.code(), err.details())
+        return False
+    finally:
+        with contextlib.suppress(Full):
+            outbox.put_nowait(None)  # ends the request stream
+    if received == 0:  # a plain Flower server ends the stream without a word when it refuses
+        raise Refused(
+            f"the server at {endpoint.address} closed the connection before sending any instruction: "
+            "it refused this client (at capacity?)"
+        )
+    return False
+
+
+def _answer(client: Client, kind: str | None, message: ServerMessage) -> ClientMessage:
+    if kind not in _HANDLERS:
+        raise ValueError(f"the server sent an instruction this client does not know: {kind}")
+    decode, method, encode, field = _HANDLERS[kind]
+    result = getattr(client, method)(decode(getattr(message, kind)))
+    return ClientMessage(**{field: encode(result)})
+
+
+def _tcp_problem(address: str) -> str | None:
+    """None when a TCP connection to the address succeeds, else what went wrong."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return None
+    except socket.gaierror:
+        return f"the name {host} does not resolve"
+    except ConnectionRefusedError:
+        return "connection refused"
+    except OSError as exc:
+        return exc.strerror or exc.__class__.__name__
+
+
+def _failure_details(channel: grpc.Channel) -> str:
+    """gRPC's own reason why the channel does not connect (e.g. an SSL handshake error)."""
+    try:
+        for _ in FlowerServiceStub(channel).Join(iter(()), timeout=2):
+            break
+    except grpc.RpcError as err:
+        return err.details() or ""
+    return ""
+
+
+def _handshake_message(endpoint: Endpoint, details: str) -> str:
+    reason = details.rsplit(": ", 1)[-1] if details else "no gRPC answer"
+    if endpoint.tls:
+        return (
+            f"TLS handshake with the server at {endpoint.address} failed ({reason}): check that the "
+            "server runs with TLS_ENABLED=true, that this client has the CA certificate of the "
+            "server's certificate, and (with CLIENT_AUTH=mtls) a client certificate that CA signed"
+        )
+    return (
+        f"the server at {endpoint.address} accepts connections but the plaintext gRPC handshake "
+        f"failed ({reason}): the server requires TLS; set TLS_ENABLED=true and give this client "
+        "the server's CA certificate"
+    )

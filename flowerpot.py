@@ -1,0 +1,131 @@
+"""flowerpot: federated image classification over Flower's gRPC transport.
+
+Every setting comes from the environment (and `--env-file`, by default ./.env when present);
+see README.md for the table. Exit statuses: 0 success, 2 bad setting or input, 3 no free
+shard, 4 refused by the server, 5 server unreachable, 6 timed out waiting for clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from shared.errors import ExitCode, FlowerpotError
+from shared.logs import prepare_flower_environment, setup_logging
+from shared.settings import Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flowerpot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--env-file",
+        type=Path,
+        default=None,
+        help="settings file to read under the environment (default: ./.env if present)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prepare = sub.add_parser("prepare", help="split the data set into NUM_SHARDS client shards in DATA_DIR")
+    prepare.add_argument("--force", action="store_true", help="replace shards made with other settings")
+
+    sub.add_parser("server", help="run the federation: admit clients, play NUM_ROUNDS rounds, write RESULTS_DIR")
+
+    client = sub.add_parser("client", help="claim a shard and train on it with the server at SERVER_ADDRESS")
+    client.add_argument(
+        "--restarts", type=int, default=None, help="restart a crashed client up to N times (default: CLIENT_RESTARTS)"
+    )
+
+    predict = sub.add_parser("predict", help="classify images, or the shards' test splits, with a saved model")
+    predict.add_argument("images", nargs="*", type=Path, help="PNG or JPEG files to classify")
+    predict.add_argument("--model", type=Path, default=None, help="model .npz (default: RESULTS_DIR/final_model.npz)")
+    predict.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="shards to take the image spec and test splits from (default: DATA_DIR)",
+    )
+    predict.add_argument(
+        "--test-split", action="store_true", help="classify every shard's test split and print the accuracy"
+    )
+    predict.add_argument(
+        "--invert",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="invert dark-on-light pictures for bright-on-dark data sets such as digits",
+    )
+    predict.add_argument("--show", type=int, default=10, help="with --test-split, how many single predictions to print")
+    predict.add_argument("--json", action="store_true", help="print JSON")
+
+    local = sub.add_parser("run-local", help="prepare, then run the server and N clients as local processes")
+    local.add_argument("--clients", type=int, default=None, help="number of clients (default: NUM_SHARDS)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prepare_flower_environment()
+    env_file = args.env_file or (Path(".env") if Path(".env").is_file() else None)
+    if env_file is not None and not env_file.is_file():
+        print(f"flowerpot: error: --env-file {env_file} does not exist", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    # A stop (docker stop, Ctrl-C) ends the process through `finally` blocks: ports and claims are released.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        settings = Settings.load(env_file)
+        setup_logging(settings.log_level)
+        return run(args, settings, env_file)
+    except FlowerpotError as exc:
+        print(f"flowerpot {args.command}: error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+
+
+def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> int:
+    if args.command == "prepare":
+        from shared.shards import prepare
+
+        prepare(settings, force=args.force)
+    elif args.command == "server":
+        from server.app import run_server
+
+        run_server(settings)
+    elif args.command == "client":
+        restarts = settings.client_restarts if args.restarts is None else args.restarts
+        if restarts > 0:
+            from client.supervise import supervise
+
+            return supervise(_with_env_file(["client", "--restarts", "0"], env_file), restarts)
+        from client.app import run_client
+
+        run_client(settings)
+    elif args.command == "predict":
+        from client import predict
+
+        predict.main(
+            model_path=args.model or settings.results_dir / "final_model.npz",
+            data_dir=args.data_dir or settings.data_dir,
+            images=args.images,
+            test_split=args.test_split,
+            invert=args.invert,
+            as_json=args.json,
+            show=args.show,
+        )
+    elif args.command == "run-local":
+        from shared.local_run import run_local
+
+        return run_local(settings, args.clients or settings.num_shards, env_file)
+    return ExitCode.OK
+
+
+def _with_env_file(argv: list[str], env_file: Path | None) -> list[str]:
+    return ["--env-file", os.fspath(env_file), *argv] if env_file else argv
+
+
+if __name__ == "__main__":
+    sys.exit(main())

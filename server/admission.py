@@ -1,0 +1,81 @@
+"""Who may join, and how long the server waits for enough clients.
+
+Admission is first come, first served up to MAX_CLIENTS connected clients, optionally limited to
+an allow-list of client names. The gRPC servicer asks `Admission` before a client is registered;
+the client manager never waits without a bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.criterion import Criterion
+
+from shared.errors import ClientsTimeout
+
+log = logging.getLogger("flowerpot.server")
+
+
+class Admission:
+    """Counts connected clients against the capacity and checks names against the allow-list."""
+
+    def __init__(self, capacity: int, allowed: frozenset[str] = frozenset()) -> None:
+        self.capacity, self.allowed = capacity, allowed
+        self._connected = 0
+        self._lock = threading.Lock()
+
+    def not_allowed(self, name: str) -> str | None:
+        """Why `name` may not join at all, or None."""
+        if self.allowed and name not in self.allowed:
+            return f"client {name!r} is not on the server's allow-list (ALLOWED_CLIENTS)"
+        return None
+
+    def take_place(self) -> str | None:
+        """Take one of the MAX_CLIENTS places, or say why not. A taken place must be released."""
+        with self._lock:
+            if self._connected >= self.capacity:
+                return (
+                    f"the server is full: MAX_CLIENTS={self.capacity} clients are connected; "
+                    "stop a client, or raise MAX_CLIENTS on the server"
+                )
+            self._connected += 1
+        return None
+
+    def release(self) -> None:
+        with self._lock:
+            self._connected -= 1
+
+    @property
+    def connected(self) -> int:
+        with self._lock:
+            return self._connected
+
+
+class BoundedClientManager(SimpleClientManager):
+    """Flower's client manager, but every wait ends after `wait_timeout` seconds."""
+
+    def __init__(self, wait_timeout: float) -> None:
+        super().__init__()
+        self.wait_timeout = wait_timeout
+
+    def wait_for(self, num_clients: int, timeout: float | None = None) -> bool:  # type: ignore[override]
+        return super().wait_for(num_clients, timeout=self.wait_timeout if timeout is None else timeout)
+
+    def sample(
+        self,
+        num_clients: int,
+        min_num_clients: int | None = None,
+        criterion: Criterion | None = None,
+    ) -> list[ClientProxy]:
+        """Wait (bounded) until enough clients are connected; ClientsTimeout if they never are."""
+        needed = max(num_clients, min_num_clients or 0)
+        if not self.wait_for(needed):
+            raise ClientsTimeout(
+                f"only {self.num_available()} of the {needed} clients this round needs were connected "
+                f"within REJOIN_TIMEOUT={self.wait_timeout:g} s: restart clients, or lower MIN_FIT_CLIENTS"
+                " / MIN_EVALUATE_CLIENTS"
+            )
+        return super().sample(num_clients, min_num_clients, criterion)

@@ -1,0 +1,167 @@
+"""The federated run: wait for clients, get starting weights, play the rounds, record everything.
+
+Uses Flower's `Server` for what a round is (fit_round / evaluate_round / disconnect_all_clients)
+and keeps the loop itself here, so that every wait is bounded, every round is logged in one
+line and checkpointed, and the run can start from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from flwr.common import Code, GetParametersIns, Parameters, parameters_to_ndarrays
+from flwr.server import Server
+
+from server.admission import BoundedClientManager
+from server.results import Results
+from server.strategies import GuardedStrategy, build_strategy, client_label
+from shared.errors import ClientsTimeout
+from shared.settings import Settings
+
+log = logging.getLogger("flowerpot.server")
+
+DISCONNECT_TIMEOUT = 10.0
+INITIAL_PARAMETER_TRIES = 3
+
+
+class Federation:
+    def __init__(self, settings: Settings, client_manager: BoundedClientManager, results: Results) -> None:
+        self.settings, self.client_manager, self.results = settings, client_manager, results
+        self.history: list[dict[str, Any]] = []
+
+    def run(self) -> list[dict[str, Any]]:
+        s = self.settings
+        self.wait_for_start()
+        initial = self.initial_parameters()
+        strategy = build_strategy(s, initial)
+        server = Server(client_manager=self.client_manager, strategy=strategy)
+        server.parameters = initial
+        log.info(
+            "starting %d rounds of %s with %d clients", s.num_rounds, s.strategy, self.client_manager.num_available()
+        )
+        try:
+            for server_round in range(1, s.num_rounds + 1):
+                record = self.play_round(server, strategy, server_round)
+                self.history.append(record)
+                log.info(round_line(record, s.num_rounds))
+                self.results.save_round(parameters_to_ndarrays(server.parameters), self.model_meta(record))
+            final = self.history[-1]
+            self.results.finish(parameters_to_ndarrays(server.parameters), self.model_meta(final), self.history)
+            log.info(
+                "finished %d rounds: final accuracy %s, loss %s over %d clients; results in %s",
+                s.num_rounds,
+                _fmt(final["eval_accuracy"]),
+                _fmt(final["eval_loss"]),
+                final["clients_evaluated"],
+                self.results.folder,
+            )
+        finally:
+            server.disconnect_all_clients(timeout=DISCONNECT_TIMEOUT)
+        return self.history
+
+    def wait_for_start(self) -> None:
+        s = self.settings
+        log.info("waiting up to %g s for MIN_AVAILABLE_CLIENTS=%d clients", s.start_timeout, s.min_available_clients)
+        if not self.client_manager.wait_for(s.min_available_clients, timeout=s.start_timeout):
+            raise ClientsTimeout(
+                f"only {self.client_manager.num_available()} of MIN_AVAILABLE_CLIENTS={s.min_available_clients} "
+                f"clients connected within START_TIMEOUT={s.start_timeout:g} s: start more clients, "
+                "or lower MIN_AVAILABLE_CLIENTS"
+            )
+
+    def initial_parameters(self) -> Parameters:
+        """Starting weights from one client (all clients build the same seeded model)."""
+        for _ in range(INITIAL_PARAMETER_TRIES):
+            proxy = self.client_manager.sample(1)[0]
+            try:
+                res = proxy.get_parameters(GetParametersIns(config={}), timeout=self.settings.round_timeout, group_id=0)
+            except Exception as exc:  # the client went away: ask another
+                log.warning("client %s gave no initial parameters (%s)", client_label(proxy), exc.__class__.__name__)
+                continue
+            arrays = parameters_to_ndarrays(res.parameters) if res.status.code == Code.OK else []
+            if arrays and all(np.isfinite(a).all() for a in arrays):
+                log.info(
+                    "initial parameters from client %s: %d arrays, %d values",
+                    client_label(proxy),
+                    len(arrays),
+                    sum(a.size for a in arrays),
+                )
+                return res.parameters
+            log.warning("client %s sent unusable initial parameters", client_label(proxy))
+        raise ClientsTimeout(
+            f"no client sent usable initial parameters in {INITIAL_PARAMETER_TRIES} tries: check the clients' logs"
+        )
+
+    def play_round(self, server: Server, strategy: GuardedStrategy, server_round: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        strategy.refused = []
+        fit = server.fit_round(server_round=server_round, timeout=self.settings.round_timeout)
+        fit_seconds = time.perf_counter() - started
+        fit_metrics: dict[str, Any] = {}
+        fit_results: list = []
+        fit_failures: list = []
+        if fit is not None:
+            parameters, fit_metrics, (fit_results, fit_failures) = fit
+            if parameters is not None:
+                server.parameters = parameters
+        evaluation = server.evaluate_round(server_round=server_round, timeout=self.settings.round_timeout)
+        eval_loss, eval_metrics, eval_results, eval_failures = None, {}, [], []
+        if evaluation is not None:
+            eval_loss, eval_metrics, (eval_results, eval_failures) = evaluation
+        refused = len(strategy.refused)
+        return {
+            "round": server_round,
+            "clients_trained": len(fit_results) - refused,
+            "clients_failed": len(fit_failures),
+            "updates_refused": refused,
+            "clients_evaluated": len(eval_results),
+            "eval_failures": len(eval_failures),
+            "train_loss": fit_metrics.get("train_loss"),
+            "train_accuracy": fit_metrics.get("train_accuracy"),
+            "eval_loss": eval_loss,
+            "eval_accuracy": eval_metrics.get("accuracy"),
+            "seconds": time.perf_counter() - started,
+            "fit_seconds": fit_seconds,
+            "fit_metrics": fit_metrics,
+            "eval_metrics": eval_metrics,
+            "clients": [
+                *(_client_record(p, "fit", r.num_examples, r.metrics) for p, r in fit_results),
+                *(
+                    _client_record(p, "evaluate", r.num_examples, {"loss": r.loss, **r.metrics})
+                    for p, r in eval_results
+                ),
+            ],
+        }
+
+    def model_meta(self, record: dict[str, Any]) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "round": record["round"],
+            "num_rounds": s.num_rounds,
+            "strategy": s.strategy,
+            "dataset": s.dataset,
+            "eval_accuracy": record["eval_accuracy"],
+            "eval_loss": record["eval_loss"],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+
+def _client_record(proxy: Any, phase: str, num_examples: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    return {"client": client_label(proxy), "phase": phase, "num_examples": num_examples, "metrics": metrics}
+
+
+def round_line(record: dict[str, Any], num_rounds: int) -> str:
+    failed = record["clients_failed"] + record["updates_refused"]
+    return (
+        f"round {record['round']}/{num_rounds}: {record['clients_trained']} trained, {failed} failed"
+        f" | train loss {_fmt(record['train_loss'])}"
+        f" | eval loss {_fmt(record['eval_loss'])}, accuracy {_fmt(record['eval_accuracy'])}"
+        f" ({record['clients_evaluated']} clients) | {record['seconds']:.2f} s"
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

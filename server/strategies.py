@@ -1,0 +1,173 @@
+"""Flower strategies built from the settings, behind a guard that checks every client update."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    parameters_to_ndarrays,
+)
+from flwr.server import strategy as flwr_strategies
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+from server.metrics import weighted_average
+from shared.settings import Settings
+
+log = logging.getLogger("flowerpot.server")
+
+Results = list[tuple[ClientProxy, FitRes]]
+Failures = list[tuple[ClientProxy, FitRes] | BaseException]
+
+
+def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
+    """The Flower strategy named by STRATEGY, with its knobs; empty knobs keep Flower's defaults."""
+    s = settings
+
+    def fit_config(server_round: int) -> dict[str, Scalar]:
+        return {
+            "server_round": server_round,
+            "num_rounds": s.num_rounds,
+            "local_epochs": s.local_epochs,
+            "batch_size": s.batch_size,
+            "learning_rate": s.learning_rate,
+        }
+
+    def evaluate_config(server_round: int) -> dict[str, Scalar]:
+        return {"server_round": server_round, "num_rounds": s.num_rounds}
+
+    common: dict[str, Any] = {
+        "fraction_fit": s.fraction_fit,
+        "fraction_evaluate": s.fraction_evaluate,
+        "min_fit_clients": s.min_fit_clients,
+        "min_evaluate_clients": s.min_evaluate_clients,
+        # MIN_AVAILABLE_CLIENTS gates the start (server.loop); within the run a round goes
+        # ahead as soon as MIN_FIT_CLIENTS are there.
+        "min_available_clients": s.min_fit_clients,
+        "on_fit_config_fn": fit_config,
+        "on_evaluate_config_fn": evaluate_config,
+        "accept_failures": True,
+        "initial_parameters": initial,
+        "fit_metrics_aggregation_fn": weighted_average,
+        "evaluate_metrics_aggregation_fn": weighted_average,
+    }
+    fedopt = _given(eta=s.server_learning_rate, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau, eta_l=s.learning_rate)
+    builders = {
+        "fedavg": lambda: flwr_strategies.FedAvg(**common),
+        "fedprox": lambda: flwr_strategies.FedProx(**common, proximal_mu=s.proximal_mu),
+        "fedadam": lambda: flwr_strategies.FedAdam(**common, **fedopt),
+        "fedyogi": lambda: flwr_strategies.FedYogi(**common, **fedopt),
+        "fedadagrad": lambda: flwr_strategies.FedAdagrad(
+            **common, **_given(eta=s.server_learning_rate, tau=s.tau, eta_l=s.learning_rate)
+        ),
+        "fedavgm": lambda: flwr_strategies.FedAvgM(
+            **common, server_momentum=s.server_momentum, **_given(server_learning_rate=s.server_learning_rate)
+        ),
+        "fedmedian": lambda: flwr_strategies.FedMedian(**common),
+        "fedtrimmedavg": lambda: flwr_strategies.FedTrimmedAvg(**common, beta=s.trim_fraction),
+        "krum": lambda: flwr_strategies.Krum(
+            **common,
+            num_malicious_clients=s.krum_malicious_clients,
+            num_clients_to_keep=s.krum_clients_to_keep,
+        ),
+    }
+    return GuardedStrategy(builders[s.strategy](), initial, s.num_rounds)
+
+
+def _given(**knobs: float | None) -> dict[str, float]:
+    return {k: v for k, v in knobs.items() if v is not None}
+
+
+class GuardedStrategy(Strategy):
+    """Delegates to a Flower strategy, with two additions.
+
+    - Updates with the wrong number of arrays, wrong shapes or dtypes, NaN/Inf values or no
+      examples are refused, logged, and counted as failures; the round aggregates the rest.
+    - The last round evaluates on every connected client, so the final accuracy covers all
+      shards and every client receives (and keeps) the final global model.
+    """
+
+    def __init__(self, inner: Strategy, initial: Parameters, num_rounds: int) -> None:
+        self.inner, self.num_rounds = inner, num_rounds
+        self.reference = [(a.shape, a.dtype) for a in parameters_to_ndarrays(initial)]
+        self.refused: list[tuple[ClientProxy, str]] = []  # of the latest round
+
+    def __repr__(self) -> str:
+        return f"Guarded({self.inner!r})"
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return self.inner.initialize_parameters(client_manager)
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        return self.inner.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(
+        self, server_round: int, results: Results, failures: Failures
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        self.refused = []
+        sound: Results = []
+        for proxy, res in results:
+            problem = self.problem(res)
+            if problem is None:
+                sound.append((proxy, res))
+            else:
+                self.refused.append((proxy, problem))
+                log.warning("round %d: refused the update of client %s: %s", server_round, client_label(proxy), problem)
+        if not sound:
+            return None, {}
+        return self.inner.aggregate_fit(server_round, sound, [*failures, *self.refused_as_failures()])
+
+    def refused_as_failures(self) -> list[BaseException]:
+        return [ValueError(problem) for _, problem in self.refused]
+
+    def problem(self, res: FitRes) -> str | None:
+        """Why a client update cannot be aggregated, or None when it can."""
+        if res.num_examples <= 0:
+            return f"it claims {res.num_examples} training examples"
+        try:
+            arrays = parameters_to_ndarrays(res.parameters)
+        except Exception as exc:  # any undecodable payload is the client's fault, not ours
+            return f"its parameters cannot be decoded ({exc.__class__.__name__})"
+        if len(arrays) != len(self.reference):
+            return f"it has {len(arrays)} arrays, the model has {len(self.reference)}"
+        for i, (array, (shape, dtype)) in enumerate(zip(arrays, self.reference)):
+            if array.shape != shape or array.dtype != dtype:
+                return f"array {i} is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
+            if not np.isfinite(array).all():
+                return f"array {i} holds NaN or Inf values"
+        return None
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        instructions = self.inner.configure_evaluate(server_round, parameters, client_manager)
+        if server_round == self.num_rounds and instructions:
+            ins = instructions[0][1]
+            return [(proxy, ins) for proxy in client_manager.all().values()]
+        return instructions
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        return self.inner.aggregate_evaluate(server_round, results, failures)
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        return self.inner.evaluate(server_round, parameters)
+
+
+def client_label(proxy: ClientProxy) -> str:
+    return getattr(proxy, "name", None) or proxy.cid[:8]

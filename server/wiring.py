@@ -1,0 +1,141 @@
+"""The server's Flower wiring: a gRPC server running Flower's grpc-bidi servicer.
+
+Built from flwr's own pieces (FlowerServiceServicer, GrpcClientProxy, the generated
+add_FlowerServiceServicer_to_server) instead of `start_server`, which cannot require client
+certificates, cannot refuse a client with a reason, and lets gRPC share a busy port
+(SO_REUSEPORT). It is the only server module that knows about gRPC.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+from flwr.proto.transport_pb2 import ClientMessage, ServerMessage
+from flwr.proto.transport_pb2_grpc import add_FlowerServiceServicer_to_server
+from flwr.server.client_manager import ClientManager
+from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import FlowerServiceServicer
+from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import GrpcBridge
+from flwr.server.superlink.fleet.grpc_bidi.grpc_client_proxy import GrpcClientProxy
+
+from server.admission import Admission
+from shared.errors import BadInput
+
+log = logging.getLogger("flowerpot.server")
+
+CLIENT_NAME_KEY = "flowerpot-client"  # gRPC metadata the Flowerpot client sends
+KEEPALIVE_MS = 210_000  # Flower's choice: below the idle cut-off of common cloud load balancers
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM bytes: the CA, the server's certificate and key; client certificates required or not."""
+
+    ca: bytes
+    certificate: bytes
+    private_key: bytes
+    require_client_certificate: bool = False
+
+
+class NamedClientProxy(GrpcClientProxy):
+    """Flower's proxy for one connected client, carrying the name it is known by in logs."""
+
+    def __init__(self, cid: str, bridge: GrpcBridge, name: str) -> None:
+        super().__init__(cid=cid, bridge=bridge)
+        self.name = name
+
+
+class AdmittingServicer(FlowerServiceServicer):
+    """Flower's servicer, with a say on who joins: refused clients get a gRPC status and a reason."""
+
+    def __init__(self, client_manager: ClientManager, admission: Admission) -> None:
+        self._joining = threading.local()
+        super().__init__(client_manager, grpc_client_proxy_factory=self._new_proxy)
+        self.admission = admission
+
+    def _new_proxy(self, cid: str, bridge: GrpcBridge) -> GrpcClientProxy:
+        # Called by Flower's Join in the same thread, right after our Join set the name.
+        return NamedClientProxy(cid, bridge, self._joining.name)
+
+    def Join(  # noqa: N802 (gRPC's method name)
+        self, request_iterator: Iterator[ClientMessage], context: grpc.ServicerContext
+    ) -> Iterator[ServerMessage]:
+        name, who = identify(context)
+        refusal = self.admission.not_allowed(name)
+        if refusal is not None:
+            _refuse(context, who, grpc.StatusCode.PERMISSION_DENIED, refusal)
+        refusal = self.admission.take_place()
+        if refusal is not None:
+            _refuse(context, who, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+        context.add_callback(lambda: _left(self.admission, who))
+        log.info("client %s joined (%d connected)", who, self.admission.connected)
+        self._joining.name = name
+        yield from super().Join(request_iterator, context)
+
+
+def _refuse(context: grpc.ServicerContext, who: str, code: grpc.StatusCode, reason: str) -> None:
+    log.warning("refused client %s: %s", who, reason)
+    context.abort(code, reason)  # raises: the stream ends with this status
+
+
+def _left(admission: Admission, who: str) -> None:
+    admission.release()
+    log.info("client %s left (%d connected)", who, admission.connected)
+
+
+def identify(context: grpc.ServicerContext) -> tuple[str, str]:
+    """The client's name (its certificate's common name under mutual TLS, else the name it
+    gives) and a description for logs."""
+    auth = context.auth_context()
+    common_name = auth.get("x509_common_name")
+    if common_name:
+        name = common_name[0].decode()
+        return name, f"{name} (certificate, {context.peer()})"
+    given = dict(context.invocation_metadata() or ()).get(CLIENT_NAME_KEY, "")
+    name = str(given) or context.peer()
+    return name, f"{name} ({context.peer()})"
+
+
+def start_grpc_server(
+    client_manager: ClientManager,
+    admission: Admission,
+    address: str,
+    max_message_bytes: int,
+    tls: TlsFiles | None = None,
+) -> grpc.Server:
+    """Bind and start; BadInput when the address cannot be bound (e.g. the port is in use)."""
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+    ]
+    # Every connected client holds one worker for its stream; refused ones only briefly.
+    workers = admission.capacity + 16
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=workers), options=options)
+    add_FlowerServiceServicer_to_server(AdmittingServicer(client_manager, admission), server)
+    try:
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.private_key, tls.certificate)],
+                root_certificates=tls.ca,
+                require_client_auth=tls.require_client_certificate,
+            )
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise BadInput(
+            f"SERVER_LISTEN_ADDRESS={address} cannot be bound (the port is in use, or the address "
+            "is not on this machine): stop what uses it or choose another port"
+        )
+    server.start()
+    log.info("listening on %s (%s)", address, "TLS" if tls else "plaintext")
+    return server

@@ -1,0 +1,149 @@
+"""The data sets Flowerpot can shard, each loaded as uint8 images (N, C, H, W) and int64 labels.
+
+`digits` is bundled with scikit-learn and works offline. MNIST, Fashion-MNIST and CIFAR-10 come
+through torchvision and download only here, in the prepare step. `folder` reads a user's images,
+one sub-folder per class (the layout torchvision's ImageFolder reads).
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shared.errors import BadInput
+from shared.images import IMAGE_SUFFIXES, ImageSpec, channel_stats, load_image
+from shared.settings import Settings
+
+DIGIT_NAMES = tuple(str(d) for d in range(10))
+FASHION_NAMES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+CIFAR10_NAMES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+@dataclass
+class Source:
+    """A whole data set before it is split into shards."""
+
+    x: np.ndarray  # uint8 (N, C, H, W)
+    y: np.ndarray  # int64 (N,)
+    spec: ImageSpec
+
+
+def load_source(settings: Settings) -> Source:
+    loaders = {
+        "digits": _digits,
+        "mnist": _mnist,
+        "fashion-mnist": _mnist,
+        "cifar10": _cifar10,
+        "folder": _folder,
+    }
+    x, y, spec = loaders[settings.dataset](settings)
+    if settings.max_examples and settings.max_examples < len(y):
+        keep = np.sort(np.random.default_rng(settings.seed).permutation(len(y))[: settings.max_examples])
+        x, y = x[keep], y[keep]
+    return Source(x=np.ascontiguousarray(x), y=y.astype(np.int64), spec=spec)
+
+
+def _digits(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # values 0..16
+    mean, std = channel_stats(x)
+    spec = ImageSpec("digits", 1, 8, 8, DIGIT_NAMES, mean, std, bright_on_dark=True)
+    return x, bunch.target, spec
+
+
+def _mnist(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
+    from torchvision import datasets
+
+    fashion = settings.dataset == "fashion-mnist"
+    cls = datasets.FashionMNIST if fashion else datasets.MNIST
+    root = _raw_root(settings)
+    try:  # torchvision downloads only the files that are not already there
+        parts = [cls(str(root), train=train, download=True) for train in (True, False)]
+    except (OSError, RuntimeError) as exc:
+        raise BadInput(
+            f"cannot load {settings.dataset} into {root}: {exc}; check the internet connection "
+            f"or put the raw files in {root}/{cls.__name__}/raw"
+        ) from None
+    x = np.concatenate([p.data.numpy() for p in parts])[:, None]
+    y = np.concatenate([p.targets.numpy() for p in parts])
+    mean, std = channel_stats(x)
+    names = FASHION_NAMES if fashion else DIGIT_NAMES
+    return x, y, ImageSpec(settings.dataset, 1, 28, 28, names, mean, std, bright_on_dark=not fashion)
+
+
+def _cifar10(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
+    root = _raw_root(settings)
+    folder = root / "cifar-10-batches-py"
+    if not all((folder / name).is_file() for name in CIFAR10_FILES):
+        from torchvision import datasets
+
+        try:  # downloads, checks the archive's MD5 and extracts it
+            datasets.CIFAR10(str(root), train=True, download=True)
+        except (OSError, RuntimeError) as exc:
+            raise BadInput(
+                f"cannot load cifar10 into {root}: {exc}; check the internet connection "
+                f"or put the extracted python batches in {folder}"
+            ) from None
+    xs, ys = [], []
+    for name in CIFAR10_FILES:
+        try:
+            with open(folder / name, "rb") as fh:
+                batch = pickle.load(fh, encoding="latin1")
+            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(batch["labels"], dtype=np.int64))
+        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
+            raise BadInput(
+                f"{folder / name} is not a CIFAR-10 batch ({exc.__class__.__name__}): "
+                f"delete {folder} and run prepare again to download it"
+            ) from None
+    x = np.concatenate(xs)
+    mean, std = channel_stats(x)
+    return x, np.concatenate(ys), ImageSpec("cifar10", 3, 32, 32, CIFAR10_NAMES, mean, std)
+
+
+def _folder(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
+    root = settings.folder_path
+    assert root is not None  # Settings.check_consistency guarantees it
+    if not root.is_dir():
+        raise BadInput(f"FOLDER_PATH={root} is not a folder: point it at your images")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise BadInput(
+            f"FOLDER_PATH={root} has {len(classes)} class folder(s): put each class's images "
+            "in a sub-folder of its own, at least two classes"
+        )
+    size, channels = settings.image_size, settings.image_channels
+    draft = ImageSpec("folder", channels, size, size, tuple(classes), (0.5,) * channels, (0.25,) * channels)
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        for path in files:
+            try:
+                images.append(load_image(path, draft, invert="no"))
+            except ValueError as exc:
+                raise BadInput(f"{exc}: remove or replace that file") from None
+            labels.append(label)
+    if not images:
+        raise BadInput(f"FOLDER_PATH={root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    x = np.stack(images)
+    mean, std = channel_stats(x)
+    spec = ImageSpec("folder", channels, size, size, tuple(classes), mean, std)
+    return x, np.asarray(labels, dtype=np.int64), spec
+
+
+def _raw_root(settings: Settings) -> Path:
+    root = settings.raw_dir
+    root.mkdir(parents=True, exist_ok=True)
+    return root

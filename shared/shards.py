@@ -1,0 +1,266 @@
+"""Client shards on disk: the prepare step that writes them, and the reads that check them.
+
+Layout of DATA_DIR after `prepare`:
+    manifest.json            data set, partition settings, spec, per-shard sizes and checksums
+    shard_000/shard.json     the shard's own part of the manifest (a lone shard is self-describing)
+    shard_000/train.npz      x: uint8 (N, C, H, W), y: int64 (N,)
+    shard_000/test.npz
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared import partition
+from shared.errors import BadInput
+from shared.images import ImageSpec
+from shared.settings import Settings
+
+log = logging.getLogger("flowerpot.prepare")
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+SHARD_META = "shard.json"
+SPLITS = ("train", "test")
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:03d}"
+
+
+def data_settings(settings: Settings) -> dict[str, Any]:
+    """The settings that decide what the shards contain; a change means other shards."""
+    names = ["dataset", "partition", "num_shards", "seed", "test_fraction", "min_shard_size", "max_examples"]
+    if settings.partition == "dirichlet":
+        names.append("dirichlet_alpha")
+    if settings.partition == "pathological":
+        names.append("labels_per_client")
+    if settings.dataset == "folder":
+        names += ["folder_path", "image_size", "image_channels"]
+    return settings.fingerprint(tuple(names))
+
+
+def prepare(settings: Settings, force: bool = False) -> dict[str, Any]:
+    """Write NUM_SHARDS shards and the manifest into DATA_DIR; idempotent.
+
+    Returns the manifest. Shards that already match the settings and their checksums are kept;
+    shards made with other settings are replaced only with `force`.
+    """
+    from shared.datasets import load_source  # the heavy imports only when shards are written
+
+    root = settings.data_dir
+    wanted = data_settings(settings)
+    existing = _read_json(root / MANIFEST) if (root / MANIFEST).exists() else None
+    if existing is not None:
+        if existing.get("settings") == wanted:
+            problems = [p for s in existing["shards"] for p in verify_shard(root / s["name"], s)]
+            if not problems:
+                log.info("%s already holds these %d shards; nothing to do", root, len(existing["shards"]))
+                return existing
+            log.warning("rewriting damaged shards in %s: %s", root, "; ".join(problems))
+        elif not force:
+            changed = sorted(
+                k
+                for k in set(wanted) | set(existing.get("settings", {}))
+                if wanted.get(k) != existing.get("settings", {}).get(k)
+            )
+            raise BadInput(
+                f"DATA_DIR={root} holds shards made with other settings ({', '.join(c.upper() for c in changed)} "
+                "differ): use another DATA_DIR, or run prepare with --force to replace them"
+            )
+    elif root.is_dir() and any(root.glob("shard_*")) and not force:
+        raise BadInput(
+            f"DATA_DIR={root} holds shard folders but no {MANIFEST}: use another DATA_DIR, "
+            "or run prepare with --force to replace them"
+        )
+
+    source = load_source(settings)
+    parts = _partition(source.y, settings)
+    rng = np.random.default_rng([settings.seed, 1])
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=root))
+    try:
+        entries = []
+        for index, part in enumerate(parts):
+            order = rng.permutation(part)
+            n_test = max(1, round(len(order) * settings.test_fraction))
+            split = {"train": np.sort(order[n_test:]), "test": np.sort(order[:n_test])}
+            entries.append(_write_shard(staging, index, split, source.x, source.y, source.spec, wanted))
+        manifest = {
+            "format": FORMAT,
+            "settings": wanted,
+            "spec": source.spec.to_json(),
+            "total_examples": int(sum(len(p) for p in parts)),
+            "shards": entries,
+        }
+        _write_json(staging / MANIFEST, manifest)
+        _replace_shards(root, staging, [e["name"] for e in entries])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote %d shards of %s (%s) to %s", len(entries), settings.dataset, settings.partition, root)
+    return manifest
+
+
+def _partition(labels: np.ndarray, settings: Settings) -> list[np.ndarray]:
+    rng = np.random.default_rng([settings.seed, 0])
+    k, min_size = settings.num_shards, settings.min_shard_size
+    if settings.partition == "iid":
+        return partition.iid(len(labels), k, min_size, rng)
+    if settings.partition == "dirichlet":
+        return partition.dirichlet(labels, k, settings.dirichlet_alpha, min_size, rng)
+    return partition.pathological(labels, k, settings.labels_per_client, min_size, rng)
+
+
+def _write_shard(
+    staging: Path,
+    index: int,
+    split: dict[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    spec: ImageSpec,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    name = shard_name(index)
+    folder = staging / name
+    folder.mkdir()
+    files = {}
+    for part, idx in split.items():
+        path = folder / f"{part}.npz"
+        np.savez(path, x=x[idx], y=y[idx])
+        files[path.name] = sha256(path)
+    labels, counts = np.unique(y[np.concatenate(list(split.values()))], return_counts=True)
+    entry = {
+        "name": name,
+        "index": index,
+        "train": len(split["train"]),
+        "test": len(split["test"]),
+        "label_histogram": {str(int(label)): int(c) for label, c in zip(labels, counts)},
+        "files": files,
+    }
+    _write_json(folder / SHARD_META, {**entry, "format": FORMAT, "settings": settings, "spec": spec.to_json()})
+    return entry
+
+
+def _replace_shards(root: Path, staging: Path, names: list[str]) -> None:
+    """Move the new shards in place of any old ones; the manifest goes last."""
+    (root / MANIFEST).unlink(missing_ok=True)
+    for old in root.glob("shard_*"):
+        shutil.rmtree(old)
+    for name in names:
+        (staging / name).rename(root / name)
+    (staging / MANIFEST).rename(root / MANIFEST)
+
+
+# Reading shards -------------------------------------------------------------------------------
+
+
+@dataclass
+class Shard:
+    """A shard loaded and checked: what a client trains and evaluates on."""
+
+    name: str
+    path: Path
+    spec: ImageSpec
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def shard_dirs(data_dir: Path) -> list[Path]:
+    """The shard folders in DATA_DIR; DATA_DIR itself when it is a single shard."""
+    if not data_dir.is_dir():
+        raise BadInput(f"DATA_DIR={data_dir} does not exist: run `flowerpot prepare` or mount the shards there")
+    if (data_dir / SHARD_META).is_file():
+        return [data_dir]
+    found = sorted(p.parent for p in data_dir.glob(f"shard_*/{SHARD_META}"))
+    if not found:
+        raise BadInput(f"DATA_DIR={data_dir} holds no shards ({SHARD_META} files): run `flowerpot prepare` first")
+    return found
+
+
+def verify_shard(folder: Path, meta: dict[str, Any]) -> list[str]:
+    """Problems with a shard folder's files (missing, checksum mismatch); empty when sound."""
+    problems = []
+    for filename, digest in meta.get("files", {}).items():
+        path = folder / filename
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif sha256(path) != digest:
+            problems.append(f"{path} is corrupt (checksum mismatch)")
+    return problems
+
+
+def load_shard(folder: Path) -> Shard:
+    """Read a shard and check it against its own metadata; BadInput names what is wrong."""
+    meta_path = folder / SHARD_META
+    meta = _read_json(meta_path)
+    try:
+        spec = ImageSpec.from_json(meta["spec"])
+        files = meta["files"]
+    except (KeyError, TypeError) as exc:
+        raise BadInput(f"{meta_path} lacks {exc}: run `flowerpot prepare --force` to rebuild the shards") from None
+    if set(files) != {f"{s}.npz" for s in SPLITS}:
+        raise BadInput(f"{meta_path} lists {sorted(files)}, not train.npz and test.npz: rebuild the shards")
+    problems = verify_shard(folder, meta)
+    if problems:
+        raise BadInput(f"{problems[0]}: run `flowerpot prepare` again to rebuild the shards")
+    arrays = {}
+    for split in SPLITS:
+        path = folder / f"{split}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                x, y = data["x"], data["y"]
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+            raise BadInput(f"{path} cannot be read ({exc}): rebuild the shards") from None
+        if x.dtype != np.uint8 or x.shape[1:] != spec.shape or y.shape != (len(x),) or len(x) == 0:
+            raise BadInput(
+                f"{path} holds {len(x)} images of {x.shape[1:]} {x.dtype}, expected a non-empty "
+                f"set of {spec.shape} uint8: rebuild the shards"
+            )
+        if y.min() < 0 or y.max() >= spec.num_classes:
+            raise BadInput(f"{path} has labels outside 0..{spec.num_classes - 1}: rebuild the shards")
+        arrays[split] = (x, y.astype(np.int64))
+    return Shard(
+        name=meta.get("name", folder.name),
+        path=folder,
+        spec=spec,
+        x_train=arrays["train"][0],
+        y_train=arrays["train"][1],
+        x_test=arrays["test"][0],
+        y_test=arrays["test"][1],
+    )
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInput(f"{path} is missing: run `flowerpot prepare` to write the shards") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInput(f"{path} is corrupt ({exc.__class__.__name__}): run `flowerpot prepare --force`") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{path} is corrupt (not a JSON object): run `flowerpot prepare --force`")
+    return data
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,124 @@
+"""Data set loaders on small files written here in each data set's own on-disk format.
+
+Nothing downloads: torchvision finds the MNIST files present, and CIFAR-10 batches are read
+directly when present (torchvision would otherwise check the official archive's MD5).
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared.datasets import load_source
+from shared.images import ImageSpec, load_image
+from shared.settings import Settings
+from shared.shards import load_shard, prepare, shard_dirs
+
+
+def settings_for(tmp_path: Path, **values: object) -> Settings:
+    return Settings(data_dir=tmp_path / "data", download_dir=tmp_path / "raw", num_shards=2, min_shard_size=5, **values)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """The IDX format of the MNIST files: magic (0, 0, 0x08 = uint8, ndim), big-endian sizes, bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize(("dataset", "folder"), [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
+def test_mnist_family_loads_idx_files(tmp_path: Path, dataset: str, folder: str) -> None:
+    raw = tmp_path / "raw" / folder / "raw"
+    gen = np.random.default_rng(0)
+    parts = {"train": 40, "t10k": 10}
+    images = {p: gen.integers(0, 256, (n, 28, 28), dtype=np.uint8) for p, n in parts.items()}
+    labels = {p: np.arange(n) % 10 for p, n in parts.items()}
+    for part in parts:
+        write_idx(raw / f"{part}-images-idx3-ubyte", images[part])
+        write_idx(raw / f"{part}-labels-idx1-ubyte", labels[part])
+
+    source = load_source(settings_for(tmp_path, dataset=dataset))
+    assert source.x.shape == (50, 1, 28, 28) and source.x.dtype == np.uint8
+    assert np.array_equal(source.x[:40, 0], images["train"])
+    assert np.array_equal(source.y, np.concatenate([labels["train"], labels["t10k"]]))
+    assert source.spec.shape == (1, 28, 28) and source.spec.num_classes == 10
+    assert source.spec.classes[0] == ("0" if dataset == "mnist" else "T-shirt/top")
+
+
+def test_cifar10_loads_python_batches(tmp_path: Path) -> None:
+    folder = tmp_path / "raw" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    gen = np.random.default_rng(1)
+    written = []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = gen.integers(0, 256, (6, 3072), dtype=np.uint8)
+        batch = {"data": data, "labels": list(gen.integers(0, 10, 6)), "batch_label": name}
+        (folder / name).write_bytes(pickle.dumps(batch))
+        written.append(data)
+
+    source = load_source(settings_for(tmp_path, dataset="cifar10"))
+    assert source.x.shape == (36, 3, 32, 32)
+    assert np.array_equal(source.x.reshape(36, 3072), np.concatenate(written))
+    assert source.spec.classes[0] == "airplane" and source.spec.channels == 3
+
+
+def test_cifar10_corrupt_batch_is_a_clear_error(tmp_path: Path) -> None:
+    folder = tmp_path / "raw" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(b"not a pickle")
+    with pytest.raises(Exception, match="is not a CIFAR-10 batch"):
+        load_source(settings_for(tmp_path, dataset="cifar10"))
+
+
+def make_folder_dataset(root: Path, per_class: int = 8) -> None:
+    for label, colour in (("cats", (250, 30, 30)), ("dogs", (30, 30, 250))):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (40 + i, 30), colour).save(root / label / f"{i}.png")
+
+
+def test_folder_dataset_reads_one_subfolder_per_class(tmp_path: Path) -> None:
+    make_folder_dataset(tmp_path / "pictures")
+    settings = settings_for(tmp_path, dataset="folder", folder_path=tmp_path / "pictures", image_size=16)
+    source = load_source(settings)
+    assert source.x.shape == (16, 3, 16, 16)
+    assert source.spec.classes == ("cats", "dogs")
+    assert list(np.bincount(source.y)) == [8, 8]
+    cats = source.x[source.y == 0]
+    assert cats[:, 0].mean() > 200 and cats[:, 2].mean() < 60  # red stays red
+
+
+def test_folder_dataset_prepares_into_shards(tmp_path: Path) -> None:
+    make_folder_dataset(tmp_path / "pictures", per_class=10)
+    settings = settings_for(
+        tmp_path, dataset="folder", folder_path=tmp_path / "pictures", image_size=12, image_channels=1
+    )
+    manifest = prepare(settings)
+    assert manifest["spec"]["classes"] == ["cats", "dogs"]
+    shards = [load_shard(d) for d in shard_dirs(settings.data_dir)]
+    assert [s.x_train.shape[1:] for s in shards] == [(1, 12, 12)] * 2
+
+
+def test_folder_without_classes_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "pictures").mkdir()
+    settings = settings_for(tmp_path, dataset="folder", folder_path=tmp_path / "pictures")
+    with pytest.raises(Exception, match="has 0 class folder"):
+        load_source(settings)
+
+
+def test_load_image_matches_the_data_set_look(tmp_path: Path) -> None:
+    """A dark digit on white paper becomes bright-on-dark 8x8, like sklearn's digits."""
+    spec = ImageSpec("digits", 1, 8, 8, tuple("0123456789"), (0.3,), (0.4,), bright_on_dark=True)
+    picture = np.full((32, 32), 255, dtype=np.uint8)
+    picture[4:28, 12:20] = 0  # a dark vertical stroke, two pixels wide at 8x8
+    Image.fromarray(picture).save(tmp_path / "one.png")
+    image = load_image(tmp_path / "one.png", spec)
+    assert image.shape == (1, 8, 8) and image.dtype == np.uint8
+    assert image[0, :, 3:5].mean() > 150 and image[0, :, 0].mean() < 20
+    assert load_image(tmp_path / "one.png", spec, invert="no")[0, 0, 0] > 200

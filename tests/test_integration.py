@@ -1,0 +1,239 @@
+"""The federation as real processes talking real gRPC on loopback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import BASE_ENV, REPO, Proc, clean_env, free_address, run_cli
+from shared.modelfile import load_model
+
+
+def federation_env(data_dir: Path, tmp_path: Path, address: str, **overrides: str) -> dict[str, str]:
+    return {
+        **BASE_ENV,
+        "DATA_DIR": str(data_dir),
+        "RESULTS_DIR": str(tmp_path / "results"),
+        "SERVER_LISTEN_ADDRESS": address,
+        "SERVER_ADDRESS": address,
+        **overrides,
+    }
+
+
+def start_federation(spawn, env: dict[str, str], clients: int) -> tuple[Proc, list[Proc]]:
+    server = spawn(["server"], **env)
+    server.wait_for("listening on")
+    return server, [spawn(["client"], **env, CLIENT_NAME=f"client-{i}") for i in range(1, clients + 1)]
+
+
+def history(tmp_path: Path) -> list[dict]:
+    return json.loads((tmp_path / "results" / "history.json").read_text())
+
+
+def test_three_clients_train_and_predict_agrees_with_the_server(spawn, data_dir: Path, tmp_path: Path) -> None:
+    env = federation_env(data_dir, tmp_path, free_address())
+    server, clients = start_federation(spawn, env, 3)
+    assert server.wait() == 0, server.output
+    assert [c.wait() for c in clients] == [0, 0, 0], [c.output for c in clients]
+
+    results = tmp_path / "results"
+    for name in (
+        "final_model.npz",
+        "final_model.json",
+        "global_model.npz",
+        "history.json",
+        "history.csv",
+        "history.png",
+    ):
+        assert (results / name).is_file(), name
+    rounds = history(tmp_path)
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert all(r["clients_trained"] == 3 and r["clients_failed"] == 0 for r in rounds)
+    assert len(server.output.split("round 3/3: 3 trained, 0 failed")) == 2
+    final = rounds[-1]
+    assert final["clients_evaluated"] == 3 and final["eval_accuracy"] >= 0.9
+    claimed = sorted(c.wait_for(r"claimed (shard_\d+)").group(1) for c in clients)
+    assert claimed == ["shard_000", "shard_001", "shard_002"]
+
+    # predict with the final model over all shards' test splits = the server's federated accuracy
+    report = run_cli(["predict", "--test-split", "--json", "--show", "0"], cwd=tmp_path, **env)
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["accuracy"] == pytest.approx(final["eval_accuracy"], abs=1e-12)
+    assert json.loads(report.stdout)["examples"] == sum(
+        c["num_examples"] for c in final["clients"] if c["phase"] == "evaluate"
+    )
+
+    # a photo-like PNG of a test digit (big, dark ink on white) is classified like the original
+    from PIL import Image
+
+    from shared.shards import load_shard
+
+    verdicts = json.loads(run_cli(["predict", "--test-split", "--json", "--show", "50"], cwd=tmp_path, **env).stdout)
+    sure = next(p for p in verdicts["predictions"] if p["label"] == p["true"] and p["confidence"] > 0.95)
+    digit = load_shard(data_dir / sure["shard"]).x_test[sure["index"], 0]
+    Image.fromarray(255 - digit).resize((64, 64), Image.Resampling.NEAREST).save(tmp_path / "digit.png")
+    by_file = run_cli(["predict", "--json", str(tmp_path / "digit.png")], cwd=tmp_path, **env)
+    assert by_file.returncode == 0, by_file.stderr
+    assert json.loads(by_file.stdout)[0]["label"] == sure["true"]
+
+    # every client kept the same final global model as the server wrote
+    server_arrays, meta = load_model(results / "final_model.npz")
+    assert meta["round"] == 3 and meta["eval_accuracy"] == final["eval_accuracy"]
+    for shard in claimed:
+        kept, kept_meta = load_model(results / f"client_{shard}" / "final_model.npz")
+        assert all(np.array_equal(a, b) for a, b in zip(kept, server_arrays))
+        assert kept_meta["spec"]["dataset"] == "digits"
+
+
+def test_default_settings_reach_095_accuracy_locally(tmp_path: Path) -> None:
+    """The committed .env (3 clients, digits, 5 rounds) as `flowerpot run-local` runs it."""
+    shutil.copy(REPO / ".env", tmp_path / ".env")
+    started = time.monotonic()
+    result = run_cli(["run-local"], cwd=tmp_path, timeout=180)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    rounds = history(tmp_path)
+    assert len(rounds) == 5 and rounds[-1]["clients_evaluated"] == 3
+    assert rounds[-1]["eval_accuracy"] >= 0.95
+    print(f"default local run: {elapsed:.1f} s, final accuracy {rounds[-1]['eval_accuracy']:.4f}")
+
+
+def test_client_beyond_max_clients_is_refused_with_the_reason(spawn, data_dir: Path, tmp_path: Path) -> None:
+    env = federation_env(
+        data_dir, tmp_path, free_address(), MAX_CLIENTS="2", MIN_AVAILABLE_CLIENTS="2",
+        NUM_ROUNDS="8", LOCAL_EPOCHS="25",
+    )  # fmt: skip
+    server, clients = start_federation(spawn, env, 2)
+    server.wait_for(r"\(2 connected\)")
+    extra = spawn(["client"], **env, CLIENT_NAME="latecomer")
+    assert extra.wait(60) == 4
+    assert "error: the server at" in extra.output
+    assert "refused this client: the server is full: MAX_CLIENTS=2 clients are connected" in extra.output
+    assert "Traceback" not in extra.output
+    assert server.wait() == 0
+    assert "refused client latecomer" in server.output
+    assert [c.wait() for c in clients] == [0, 0]
+
+
+def test_client_started_before_the_server_joins_when_it_is_up(spawn, data_dir: Path, tmp_path: Path) -> None:
+    env = federation_env(
+        data_dir, tmp_path, free_address(), MIN_AVAILABLE_CLIENTS="1", MIN_FIT_CLIENTS="1",
+        MIN_EVALUATE_CLIENTS="1", NUM_ROUNDS="2",
+    )  # fmt: skip
+    client = spawn(["client"], **env)
+    client.wait_for("not reachable yet")
+    time.sleep(4)  # longer than Flower's own client waits before giving up
+    assert client.popen.poll() is None
+    server = spawn(["server"], **env)
+    assert server.wait() == 0, server.output
+    assert client.wait() == 0, client.output
+    assert len(history(tmp_path)) == 2
+
+
+def test_server_gives_up_when_too_few_clients_come(spawn, tmp_path: Path, data_dir: Path) -> None:
+    env = federation_env(data_dir, tmp_path, free_address(), START_TIMEOUT="2")
+    server = spawn(["server"], **env)
+    assert server.wait(30) == 6
+    assert (
+        "flowerpot server: error: only 0 of MIN_AVAILABLE_CLIENTS=3 clients connected within START_TIMEOUT=2 s: "
+        "start more clients, or lower MIN_AVAILABLE_CLIENTS"
+    ) in server.output
+
+
+def test_server_stops_waiting_when_clients_do_not_come_back(spawn, tmp_path: Path, data_dir: Path) -> None:
+    env = federation_env(
+        data_dir, tmp_path, free_address(), MIN_AVAILABLE_CLIENTS="2", NUM_ROUNDS="50",
+        REJOIN_TIMEOUT="3", LOCAL_EPOCHS="5",
+    )  # fmt: skip
+    server, (_first, second) = start_federation(spawn, env, 2)
+    server.wait_for("round 2/50")
+    second.popen.send_signal(signal.SIGKILL)
+    assert server.wait(60) == 6
+    assert "were connected within REJOIN_TIMEOUT=3 s" in server.output
+    assert (tmp_path / "results" / "global_model.npz").is_file()  # rounds already played are kept
+
+
+def test_client_without_a_server_gives_up_after_connect_timeout(spawn, tmp_path: Path, data_dir: Path) -> None:
+    env = federation_env(data_dir, tmp_path, free_address(), CONNECT_TIMEOUT="2")
+    client = spawn(["client"], **env)
+    assert client.wait(30) == 5
+    assert "was not reachable within CONNECT_TIMEOUT=2 s (connection refused)" in client.output
+
+
+def test_client_with_no_free_shard_exits_3(spawn, tmp_path: Path, data_dir: Path) -> None:
+    from client.claim import claim_shard
+
+    env = federation_env(data_dir, tmp_path, free_address())
+    with claim_shard(data_dir), claim_shard(data_dir), claim_shard(data_dir):
+        client = spawn(["client"], **env)
+        assert client.wait(30) == 3
+    assert "error: all 3 shards in DATA_DIR=" in client.output
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedprox", "fedavgm"])
+def test_strategies_that_need_starting_weights_run_end_to_end(tmp_path: Path, data_dir: Path, strategy: str) -> None:
+    env = {
+        **BASE_ENV,
+        "DATA_DIR": str(data_dir),
+        "NUM_ROUNDS": "2",
+        "STRATEGY": strategy,
+        "SERVER_LEARNING_RATE": "0.01",
+    }
+    if strategy == "fedavgm":
+        env["SERVER_LEARNING_RATE"] = "1.0"
+    result = run_cli(["run-local"], cwd=tmp_path, timeout=120, **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rounds = history(tmp_path)
+    assert len(rounds) == 2 and all(r["clients_trained"] == 3 for r in rounds)
+    assert f"starting 2 rounds of {strategy}" in result.stderr
+
+
+PLAIN_FLOWER_CLIENT = """
+import sys
+import numpy as np
+from flwr.compat.client.app import start_client
+from flwr.compat.client.numpy_client import NumPyClient
+
+class Plain(NumPyClient):  # any model: here one weight matrix
+    def get_parameters(self, config):
+        return [np.ones((4, 3), np.float32)]
+    def fit(self, parameters, config):
+        return [parameters[0] * 0.5], 7, {"favourite_colour": "green", "steps": 3, "blob": b"x"}
+    def evaluate(self, parameters, config):
+        return float(parameters[0].mean()), 5, {"accuracy": 0.5, "weird": "yes"}
+
+start_client(server_address=sys.argv[1], client=Plain().to_client())
+"""
+
+
+def test_a_plain_flower_numpy_client_can_join(spawn, tmp_path: Path) -> None:
+    address = free_address()
+    env = {
+        **BASE_ENV, "RESULTS_DIR": str(tmp_path / "results"), "SERVER_LISTEN_ADDRESS": address,
+        "MIN_AVAILABLE_CLIENTS": "1", "MIN_FIT_CLIENTS": "1", "MIN_EVALUATE_CLIENTS": "1", "NUM_ROUNDS": "2",
+    }  # fmt: skip
+    server = spawn(["server"], **env)
+    server.wait_for("listening on")
+    script = tmp_path / "plain_client.py"
+    script.write_text(textwrap.dedent(PLAIN_FLOWER_CLIENT))
+    import subprocess
+
+    plain = subprocess.run(
+        [sys.executable, str(script), address], env=clean_env(), capture_output=True, text=True, timeout=60
+    )
+    assert plain.returncode == 0, plain.stderr
+    assert server.wait() == 0, server.output
+    rounds = history(tmp_path)
+    assert rounds[-1]["eval_accuracy"] == 0.5
+    fit_metrics = [c["metrics"] for r in rounds for c in r["clients"] if c["phase"] == "fit"]
+    assert fit_metrics[0]["favourite_colour"] == "green" and fit_metrics[0]["steps"] == 3
+    model, _ = load_model(tmp_path / "results" / "final_model.npz")
+    assert model[0] == pytest.approx(np.full((4, 3), 0.25))

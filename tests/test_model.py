@@ -1,0 +1,58 @@
+"""The CNN adapts to each data set's shape; parameters round-trip through get/set."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from client.app import FlowerpotClient
+from shared.errors import BadInput
+from shared.images import ImageSpec
+from shared.model import build_model, get_weights, set_weights
+from shared.settings import Settings
+from shared.shards import load_shard, shard_dirs
+
+SPECS = {
+    "digits": ImageSpec("digits", 1, 8, 8, tuple("0123456789"), (0.3,), (0.4,)),
+    "mnist": ImageSpec("mnist", 1, 28, 28, tuple("0123456789"), (0.1,), (0.3,)),
+    "cifar10": ImageSpec("cifar10", 3, 32, 32, tuple("abcdefghij"), (0.5,) * 3, (0.25,) * 3),
+    "folder": ImageSpec("folder", 3, 20, 20, ("cats", "dogs", "fish"), (0.5,) * 3, (0.25,) * 3),
+}
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_model_fits_the_data_set_shape(name: str) -> None:
+    spec = SPECS[name]
+    logits = build_model(spec, seed=0)(torch.zeros(5, *spec.shape))
+    assert logits.shape == (5, spec.num_classes)
+
+
+def test_same_seed_same_initial_model() -> None:
+    a, b, c = (get_weights(build_model(SPECS["digits"], seed=s)) for s in (1, 1, 2))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_parameters_round_trip_through_the_numpy_client(data_dir) -> None:
+    shard = load_shard(shard_dirs(data_dir)[0])
+    settings = Settings(seed=3)
+    sender, receiver = FlowerpotClient(shard, settings, data_dir), FlowerpotClient(shard, Settings(seed=4), data_dir)
+    weights = sender.get_parameters({})
+    assert all(w.dtype == np.float32 for w in weights)
+    receiver.set_parameters(weights)
+    assert all(np.array_equal(x, y) for x, y in zip(weights, receiver.get_parameters({})))
+    updated, examples, metrics = receiver.fit(weights, {"local_epochs": 1, "server_round": 1})
+    assert examples == len(shard.y_train) and metrics["train_loss"] > 0
+    assert not all(np.array_equal(x, y) for x, y in zip(weights, updated))
+
+
+def test_wrong_parameters_are_a_clear_error(data_dir) -> None:
+    client = FlowerpotClient(load_shard(shard_dirs(data_dir)[0]), Settings(), data_dir)
+    weights = client.get_parameters({})
+    with pytest.raises(BadInput, match=r"does not fit this client.s data set digits .*same DATASET"):
+        client.set_parameters(weights[:-1])
+    with pytest.raises(BadInput, match="has shape"):
+        client.set_parameters([np.zeros((2, 2), np.float32), *weights[1:]])
+    with pytest.raises(ValueError, match="got 1 arrays"):
+        set_weights(build_model(SPECS["digits"], 0), weights[:1])

@@ -1,0 +1,100 @@
+"""Settings: typed, validated, one clear line for every bad value, defaults equal to .env."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+from shared.errors import BadInput
+from shared.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def no_settings_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+BAD_VALUES = [
+    ({"NUM_ROUNDS": "abc"}, "NUM_ROUNDS='abc'", "whole number"),
+    ({"NUM_ROUNDS": "0"}, "NUM_ROUNDS='0'", "from 1"),
+    ({"NUM_ROUNDS": "2.5"}, "NUM_ROUNDS='2.5'", "whole number"),
+    ({"FRACTION_FIT": "1.5"}, "FRACTION_FIT='1.5'", "> 0 and <= 1"),
+    ({"FRACTION_FIT": "0"}, "FRACTION_FIT='0'", "> 0 and <= 1"),
+    ({"FRACTION_FIT": "nan"}, "FRACTION_FIT='nan'", "> 0 and <= 1"),
+    ({"FRACTION_EVALUATE": "-0.1"}, "FRACTION_EVALUATE='-0.1'", "from 0 to 1"),
+    ({"STRATEGY": "fedfoo"}, "STRATEGY='fedfoo'", "one of fedavg, fedprox"),
+    ({"DATASET": "imagenet"}, "DATASET='imagenet'", "one of digits, mnist"),
+    ({"PARTITION": "random"}, "PARTITION='random'", "one of iid, dirichlet, pathological"),
+    ({"DIRICHLET_ALPHA": "0"}, "DIRICHLET_ALPHA='0'", "> 0"),
+    ({"LOCAL_EPOCHS": "-1"}, "LOCAL_EPOCHS='-1'", "whole number"),
+    ({"BATCH_SIZE": "many"}, "BATCH_SIZE='many'", "whole number"),
+    ({"LEARNING_RATE": "inf"}, "LEARNING_RATE='inf'", "> 0"),
+    ({"MAX_CLIENTS": "0"}, "MAX_CLIENTS='0'", "whole number"),
+    ({"SERVER_ADDRESS": "server"}, "SERVER_ADDRESS='server'", "HOST:PORT"),
+    ({"SERVER_LISTEN_ADDRESS": "0.0.0.0:99999"}, "SERVER_LISTEN_ADDRESS='0.0.0.0:99999'", "HOST:PORT"),
+    ({"TLS_ENABLED": "maybe"}, "TLS_ENABLED='maybe'", "true or false"),
+    ({"IMAGE_CHANNELS": "2"}, "IMAGE_CHANNELS='2'", "1 (grayscale) or 3"),
+    ({"TRIM_FRACTION": "0.5"}, "TRIM_FRACTION='0.5'", "< 0.5"),
+    ({"SERVER_MOMENTUM": "1"}, "SERVER_MOMENTUM='1'", "< 1"),
+    ({"START_TIMEOUT": "0"}, "START_TIMEOUT='0'", "seconds > 0"),
+    ({"LOG_LEVEL": "loud"}, "LOG_LEVEL='LOUD'", "one of DEBUG"),
+    ({"MIN_FIT_CLIENTS": "4"}, "MIN_FIT_CLIENTS=4 is above MIN_AVAILABLE_CLIENTS=3", "at or below"),
+    ({"MIN_EVALUATE_CLIENTS": "5"}, "MIN_EVALUATE_CLIENTS=5 is above MIN_AVAILABLE_CLIENTS=3", "at or below"),
+    ({"MIN_AVAILABLE_CLIENTS": "11"}, "MIN_AVAILABLE_CLIENTS=11 is above MAX_CLIENTS=10", "raise MAX_CLIENTS"),
+    ({"DATASET": "folder"}, "DATASET=folder needs FOLDER_PATH", "FOLDER_PATH"),
+    ({"SHARD_ID": "3"}, "SHARD_ID=3 is not below NUM_SHARDS=3", "SHARD_ID"),
+    ({"CLIENT_AUTH": "mtls"}, "CLIENT_AUTH=mtls needs TLS_ENABLED=true", "TLS_ENABLED=true"),
+]
+
+
+@pytest.mark.parametrize(
+    ("env", "names", "allowed"), BAD_VALUES, ids=[next(iter(e)) + "=" + next(iter(e.values())) for e, *_ in BAD_VALUES]
+)
+def test_bad_value_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, env: dict, names: str, allowed: str) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(BadInput) as caught:
+        Settings.load()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert names in message
+    assert allowed in message
+
+
+def test_defaults_match_the_committed_env_file() -> None:
+    assert Settings.load(REPO / ".env").model_dump() == Settings.load().model_dump()
+
+
+def test_every_setting_is_documented_in_env_file() -> None:
+    text = (REPO / ".env").read_text()
+    missing = [n.upper() for n in Settings.model_fields if f"\n{n.upper()}=" not in text]
+    assert missing == []
+
+
+def test_environment_overrides_env_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("NUM_ROUNDS=7\nSTRATEGY=FedProx\n")
+    monkeypatch.setenv("NUM_ROUNDS", "9")
+    settings = Settings.load(env_file)
+    assert (settings.num_rounds, settings.strategy) == (9, "fedprox")
+
+
+@pytest.mark.parametrize("command", ["server", "client", "prepare", "run-local"])
+def test_commands_exit_2_on_bad_setting_before_any_work(tmp_path: Path, command: str) -> None:
+    result = run_cli([command], cwd=tmp_path, timeout=30, NUM_ROUNDS="abc")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"flowerpot {command}: error: NUM_ROUNDS='abc' is not valid: use a whole number from 1 to 100000 "
+        "(in .env or the environment)"
+    ]
+    assert list(tmp_path.iterdir()) == []  # nothing prepared, no results folder
+
+
+def test_bad_value_in_env_file_names_it(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("FRACTION_FIT=1.5\n")
+    result = run_cli(["server"], cwd=tmp_path, timeout=30)
+    assert result.returncode == 2
+    assert "FRACTION_FIT='1.5' is not valid" in result.stderr

@@ -1,0 +1,96 @@
+"""Every STRATEGY builds from the settings and aggregates; bad client updates are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import GrpcBridge
+
+from server.metrics import weighted_average
+from server.strategies import build_strategy
+from server.wiring import NamedClientProxy
+from shared.settings import Settings, Strategy
+
+GLOBAL = [np.zeros((3, 2), np.float32), np.zeros(2, np.float32)]
+ALL_STRATEGIES = Strategy.__args__
+
+
+def update(value: float, num_examples: int = 10, arrays: list[np.ndarray] | None = None) -> FitRes:
+    arrays = arrays if arrays is not None else [np.full_like(a, value) for a in GLOBAL]
+    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), num_examples, {"train_loss": value, "note": "x"})
+
+
+def proxy(i: int) -> NamedClientProxy:
+    return NamedClientProxy(cid=f"cid{i}", bridge=GrpcBridge(), name=f"client-{i}")
+
+
+def strategy(name: str, **values):
+    settings = Settings(strategy=name, min_fit_clients=2, min_available_clients=3, **values)
+    return build_strategy(settings, ndarrays_to_parameters(GLOBAL))
+
+
+@pytest.mark.parametrize("name", ALL_STRATEGIES)
+def test_each_strategy_aggregates_three_updates(name: str) -> None:
+    guarded = strategy(name)
+    assert type(guarded.inner).__name__.lower() == name
+    results = [(proxy(i), update(v)) for i, v in enumerate((1.0, 2.0, 6.0))]
+    parameters, metrics = guarded.aggregate_fit(1, results, [])
+    arrays = parameters_to_ndarrays(parameters)
+    assert [a.shape for a in arrays] == [a.shape for a in GLOBAL]
+    assert all(np.isfinite(a).all() for a in arrays)
+    assert not np.allclose(arrays[0], 0.0)  # the model moved
+    assert metrics["train_loss"] == pytest.approx(3.0)
+
+
+def test_fedavg_weights_by_examples() -> None:
+    results = [(proxy(0), update(1.0, 10)), (proxy(1), update(4.0, 30))]
+    parameters, _ = strategy("fedavg").aggregate_fit(1, results, [])
+    assert parameters_to_ndarrays(parameters)[0] == pytest.approx(np.full((3, 2), 3.25))
+
+
+def test_knobs_reach_the_flower_strategy() -> None:
+    assert strategy("fedprox", proximal_mu=0.7).inner.proximal_mu == 0.7
+    fedadam = strategy("fedadam", server_learning_rate=0.02, beta_1=0.5, tau=0.001).inner
+    assert (fedadam.eta, fedadam.beta_1, fedadam.tau) == (0.02, 0.5, 0.001)
+    assert strategy("fedyogi").inner.eta == 1e-2  # empty knob: Flower's own default
+    assert strategy("fedtrimmedavg", trim_fraction=0.3).inner.beta == 0.3
+    assert strategy("fedavgm", server_momentum=0.5).inner.server_momentum == 0.5
+    krum = strategy("krum", krum_malicious_clients=1, krum_clients_to_keep=2).inner
+    assert (krum.num_malicious_clients, krum.num_clients_to_keep) == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (update(np.nan), "holds NaN or Inf"),
+        (update(np.inf), "holds NaN or Inf"),
+        (update(1.0, arrays=GLOBAL[:1]), "has 1 arrays, the model has 2"),
+        (
+            update(1.0, arrays=[np.zeros((2, 3), np.float32), GLOBAL[1]]),
+            "array 0 is float32[2, 3], expected float32[3, 2]",
+        ),
+        (update(1.0, arrays=[GLOBAL[0].astype(np.float64), GLOBAL[1]]), "array 0 is float64"),
+        (update(1.0, num_examples=0), "claims 0 training examples"),
+    ],
+    ids=["nan", "inf", "too-few-arrays", "wrong-shape", "wrong-dtype", "no-examples"],
+)
+def test_bad_updates_are_refused_and_the_rest_aggregated(bad: FitRes, reason: str, caplog) -> None:
+    guarded = strategy("fedavg")
+    results = [(proxy(0), update(2.0)), (proxy(1), bad), (proxy(2), update(4.0))]
+    parameters, _ = guarded.aggregate_fit(1, results, [])
+    arrays = parameters_to_ndarrays(parameters)
+    assert arrays[0] == pytest.approx(np.full((3, 2), 3.0))
+    assert [(p.name, r) for p, r in guarded.refused] == [("client-1", guarded.refused[0][1])]
+    assert reason in guarded.refused[0][1]
+    assert f"refused the update of client client-1: {guarded.refused[0][1]}" in caplog.text
+
+
+def test_all_updates_bad_keeps_the_global_model() -> None:
+    parameters, _ = strategy("fedavg").aggregate_fit(1, [(proxy(0), update(np.nan))], [])
+    assert parameters is None
+
+
+def test_metrics_average_by_examples_and_skip_what_is_not_a_number() -> None:
+    merged = weighted_average([(10, {"acc": 1.0, "name": "a", "flag": True}), (30, {"acc": 0.5, "blob": b"x"})])
+    assert merged == {"acc": pytest.approx(0.625)}
