@@ -8,6 +8,7 @@ by a signal, or exited 1 with a traceback), a bounded number of times.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import subprocess
@@ -16,6 +17,14 @@ import sys
 from shared.errors import ExitCode
 
 log = logging.getLogger("flowerpot.client")
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: the kernel kills it when the supervisor dies, so no worker is orphaned."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def supervise(child_argv: list[str], restarts: int) -> int:
@@ -33,7 +42,7 @@ def supervise(child_argv: list[str], restarts: int) -> int:
         signal.signal(sig, forward)
     code = 0
     for attempt in range(restarts + 1):
-        child = subprocess.Popen([sys.executable, "-m", "flowerpot", *child_argv])
+        child = subprocess.Popen([sys.executable, "-m", "flowerpot", *child_argv], preexec_fn=_die_with_parent)
         code = child.wait()
         crashed = code < 0 or code == ExitCode.CRASH
         if stopping or not crashed:

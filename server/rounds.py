@@ -34,15 +34,19 @@ class Federation:
 
     def run(self) -> list[dict[str, Any]]:
         s = self.settings
-        self.wait_for_start()
-        initial = self.initial_parameters()
-        strategy = build_strategy(s, initial)
-        server = Server(client_manager=self.client_manager, strategy=strategy)
-        server.parameters = initial
-        log.info(
-            "starting %d rounds of %s with %d clients", s.num_rounds, s.strategy, self.client_manager.num_available()
-        )
+        server = Server(client_manager=self.client_manager)
         try:
+            self.wait_for_start()
+            initial = self.initial_parameters()
+            strategy = build_strategy(s, initial)
+            server.set_strategy(strategy)
+            server.parameters = initial
+            log.info(
+                "starting %d rounds of %s with %d clients",
+                s.num_rounds,
+                s.strategy,
+                self.client_manager.num_available(),
+            )
             for server_round in range(1, s.num_rounds + 1):
                 record = self.play_round(server, strategy, server_round)
                 self.history.append(record)
@@ -52,13 +56,10 @@ class Federation:
             self.results.finish(parameters_to_ndarrays(server.parameters), self.model_meta(final), self.history)
             log.info(
                 "finished %d rounds: final accuracy %s, loss %s over %d clients; results in %s",
-                s.num_rounds,
-                _fmt(final["eval_accuracy"]),
-                _fmt(final["eval_loss"]),
-                final["clients_evaluated"],
-                self.results.folder,
-            )
-        finally:
+                s.num_rounds, _fmt(final["eval_accuracy"]), _fmt(final["eval_loss"]),
+                final["clients_evaluated"], self.results.folder,
+            )  # fmt: skip
+        finally:  # also when the run fails: connected clients are told to go, not left waiting
             server.disconnect_all_clients(timeout=DISCONNECT_TIMEOUT)
         return self.history
 

@@ -19,7 +19,7 @@ from flwr.proto.transport_pb2 import ClientMessage, ServerMessage
 from flwr.proto.transport_pb2_grpc import add_FlowerServiceServicer_to_server
 from flwr.server.client_manager import ClientManager
 from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import FlowerServiceServicer
-from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import GrpcBridge
+from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import GrpcBridge, GrpcBridgeClosed
 from flwr.server.superlink.fleet.grpc_bidi.grpc_client_proxy import GrpcClientProxy
 
 from server.admission import Admission
@@ -74,7 +74,10 @@ class AdmittingServicer(FlowerServiceServicer):
         context.add_callback(lambda: _left(self.admission, who))
         log.info("client %s joined (%d connected)", who, self.admission.connected)
         self._joining.name = name
-        yield from super().Join(request_iterator, context)
+        try:
+            yield from super().Join(request_iterator, context)
+        except GrpcBridgeClosed:  # the client left while the stream waited for an instruction
+            return
 
 
 def _refuse(context: grpc.ServicerContext, who: str, code: grpc.StatusCode, reason: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -63,8 +64,19 @@ def _digits(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
     return x, bunch.target, spec
 
 
+def _torchvision_datasets() -> ModuleType:
+    try:
+        from torchvision import datasets
+    except ImportError:
+        raise BadInput(
+            "this data set needs torchvision, which is not installed here: install it, or build the "
+            "client image with torchvision in TORCH_PACKAGES"
+        ) from None
+    return datasets
+
+
 def _mnist(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
-    from torchvision import datasets
+    datasets = _torchvision_datasets()
 
     fashion = settings.dataset == "fashion-mnist"
     cls = datasets.FashionMNIST if fashion else datasets.MNIST
@@ -87,8 +99,7 @@ def _cifar10(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
     root = _raw_root(settings)
     folder = root / "cifar-10-batches-py"
     if not all((folder / name).is_file() for name in CIFAR10_FILES):
-        from torchvision import datasets
-
+        datasets = _torchvision_datasets()
         try:  # downloads, checks the archive's MD5 and extracts it
             datasets.CIFAR10(str(root), train=True, download=True)
         except (OSError, RuntimeError) as exc:

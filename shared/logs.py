@@ -24,6 +24,7 @@ def setup_logging(level: str = "INFO", name: str = "flowerpot") -> logging.Logge
         handler._flowerpot = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     return logging.getLogger(name)
 
 

@@ -150,3 +150,15 @@ def free_address() -> str:
     from shared.local_run import free_port
 
     return f"127.0.0.1:{free_port()}"
+
+
+# Numbers the tests measure along the way (build times, image sizes, run times), printed at the
+# end of the run. Measured, not asserted: speed targets belong to the benchmark.
+MEASUREMENTS: dict[str, str] = {}
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if MEASUREMENTS:
+        terminalreporter.section("measurements")
+        for name, value in MEASUREMENTS.items():
+            terminalreporter.write_line(f"{name}: {value}")

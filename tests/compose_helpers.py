@@ -1,0 +1,90 @@
+"""Drive Docker Compose projects from tests: a real engine, real images, one project per test."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from conftest import REPO
+
+COMPOSE_FILE = REPO / "docker-compose.yml"
+
+
+def docker(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def env_file_with(path: Path, **settings: str) -> Path:
+    """The committed .env with some values changed, written to `path` (a folder)."""
+    text = (REPO / ".env").read_text()
+    for name, value in settings.items():
+        text, count = re.subn(rf"^{name}=.*$", f"{name}={value}", text, flags=re.M)
+        assert count == 1, f"{name} is not in .env"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / ".env").write_text(text)
+    return path
+
+
+class Project:
+    """One Compose project. With `directory`, its .env (and relative paths) come from there;
+    the images must then already be built (see the session fixture)."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.name = f"fpt-{uuid.uuid4().hex[:8]}"
+        self.directory = directory
+
+    def compose(self, *args: str, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess[str]:
+        where = ["--project-directory", str(self.directory)] if self.directory else []
+        return docker("compose", "-f", str(COMPOSE_FILE), *where, "-p", self.name, *args, timeout=timeout, check=check)
+
+    def up(self, *args: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess[str], float]:
+        started = time.monotonic()
+        result = self.compose("up", *args, timeout=timeout)
+        return result, time.monotonic() - started
+
+    def containers(self) -> list[dict[str, Any]]:
+        out = self.compose("ps", "-a", "--format", "json", check=True).stdout
+        rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+        return sorted(rows, key=lambda r: r["Name"])
+
+    def exit_codes(self, service: str) -> list[int]:
+        return [int(c["ExitCode"]) for c in self.containers() if c["Service"] == service]
+
+    def logs(self, service: str) -> str:
+        return self.compose("logs", "--no-color", "--no-log-prefix", service, check=True).stdout
+
+    def copy_results(self, target: Path) -> Path:
+        """The results volume's contents, copied out through the (stopped) server container."""
+        self.compose("cp", "server:/results", str(target), check=True)
+        return target
+
+    def down(self) -> None:
+        self.compose("down", "-v", "--remove-orphans", "--timeout", "5")
+
+    def leftovers(self) -> dict[str, list[str]]:
+        label = f"label=com.docker.compose.project={self.name}"
+        return {
+            kind: docker(kind, "ls", "-q", "--filter", label, *(["-a"] if kind == "container" else [])).stdout.split()
+            for kind in ("container", "network", "volume")
+        }
+
+
+def image_size_mb(image: str) -> float:
+    return int(docker("image", "inspect", "-f", "{{.Size}}", image).stdout) / 1e6
+
+
+def docker_available() -> bool:
+    return (
+        shutil.which("docker") is not None
+        and docker("compose", "version", check=False).returncode == 0
+        and (docker("info", check=False).returncode == 0)
+    )

@@ -1,0 +1,170 @@
+"""`docker compose up --scale client=N` against a real Docker engine, as a user runs it.
+
+The images are built once (the first test uses the README's own `up --build`); later projects
+reuse them, each with its own project name, its own volumes, and its own edited .env.
+Set FLOWERPOT_SKIP_COMPOSE=1 to skip these where no Docker engine runs (CI always has one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from compose_helpers import Project, docker, docker_available, env_file_with, image_size_mb
+from conftest import MEASUREMENTS, REPO
+
+pytestmark = pytest.mark.compose
+
+if os.environ.get("FLOWERPOT_SKIP_COMPOSE") == "1":
+    pytest.skip("FLOWERPOT_SKIP_COMPOSE=1", allow_module_level=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def images() -> None:
+    """Both images, built through Compose from the repository (cached layers make rebuilds quick)."""
+    assert docker_available(), "the Compose tests need a running Docker engine with Compose v2"
+    started = time.monotonic()
+    result = docker(
+        "compose", "-f", str(REPO / "docker-compose.yml"), "-p", "fpt-build", "build", timeout=1800, check=False
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    MEASUREMENTS["compose build (both images)"] = f"{time.monotonic() - started:.1f} s"
+    for image in ("flowerpot-server:latest", "flowerpot-client:latest"):
+        MEASUREMENTS[f"image size {image}"] = f"{image_size_mb(image):.0f} MB"
+
+
+@pytest.fixture
+def project(tmp_path: Path):
+    """A project whose .env is the committed one with changes: project(NUM_ROUNDS="2")."""
+    made: list[Project] = []
+
+    def make(**settings: str) -> Project:
+        made.append(Project(env_file_with(tmp_path / f"p{len(made)}", **settings) if settings else None))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.down()
+        assert p.leftovers() == {"container": [], "network": [], "volume": []}
+
+
+def history(p: Project, tmp_path: Path) -> list[dict]:
+    results = p.copy_results(tmp_path / f"results-{p.name}")
+    return json.loads((results / "history.json").read_text())
+
+
+def test_compose_file_validates() -> None:
+    result = docker("compose", "-f", str(REPO / "docker-compose.yml"), "config", "--quiet", check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_readme_command_runs_the_whole_job(project, tmp_path: Path) -> None:
+    p = project()  # the repository's own .env, as README's `docker compose up --build --scale client=3`
+    result, seconds = p.up("--build", "--scale", "client=3", timeout=900)
+    MEASUREMENTS["compose up --build --scale client=3 (images cached)"] = f"{seconds:.1f} s"
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert p.exit_codes("server") == [0] and p.exit_codes("client") == [0, 0, 0] and p.exit_codes("prepare") == [0]
+
+    server_log = p.logs("server")
+    assert "round 5/5: 3 trained, 0 failed" in server_log
+    assert "finished 5 rounds: final accuracy" in server_log
+    claimed = sorted(
+        line.split("claimed ")[1].split()[0] for line in p.logs("client").splitlines() if "claimed shard" in line
+    )
+    assert claimed == ["shard_000", "shard_001", "shard_002"]
+
+    results = p.copy_results(tmp_path / "results")
+    rounds = json.loads((results / "history.json").read_text())
+    assert len(rounds) == 5 and rounds[-1]["eval_accuracy"] >= 0.95
+    for name in ("final_model.npz", "global_model.npz", "history.csv", "history.png"):
+        assert (results / name).is_file()
+    assert sorted(d.name for d in results.glob("client_shard_*")) == [
+        "client_shard_000",
+        "client_shard_001",
+        "client_shard_002",
+    ]
+
+
+def test_env_changes_are_honoured(project, tmp_path: Path) -> None:
+    p = project(NUM_ROUNDS="2", FRACTION_FIT="0.5", MIN_FIT_CLIENTS="1")
+    result, _ = p.up("--scale", "client=3")
+    assert result.returncode == 0, result.stdout[-4000:]
+    rounds = history(p, tmp_path)
+    # Flower samples max(int(3 x 0.5), MIN_FIT_CLIENTS=1) = 1 client per round
+    assert [(r["round"], r["clients_trained"]) for r in rounds] == [(1, 1), (2, 1)]
+    assert "round 2/2: 1 trained, 0 failed" in p.logs("server")
+
+
+def test_a_replica_beyond_the_shards_fails_clearly_and_the_others_finish(project, tmp_path: Path) -> None:
+    p = project(NUM_ROUNDS="3")
+    p.up("--scale", "client=4")
+    assert p.exit_codes("server") == [0], p.logs("server")
+    assert sorted(p.exit_codes("client")) == [0, 0, 0, 3]
+    failed = next(c for c in p.containers() if c["Service"] == "client" and int(c["ExitCode"]) == 3)
+    assert docker("inspect", "-f", "{{.RestartCount}}", failed["Name"]).stdout.strip() == "0"
+    log = docker("logs", failed["Name"]).stderr
+    assert "flowerpot client: error: all 3 shards in DATA_DIR=/data are claimed by other clients" in log
+    assert "Traceback" not in log
+    assert [r["clients_trained"] for r in history(p, tmp_path)] == [3, 3, 3]
+
+
+def test_a_second_up_trains_again_and_the_outcome_form_returns_its_status(project, tmp_path: Path) -> None:
+    p = project(NUM_ROUNDS="2")
+    first, _ = p.up("--scale", "client=3")
+    assert first.returncode == 0 and p.exit_codes("server") == [0]
+    assert p.compose("up", "-d", "--scale", "client=3").returncode == 0
+    waited = p.compose("wait", "server", timeout=300)
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert p.logs("prepare").count("nothing to do") >= 1  # the shards of the first run were kept
+    assert p.logs("server").count("finished 2 rounds") == 2
+    assert p.exit_codes("client") == [0, 0, 0]
+
+
+def test_the_outcome_form_returns_the_servers_failure(project) -> None:
+    p = project(MIN_AVAILABLE_CLIENTS="4", START_TIMEOUT="5")
+    assert p.compose("up", "-d", "--scale", "client=3").returncode == 0
+    waited = p.compose("wait", "server", timeout=300)
+    assert waited.returncode == 6
+    assert "only 3 of MIN_AVAILABLE_CLIENTS=4 clients connected within START_TIMEOUT=5 s" in p.logs("server")
+
+
+def test_images_run_as_non_root_and_the_server_has_no_torch() -> None:
+    for image in ("flowerpot-server", "flowerpot-client"):
+        assert docker("run", "--rm", "--entrypoint", "id", image, "-u").stdout.strip() == "10001"
+    no_torch = docker("run", "--rm", "--entrypoint", "python", "flowerpot-server", "-c", "import torch", check=False)
+    assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
+    listing = docker("run", "--rm", "--entrypoint", "ls", "flowerpot-server", "/app/shared", "/app").stdout
+    assert "model.py" not in listing and "client" not in listing
+    telemetry = docker("run", "--rm", "--entrypoint", "printenv", "flowerpot-client", "FLWR_TELEMETRY_ENABLED").stdout
+    assert telemetry.strip() == "0"
+
+
+KILL_THE_CLIENT = (
+    "import os, signal\n"
+    "for pid in set(filter(str.isdigit, os.listdir('/proc'))) - {str(os.getpid())}:\n"
+    "    if b'--restarts' in open(f'/proc/{pid}/cmdline', 'rb').read():\n"
+    "        os.kill(int(pid), signal.SIGKILL); print('killed', pid)\n"
+)
+
+
+def test_a_crashed_client_comes_back_and_the_run_completes(project, tmp_path: Path) -> None:
+    p = project(NUM_ROUNDS="8", LOCAL_EPOCHS="20")
+    assert p.compose("up", "-d", "--scale", "client=3").returncode == 0
+    deadline = time.monotonic() + 120
+    while "round 2/8" not in p.logs("server"):
+        assert time.monotonic() < deadline, p.logs("server")
+        time.sleep(0.5)
+    victim = next(c["Name"] for c in p.containers() if c["Service"] == "client")
+    killed = docker("exec", victim, "python", "-c", KILL_THE_CLIENT)
+    assert "killed" in killed.stdout  # the training process inside, not the container
+    assert p.compose("wait", "server", timeout=300).returncode == 0, p.logs("server")
+    assert p.exit_codes("client") == [0, 0, 0]
+    log = docker("logs", victim).stderr
+    assert "client crashed (killed by SIGKILL); restarting it (1 of 3)" in log
+    assert log.count("claimed shard_") == 2
+    rounds = history(p, tmp_path)
+    assert rounds[-1]["clients_evaluated"] == 3  # the restarted client is back for the end
