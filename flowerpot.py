@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from shared.errors import ExitCode, FlowerpotError
+from shared.errors import BadInput, ExitCode, FlowerpotError
 from shared.logs import prepare_flower_environment, setup_logging
 from shared.settings import Settings
 
@@ -60,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--show", type=int, default=10, help="with --test-split, how many single predictions to print")
     predict.add_argument("--json", action="store_true", help="print JSON")
+
+    certs = sub.add_parser("certs", help="create a CA, the server's certificate and client credentials in CERTS_DIR")
+    certs.add_argument(
+        "--client", action="append", default=[], metavar="NAME", help="issue credentials for client NAME (repeatable)"
+    )
+    certs.add_argument("--renew", action="store_true", help="re-issue the server's and the named clients' certificates")
+    certs.add_argument(
+        "--owner",
+        default=None,
+        metavar="UID:GID",
+        help="give the files to this user, e.g. 10001:10001 for the containers",
+    )
 
     local = sub.add_parser("run-local", help="prepare, then run the server and N clients as local processes")
     local.add_argument("--clients", type=int, default=None, help="number of clients (default: NUM_SHARDS)")
@@ -116,11 +128,32 @@ def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> 
             as_json=args.json,
             show=args.show,
         )
+    elif args.command == "certs":
+        from shared.certs import make_certs
+
+        written = make_certs(
+            settings.certs_dir,
+            args.client or [settings.client_name or "client"],
+            extra_hosts=tuple(h.strip() for h in settings.cert_hosts.split(",") if h.strip()),
+            owner=_owner(args.owner),
+            renew=args.renew,
+        )
+        print("\n".join(str(p) for p in written) or f"{settings.certs_dir}: nothing to do")
     elif args.command == "run-local":
         from shared.local_run import run_local
 
         return run_local(settings, args.clients or settings.num_shards, env_file)
     return ExitCode.OK
+
+
+def _owner(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        uid, _, gid = text.partition(":")
+        return int(uid), int(gid or uid)
+    except ValueError:
+        raise BadInput(f"--owner {text!r}: use UID:GID, e.g. 10001:10001") from None
 
 
 def _with_env_file(argv: list[str], env_file: Path | None) -> list[str]:

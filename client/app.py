@@ -9,16 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from flwr.compat.client.numpy_client import NumPyClient
 
 from client import task, wiring
 from client.claim import claim_shard
+from shared.certs import Credential, join_proof
 from shared.errors import BadInput
 from shared.logs import tame_flower
 from shared.model import build_model, get_weights, set_weights
 from shared.modelfile import save_model
 from shared.settings import Settings
 from shared.shards import Shard, load_shard
+from shared.tls_files import bundle, check_pair, read_pem
 
 log = logging.getLogger("flowerpot.client")
 
@@ -129,6 +133,25 @@ def run_client(settings: Settings) -> None:
             name=client_name(settings),
             max_message_bytes=settings.max_message_bytes,
             connect_timeout=settings.connect_timeout,
+            **tls_options(settings),
         )
         wiring.run(client.to_client(), endpoint)
         log.info("the server ended the run; %s is released", shard.name)
+
+
+def tls_options(settings: Settings) -> dict:
+    """The server's CA (TLS_ENABLED) and the proof of this client's certificate (CLIENT_AUTH)."""
+    if not settings.tls_enabled:
+        return {}
+    own = bundle(settings.certs_dir, f"clients/{settings.client_name or 'client'}")
+    ca_folder = own if (own / "ca.pem").is_file() else settings.certs_dir / "ca"
+    options: dict = {"root_certificates": read_pem(ca_folder, "ca.pem")}
+    if settings.client_auth == "certificate":
+        cert_pem, key_pem = read_pem(own, "client.pem"), read_pem(own, "client.key")
+        check_pair(own / "client.pem", cert_pem, key_pem, check_dates=False)  # the server judges dates
+        credential = Credential(
+            key=serialization.load_pem_private_key(key_pem, password=None),
+            cert=x509.load_pem_x509_certificate(cert_pem),
+        )
+        options["proof"] = lambda: join_proof(credential)
+    return options

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from queue import Full, Queue
 
@@ -23,11 +25,11 @@ from flwr.proto.transport_pb2 import ClientMessage, Reason, ServerMessage
 from flwr.proto.transport_pb2_grpc import FlowerServiceStub
 
 from shared.errors import Refused, Unreachable
+from shared.metadata import CLIENT_NAME_KEY, PROOF_KEYS
 
 log = logging.getLogger("flowerpot.client")
 
-CLIENT_NAME_KEY = "flowerpot-client"  # gRPC metadata: the name the client gives itself
-ATTEMPT_SECONDS = 5.0  # how long one attempt waits for the channel to become ready
+ATTEMPT_SECONDS = 10.0  # the longest one attempt waits for the channel to become ready
 MAX_BACKOFF = 5.0
 REFUSAL_CODES = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -67,9 +69,8 @@ class Endpoint:
     name: str
     max_message_bytes: int
     connect_timeout: float
-    root_certificates: bytes | None = None  # TLS when set
-    certificate_chain: bytes | None = None  # client certificate (mutual TLS) when set
-    private_key: bytes | None = None
+    root_certificates: bytes | None = None  # TLS when set: the CA of the server's certificate
+    proof: Callable[[], dict[str, str]] | None = None  # client authentication: a fresh proof per join
 
     @property
     def tls(self) -> bool:
@@ -102,12 +103,13 @@ def run(client: Client, endpoint: Endpoint) -> None:
             handshake_failures += 1
             if handshake_failures >= 2:
                 raise Refused(_handshake_message(endpoint, details))
+            problem = f"it accepts connections, but the handshake failed: {details or 'no gRPC answer'}"
         else:
             handshake_failures = 0
         if time.monotonic() + delay > deadline:
             raise Unreachable(
                 f"the server at SERVER_ADDRESS={endpoint.address} was not reachable within "
-                f"CONNECT_TIMEOUT={endpoint.connect_timeout:g} s ({problem or 'no gRPC answer'}): "
+                f"CONNECT_TIMEOUT={endpoint.connect_timeout:g} s ({problem}): "
                 "start the server first, or check SERVER_ADDRESS and the network"
             )
         log.info(
@@ -127,26 +129,32 @@ def _open_channel(endpoint: Endpoint) -> grpc.Channel:
     ]
     if not endpoint.tls:
         return grpc.insecure_channel(endpoint.address, options=options)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=endpoint.root_certificates,
-        private_key=endpoint.private_key,
-        certificate_chain=endpoint.certificate_chain,
-    )
+    credentials = grpc.ssl_channel_credentials(root_certificates=endpoint.root_certificates)
     return grpc.secure_channel(endpoint.address, credentials, options=options)
 
 
 def _ready(channel: grpc.Channel, timeout: float) -> bool:
+    """Connect; True once the channel is ready, False at its first failure or at the timeout."""
+    settled = threading.Event()
+    state: list[grpc.ChannelConnectivity] = []
+
+    def watch(now: grpc.ChannelConnectivity) -> None:
+        if now in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
+            state.append(now)
+            settled.set()
+
+    channel.subscribe(watch, try_to_connect=True)
     try:
-        grpc.channel_ready_future(channel).result(timeout=timeout)
-        return True
-    except grpc.FutureTimeoutError:
-        return False
+        settled.wait(timeout)
+    finally:
+        channel.unsubscribe(watch)
+    return bool(state) and state[0] == grpc.ChannelConnectivity.READY
 
 
 def _serve(client: Client, channel: grpc.Channel, endpoint: Endpoint) -> bool:
     """Answer instructions on one stream; True when the server ended the run."""
     outbox: Queue[ClientMessage | None] = Queue(maxsize=1)
-    stream = FlowerServiceStub(channel).Join(iter(outbox.get, None), metadata=((CLIENT_NAME_KEY, endpoint.name),))
+    stream = FlowerServiceStub(channel).Join(iter(outbox.get, None), metadata=_metadata(endpoint))
     received = 0
     try:
         for message in stream:
@@ -170,6 +178,15 @@ def _serve(client: Client, channel: grpc.Channel, endpoint: Endpoint) -> bool:
             "it refused this client (at capacity?)"
         )
     return False
+
+
+def _metadata(endpoint: Endpoint) -> tuple[tuple[str, str | bytes], ...]:
+    metadata: list[tuple[str, str | bytes]] = [(CLIENT_NAME_KEY, endpoint.name)]
+    if endpoint.proof is not None:
+        for field, value in endpoint.proof().items():
+            key = PROOF_KEYS[field]
+            metadata.append((key, value.encode() if key.endswith("-bin") else value))
+    return tuple(metadata)
 
 
 def _answer(client: Client, kind: str | None, message: ServerMessage) -> ClientMessage:
@@ -211,7 +228,7 @@ def _handshake_message(endpoint: Endpoint, details: str) -> str:
         return (
             f"TLS handshake with the server at {endpoint.address} failed ({reason}): check that the "
             "server runs with TLS_ENABLED=true, that this client has the CA certificate of the "
-            "server's certificate, and (with CLIENT_AUTH=mtls) a client certificate that CA signed"
+            "server's certificate (the ca.pem of the `flowerpot certs` run that made it)"
         )
     return (
         f"the server at {endpoint.address} accepts connections but the plaintext gRPC handshake "

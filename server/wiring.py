@@ -1,9 +1,9 @@
 """The server's Flower wiring: a gRPC server running Flower's grpc-bidi servicer.
 
 Built from flwr's own pieces (FlowerServiceServicer, GrpcClientProxy, the generated
-add_FlowerServiceServicer_to_server) instead of `start_server`, which cannot require client
-certificates, cannot refuse a client with a reason, and lets gRPC share a busy port
-(SO_REUSEPORT). It is the only server module that knows about gRPC.
+add_FlowerServiceServicer_to_server) instead of `start_server`, which cannot check client
+credentials, cannot refuse a client with a reason (or log who it refused), and lets gRPC share
+a busy port (SO_REUSEPORT). It is the only server module that knows about gRPC.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
+from cryptography import x509
 from flwr.proto.transport_pb2 import ClientMessage, ServerMessage
 from flwr.proto.transport_pb2_grpc import add_FlowerServiceServicer_to_server
 from flwr.server.client_manager import ClientManager
@@ -23,22 +24,21 @@ from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import GrpcBridge, GrpcBr
 from flwr.server.superlink.fleet.grpc_bidi.grpc_client_proxy import GrpcClientProxy
 
 from server.admission import Admission
+from shared.certs import CredentialRefused, check_proof
 from shared.errors import BadInput
+from shared.metadata import CLIENT_NAME_KEY, PROOF_KEYS
 
 log = logging.getLogger("flowerpot.server")
 
-CLIENT_NAME_KEY = "flowerpot-client"  # gRPC metadata the Flowerpot client sends
 KEEPALIVE_MS = 210_000  # Flower's choice: below the idle cut-off of common cloud load balancers
 
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """PEM bytes: the CA, the server's certificate and key; client certificates required or not."""
+    """PEM bytes: the server's certificate and key."""
 
-    ca: bytes
     certificate: bytes
     private_key: bytes
-    require_client_certificate: bool = False
 
 
 class NamedClientProxy(GrpcClientProxy):
@@ -52,10 +52,12 @@ class NamedClientProxy(GrpcClientProxy):
 class AdmittingServicer(FlowerServiceServicer):
     """Flower's servicer, with a say on who joins: refused clients get a gRPC status and a reason."""
 
-    def __init__(self, client_manager: ClientManager, admission: Admission) -> None:
+    def __init__(
+        self, client_manager: ClientManager, admission: Admission, client_ca: x509.Certificate | None = None
+    ) -> None:
         self._joining = threading.local()
         super().__init__(client_manager, grpc_client_proxy_factory=self._new_proxy)
-        self.admission = admission
+        self.admission, self.client_ca = admission, client_ca
 
     def _new_proxy(self, cid: str, bridge: GrpcBridge) -> GrpcClientProxy:
         # Called by Flower's Join in the same thread, right after our Join set the name.
@@ -65,6 +67,14 @@ class AdmittingServicer(FlowerServiceServicer):
         self, request_iterator: Iterator[ClientMessage], context: grpc.ServicerContext
     ) -> Iterator[ServerMessage]:
         name, who = identify(context)
+        if self.client_ca is not None:  # CLIENT_AUTH=certificate: the name is the certificate's
+            try:
+                name = check_proof(_proof(context), self.client_ca)
+            except CredentialRefused as refused:
+                _refuse(
+                    context, f"{refused.who} from {context.peer()}", grpc.StatusCode.UNAUTHENTICATED, refused.reason
+                )
+            who = f"{name} (certificate, {context.peer()})"
         refusal = self.admission.not_allowed(name)
         if refusal is not None:
             _refuse(context, who, grpc.StatusCode.PERMISSION_DENIED, refusal)
@@ -91,16 +101,19 @@ def _left(admission: Admission, who: str) -> None:
 
 
 def identify(context: grpc.ServicerContext) -> tuple[str, str]:
-    """The client's name (its certificate's common name under mutual TLS, else the name it
-    gives) and a description for logs."""
-    auth = context.auth_context()
-    common_name = auth.get("x509_common_name")
-    if common_name:
-        name = common_name[0].decode()
-        return name, f"{name} (certificate, {context.peer()})"
+    """The name the client gives itself, and a description for logs."""
     given = dict(context.invocation_metadata() or ()).get(CLIENT_NAME_KEY, "")
     name = str(given) or context.peer()
     return name, f"{name} ({context.peer()})"
+
+
+def _proof(context: grpc.ServicerContext) -> dict[str, str]:
+    metadata = dict(context.invocation_metadata() or ())
+    return {
+        field: value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+        for field, key in PROOF_KEYS.items()
+        if (value := metadata.get(key)) is not None
+    }
 
 
 def start_grpc_server(
@@ -109,6 +122,7 @@ def start_grpc_server(
     address: str,
     max_message_bytes: int,
     tls: TlsFiles | None = None,
+    client_ca: x509.Certificate | None = None,
 ) -> grpc.Server:
     """Bind and start; BadInput when the address cannot be bound (e.g. the port is in use)."""
     options = [
@@ -121,16 +135,12 @@ def start_grpc_server(
     # Every connected client holds one worker for its stream; refused ones only briefly.
     workers = admission.capacity + 16
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=workers), options=options)
-    add_FlowerServiceServicer_to_server(AdmittingServicer(client_manager, admission), server)
+    add_FlowerServiceServicer_to_server(AdmittingServicer(client_manager, admission, client_ca), server)
     try:
         if tls is None:
             port = server.add_insecure_port(address)
         else:
-            credentials = grpc.ssl_server_credentials(
-                [(tls.private_key, tls.certificate)],
-                root_certificates=tls.ca,
-                require_client_auth=tls.require_client_certificate,
-            )
+            credentials = grpc.ssl_server_credentials([(tls.private_key, tls.certificate)])
             port = server.add_secure_port(address, credentials)
     except RuntimeError:
         port = 0
@@ -140,5 +150,6 @@ def start_grpc_server(
             "is not on this machine): stop what uses it or choose another port"
         )
     server.start()
-    log.info("listening on %s (%s)", address, "TLS" if tls else "plaintext")
+    security = "plaintext" if tls is None else "TLS" + (", client certificates required" if client_ca else "")
+    log.info("listening on %s (%s)", address, security)
     return server

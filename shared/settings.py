@@ -30,7 +30,7 @@ Strategy = Literal[
 Dataset = Literal["digits", "mnist", "fashion-mnist", "cifar10", "folder"]
 Partition = Literal["iid", "dirichlet", "pathological"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
-ClientAuth = Literal["none", "mtls"]
+ClientAuth = Literal["none", "certificate"]
 
 
 _HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})")

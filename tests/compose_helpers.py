@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -16,8 +17,12 @@ from conftest import REPO
 COMPOSE_FILE = REPO / "docker-compose.yml"
 
 
-def docker(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+def docker(
+    *args: str, timeout: float = 600, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        ["docker", *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"docker {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
@@ -38,13 +43,19 @@ class Project:
     """One Compose project. With `directory`, its .env (and relative paths) come from there;
     the images must then already be built (see the session fixture)."""
 
-    def __init__(self, directory: Path | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path | None = None,
+        files: tuple[Path, ...] = (COMPOSE_FILE,),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = f"fpt-{uuid.uuid4().hex[:8]}"
-        self.directory = directory
+        self.directory, self.files, self.env = directory, files, env or {}
 
     def compose(self, *args: str, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess[str]:
         where = ["--project-directory", str(self.directory)] if self.directory else []
-        return docker("compose", "-f", str(COMPOSE_FILE), *where, "-p", self.name, *args, timeout=timeout, check=check)
+        files = [arg for f in self.files for arg in ("-f", str(f))]
+        return docker("compose", *files, *where, "-p", self.name, *args, timeout=timeout, check=check, env=self.env)
 
     def up(self, *args: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess[str], float]:
         started = time.monotonic()

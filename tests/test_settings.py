@@ -46,7 +46,7 @@ BAD_VALUES = [
     ({"MIN_AVAILABLE_CLIENTS": "11"}, "MIN_AVAILABLE_CLIENTS=11 is above MAX_CLIENTS=10", "raise MAX_CLIENTS"),
     ({"DATASET": "folder"}, "DATASET=folder needs FOLDER_PATH", "FOLDER_PATH"),
     ({"SHARD_ID": "3"}, "SHARD_ID=3 is not below NUM_SHARDS=3", "SHARD_ID"),
-    ({"CLIENT_AUTH": "mtls"}, "CLIENT_AUTH=mtls needs TLS_ENABLED=true", "TLS_ENABLED=true"),
+    ({"CLIENT_AUTH": "certificate"}, "CLIENT_AUTH=certificate needs TLS_ENABLED=true", "TLS_ENABLED=true"),
 ]
 
 
