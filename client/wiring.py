@@ -24,7 +24,7 @@ from flwr.compat.client.client import Client
 from flwr.proto.transport_pb2 import ClientMessage, Reason, ServerMessage
 from flwr.proto.transport_pb2_grpc import FlowerServiceStub
 
-from shared.errors import Refused, Unreachable
+from shared.errors import BadInput, Refused, Unreachable
 from shared.metadata import CLIENT_NAME_KEY, PROOF_KEYS
 
 log = logging.getLogger("flowerpot.client")
@@ -165,6 +165,11 @@ def _serve(client: Client, channel: grpc.Channel, endpoint: Endpoint) -> bool:
                 return True
             outbox.put(_answer(client, kind, message))
     except grpc.RpcError as err:
+        if "larger than max" in (err.details() or ""):
+            raise BadInput(
+                f"a message between this client and the server is larger than MAX_MESSAGE_MB allows "
+                f"({err.details()}): set the same, larger MAX_MESSAGE_MB on the server and the clients"
+            ) from None
         if err.code() in REFUSAL_CODES:
             raise Refused(f"the server at {endpoint.address} refused this client: {err.details()}") from None
         log.debug("stream ended: %s %s", err.code(), err.details())

@@ -12,18 +12,26 @@ import time
 from typing import Any
 
 import numpy as np
-from flwr.common import Code, GetParametersIns, Parameters, parameters_to_ndarrays
+from flwr.common import Code, GetParametersIns, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import Server
 
 from server.admission import BoundedClientManager
-from server.results import Results
-from server.strategies import GuardedStrategy, build_strategy, client_label
+from server.results import Checkpoint, Results
+from server.strategies import GuardedStrategy, build_strategy, client_label, restore_strategy_state, strategy_state
 from shared.errors import ClientsTimeout
 from shared.settings import Settings
 
 log = logging.getLogger("flowerpot.server")
 
 DISCONNECT_TIMEOUT = 10.0
+# The settings that make a run what it is: a checkpoint is resumed only when they all match.
+RUN_SETTINGS = (
+    "num_rounds", "strategy", "fraction_fit", "fraction_evaluate", "min_fit_clients", "min_evaluate_clients",
+    "min_available_clients", "proximal_mu", "server_learning_rate", "server_momentum", "beta_1", "beta_2", "tau",
+    "trim_fraction", "krum_malicious_clients", "krum_clients_to_keep", "local_epochs", "batch_size",
+    "learning_rate", "dataset", "folder_path", "image_size", "image_channels", "partition", "dirichlet_alpha",
+    "labels_per_client", "num_shards", "min_shard_size", "test_fraction", "max_examples", "seed",
+)  # fmt: skip
 INITIAL_PARAMETER_TRIES = 3
 
 
@@ -36,24 +44,39 @@ class Federation:
         s = self.settings
         server = Server(client_manager=self.client_manager)
         try:
+            resumed = self.resumable()
             self.wait_for_start()
-            initial = self.initial_parameters()
+            initial = ndarrays_to_parameters(resumed.parameters) if resumed else self.initial_parameters()
             strategy = build_strategy(s, initial)
             server.set_strategy(strategy)
             server.parameters = initial
-            log.info(
-                "starting %d rounds of %s with %d clients",
-                s.num_rounds,
-                s.strategy,
-                self.client_manager.num_available(),
-            )
-            for server_round in range(1, s.num_rounds + 1):
+            first = 1
+            if resumed:
+                restore_strategy_state(strategy, resumed.strategy_state)
+                self.history, first = resumed.history, resumed.round + 1
+                log.info("resuming the unfinished run at round %d of %d", first, s.num_rounds)
+            else:
+                log.info(
+                    "starting %d rounds of %s with %d clients",
+                    s.num_rounds,
+                    s.strategy,
+                    self.client_manager.num_available(),
+                )
+            for server_round in range(first, s.num_rounds + 1):
                 record = self.play_round(server, strategy, server_round)
                 self.history.append(record)
                 log.info(round_line(record, s.num_rounds))
-                self.results.save_round(parameters_to_ndarrays(server.parameters), self.model_meta(record))
+                arrays = parameters_to_ndarrays(server.parameters)
+                checkpoint = Checkpoint(
+                    self.fingerprint,
+                    server_round,
+                    server_round == s.num_rounds,
+                    arrays,
+                    strategy_state(strategy),
+                    self.history,
+                )
+                self.results.save_round(checkpoint, self.model_meta(record))
             final = self.history[-1]
-            self.results.finish(parameters_to_ndarrays(server.parameters), self.model_meta(final), self.history)
             log.info(
                 "finished %d rounds: final accuracy %s, loss %s over %d clients; results in %s",
                 s.num_rounds, _fmt(final["eval_accuracy"]), _fmt(final["eval_loss"]),
@@ -62,6 +85,24 @@ class Federation:
         finally:  # also when the run fails: connected clients are told to go, not left waiting
             server.disconnect_all_clients(timeout=DISCONNECT_TIMEOUT)
         return self.history
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return self.settings.fingerprint(RUN_SETTINGS)
+
+    def resumable(self) -> Checkpoint | None:
+        """The checkpoint of an unfinished run with the same settings; otherwise a new run starts
+        and the results of the earlier one are moved aside."""
+        checkpoint = self.results.load_checkpoint()
+        if checkpoint is not None and not checkpoint.finished and checkpoint.run == self.fingerprint:
+            return checkpoint
+        if checkpoint is not None and not checkpoint.finished:
+            changed = sorted(k.upper() for k in self.fingerprint if checkpoint.run.get(k) != self.fingerprint[k])
+            log.warning(
+                "not resuming the unfinished run in %s: settings changed (%s)", self.results.folder, ", ".join(changed)
+            )
+        self.results.archive_previous()
+        return None
 
     def wait_for_start(self) -> None:
         s = self.settings
@@ -80,7 +121,9 @@ class Federation:
             try:
                 res = proxy.get_parameters(GetParametersIns(config={}), timeout=self.settings.round_timeout, group_id=0)
             except Exception as exc:  # the client went away: ask another
-                log.warning("client %s gave no initial parameters (%s)", client_label(proxy), exc.__class__.__name__)
+                reason = f"{exc.__class__.__name__}: it left, or its message was larger than MAX_MESSAGE_MB"
+                log.warning("client %s gave no initial parameters (%s=%d allows)", client_label(proxy), reason,
+                            self.settings.max_message_mb)  # fmt: skip
                 continue
             arrays = parameters_to_ndarrays(res.parameters) if res.status.code == Code.OK else []
             if arrays and all(np.isfinite(a).all() for a in arrays):

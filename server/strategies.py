@@ -13,6 +13,7 @@ from flwr.common import (
     FitRes,
     Parameters,
     Scalar,
+    ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
 from flwr.server import strategy as flwr_strategies
@@ -94,6 +95,7 @@ class GuardedStrategy(Strategy):
       examples are refused, logged, and counted as failures; the round aggregates the rest.
     - The last round evaluates on every connected client, so the final accuracy covers all
       shards and every client receives (and keeps) the final global model.
+    - Results are aggregated in a stable order, so that runs with the same SEED agree.
     """
 
     def __init__(self, inner: Strategy, initial: Parameters, num_rounds: int) -> None:
@@ -126,7 +128,17 @@ class GuardedStrategy(Strategy):
                 log.warning("round %d: refused the update of client %s: %s", server_round, client_label(proxy), problem)
         if not sound:
             return None, {}
-        return self.inner.aggregate_fit(server_round, sound, [*failures, *self.refused_as_failures()])
+        sound.sort(key=_stable_order)
+        parameters, metrics = self.inner.aggregate_fit(server_round, sound, [*failures, *self.refused_as_failures()])
+        return (self.as_reference_dtypes(parameters) if parameters is not None else None), metrics
+
+    def as_reference_dtypes(self, parameters: Parameters) -> Parameters:
+        """Server optimisers (FedAdam's float64 step size) can widen the dtypes; the global model
+        keeps the clients' own (half the bytes on the wire, and the same model files)."""
+        arrays = parameters_to_ndarrays(parameters)
+        if all(a.dtype == dtype for a, (_, dtype) in zip(arrays, self.reference)):
+            return parameters
+        return ndarrays_to_parameters([a.astype(dtype) for a, (_, dtype) in zip(arrays, self.reference)])
 
     def refused_as_failures(self) -> list[BaseException]:
         return [ValueError(problem) for _, problem in self.refused]
@@ -163,11 +175,35 @@ class GuardedStrategy(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        return self.inner.aggregate_evaluate(server_round, results, failures)
+        return self.inner.aggregate_evaluate(server_round, sorted(results, key=_stable_order), failures)
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         return self.inner.evaluate(server_round, parameters)
 
 
+def _stable_order(result: tuple[ClientProxy, FitRes | EvaluateRes]) -> tuple[str, str]:
+    """Results arrive in any order, and float sums depend on it: sorting by shard (which
+    Flowerpot clients report) makes a rerun, or a resumed run, aggregate exactly the same."""
+    proxy, res = result
+    return str(res.metrics.get("shard", "")), proxy.cid
+
+
 def client_label(proxy: ClientProxy) -> str:
     return getattr(proxy, "name", None) or proxy.cid[:8]
+
+
+# Server-side optimiser state that lives in the Flower strategy between rounds: FedAdam, FedYogi
+# and FedAdagrad keep moments (m_t, v_t) and their own full-precision weights, FedAvgM its
+# momentum (its weights come back through `initial` when the strategy is built from a checkpoint).
+STATE_ATTRIBUTES = ("current_weights", "m_t", "v_t", "momentum_vector")
+
+
+def strategy_state(strategy: GuardedStrategy) -> dict[str, list[np.ndarray]]:
+    state = {name: getattr(strategy.inner, name, None) for name in STATE_ATTRIBUTES}
+    return {name: [np.asarray(a) for a in value] for name, value in state.items() if value is not None}
+
+
+def restore_strategy_state(strategy: GuardedStrategy, state: dict[str, list[np.ndarray]]) -> None:
+    for name, arrays in state.items():
+        if name in STATE_ATTRIBUTES and hasattr(strategy.inner, name):
+            setattr(strategy.inner, name, [a.copy() for a in arrays])

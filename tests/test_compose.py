@@ -168,3 +168,16 @@ def test_a_crashed_client_comes_back_and_the_run_completes(project, tmp_path: Pa
     assert log.count("claimed shard_") == 2
     rounds = history(p, tmp_path)
     assert rounds[-1]["clients_evaluated"] == 3  # the restarted client is back for the end
+
+
+def test_a_replica_beyond_max_clients_is_refused_once(project, tmp_path: Path) -> None:
+    p = project(NUM_ROUNDS="3", NUM_SHARDS="4", MAX_CLIENTS="3", LOCAL_EPOCHS="10")
+    p.up("--scale", "client=4")
+    assert p.exit_codes("server") == [0], p.logs("server")
+    assert sorted(p.exit_codes("client")) == [0, 0, 0, 4]
+    refused = next(c for c in p.containers() if c["Service"] == "client" and int(c["ExitCode"]) == 4)
+    assert docker("inspect", "-f", "{{.RestartCount}}", refused["Name"]).stdout.strip() == "0"
+    log = docker("logs", refused["Name"]).stderr
+    assert log.count("error: the server at server:8080 refused this client: the server is full: MAX_CLIENTS=3") == 1
+    assert "restarting" not in log
+    assert "refused client" in p.logs("server")
