@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="give the files to this user, e.g. 10001:10001 for the containers",
     )
 
+    bench = sub.add_parser("bench", help="measure accuracy, overhead against bare Flower, scale and deployment cost")
+    bench.add_argument(
+        "--out", type=Path, default=Path("bench-results"), help="folder for results.json, report.md, plots"
+    )
+    bench.add_argument("--quick", action="store_true", help="a small version of every measurement (about a minute)")
+    bench.add_argument("--no-compose", action="store_true", help="skip the Docker Compose measurements")
+    bench.add_argument("--docs", type=Path, default=None, help="also write the report there (e.g. docs/benchmarks.md)")
+
     local = sub.add_parser("run-local", help="prepare, then run the server and N clients as local processes")
     local.add_argument("--clients", type=int, default=None, help="number of clients (default: NUM_SHARDS)")
     return parser
@@ -139,6 +147,12 @@ def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> 
             renew=args.renew,
         )
         print("\n".join(str(p) for p in written) or f"{settings.certs_dir}: nothing to do")
+    elif args.command == "bench":
+        from bench.main import run as run_bench
+
+        command = "flowerpot " + " ".join(sys.argv[1:])
+        report = run_bench(args.out, quick=args.quick, compose=not args.no_compose, command=command, docs=args.docs)
+        print(f"benchmark report: {report}")
     elif args.command == "run-local":
         from shared.local_run import run_local
 

@@ -9,7 +9,7 @@ from cryptography import x509
 from server.admission import Admission, BoundedClientManager
 from server.results import Results
 from server.rounds import Federation
-from server.wiring import TlsFiles, start_grpc_server
+from server.wiring import TlsFiles, Traffic, start_grpc_server
 from shared.logs import tame_flower
 from shared.settings import Settings
 from shared.tls_files import bundle, check_pair, load_certificate, read_pem
@@ -23,11 +23,12 @@ def run_server(settings: Settings) -> None:
     client_manager = BoundedClientManager(wait_timeout=settings.rejoin_timeout)
     admission = Admission(settings.max_clients, settings.allowed_client_names)
     tls, client_ca = load_tls(settings)
+    traffic = Traffic()
     grpc_server = start_grpc_server(
-        client_manager, admission, settings.server_listen_address, settings.max_message_bytes, tls, client_ca
+        client_manager, admission, traffic, settings.server_listen_address, settings.max_message_bytes, tls, client_ca
     )
     try:
-        Federation(settings, client_manager, results).run()
+        Federation(settings, client_manager, results, traffic).run()
     finally:
         grpc_server.stop(grace=1)
 

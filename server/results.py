@@ -11,14 +11,16 @@ import os
 import shutil
 import time
 import zipfile
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.common import Parameters, ndarrays_to_parameters
 
 from shared.errors import BadInput
-from shared.modelfile import save_model, write_json
+from shared.modelfile import save_model, to_npy, write_json, write_npz
 
 log = logging.getLogger("flowerpot.server")
 
@@ -40,6 +42,8 @@ CSV_COLUMNS = (
     "eval_loss",
     "eval_accuracy",
     "seconds",
+    "bytes_sent",
+    "bytes_received",
 )
 
 
@@ -50,7 +54,7 @@ class Checkpoint:
     run: dict[str, Any]  # the settings that define the run; another value means another run
     round: int
     finished: bool
-    parameters: list[np.ndarray]
+    parameters: Parameters  # Flower's: .npy bytes per array
     strategy_state: dict[str, list[np.ndarray]] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -64,41 +68,62 @@ class Results:
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            hint = (
-                "free some disk space"
-                if exc.errno == errno.ENOSPC
-                else "make it writable for this user or choose another RESULTS_DIR"
-            )
-            raise BadInput(f"RESULTS_DIR={folder} cannot be written ({reason}): {hint}") from None
+            raise _unwritable(folder, exc) from None
+        # Each round's files are written by one background thread, in order, while the next
+        # round runs: they cost the round nothing. `flush` waits for them and raises their errors.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="results")
+        self._writes: list[Future[None]] = []
 
     def save_round(self, checkpoint: Checkpoint, meta: dict[str, Any]) -> None:
         """After every round: the global model, the history so far, the checkpoint; after the
-        last one also the final model and the plot."""
-        save_model(self.folder / GLOBAL_MODEL, checkpoint.parameters, meta)
+        last one also the final model and the plot (that one is waited for)."""
+        self._raise_failures()
+        snapshot = replace(checkpoint, history=list(checkpoint.history))
+        self._writes.append(self._writer.submit(self._write_round, snapshot, meta))
+        if checkpoint.finished:
+            self.flush()
+
+    def flush(self) -> None:
+        """Wait for the writes in flight; BadInput if one failed."""
+        for write in self._writes:
+            write.result()
+        self._writes.clear()
+
+    def _raise_failures(self) -> None:
+        for write in [w for w in self._writes if w.done()]:
+            write.result()
+            self._writes.remove(write)
+
+    def _write_round(self, checkpoint: Checkpoint, meta: dict[str, Any]) -> None:
+        try:
+            self._write_files(checkpoint, meta)
+        except OSError as exc:
+            raise _unwritable(self.folder, exc) from None
+
+    def _write_files(self, checkpoint: Checkpoint, meta: dict[str, Any]) -> None:
+        tensors = checkpoint.parameters.tensors
+        save_model(self.folder / GLOBAL_MODEL, tensors, meta)
         self.write_history(checkpoint.history)
         if checkpoint.finished:
-            save_model(self.folder / FINAL_MODEL, checkpoint.parameters, meta)
+            save_model(self.folder / FINAL_MODEL, tensors, meta)
             self.plot(checkpoint.history)
         self.save_checkpoint(checkpoint)
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         """One file, replaced atomically: a crash leaves the previous round's checkpoint whole."""
-        arrays = {f"param_{i}": a for i, a in enumerate(checkpoint.parameters)}
+        entries = {f"param_{i}": t for i, t in enumerate(checkpoint.parameters.tensors)}
         for name, values in checkpoint.strategy_state.items():
-            arrays.update({f"state_{name}_{i}": a for i, a in enumerate(values)})
+            entries.update({f"state_{name}_{i}": to_npy(a) for i, a in enumerate(values)})
         meta = {
             "run": checkpoint.run,
             "round": checkpoint.round,
             "finished": checkpoint.finished,
-            "parameters": len(checkpoint.parameters),
+            "parameters": len(checkpoint.parameters.tensors),
             "strategy_state": {name: len(values) for name, values in checkpoint.strategy_state.items()},
             "history": checkpoint.history,
         }
-        tmp = self.folder / f".{CHECKPOINT}.tmp"
-        with open(tmp, "wb") as fh:
-            np.savez(fh, meta=np.array(json.dumps(meta, default=str)), **arrays)
-        os.replace(tmp, self.folder / CHECKPOINT)
+        entries["meta"] = to_npy(np.array(json.dumps(meta, default=str)))
+        write_npz(self.folder / CHECKPOINT, entries)
 
     def load_checkpoint(self) -> Checkpoint | None:
         path = self.folder / CHECKPOINT
@@ -112,7 +137,9 @@ class Results:
         except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as exc:
             log.warning("%s cannot be read (%s): not resuming from it", path, exc.__class__.__name__)
             return None
-        return Checkpoint(meta["run"], meta["round"], meta["finished"], parameters, state, meta["history"])
+        return Checkpoint(
+            meta["run"], meta["round"], meta["finished"], ndarrays_to_parameters(parameters), state, meta["history"]
+        )
 
     def archive_previous(self) -> Path | None:
         """Move an earlier run's results to previous/<time>/, so that a new run loses nothing."""
@@ -157,6 +184,12 @@ class Results:
         fig.tight_layout()
         fig.savefig(self.folder / HISTORY_PLOT, dpi=100)
         plt.close(fig)
+
+
+def _unwritable(folder: Path, exc: OSError) -> BadInput:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    hint = "free some disk space" if exc.errno == errno.ENOSPC else "make it writable or choose another RESULTS_DIR"
+    return BadInput(f"RESULTS_DIR={folder} cannot be written ({reason}): {hint}")
 
 
 def _series(history: list[dict[str, Any]], key: str) -> list[float]:

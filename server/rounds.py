@@ -12,12 +12,13 @@ import time
 from typing import Any
 
 import numpy as np
-from flwr.common import Code, GetParametersIns, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, GetParametersIns, Parameters, parameters_to_ndarrays
 from flwr.server import Server
 
 from server.admission import BoundedClientManager
 from server.results import Checkpoint, Results
 from server.strategies import GuardedStrategy, build_strategy, client_label, restore_strategy_state, strategy_state
+from server.wiring import Traffic
 from shared.errors import ClientsTimeout
 from shared.settings import Settings
 
@@ -36,8 +37,10 @@ INITIAL_PARAMETER_TRIES = 3
 
 
 class Federation:
-    def __init__(self, settings: Settings, client_manager: BoundedClientManager, results: Results) -> None:
-        self.settings, self.client_manager, self.results = settings, client_manager, results
+    def __init__(
+        self, settings: Settings, client_manager: BoundedClientManager, results: Results, traffic: Traffic
+    ) -> None:
+        self.settings, self.client_manager, self.results, self.traffic = settings, client_manager, results, traffic
         self.history: list[dict[str, Any]] = []
 
     def run(self) -> list[dict[str, Any]]:
@@ -46,7 +49,7 @@ class Federation:
         try:
             resumed = self.resumable()
             self.wait_for_start()
-            initial = ndarrays_to_parameters(resumed.parameters) if resumed else self.initial_parameters()
+            initial = resumed.parameters if resumed else self.initial_parameters()
             strategy = build_strategy(s, initial)
             server.set_strategy(strategy)
             server.parameters = initial
@@ -66,14 +69,10 @@ class Federation:
                 record = self.play_round(server, strategy, server_round)
                 self.history.append(record)
                 log.info(round_line(record, s.num_rounds))
-                arrays = parameters_to_ndarrays(server.parameters)
+                finished = server_round == s.num_rounds
+                state = strategy_state(strategy)
                 checkpoint = Checkpoint(
-                    self.fingerprint,
-                    server_round,
-                    server_round == s.num_rounds,
-                    arrays,
-                    strategy_state(strategy),
-                    self.history,
+                    self.fingerprint, server_round, finished, server.parameters, state, self.history
                 )
                 self.results.save_round(checkpoint, self.model_meta(record))
             final = self.history[-1]
@@ -84,6 +83,7 @@ class Federation:
             )  # fmt: skip
         finally:  # also when the run fails: connected clients are told to go, not left waiting
             server.disconnect_all_clients(timeout=DISCONNECT_TIMEOUT)
+            self.results.flush()
         return self.history
 
     @property
@@ -140,7 +140,8 @@ class Federation:
         )
 
     def play_round(self, server: Server, strategy: GuardedStrategy, server_round: int) -> dict[str, Any]:
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
+        self.traffic.take()
         strategy.refused = []
         fit = server.fit_round(server_round=server_round, timeout=self.settings.round_timeout)
         fit_seconds = time.perf_counter() - started
@@ -156,6 +157,7 @@ class Federation:
         if evaluation is not None:
             eval_loss, eval_metrics, (eval_results, eval_failures) = evaluation
         refused = len(strategy.refused)
+        sent, received = self.traffic.take()
         return {
             "round": server_round,
             "clients_trained": len(fit_results) - refused,
@@ -169,6 +171,10 @@ class Federation:
             "eval_accuracy": eval_metrics.get("accuracy"),
             "seconds": time.perf_counter() - started,
             "fit_seconds": fit_seconds,
+            "started_at": started_at,
+            "bytes_sent": sent,
+            "bytes_received": received,
+            "model_bytes": sum(len(t) for t in server.parameters.tensors),
             "fit_metrics": fit_metrics,
             "eval_metrics": eval_metrics,
             "clients": [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,6 @@ from flwr.common import (
     Parameters,
     Scalar,
     ndarrays_to_parameters,
-    parameters_to_ndarrays,
 )
 from flwr.server import strategy as flwr_strategies
 from flwr.server.client_manager import ClientManager
@@ -22,6 +22,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from server.metrics import weighted_average
+from shared.modelfile import npy_view
 from shared.settings import Settings
 
 log = logging.getLogger("flowerpot.server")
@@ -88,6 +89,28 @@ def _given(**knobs: float | None) -> dict[str, float]:
     return {k: v for k, v in knobs.items() if v is not None}
 
 
+@dataclass(frozen=True)
+class TensorLayout:
+    """The exact .npy header and size of one model array: an update's array fits when its bytes
+    start with the same header and have the same length (no parsing needed, every round)."""
+
+    header: bytes
+    size: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @classmethod
+    def of(cls, tensor: bytes) -> TensorLayout:
+        array = npy_view(tensor)
+        return cls(tensor[: len(tensor) - array.nbytes], len(tensor), array.shape, array.dtype)
+
+    def fits(self, tensor: bytes) -> bool:
+        return len(tensor) == self.size and tensor.startswith(self.header)
+
+    def view(self, tensor: bytes) -> np.ndarray:
+        return np.frombuffer(tensor, dtype=self.dtype, offset=len(self.header))
+
+
 class GuardedStrategy(Strategy):
     """Delegates to a Flower strategy, with two additions.
 
@@ -100,7 +123,7 @@ class GuardedStrategy(Strategy):
 
     def __init__(self, inner: Strategy, initial: Parameters, num_rounds: int) -> None:
         self.inner, self.num_rounds = inner, num_rounds
-        self.reference = [(a.shape, a.dtype) for a in parameters_to_ndarrays(initial)]
+        self.reference = [TensorLayout.of(t) for t in initial.tensors]
         self.refused: list[tuple[ClientProxy, str]] = []  # of the latest round
 
     def __repr__(self) -> str:
@@ -135,10 +158,10 @@ class GuardedStrategy(Strategy):
     def as_reference_dtypes(self, parameters: Parameters) -> Parameters:
         """Server optimisers (FedAdam's float64 step size) can widen the dtypes; the global model
         keeps the clients' own (half the bytes on the wire, and the same model files)."""
-        arrays = parameters_to_ndarrays(parameters)
-        if all(a.dtype == dtype for a, (_, dtype) in zip(arrays, self.reference)):
+        if all(ref.fits(t) for t, ref in zip(parameters.tensors, self.reference)):
             return parameters
-        return ndarrays_to_parameters([a.astype(dtype) for a, (_, dtype) in zip(arrays, self.reference)])
+        arrays = [npy_view(t) for t in parameters.tensors]
+        return ndarrays_to_parameters([a.astype(ref.dtype) for a, ref in zip(arrays, self.reference)])
 
     def refused_as_failures(self) -> list[BaseException]:
         return [ValueError(problem) for _, problem in self.refused]
@@ -147,16 +170,17 @@ class GuardedStrategy(Strategy):
         """Why a client update cannot be aggregated, or None when it can."""
         if res.num_examples <= 0:
             return f"it claims {res.num_examples} training examples"
-        try:
-            arrays = parameters_to_ndarrays(res.parameters)
-        except Exception as exc:  # any undecodable payload is the client's fault, not ours
-            return f"its parameters cannot be decoded ({exc.__class__.__name__})"
-        if len(arrays) != len(self.reference):
-            return f"it has {len(arrays)} arrays, the model has {len(self.reference)}"
-        for i, (array, (shape, dtype)) in enumerate(zip(arrays, self.reference)):
-            if array.shape != shape or array.dtype != dtype:
-                return f"array {i} is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
-            if not np.isfinite(array).all():
+        tensors = res.parameters.tensors
+        if len(tensors) != len(self.reference):
+            return f"it has {len(tensors)} arrays, the model has {len(self.reference)}"
+        for i, (tensor, ref) in enumerate(zip(tensors, self.reference)):
+            if not ref.fits(tensor):
+                try:
+                    array = npy_view(tensor)
+                except Exception as exc:  # any undecodable payload is the client's fault, not ours
+                    return f"array {i} cannot be decoded ({exc.__class__.__name__})"
+                return f"array {i} is {array.dtype}{list(array.shape)}, expected {ref.dtype}{list(ref.shape)}"
+            if not np.isfinite(ref.view(tensor)).all():
                 return f"array {i} holds NaN or Inf values"
         return None
 

@@ -1,7 +1,7 @@
 """The server's Flower wiring: a gRPC server running Flower's grpc-bidi servicer.
 
-Built from flwr's own pieces (FlowerServiceServicer, GrpcClientProxy, the generated
-add_FlowerServiceServicer_to_server) instead of `start_server`, which cannot check client
+Built from flwr's own pieces (FlowerServiceServicer, GrpcClientProxy, the protobuf messages of
+the FlowerService) instead of `start_server`, which cannot check client
 credentials, cannot refuse a client with a reason (or log who it refused), and lets gRPC share
 a busy port (SO_REUSEPORT). It is the only server module that knows about gRPC.
 """
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import grpc
 from cryptography import x509
 from flwr.proto.transport_pb2 import ClientMessage, ServerMessage
-from flwr.proto.transport_pb2_grpc import add_FlowerServiceServicer_to_server
 from flwr.server.client_manager import ClientManager
 from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import FlowerServiceServicer
 from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import GrpcBridge, GrpcBridgeClosed
@@ -30,6 +29,7 @@ from shared.metadata import CLIENT_NAME_KEY, PROOF_KEYS
 
 log = logging.getLogger("flowerpot.server")
 
+FLOWER_SERVICE = "flwr.proto.FlowerService"  # the gRPC service name in Flower's transport.proto
 KEEPALIVE_MS = 210_000  # Flower's choice: below the idle cut-off of common cloud load balancers
 
 
@@ -39,6 +39,36 @@ class TlsFiles:
 
     certificate: bytes
     private_key: bytes
+
+
+class Traffic:
+    """Bytes of Flower messages (serialized protobuf, without gRPC framing or TLS) both ways,
+    counted where gRPC serializes them, so counting costs nothing."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.sent = self.received = 0
+
+    def add(self, sent: int = 0, received: int = 0) -> None:
+        with self._lock:
+            self.sent += sent
+            self.received += received
+
+    def take(self) -> tuple[int, int]:
+        """(sent, received) since the last take."""
+        with self._lock:
+            counts = (self.sent, self.received)
+            self.sent = self.received = 0
+        return counts
+
+    def deserialize(self, data: bytes) -> ClientMessage:
+        self.add(received=len(data))
+        return ClientMessage.FromString(data)
+
+    def serialize(self, message: ServerMessage) -> bytes:
+        data = message.SerializeToString()
+        self.add(sent=len(data))
+        return data
 
 
 class NamedClientProxy(GrpcClientProxy):
@@ -119,6 +149,7 @@ def _proof(context: grpc.ServicerContext) -> dict[str, str]:
 def start_grpc_server(
     client_manager: ClientManager,
     admission: Admission,
+    traffic: Traffic,
     address: str,
     max_message_bytes: int,
     tls: TlsFiles | None = None,
@@ -135,7 +166,13 @@ def start_grpc_server(
     # Every connected client holds one worker for its stream; refused ones only briefly.
     workers = admission.capacity + 16
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=workers), options=options)
-    add_FlowerServiceServicer_to_server(AdmittingServicer(client_manager, admission, client_ca), server)
+    # Flower's generated add_FlowerServiceServicer_to_server, with serializers that count bytes
+    join = grpc.stream_stream_rpc_method_handler(
+        AdmittingServicer(client_manager, admission, client_ca).Join,
+        request_deserializer=traffic.deserialize,
+        response_serializer=traffic.serialize,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(FLOWER_SERVICE, {"Join": join}),))
     try:
         if tls is None:
             port = server.add_insecure_port(address)

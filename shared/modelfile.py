@@ -6,6 +6,7 @@ client keeps the final global model, and `predict` reads either. No torch needed
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
@@ -21,14 +22,43 @@ def sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def save_model(path: Path, arrays: list[np.ndarray], meta: dict[str, Any]) -> None:
-    """Write both files atomically (a reader never sees half a model)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {**meta, "arrays": [{"shape": list(a.shape), "dtype": str(a.dtype)} for a in arrays]}
+def to_npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def npy_view(blob: bytes) -> np.ndarray:
+    """The array in .npy bytes (Flower's tensor format), read-only and without copying the data.
+    ValueError when the bytes are not a plain numeric .npy array."""
+    stream = io.BytesIO(blob)
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed")
+    count = int(np.prod(shape, dtype=np.int64))
+    flat = np.frombuffer(blob, dtype=dtype, count=count, offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran_order else "C")
+
+
+def write_npz(path: Path, entries: dict[str, bytes]) -> None:
+    """An .npz (a zip of .npy files) from .npy bytes, replaced atomically."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, *arrays)
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, blob in entries.items():
+            archive.writestr(f"{name}.npy", blob)
     os.replace(tmp, path)
+
+
+def save_model(path: Path, arrays: list[np.ndarray] | list[bytes], meta: dict[str, Any]) -> None:
+    """Write both files atomically (a reader never sees half a model). Arrays may come as .npy
+    bytes (the server's Flower tensors), which are written as they are."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blobs = [a if isinstance(a, bytes) else to_npy(a) for a in arrays]
+    views = [npy_view(b) for b in blobs]
+    meta = {**meta, "arrays": [{"shape": list(v.shape), "dtype": str(v.dtype)} for v in views]}
+    write_npz(path, {f"arr_{i}": blob for i, blob in enumerate(blobs)})
     write_json(sidecar(path), meta)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from compose_helpers import Project, docker, docker_available, env_file_with, image_size_mb
+from bench.compose import Project, docker, docker_available, env_file_with, image_size_mb
 from conftest import MEASUREMENTS, REPO
 
 pytestmark = pytest.mark.compose

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from compose_helpers import Project, docker, docker_available, env_file_with
+from bench.compose import Project, build_images, docker, docker_available, env_file_with
 from conftest import REPO, free_address
 
 pytestmark = pytest.mark.compose
@@ -21,7 +21,7 @@ if os.environ.get("FLOWERPOT_SKIP_COMPOSE") == "1":
 
 def test_split_deployment_with_tls_and_client_certificates(tmp_path: Path) -> None:
     assert docker_available()
-    docker("compose", "-f", str(REPO / "docker-compose.yml"), "-p", "fpt-build", "build", timeout=1800)
+    build_images()
     port = free_address().rsplit(":", 1)[1]
     secure = {"TLS_ENABLED": "true", "CLIENT_AUTH": "certificate", "NUM_ROUNDS": "2", "MIN_AVAILABLE_CLIENTS": "2"}
 

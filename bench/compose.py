@@ -1,4 +1,5 @@
-"""Drive Docker Compose projects from tests: a real engine, real images, one project per test."""
+"""Drive Docker Compose projects (for the tests and the benchmark): a real engine, real images,
+one project per use, each with its own name, volumes and .env."""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from conftest import REPO
-
+REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.yml"
 
 
@@ -28,7 +28,7 @@ def docker(
     return result
 
 
-def env_file_with(path: Path, **settings: str) -> Path:
+def env_file_with(path: Path, **settings: object) -> Path:
     """The committed .env with some values changed, written to `path` (a folder)."""
     text = (REPO / ".env").read_text()
     for name, value in settings.items():
@@ -48,8 +48,9 @@ class Project:
         directory: Path | None = None,
         files: tuple[Path, ...] = (COMPOSE_FILE,),
         env: dict[str, str] | None = None,
+        prefix: str = "fpt",
     ) -> None:
-        self.name = f"fpt-{uuid.uuid4().hex[:8]}"
+        self.name = f"{prefix}-{uuid.uuid4().hex[:8]}"
         self.directory, self.files, self.env = directory, files, env or {}
 
     def compose(self, *args: str, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess[str]:
@@ -99,3 +100,16 @@ def docker_available() -> bool:
         and docker("compose", "version", check=False).returncode == 0
         and (docker("info", check=False).returncode == 0)
     )
+
+
+def build_images(timeout: float = 1800) -> float:
+    """Both images through Compose from the repository; returns the seconds it took."""
+    started = time.monotonic()
+    result = docker("compose", "-f", str(COMPOSE_FILE), "-p", "flowerpot-build", "build", timeout=timeout, check=False)
+    if result.returncode != 0:
+        raise AssertionError(result.stdout[-4000:] + result.stderr[-4000:])
+    return time.monotonic() - started
+
+
+def container_pid(name: str) -> int:
+    return int(docker("inspect", "-f", "{{.State.Pid}}", name).stdout.strip())

@@ -1,0 +1,201 @@
+"""`flowerpot bench`: run every measurement, then write results.json, report.md and plots."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import accuracy, deployment, overhead, report, scale
+
+log = logging.getLogger("flowerpot.bench")
+
+
+@dataclass(frozen=True)
+class Plan:
+    partitions: list[str]
+    strategies: list[str]
+    seeds: list[int]
+    rounds: int
+    epochs: int
+    overhead_clients: list[int]
+    overhead_rounds: int
+    overhead_repeats: int
+    local_ladder: list[int]
+    compose_ladder: list[int]
+
+
+FULL = Plan(
+    partitions=list(accuracy.PARTITIONS),
+    strategies=["fedavg", "fedprox", "fedadam"],
+    seeds=[1, 2, 3],
+    rounds=5,
+    epochs=3,
+    overhead_clients=[3, 10, 30],
+    overhead_rounds=16,
+    overhead_repeats=2,
+    local_ladder=[3, 10, 30, 50, 75, 100],
+    compose_ladder=[3, 10, 30, 50],
+)
+QUICK = Plan(
+    partitions=["iid"],
+    strategies=["fedavg"],
+    seeds=[1],
+    rounds=2,
+    epochs=1,
+    overhead_clients=[3],
+    overhead_rounds=4,
+    overhead_repeats=1,
+    local_ladder=[3],
+    compose_ladder=[3],
+)
+
+
+def run(out: Path, quick: bool, compose: bool, command: str, docs: Path | None = None) -> Path:
+    plan = QUICK if quick else FULL
+    work = out / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    results: dict[str, Any] = {"command": command, "machine": machine(), "quick": quick}
+    started = time.monotonic()
+    p = plan
+    steps = [
+        (
+            "accuracy",
+            lambda: accuracy.measure(work / "accuracy", p.partitions, p.strategies, p.seeds, p.rounds, p.epochs, 3),
+        ),
+        (
+            "overhead",
+            lambda: overhead.measure(work / "overhead", p.overhead_clients, p.overhead_rounds, p.overhead_repeats),
+        ),
+        ("scale", lambda: {"local processes": scale.local_ladder(work / "scale", p.local_ladder)}),
+    ]
+    if compose:
+        steps += [
+            ("deployment", lambda: deployment.measure(work / "deployment", plan.overhead_rounds)),
+            ("scale_compose", lambda: scale.compose_ladder(work / "scale-compose", plan.compose_ladder)),
+        ]
+    for name, step in steps:
+        log.info("bench: %s ...", name)
+        t0 = time.monotonic()
+        value = step()
+        if name == "scale_compose":
+            results["scale"]["compose replicas"] = value
+        else:
+            results[name] = value
+        log.info("bench: %s done in %.0f s", name, time.monotonic() - t0)
+    results["seconds"] = time.monotonic() - started
+    results["targets"] = targets(results)
+    shutil.rmtree(work, ignore_errors=True)
+    markdown = report.write(results, out)
+    if docs is not None:
+        publish(out, markdown, docs)
+    return markdown
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    found = []
+    iid = results["accuracy"]["partitions"].get("iid", {}).get("summary")
+    if iid:
+        gap = iid["centralized"] - iid["federated_fedavg"]
+        measured = f"centralized {iid['centralized']:.4f}, federated {iid['federated_fedavg']:.4f}"
+        found.append(
+            {
+                "target": "federated IID (FedAvg) within 1 point of centralized, equal total epochs, mean over seeds",
+                "measured": f"{measured} (gap {gap * 100:+.2f} points)",
+                "met": abs(gap) <= 0.01,
+            }
+        )
+    three = next((r for r in results["overhead"] if r["clients"] == 3), None)
+    if three:
+        ours = three["flowerpot"]["overhead_s"]["median"]
+        found.append(
+            {
+                "target": "median framework overhead at most 1.1 x bare Flower's, 3 clients",
+                "measured": f"{three['median_overhead_ratio']:.2f} x",
+                "met": three["median_overhead_ratio"] <= 1.1,
+            }
+        )
+        found.append({"target": "median framework overhead at most 25 ms per round, 3 clients",
+                      "measured": f"{ours * 1000:.1f} ms", "met": ours <= 0.025})  # fmt: skip
+    ladder = results["scale"]["local processes"]
+    largest = max((r["clients"] for r in ladder if r["ok"]), default=0)
+    found.append(
+        {
+            "target": "30 client processes complete 3 rounds (largest found, tried up to 100)",
+            "measured": f"largest completed: {largest} of {[r['clients'] for r in ladder]}",
+            "met": largest >= 30,
+        }
+    )
+    for kind, rows in results["scale"].items():
+        peaks = [r["peak_pss_client_mb_max"] for r in rows if r.get("ok") and r.get("peak_pss_client_mb_max")]
+        if peaks:
+            found.append(
+                {
+                    "target": f"peak PSS at most 300 MB per client process ({kind}, torch {torch_build(kind)})",
+                    "measured": f"{max(peaks):.0f} MB (largest over the ladder)",
+                    "met": max(peaks) <= 300,
+                }
+            )
+    return found
+
+
+def torch_build(kind: str) -> str:
+    """Local processes use this environment's torch; the client image has its own."""
+    if kind == "compose replicas":
+        out = subprocess.run(
+            ["docker", "run", "--rm", "--entrypoint", "python", "flowerpot-client", "-c",
+             "import importlib.metadata as m; print(m.version('torch'))"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        return out.stdout.strip() or "?"
+    import torch
+
+    return torch.__version__
+
+
+def machine() -> dict[str, Any]:
+    import flwr
+    import torch
+
+    with open("/proc/cpuinfo") as fh:
+        cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "?")
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    docker = subprocess.run(["docker", "version", "--format", "{{.Server.Version}}"], capture_output=True, text=True)
+    info = {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "memory_gb": round(memory_gb, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "flwr": flwr.__version__ if hasattr(flwr, "__version__") else "1.42.0",
+        "docker_engine": docker.stdout.strip() or "n/a",
+        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+    }
+    info["summary"] = (
+        f"{info['cpus']} cores ({cpu}), {info['memory_gb']} GiB, Python {info['python']}, torch {info['torch']}, "
+        f"flwr {info['flwr']}, Docker engine {info['docker_engine']}, {info['date']}"
+    )
+    return info
+
+
+def publish(out: Path, markdown: Path, docs: Path) -> None:
+    """docs/benchmarks.md: the report, with its plots beside it."""
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    text = markdown.read_text()
+    for plot in ("accuracy.png", "overhead.png"):
+        if (out / plot).is_file():
+            shutil.copy(out / plot, docs.parent / f"benchmark-{plot}")
+            text = text.replace(f"]({plot})", f"](benchmark-{plot})")
+    intro = (
+        '# Benchmarks\n\nProduced by `flowerpot bench` (see README, "Benchmark"); the numbers below are its '
+        "real output on the machine named. Timings on a shared 2-core machine are noisy: compare ratios measured "
+        "side by side in one run, not absolute times across runs.\n\n"
+    )
+    docs.write_text(intro + text)

@@ -1,0 +1,196 @@
+"""The benchmark's report: every figure as JSON, the main ones as Markdown tables, and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def write(results: dict[str, Any], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    plots = []
+    if "accuracy" in results:
+        plots.append(plot_accuracy(results["accuracy"], out / "accuracy.png"))
+    if "overhead" in results or "scale" in results:
+        plots.append(plot_overhead(results.get("overhead", []), results.get("scale", {}), out / "overhead.png"))
+    markdown = out / "report.md"
+    markdown.write_text(to_markdown(results, [p.name for p in plots]))
+    return markdown
+
+
+def fmt(value: Any, digits: int = 4, scale: float = 1.0, unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | float):
+        return f"{value * scale:.{digits}f}{unit}"
+    return str(value)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def to_markdown(results: dict[str, Any], plots: list[str]) -> str:
+    parts = [f"Machine: {results['machine']['summary']}  \nCommand: `{results['command']}`\n"]
+    if results.get("quick"):
+        parts.append(
+            "Quick mode: a small version of every measurement, to check that the benchmark runs; "
+            "its numbers do not speak to the targets.\n"
+        )
+    if "targets" in results:
+        parts.append("## Targets\n\n" + table(
+            ["target", "measured", "met"],
+            [[t["target"], t["measured"], fmt(t["met"])] for t in results["targets"]],
+        ))  # fmt: skip
+    if "accuracy" in results:
+        acc = results["accuracy"]
+        strategies = sorted(
+            {
+                k.removeprefix("federated_")
+                for p in acc["partitions"].values()
+                for k in p["summary"]
+                if k.startswith("federated_")
+            }
+        )
+        rows = [
+            [name, fmt(p["summary"]["centralized"]), *(fmt(p["summary"][f"federated_{s}"]) for s in strategies),
+             fmt(p["summary"]["local_only_own_test"]), fmt(p["summary"]["local_only_all_tests"])]
+            for name, p in acc["partitions"].items()
+        ]  # fmt: skip
+        parts.append(
+            f"## Accuracy at equal total local epochs\n\n{acc['clients']} clients, {acc['rounds']} rounds x "
+            f"{acc['local_epochs']} local epochs (centralized: the same {acc['rounds'] * acc['local_epochs']} epochs "
+            f"on the union of the shards); final accuracy on the union of the test splits, mean over seeds "
+            f"{acc['seeds']}. Local only: each client trained alone, on its own test split and on everyone's.\n\n"
+            + table(["partition", "centralized", *strategies, "local only (own test)", "local only (all tests)"], rows)
+        )
+    if "overhead" in results:
+        ms = lambda run, stat: fmt(run["overhead_s"][stat], 1, 1000)  # noqa: E731
+        rows = [
+            [str(r["clients"]), ms(r["flowerpot"], "median"), ms(r["flowerpot"], "p95"),
+             ms(r["bare_flower"], "median"), ms(r["bare_flower"], "p95"),
+             fmt(r["median_overhead_ratio"], 2), fmt(r["flowerpot"]["round_s"]["median"], 3)]
+            for r in results["overhead"]
+        ]  # fmt: skip
+        parts.append(
+            "## Framework overhead per round\n\nRound wall time (start to next start) minus the slowest client's own "
+            "train + evaluate seconds, rounds 2 to N-1, local processes; bare Flower = `flwr.server.start_server` "
+            "with a plain FedAvg and the same clients, measured in the same run.\n\n"
+            + table(
+                ["clients", "ours median ms", "ours p95 ms", "bare median ms", "bare p95 ms", "ratio", "ours round s"],
+                rows,
+            )
+        )
+    if "deployment" in results:
+        dep = results["deployment"]
+        over = dep["overhead_3_clients"]
+        parts.append("## Deployment (Docker Compose)\n\n" + table(["figure", "value"], [
+            ["server image", fmt(dep["image_mb"]["flowerpot-server"], 0, unit=" MB")],
+            ["client image", fmt(dep["image_mb"]["flowerpot-client"], 0, unit=" MB")],
+            ["build, layers cached", fmt(dep["build_s_cached"], 1, unit=" s")],
+            ["`up` to the first round (3 replicas)", fmt(dep["default_job"]["up_to_first_round_s"], 1, unit=" s")],
+            ["default job, `up` to the server's exit", fmt(dep["default_job"]["total_s"], 1, unit=" s")],
+            ["default job's final accuracy", fmt(dep["default_job"]["final_accuracy"])],
+            ["overhead median, 3 replicas: ours / bare Flower",
+             f"{fmt(over['flowerpot']['overhead_s']['median'], 1, 1000)} / "
+             f"{fmt(over['bare_flower']['overhead_s']['median'], 1, 1000)} ms "
+             f"(ratio {fmt(over['median_overhead_ratio'], 2)})"],
+        ]))  # fmt: skip
+    if "scale" in results:
+        for kind, rows in results["scale"].items():
+            header = ["clients", "completed", "wall s", "mean round s", "server PSS MB", "client PSS MB max", "mean"]
+            body = [
+                [str(r["clients"]), r.get("skipped", fmt(r["ok"])), fmt(r.get("seconds"), 1), fmt(r.get("round_s"), 3),
+                 fmt(r.get("peak_pss_server_mb"), 0), fmt(r.get("peak_pss_client_mb_max"), 0),
+                 fmt(r.get("peak_pss_client_mb_mean"), 0)]
+                for r in rows
+            ]  # fmt: skip
+            parts.append(f"## Scale: {kind}, 3 rounds\n\n" + table(header, body))
+    if "overhead" in results:
+        rows = []
+        for r in results["overhead"]:
+            comm = r["communication"]
+            per = comm.get("per_round", [])
+            if per:
+                rows.append([
+                    str(r["clients"]), fmt(comm["model_bytes"] / 1e3, 1, unit=" kB"),
+                    fmt(float(np.median([p["bytes_sent"] for p in per])) / 1e6, 2, unit=" MB"),
+                    fmt(float(np.median([p["bytes_received"] for p in per])) / 1e6, 2, unit=" MB"),
+                    fmt(float(np.median([p["sent_over_model_x_copies"] for p in per])), 3),
+                    fmt(float(np.median([p["received_over_model_x_copies"] for p in per])), 3),
+                ])  # fmt: skip
+        parts.append(
+            "## Communication per round\n\nSerialized Flower messages at the server (no gRPC framing or TLS). "
+            "The model travels with every fit and evaluate instruction and every fit result; the ratio is bytes over "
+            "model size x those copies.\n\n"
+            + table(
+                ["clients", "model", "sent", "received", "sent / (model x copies)", "received / (model x copies)"], rows
+            )
+        )
+    parts += [f"![{p}]({p})\n" for p in plots]
+    return "\n".join(parts)
+
+
+def plot_accuracy(acc: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    partitions = list(acc["partitions"].items())
+    fig, axes = plt.subplots(1, len(partitions), figsize=(4.2 * len(partitions), 3.8), squeeze=False)
+    rounds = np.arange(1, acc["rounds"] + 1)
+    for ax, (name, p) in zip(axes[0], partitions):
+        ax.plot(rounds, np.mean(p["centralized"], axis=0), "k--", label="centralized")
+        for strategy, curves in p["federated"].items():
+            good = [c for c in curves if c]
+            if good:
+                ax.plot(rounds, np.mean(good, axis=0), marker="o", label=strategy)
+        ax.axhline(p["summary"]["local_only_all_tests"], color="grey", linestyle=":", label="local only")
+        ax.set(title=name, xlabel="round", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (union of test splits)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_overhead(overhead: list[dict[str, Any]], scale: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    if overhead:
+        clients = [r["clients"] for r in overhead]
+        for name in ("flowerpot", "bare_flower"):
+            left.plot(
+                clients, [r[name]["overhead_s"]["median"] * 1000 for r in overhead], marker="o", label=f"{name} median"
+            )
+            left.plot(
+                clients, [r[name]["overhead_s"]["p95"] * 1000 for r in overhead], linestyle="--", label=f"{name} p95"
+            )
+    left.set(title="Framework overhead per round", xlabel="clients", ylabel="ms")
+    left.legend(fontsize=8)
+    for kind, rows in scale.items():
+        good = [r for r in rows if r.get("ok")]
+        right.plot([r["clients"] for r in good], [r["round_s"] for r in good], marker="o", label=kind)
+    right.set(title="Round time against clients (3 rounds)", xlabel="clients", ylabel="mean round seconds")
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

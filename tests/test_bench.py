@@ -1,0 +1,52 @@
+"""`flowerpot bench --quick`: every measurement in a small version, so the benchmark cannot rot.
+It asserts what the numbers must be made of, never how fast anything is."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from conftest import run_cli
+
+
+def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
+    compose = os.environ.get("FLOWERPOT_SKIP_COMPOSE") != "1"
+    args = ["bench", "--quick", "--out", "out", "--docs", "docs/benchmarks.md"] + ([] if compose else ["--no-compose"])
+    result = run_cli(args, cwd=tmp_path, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+
+    iid = results["accuracy"]["partitions"]["iid"]
+    assert 0 < iid["summary"]["centralized"] <= 1 and 0 < iid["summary"]["federated_fedavg"] <= 1
+    assert len(iid["federated"]["fedavg"][0]) == results["accuracy"]["rounds"]
+
+    three = results["overhead"][0]
+    assert three["clients"] == 3 and three["flowerpot"]["ok"] and three["bare_flower"]["ok"]
+    assert three["flowerpot"]["overhead_s"]["samples"] >= 1 and three["bare_flower"]["overhead_s"]["samples"] >= 1
+    # the model travels once per fit instruction, evaluate instruction and fit result
+    for r in three["communication"]["per_round"]:
+        assert 1.0 <= r["sent_over_model_x_copies"] < 1.01 and 1.0 <= r["received_over_model_x_copies"] < 1.01
+
+    local = results["scale"]["local processes"][0]
+    assert local["ok"] and local["peak_pss_server_mb"] > 10 and local["peak_pss_client_mb_max"] > 50
+    assert {t["target"].split(" ")[0] for t in results["targets"]} >= {"federated", "median", "30", "peak"}
+
+    if compose:
+        deployment = results["deployment"]
+        assert deployment["image_mb"]["flowerpot-server"] < deployment["image_mb"]["flowerpot-client"]
+        assert 0 < deployment["default_job"]["up_to_first_round_s"] < deployment["default_job"]["total_s"]
+        assert (
+            deployment["overhead_3_clients"]["flowerpot"]["ok"]
+            and deployment["overhead_3_clients"]["bare_flower"]["ok"]
+        )
+        assert results["scale"]["compose replicas"][0]["ok"]
+
+    report = (out / "report.md").read_text()
+    assert "## Framework overhead per round" in report and "## Accuracy at equal total local epochs" in report
+    assert (out / "accuracy.png").stat().st_size > 1000 and (out / "overhead.png").stat().st_size > 1000
+    docs = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert docs.startswith("# Benchmarks") and "Command: `flowerpot bench --quick" in docs
+    assert (tmp_path / "docs" / "benchmark-accuracy.png").is_file()
+    assert not (out / "work").exists()  # scratch space is cleaned up
