@@ -42,7 +42,7 @@ FULL = Plan(
     overhead_rounds=16,
     overhead_repeats=2,
     local_ladder=[3, 10, 30, 50, 75, 100],
-    compose_ladder=[3, 10, 30, 50],
+    compose_ladder=[3, 10, 30, 50, 75, 100],
 )
 QUICK = Plan(
     partitions=["iid"],

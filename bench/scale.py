@@ -57,7 +57,7 @@ def too_big(clients: int, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     done = [r for r in rows if r.get("ok") and r.get("peak_pss_client_mb_mean")]
     if not done:
         return None
-    needed = clients * done[-1]["peak_pss_client_mb_mean"] * 1.3 + (done[-1].get("peak_pss_server_mb") or 0)
+    needed = clients * done[-1]["peak_pss_client_mb_mean"] * 1.15 + (done[-1].get("peak_pss_server_mb") or 0)
     available = memory_available_mb()
     if needed <= 0.85 * available:
         return None

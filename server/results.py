@@ -75,8 +75,8 @@ class Results:
         self._writes: list[Future[None]] = []
 
     def save_round(self, checkpoint: Checkpoint, meta: dict[str, Any]) -> None:
-        """After every round: the global model, the history so far, the checkpoint; after the
-        last one also the final model and the plot (that one is waited for)."""
+        """After every round: the global model and the checkpoint; after the last one also the
+        final model and the history as JSON, CSV and plot (that one is waited for)."""
         self._raise_failures()
         snapshot = replace(checkpoint, history=list(checkpoint.history))
         self._writes.append(self._writer.submit(self._write_round, snapshot, meta))
@@ -103,11 +103,10 @@ class Results:
     def _write_files(self, checkpoint: Checkpoint, meta: dict[str, Any]) -> None:
         tensors = checkpoint.parameters.tensors
         save_model(self.folder / GLOBAL_MODEL, tensors, meta)
-        self.write_history(checkpoint.history)
+        self.save_checkpoint(checkpoint)  # holds the history so far, too
         if checkpoint.finished:
             save_model(self.folder / FINAL_MODEL, tensors, meta)
-            self.plot(checkpoint.history)
-        self.save_checkpoint(checkpoint)
+            self.write_history(checkpoint.history)
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         """One file, replaced atomically: a crash leaves the previous round's checkpoint whole."""
@@ -154,6 +153,9 @@ class Results:
         return target
 
     def write_history(self, history: list[dict[str, Any]]) -> None:
+        """history.json, history.csv and history.png."""
+        if not history:
+            return
         write_json(self.folder / HISTORY_JSON, history)
         tmp = self.folder / f".{HISTORY_CSV}.tmp"
         with open(tmp, "w", newline="") as fh:
@@ -161,6 +163,7 @@ class Results:
             writer.writeheader()
             writer.writerows(history)
         os.replace(tmp, self.folder / HISTORY_CSV)
+        self.plot(history)
 
     def plot(self, history: list[dict[str, Any]]) -> None:
         import matplotlib

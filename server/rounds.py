@@ -84,6 +84,8 @@ class Federation:
         finally:  # also when the run fails: connected clients are told to go, not left waiting
             server.disconnect_all_clients(timeout=DISCONNECT_TIMEOUT)
             self.results.flush()
+            if self.history and self.history[-1]["round"] < s.num_rounds:  # an unfinished run's history too
+                self.results.write_history(self.history)
         return self.history
 
     @property

@@ -30,6 +30,18 @@ BASE_ENV = {
 }
 
 
+def federation_env(data_dir: Path, tmp_path: Path, address: str, **overrides: str) -> dict[str, str]:
+    """BASE_ENV for a server and its clients on `address`, shards in data_dir, results in tmp_path."""
+    return {
+        **BASE_ENV,
+        "DATA_DIR": str(data_dir),
+        "RESULTS_DIR": str(tmp_path / "results"),
+        "SERVER_LISTEN_ADDRESS": address,
+        "SERVER_ADDRESS": address,
+        **overrides,
+    }
+
+
 def clean_env(**overrides: str) -> dict[str, str]:
     """The test process's environment without Flowerpot settings, plus `overrides`."""
     from shared.settings import Settings

@@ -62,6 +62,15 @@ def test_compose_file_validates() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_clients_only_read_their_data_and_credentials() -> None:
+    config = json.loads(docker("compose", "-f", str(REPO / "docker-compose.yml"), "config", "--format", "json").stdout)
+    mounts = {m["target"]: m.get("read_only", False) for m in config["services"]["client"]["volumes"]}
+    assert mounts == {"/data": True, "/results": False, "/certs": True}
+    assert {m["target"]: m.get("read_only", False) for m in config["services"]["server"]["volumes"]}["/certs"]
+    for service in ("prepare", "server", "client"):
+        assert config["services"][service]["init"] is True
+
+
 def test_readme_command_runs_the_whole_job(project, tmp_path: Path) -> None:
     p = project()  # the repository's own .env, as README's `docker compose up --build --scale client=3`
     result, seconds = p.up("--build", "--scale", "client=3", timeout=900)

@@ -14,19 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import BASE_ENV, Proc, clean_env, free_address
+from conftest import Proc, clean_env, federation_env, free_address
 from shared.modelfile import load_model
-
-
-def env_for(data_dir: Path, tmp_path: Path, address: str, **overrides: str) -> dict[str, str]:
-    return {
-        **BASE_ENV,
-        "DATA_DIR": str(data_dir),
-        "RESULTS_DIR": str(tmp_path / "results"),
-        "SERVER_LISTEN_ADDRESS": address,
-        "SERVER_ADDRESS": address,
-        **overrides,
-    }
 
 
 def run_federation(spawn, env: dict[str, str], clients: int = 3, during=None) -> tuple[Proc, list[Proc]]:
@@ -52,12 +41,12 @@ def test_server_killed_mid_run_resumes_with_strategy_state(spawn, data_dir: Path
     """FedAdam keeps moments on the server; a resumed run must end where an undisturbed one does."""
     settings = {"STRATEGY": "fedadam", "SERVER_LEARNING_RATE": "0.01", "NUM_ROUNDS": "5", "LOCAL_EPOCHS": "4"}
     address = free_address()
-    env = env_for(data_dir, tmp_path / "calm", address, **settings)
+    env = federation_env(data_dir, tmp_path / "calm", address, **settings)
     run_federation(spawn, env)
     calm_model, calm_meta = load_model(tmp_path / "calm" / "results" / "final_model.npz")
 
     address = free_address()
-    env = env_for(data_dir, tmp_path, address, **settings, CONNECT_TIMEOUT="60")
+    env = federation_env(data_dir, tmp_path, address, **settings, CONNECT_TIMEOUT="60")
     first = spawn(["server"], **env)
     first.wait_for("listening on")
     clients = [spawn(["client"], **env, CLIENT_NAME=f"client-{i}") for i in (1, 2, 3)]
@@ -84,7 +73,7 @@ def test_server_killed_mid_run_resumes_with_strategy_state(spawn, data_dir: Path
 
 
 def test_a_finished_run_or_other_settings_start_a_new_run(spawn, data_dir: Path, tmp_path: Path) -> None:
-    env = env_for(data_dir, tmp_path, free_address(), NUM_ROUNDS="2", MIN_AVAILABLE_CLIENTS="2")
+    env = federation_env(data_dir, tmp_path, free_address(), NUM_ROUNDS="2", MIN_AVAILABLE_CLIENTS="2")
     server, _ = run_federation(spawn, env, clients=2)
     assert "resuming" not in server.output
     again, _ = run_federation(spawn, {**env, "SERVER_LISTEN_ADDRESS": (a := free_address()), "SERVER_ADDRESS": a}, 2)
@@ -95,7 +84,7 @@ def test_a_finished_run_or_other_settings_start_a_new_run(spawn, data_dir: Path,
 
 
 def test_a_client_killed_mid_round_does_not_stop_the_round(spawn, data_dir: Path, tmp_path: Path) -> None:
-    env = env_for(data_dir, tmp_path, free_address(), NUM_ROUNDS="6", LOCAL_EPOCHS="15", CLIENT_RESTARTS="1")
+    env = federation_env(data_dir, tmp_path, free_address(), NUM_ROUNDS="6", LOCAL_EPOCHS="15", CLIENT_RESTARTS="1")
 
     def kill_one_during_round_two(server: Proc, workers: list[Proc]) -> None:
         server.wait_for("round 1/6")
@@ -122,7 +111,7 @@ def test_killed_clients_cost_less_than_a_point_of_accuracy(spawn, digits_shards:
         assert run_cli(["prepare"], cwd=tmp_path, DATA_DIR=str(data), SEED=seed).returncode == 0
         for kind in outcomes:
             place = tmp_path / f"{kind}-{seed}"
-            env = env_for(
+            env = federation_env(
                 data, place, free_address(), SEED=seed, NUM_ROUNDS="5", LOCAL_EPOCHS="10", CLIENT_RESTARTS="1"
             )
 
@@ -141,7 +130,7 @@ def test_killed_clients_cost_less_than_a_point_of_accuracy(spawn, digits_shards:
 
 def test_when_all_clients_are_gone_the_server_stops_and_frees_its_port(spawn, data_dir: Path, tmp_path: Path) -> None:
     address = free_address()
-    env = env_for(
+    env = federation_env(
         data_dir, tmp_path, address, NUM_ROUNDS="50", LOCAL_EPOCHS="5", REJOIN_TIMEOUT="3", MIN_AVAILABLE_CLIENTS="2"
     )
     server = spawn(["server"], **env)
@@ -188,7 +177,9 @@ def test_bad_updates_are_refused_and_the_model_stays_finite(spawn, data_dir: Pat
     spec = load_shard(data_dir / "shard_000").spec
     np.savez(tmp_path / "start.npz", *get_weights(build_model(spec, seed=42)))
     address = free_address()
-    env = env_for(data_dir, tmp_path, address, MIN_AVAILABLE_CLIENTS="3", NUM_ROUNDS="3", FRACTION_EVALUATE="0.01")
+    env = federation_env(
+        data_dir, tmp_path, address, MIN_AVAILABLE_CLIENTS="3", NUM_ROUNDS="3", FRACTION_EVALUATE="0.01"
+    )
     server = spawn(["server"], **env)
     server.wait_for("listening on")
     good = [spawn(["client"], **env, CLIENT_NAME=f"good-{i}") for i in (1, 2)]
@@ -221,8 +212,8 @@ def test_max_message_size_is_a_setting_and_overflows_are_explained(spawn, tmp_pa
         (batches / name).write_bytes(pickle.dumps(batch))
     data = {"DATASET": "cifar10", "DOWNLOAD_DIR": str(tmp_path / "raw"), "NUM_SHARDS": "1", "MIN_SHARD_SIZE": "5"}
     assert run_cli(["prepare"], cwd=tmp_path, DATA_DIR=str(tmp_path / "data"), **data).returncode == 0
-    env = env_for(tmp_path / "data", tmp_path, free_address(), **data, MIN_AVAILABLE_CLIENTS="1", MIN_FIT_CLIENTS="1",
-                  MIN_EVALUATE_CLIENTS="1", REJOIN_TIMEOUT="3")  # fmt: skip
+    one_client = {"MIN_AVAILABLE_CLIENTS": "1", "MIN_FIT_CLIENTS": "1", "MIN_EVALUATE_CLIENTS": "1"}
+    env = federation_env(tmp_path / "data", tmp_path, free_address(), **data, **one_client, REJOIN_TIMEOUT="3")
     server = spawn(["server"], **{**env, "MAX_MESSAGE_MB": "1"})
     server.wait_for("listening on")
     client = spawn(["client"], **env)

@@ -13,19 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BASE_ENV, REPO, Proc, clean_env, free_address, run_cli
+from conftest import BASE_ENV, REPO, Proc, clean_env, federation_env, free_address, run_cli
 from shared.modelfile import load_model
-
-
-def federation_env(data_dir: Path, tmp_path: Path, address: str, **overrides: str) -> dict[str, str]:
-    return {
-        **BASE_ENV,
-        "DATA_DIR": str(data_dir),
-        "RESULTS_DIR": str(tmp_path / "results"),
-        "SERVER_LISTEN_ADDRESS": address,
-        "SERVER_ADDRESS": address,
-        **overrides,
-    }
 
 
 def start_federation(spawn, env: dict[str, str], clients: int) -> tuple[Proc, list[Proc]]:
