@@ -198,4 +198,5 @@ def publish(out: Path, markdown: Path, docs: Path) -> None:
         "real output on the machine named. Timings on a shared 2-core machine are noisy: compare ratios measured "
         "side by side in one run, not absolute times across runs.\n\n"
     )
-    docs.write_text(intro + text)
+    notes = docs.with_name("benchmark-notes.md")  # the hand-written reading of the numbers
+    docs.write_text(intro + text + ("\n" + notes.read_text() if notes.is_file() else ""))

@@ -115,7 +115,7 @@ def run(client: Client, endpoint: Endpoint) -> None:
         log.info(
             "server at %s not reachable yet (%s); retrying in %.1f s",
             endpoint.address,
-            problem or "no gRPC answer",
+            problem,
             delay,
         )
         time.sleep(delay)
