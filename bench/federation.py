@@ -13,13 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.local_run import free_port
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def base_env(**settings: Any) -> dict[str, str]:
@@ -28,7 +24,7 @@ def base_env(**settings: Any) -> dict[str, str]:
 
     names = {n.upper() for n in Settings.model_fields}
     env = {k: v for k, v in os.environ.items() if k not in names}
-    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", FLWR_TELEMETRY_ENABLED="0", CLIENT_RESTARTS="0")
+    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", FLWR_TELEMETRY_ENABLED="0")
     env.update({k: str(v.resolve()) if isinstance(v, Path) else str(v) for k, v in settings.items()})
     return env
 

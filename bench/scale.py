@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,34 +69,34 @@ def too_big(clients: int, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
-def local_ladder(workdir: Path, ladder: list[int]) -> list[dict[str, Any]]:
+def climb(ladder: list[int], step: Callable[[int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run `step` for each client count until one fails, or would not fit in memory."""
     rows: list[dict[str, Any]] = []
     for clients in ladder:
-        if (skip := too_big(clients, rows)) is not None:
-            rows.append(skip)
-            break
-        data = workdir / f"data-{clients}"
-        settings = {"DATA_DIR": data, **scale_settings(clients)}
-        prepare(data, **settings)
-        outcome = run_federation(workdir / f"local-{clients}", clients, settings, timeout=1800)
-        rows.append(row_from(clients, outcome.ok, outcome.seconds, outcome.history, outcome.peak_pss_mb))
+        rows.append(too_big(clients, rows) or step(clients))
         if not rows[-1]["ok"]:
             break
     return rows
 
 
+def local_ladder(workdir: Path, ladder: list[int]) -> list[dict[str, Any]]:
+    def step(clients: int) -> dict[str, Any]:
+        data = workdir / f"data-{clients}"
+        settings = {"DATA_DIR": data, **scale_settings(clients)}
+        prepare(data, **settings)
+        outcome = run_federation(workdir / f"local-{clients}", clients, settings, timeout=1800)
+        return row_from(clients, outcome.ok, outcome.seconds, outcome.history, outcome.peak_pss_mb)
+
+    return climb(ladder, step)
+
+
 def compose_ladder(workdir: Path, ladder: list[int]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for clients in ladder:
-        if (skip := too_big(clients, rows)) is not None:
-            rows.append(skip)
-            break
+    def step(clients: int) -> dict[str, Any]:
         project = Project(env_file_with(workdir / f"compose-{clients}", **scale_settings(clients)), prefix="fpbench")
         try:
             started = time.monotonic()
             if project.compose("up", "-d", "--scale", f"client={clients}", timeout=900).returncode != 0:
-                rows.append({"clients": clients, "ok": False})
-                break
+                return {"clients": clients, "ok": False}
             with PeakPss() as memory:
                 for container in project.containers():
                     if container["Service"] in ("server", "client") and container["State"] == "running":
@@ -106,9 +107,8 @@ def compose_ladder(workdir: Path, ladder: list[int]) -> list[dict[str, Any]]:
             history = json.loads((results / "history.json").read_text()) if (results / "history.json").is_file() else []
             peaks = {("server" if k.startswith("server") else k): v / 1024 for k, v in memory.peaks.items()}
             ok = waited.returncode == 0 and all(c == 0 for c in project.exit_codes("client"))
-            rows.append(row_from(clients, ok, seconds, history, peaks))
+            return row_from(clients, ok, seconds, history, peaks)
         finally:
             project.down()
-        if not rows[-1]["ok"]:
-            break
-    return rows
+
+    return climb(ladder, step)

@@ -59,8 +59,9 @@ def predict_files(model_path: Path, data_dir: Path, images: list[Path], invert: 
     ]
 
 
-def evaluate_test_splits(model_path: Path, data_dir: Path) -> dict[str, Any]:
-    """Accuracy on the test split of every shard in DATA_DIR (or of DATA_DIR, if it is one)."""
+def evaluate_test_splits(model_path: Path, data_dir: Path, show: int) -> dict[str, Any]:
+    """Accuracy on the test split of every shard in DATA_DIR (or of DATA_DIR, if it is one),
+    with the first `show` single predictions."""
     model, spec = load_predictor(model_path, data_dir)
     per_shard, correct, total = [], 0, 0
     examples = []
@@ -78,7 +79,7 @@ def evaluate_test_splits(model_path: Path, data_dir: Path) -> dict[str, Any]:
                 "label": spec.classes[int(p.argmax())],
                 "confidence": float(p.max()),
             }
-            for i, (y, p) in enumerate(zip(shard.y_test, proba))
+            for i, (y, p) in enumerate(zip(shard.y_test[: show - len(examples)], proba))
         ]
     return {"accuracy": correct / total, "examples": total, "shards": per_shard, "predictions": examples}
 
@@ -93,8 +94,7 @@ def main(
         lines = [f"{r['image']}\t{r['label']}\t{r['confidence']:.4f}" for r in rows]
         _emit(rows, lines, as_json)
     if test_split:
-        report = evaluate_test_splits(model_path, data_dir)
-        report["predictions"] = report["predictions"][:show]
+        report = evaluate_test_splits(model_path, data_dir, show)
         lines = [
             *(
                 f"{p['shard']}[{p['index']}]\t{p['label']}\t{p['confidence']:.4f}\t(true: {p['true']})"

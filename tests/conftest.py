@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -44,13 +43,9 @@ def federation_env(data_dir: Path, tmp_path: Path, address: str, **overrides: st
 
 def clean_env(**overrides: str) -> dict[str, str]:
     """The test process's environment without Flowerpot settings, plus `overrides`."""
-    from shared.settings import Settings
+    from bench.federation import base_env
 
-    names = {name.upper() for name in Settings.model_fields}
-    env = {k: v for k, v in os.environ.items() if k not in names}
-    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", FLWR_TELEMETRY_ENABLED="0")
-    env.update(overrides)
-    return env
+    return base_env(**overrides)
 
 
 class Proc:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.federation import descendants
 from conftest import Proc, clean_env, federation_env, free_address
 from shared.modelfile import load_model
 
@@ -30,11 +31,6 @@ def run_federation(spawn, env: dict[str, str], clients: int = 3, during=None) ->
 
 def history(tmp_path: Path) -> list[dict]:
     return json.loads((tmp_path / "results" / "history.json").read_text())
-
-
-def child_pids(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as fh:
-        return [int(p) for p in fh.read().split()]
 
 
 def test_server_killed_mid_run_resumes_with_strategy_state(spawn, data_dir: Path, tmp_path: Path) -> None:
@@ -88,7 +84,7 @@ def test_a_client_killed_mid_round_does_not_stop_the_round(spawn, data_dir: Path
 
     def kill_one_during_round_two(server: Proc, workers: list[Proc]) -> None:
         server.wait_for("round 1/6")
-        for pid in child_pids(workers[0].popen.pid):  # the training process under the supervisor
+        for pid in descendants(workers[0].popen.pid):  # the training process under the supervisor
             os.kill(pid, signal.SIGKILL)
 
     _, workers = run_federation(spawn, env, during=kill_one_during_round_two)
@@ -117,7 +113,7 @@ def test_killed_clients_cost_less_than_a_point_of_accuracy(spawn, digits_shards:
 
             def kill(server: Proc, workers: list[Proc]) -> None:
                 server.wait_for("round 1/5")
-                for pid in child_pids(workers[1].popen.pid):
+                for pid in descendants(workers[1].popen.pid):
                     os.kill(pid, signal.SIGKILL)
 
             run_federation(spawn, env, during=kill if kind == "disturbed" else None)
