@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> int:
     if args.command == "prepare":
-        from shared.shards import prepare
+        from client.data.shards import prepare
 
         prepare(settings, force=args.force)
     elif args.command == "server":

@@ -20,7 +20,7 @@ PARTITIONS = {
 
 
 def shards_of(data: Path) -> list:
-    from shared.shards import load_shard, shard_dirs
+    from client.data.shards import load_shard, shard_dirs
 
     return [load_shard(d) for d in shard_dirs(data)]
 
@@ -30,8 +30,8 @@ def centralized(data: Path, rounds: int, epochs: int, seed: int, batch_size: int
     after every `epochs` epochs (one federated round's worth)."""
     import torch
 
+    from client.model import build_model
     from client.task import evaluate, train
-    from shared.model import build_model
 
     torch.set_num_threads(1)
     shards = shards_of(data)
@@ -50,8 +50,8 @@ def local_only(data: Path, rounds: int, epochs: int, seed: int, batch_size: int,
     """Each client alone for all the epochs: accuracy on its own test split and on everyone's."""
     import torch
 
+    from client.model import build_model
     from client.task import evaluate, train
-    from shared.model import build_model
 
     torch.set_num_threads(1)
     shards = shards_of(data)

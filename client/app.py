@@ -15,13 +15,13 @@ from flwr.compat.client.numpy_client import NumPyClient
 
 from client import task, wiring
 from client.claim import claim_shard
+from client.data.shards import Shard, load_shard
+from client.model import build_model, get_weights, set_weights
 from shared.certs import Credential, join_proof
 from shared.errors import BadInput
 from shared.logs import tame_flower
-from shared.model import build_model, get_weights, set_weights
 from shared.modelfile import save_model
 from shared.settings import Settings
-from shared.shards import Shard, load_shard
 from shared.tls_files import bundle, check_pair, read_pem
 
 log = logging.getLogger("flowerpot.client")

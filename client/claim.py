@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from client.data.shards import SHARD_META, shard_dirs, shard_name
 from shared.errors import BadInput, NoFreeShard
-from shared.shards import SHARD_META, shard_dirs, shard_name
 
 
 @contextmanager

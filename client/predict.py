@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.data.images import ImageSpec, load_image
+from client.data.shards import MANIFEST, SHARD_META, load_shard, shard_dirs
+from client.model import build_model, set_weights
 from client.task import predict_proba
 from shared.errors import BadInput
-from shared.images import ImageSpec, load_image
-from shared.model import build_model, set_weights
 from shared.modelfile import load_model
-from shared.shards import MANIFEST, SHARD_META, load_shard, shard_dirs
 
 
 def find_spec(meta: dict[str, Any], data_dir: Path) -> ImageSpec:

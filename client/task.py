@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.images import ImageSpec
-from shared.model import to_input
+from client.data.images import ImageSpec
+from client.model import to_input
 
 
 @dataclass

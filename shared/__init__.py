@@ -1,1 +1,1 @@
-"""Code that the Flowerpot server and clients both use: settings, errors, logging, data."""
+"""Code that the Flowerpot server and clients both import: settings, errors, logging, model files, TLS files."""

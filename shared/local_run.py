@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 def run_local(settings: Settings, clients: int, env_file: Path | None) -> int:
-    from shared.shards import prepare
+    from client.data.shards import prepare
 
     prepare(settings)
     address = f"127.0.0.1:{free_port()}"

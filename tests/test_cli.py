@@ -36,9 +36,9 @@ def test_predict_without_a_model_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_predict_rejects_a_file_that_is_not_an_image(tmp_path: Path, digits_shards: Path) -> None:
-    from shared.model import build_model, get_weights
+    from client.data.shards import load_shard, shard_dirs
+    from client.model import build_model, get_weights
     from shared.modelfile import save_model
-    from shared.shards import load_shard, shard_dirs
 
     spec = load_shard(shard_dirs(digits_shards)[0]).spec
     save_model(tmp_path / "model.npz", get_weights(build_model(spec, 0)), {"spec": spec.to_json()})

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.datasets import load_source
-from shared.images import ImageSpec, load_image
+from client.data.datasets import load_source
+from client.data.images import ImageSpec, load_image
+from client.data.shards import load_shard, prepare, shard_dirs
 from shared.settings import Settings
-from shared.shards import load_shard, prepare, shard_dirs
 
 
 def settings_for(tmp_path: Path, **values: object) -> Settings:

@@ -167,8 +167,8 @@ start_client(server_address=sys.argv[1], client=Evil().to_client())
 
 
 def test_bad_updates_are_refused_and_the_model_stays_finite(spawn, data_dir: Path, tmp_path: Path) -> None:
-    from shared.model import build_model, get_weights
-    from shared.shards import load_shard
+    from client.data.shards import load_shard
+    from client.model import build_model, get_weights
 
     spec = load_shard(data_dir / "shard_000").spec
     np.savez(tmp_path / "start.npz", *get_weights(build_model(spec, seed=42)))

@@ -63,7 +63,7 @@ def test_three_clients_train_and_predict_agrees_with_the_server(spawn, data_dir:
     # a photo-like PNG of a test digit (big, dark ink on white) is classified like the original
     from PIL import Image
 
-    from shared.shards import load_shard
+    from client.data.shards import load_shard
 
     verdicts = json.loads(run_cli(["predict", "--test-split", "--json", "--show", "50"], cwd=tmp_path, **env).stdout)
     sure = next(p for p in verdicts["predictions"] if p["label"] == p["true"] and p["confidence"] > 0.95)

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from client.app import FlowerpotClient
+from client.data.images import ImageSpec
+from client.data.shards import load_shard, shard_dirs
+from client.model import build_model, get_weights, set_weights
 from shared.errors import BadInput
-from shared.images import ImageSpec
-from shared.model import build_model, get_weights, set_weights
 from shared.settings import Settings
-from shared.shards import load_shard, shard_dirs
 
 SPECS = {
     "digits": ImageSpec("digits", 1, 8, 8, tuple("0123456789"), (0.3,), (0.4,)),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared import partition
+from client.data import partition
 from shared.errors import BadInput
 
 LABELS = np.repeat(np.arange(10), 100)  # 1000 examples, 100 per label

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client.data.shards import MANIFEST, load_shard, prepare, shard_dirs
 from conftest import run_cli
 from shared.errors import BadInput
 from shared.settings import Settings
-from shared.shards import MANIFEST, load_shard, prepare, shard_dirs
 
 
 def digits(tmp_path: Path, **values: object) -> Settings:

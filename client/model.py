@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.images import ImageSpec
+from client.data.images import ImageSpec
 
 
 class Net(nn.Module):

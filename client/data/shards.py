@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from shared import partition
+from client.data import partition
+from client.data.images import ImageSpec
 from shared.errors import BadInput
-from shared.images import ImageSpec
 from shared.settings import Settings
 
 log = logging.getLogger("flowerpot.prepare")
@@ -56,7 +56,7 @@ def prepare(settings: Settings, force: bool = False) -> dict[str, Any]:
     Returns the manifest. Shards that already match the settings and their checksums are kept;
     shards made with other settings are replaced only with `force`.
     """
-    from shared.datasets import load_source  # the heavy imports only when shards are written
+    from client.data.datasets import load_source  # the heavy imports only when shards are written
 
     root = settings.data_dir
     wanted = data_settings(settings)

@@ -14,8 +14,8 @@ from types import ModuleType
 
 import numpy as np
 
+from client.data.images import IMAGE_SUFFIXES, ImageSpec, channel_stats, load_image
 from shared.errors import BadInput
-from shared.images import IMAGE_SUFFIXES, ImageSpec, channel_stats, load_image
 from shared.settings import Settings
 
 DIGIT_NAMES = tuple(str(d) for d in range(10))

@@ -1,0 +1,56 @@
+# Flowerpot's two images from one file, sharing one base:
+#   server: Flower and the server code, no torch and no client code; small enough to push to a VM.
+#   client: PyTorch (CPU builds by default), the data sets and the client code.
+# Compose picks one with build.target; by hand:
+#   docker build --target server -t flowerpot-server .
+#   docker build --target client -t flowerpot-client .
+
+FROM python:3.11-slim AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    FLWR_TELEMETRY_ENABLED=0 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+RUN python -m venv /opt/venv
+# A non-root user owning the mount points, so that fresh named volumes get its ownership.
+RUN useradd --create-home --uid 10001 flowerpot \
+    && mkdir -p /data /results /certs \
+    && chown flowerpot:flowerpot /data /results /certs
+WORKDIR /app
+
+
+FROM base AS server
+# Dependencies first: a code change does not reinstall them.
+COPY server/requirements.txt /tmp/requirements/server/requirements.txt
+RUN pip install -r /tmp/requirements/server/requirements.txt
+COPY flowerpot.py ./
+COPY shared/ shared/
+COPY server/ server/
+USER flowerpot
+ENV RESULTS_DIR=/results SERVER_LISTEN_ADDRESS=0.0.0.0:8080
+EXPOSE 8080
+ENTRYPOINT ["python", "-m", "flowerpot"]
+CMD ["server"]
+
+
+FROM base AS client
+# Where torch and torchvision come from. The default is PyTorch's CPU-only index (a small image);
+# client/wheels/ is searched first, for machines that have the wheels on disk.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_PACKAGES="torch==2.14.1 torchvision==0.29.1"
+ENV OMP_NUM_THREADS=1
+# torch in a layer of its own, then the rest: a code change reinstalls nothing.
+RUN --mount=type=bind,source=client/wheels,target=/wheels \
+    pip install --find-links /wheels --index-url "$TORCH_INDEX_URL" $TORCH_PACKAGES
+COPY server/requirements.txt /tmp/requirements/server/requirements.txt
+COPY client/requirements.txt /tmp/requirements/client/requirements.txt
+RUN pip install -r /tmp/requirements/client/requirements.txt
+COPY flowerpot.py ./
+COPY shared/ shared/
+COPY client/ client/
+USER flowerpot
+ENV DATA_DIR=/data RESULTS_DIR=/results SERVER_ADDRESS=server:8080
+ENTRYPOINT ["python", "-m", "flowerpot"]
+CMD ["client"]

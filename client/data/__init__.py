@@ -1,0 +1,1 @@
+"""The client's data: data sets, image specs, partitioning, and the shards `prepare` writes."""
