@@ -49,7 +49,9 @@ COPY client/requirements.txt /tmp/requirements/client/requirements.txt
 RUN pip install -r /tmp/requirements/client/requirements.txt
 COPY flowerpot.py ./
 COPY shared/ shared/
-COPY client/ client/
+# The code only: client/wheels/ is in the build context for the torch layer, not for the image.
+COPY client/*.py client/
+COPY client/data/ client/data/
 USER flowerpot
 ENV DATA_DIR=/data RESULTS_DIR=/results SERVER_ADDRESS=server:8080
 ENTRYPOINT ["python", "-m", "flowerpot"]

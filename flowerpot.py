@@ -154,7 +154,7 @@ def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> 
         report = run_bench(args.out, quick=args.quick, compose=not args.no_compose, command=command, docs=args.docs)
         print(f"benchmark report: {report}")
     elif args.command == "run-local":
-        from shared.local_run import run_local
+        from launcher import run_local
 
         return run_local(settings, args.clients or settings.num_shards, env_file)
     return ExitCode.OK

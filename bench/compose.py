@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import time
 import uuid
@@ -82,24 +81,9 @@ class Project:
     def down(self) -> None:
         self.compose("down", "-v", "--remove-orphans", "--timeout", "5")
 
-    def leftovers(self) -> dict[str, list[str]]:
-        label = f"label=com.docker.compose.project={self.name}"
-        return {
-            kind: docker(kind, "ls", "-q", "--filter", label, *(["-a"] if kind == "container" else [])).stdout.split()
-            for kind in ("container", "network", "volume")
-        }
-
 
 def image_size_mb(image: str) -> float:
     return int(docker("image", "inspect", "-f", "{{.Size}}", image).stdout) / 1e6
-
-
-def docker_available() -> bool:
-    return (
-        shutil.which("docker") is not None
-        and docker("compose", "version", check=False).returncode == 0
-        and (docker("info", check=False).returncode == 0)
-    )
 
 
 def build_images(timeout: float = 1800) -> float:

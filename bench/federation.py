@@ -1,10 +1,9 @@
-"""Run one federation as local processes for the benchmark, and watch its memory (PSS)."""
+"""Run one federation for the benchmark (through the project's one launcher), and watch its
+memory (PSS)."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import threading
@@ -13,20 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.local_run import free_port
+from launcher import CLIENT, SERVER, LocalFederation, clean_env, descendants
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def base_env(**settings: Any) -> dict[str, str]:
-    """A clean environment: no Flowerpot setting leaks in from the caller's shell."""
-    from shared.settings import Settings
-
-    names = {n.upper() for n in Settings.model_fields}
-    env = {k: v for k, v in os.environ.items() if k not in names}
-    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", FLWR_TELEMETRY_ENABLED="0")
-    env.update({k: str(v.resolve()) if isinstance(v, Path) else str(v) for k, v in settings.items()})
-    return env
+REFERENCE_SERVER = ["-m", "bench.reference_server"]
 
 
 def pss_kb(pid: int) -> int:
@@ -67,17 +55,8 @@ class PeakPss:
         self._thread.join()
 
 
-def descendants(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            children = [int(p) for p in fh.read().split()]
-    except OSError:
-        return []
-    return children + [d for c in children for d in descendants(c)]
-
-
 @dataclass
-class Outcome:
+class BenchRun:
     server_code: int
     client_codes: list[int]
     seconds: float
@@ -95,69 +74,37 @@ def run_federation(
     settings: dict[str, Any],
     reference: bool = False,
     timeout: float = 900,
-) -> Outcome:
-    """A server (ours, or bare Flower with `reference`) and `clients` Flowerpot clients.
-
-    Logs go to files in `workdir` (pipes would fill up with many processes)."""
+    client_args: list[str] = CLIENT,
+) -> BenchRun:
+    """A server (ours, or bare Flower with `reference`) and `clients` clients (Flowerpot's, or
+    `client_args`); logs go to files in `workdir`."""
     workdir.mkdir(parents=True, exist_ok=True)
-    address = f"127.0.0.1:{free_port()}"
     defaults = {"RESULTS_DIR": workdir / "results", "MIN_AVAILABLE_CLIENTS": clients, "MAX_CLIENTS": max(clients, 10)}
-    env = base_env(**{**defaults, **settings, "SERVER_LISTEN_ADDRESS": address, "SERVER_ADDRESS": address})
-    server_cmd = ["-m", "bench.reference_server"] if reference else ["-m", "flowerpot", "server"]
-    logs = []
-
-    def start(name: str, args: list[str], extra: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 (closed below)
-        logs.append(log)
-        return subprocess.Popen(
-            [sys.executable, *args], env={**env, **extra}, stdout=log, stderr=subprocess.STDOUT, cwd=workdir
-        )
-
+    federation = LocalFederation(
+        {**defaults, **settings},
+        cwd=workdir,
+        server_args=REFERENCE_SERVER if reference else SERVER,
+        client_args=client_args,
+        log_dir=workdir,
+    )
     started = time.monotonic()
-    with PeakPss() as memory:
-        server = start("server", server_cmd, {})
+    with PeakPss() as memory, federation:
+        server = federation.start_server()
         memory.watch("server", server.pid)
-        _wait_for_port(address, server, timeout=60)
-        workers = [
-            start(f"client-{i}", ["-m", "flowerpot", "client"], {"CLIENT_NAME": f"client-{i}"}) for i in range(clients)
-        ]
-        for i, worker in enumerate(workers):
-            memory.watch(f"client-{i}", worker.pid)
-        try:
-            server_code = server.wait(timeout=timeout)
-            client_codes = [w.wait(timeout=60) for w in workers]
-        finally:
-            for proc in (server, *workers):
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            for log in logs:
-                log.close()
-    seconds = time.monotonic() - started
+        for i in range(clients):
+            memory.watch(f"client-{i}", federation.start_client(i + 1).pid)
+        server_code = federation.wait(timeout=timeout, client_grace=60)
+        client_codes = [c.returncode if c.returncode is not None else -9 for c in federation.clients]
     history_file = workdir / "results" / ("reference.json" if reference else "history.json")
     history = json.loads(history_file.read_text()) if history_file.is_file() else []
     peaks = {name: kb / 1024 for name, kb in memory.peaks.items()}
-    return Outcome(server_code, client_codes, seconds, history, peaks)
-
-
-def _wait_for_port(address: str, server: subprocess.Popen[bytes], timeout: float) -> None:
-    host, port = address.rsplit(":", 1)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.returncode} before listening")
-        try:
-            with socket.create_connection((host, int(port)), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"the server did not listen on {address} within {timeout} s")
+    return BenchRun(server_code, client_codes, time.monotonic() - started, history, peaks)
 
 
 def prepare(data_dir: Path, **settings: Any) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "flowerpot", "prepare"],
-        env=base_env(**{**settings, "DATA_DIR": data_dir}),
+        env=clean_env(**{**settings, "DATA_DIR": data_dir}),
         capture_output=True,
         text=True,
     )

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.federation import Outcome, prepare, run_federation
+from bench.federation import BenchRun, prepare, run_federation
 
 
 def round_overheads(history: list[dict[str, Any]]) -> list[float]:
@@ -51,7 +51,7 @@ def measure(workdir: Path, client_counts: list[int], rounds: int, repeats: int =
         common = {**settings, "MIN_FIT_CLIENTS": clients, "MIN_EVALUATE_CLIENTS": clients}
         samples: dict[str, dict[str, list[float]]] = {n: {"overhead": [], "round": []} for n in RUNS}
         ok = dict.fromkeys(RUNS, True)
-        last: dict[str, Outcome] = {}
+        last: dict[str, BenchRun] = {}
         for repeat in range(repeats):
             order = list(RUNS.items()) if repeat % 2 == 0 else list(reversed(RUNS.items()))
             for name, reference in order:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from launcher import LocalFederation, Process, clean_env, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,88 +40,35 @@ def federation_env(data_dir: Path, tmp_path: Path, address: str, **overrides: st
     }
 
 
-def clean_env(**overrides: str) -> dict[str, str]:
-    """The test process's environment without Flowerpot settings, plus `overrides`."""
-    from bench.federation import base_env
-
-    return base_env(**overrides)
-
-
-class Proc:
-    """A `python -m flowerpot ...` process whose merged output is collected as it arrives."""
-
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
-        self.args = args
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "flowerpot", *args],
-            env=env,
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait(self, timeout: float = 120) -> int:
-        try:
-            code = self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-            self._reader.join(timeout=5)
-            raise AssertionError(f"flowerpot {' '.join(self.args)} ran over {timeout} s:\n{self.output}") from None
-        self._reader.join(timeout=5)
-        return code
-
-    def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = re.search(pattern, self.output)
-            if match:
-                return match
-            if self.popen.poll() is not None:
-                self._reader.join(timeout=5)
-                match = re.search(pattern, self.output)
-                if match:
-                    return match
-                raise AssertionError(f"exited {self.popen.returncode} before {pattern!r}:\n{self.output}")
-            time.sleep(0.05)
-        raise AssertionError(f"no {pattern!r} within {timeout} s:\n{self.output}")
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator:
     """spawn(args, **env) starts `flowerpot args` in tmp_path; all are stopped at the end."""
-    procs: list[Proc] = []
+    procs: list[Process] = []
 
-    def start(args: list[str], cwd: Path | None = None, **env: str) -> Proc:
-        proc = Proc(args, clean_env(**env), cwd or tmp_path)
-        procs.append(proc)
-        return proc
+    def start(args: list[str], cwd: Path | None = None, **env: str) -> Process:
+        name = f"{args[0]}-{len(procs) + 1}"
+        procs.append(Process(name, ["-m", "flowerpot", *args], clean_env(**env), cwd or tmp_path))
+        return procs[-1]
 
     yield start
     for proc in procs:
         proc.stop()
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator:
+    """federation(env, clients=N) starts the server of `env` (on its SERVER_ADDRESS) and N clients
+    named client-1..N through the project's launcher; all are stopped at the end."""
+    made: list[LocalFederation] = []
+
+    def start(env: dict[str, str], clients: int = 0) -> LocalFederation:
+        made.append(LocalFederation(env, cwd=tmp_path, address=env["SERVER_ADDRESS"]))
+        made[-1].start(clients)
+        return made[-1]
+
+    yield start
+    for fed in made:
+        fed.stop()
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
@@ -154,8 +100,6 @@ def data_dir(digits_shards: Path, tmp_path: Path) -> Path:
 
 
 def free_address() -> str:
-    from shared.local_run import free_port
-
     return f"127.0.0.1:{free_port()}"
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.compose import Project, docker, docker_available, env_file_with, image_size_mb
+from bench.compose import Project, docker, env_file_with, image_size_mb
+from compose_checks import docker_available, leftovers
 from conftest import MEASUREMENTS, REPO
 
 pytestmark = pytest.mark.compose
@@ -49,7 +50,7 @@ def project(tmp_path: Path):
     yield make
     for p in made:
         p.down()
-        assert p.leftovers() == {"container": [], "network": [], "volume": []}
+        assert leftovers(p) == {"container": [], "network": [], "volume": []}
 
 
 def history(p: Project, tmp_path: Path) -> list[dict]:
@@ -154,6 +155,9 @@ def test_images_run_as_non_root_and_the_server_has_no_torch() -> None:
                     "[importlib.import_module('shared.' + m.name) for m in pkgutil.iter_modules(shared.__path__)]",
                     check=False)  # fmt: skip
     assert shared.returncode == 0, shared.stderr
+    # the torch wheel is in the build context for one layer only, never copied into the image
+    wheels = docker("run", "--rm", "--entrypoint", "ls", "flowerpot-client", "/app/client/wheels", check=False)
+    assert wheels.returncode != 0
     telemetry = docker("run", "--rm", "--entrypoint", "printenv", "flowerpot-client", "FLWR_TELEMETRY_ENABLED").stdout
     assert telemetry.strip() == "0"
 

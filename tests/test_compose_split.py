@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.compose import Project, build_images, docker, docker_available, env_file_with
+from bench.compose import Project, build_images, docker, env_file_with
+from compose_checks import docker_available
 from conftest import REPO, free_address
 
 pytestmark = pytest.mark.compose

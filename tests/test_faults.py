@@ -14,38 +14,36 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.federation import descendants
-from conftest import Proc, clean_env, federation_env, free_address
+from conftest import federation_env, free_address
+from launcher import LocalFederation, Process, clean_env, descendants
 from shared.modelfile import load_model
 
 
-def run_federation(spawn, env: dict[str, str], clients: int = 3, during=None) -> tuple[Proc, list[Proc]]:
-    server = spawn(["server"], **env)
-    server.wait_for("listening on")
-    workers = [spawn(["client"], **env, CLIENT_NAME=f"client-{i}") for i in range(1, clients + 1)]
+def run_federation(federation, env: dict[str, str], clients: int = 3, during=None) -> LocalFederation:
+    """A whole run; `during(server, clients)` acts on it while it goes on."""
+    run = federation(env, clients)
     if during is not None:
-        during(server, workers)
-    assert server.wait(240) == 0, server.output
-    return server, workers
+        during(run.server, run.clients)
+    assert run.server.wait(240) == 0, run.server.output
+    return run
 
 
 def history(tmp_path: Path) -> list[dict]:
     return json.loads((tmp_path / "results" / "history.json").read_text())
 
 
-def test_server_killed_mid_run_resumes_with_strategy_state(spawn, data_dir: Path, tmp_path: Path) -> None:
+def test_server_killed_mid_run_resumes_with_strategy_state(spawn, federation, data_dir: Path, tmp_path: Path) -> None:
     """FedAdam keeps moments on the server; a resumed run must end where an undisturbed one does."""
     settings = {"STRATEGY": "fedadam", "SERVER_LEARNING_RATE": "0.01", "NUM_ROUNDS": "5", "LOCAL_EPOCHS": "4"}
     address = free_address()
     env = federation_env(data_dir, tmp_path / "calm", address, **settings)
-    run_federation(spawn, env)
+    run_federation(federation, env)
     calm_model, calm_meta = load_model(tmp_path / "calm" / "results" / "final_model.npz")
 
     address = free_address()
     env = federation_env(data_dir, tmp_path, address, **settings, CONNECT_TIMEOUT="60")
-    first = spawn(["server"], **env)
-    first.wait_for("listening on")
-    clients = [spawn(["client"], **env, CLIENT_NAME=f"client-{i}") for i in (1, 2, 3)]
+    interrupted = federation(env, 3)
+    first, clients = interrupted.server, interrupted.clients
     first.wait_for("round 3/5")
     first.popen.send_signal(signal.SIGKILL)
     first.wait()
@@ -68,26 +66,28 @@ def test_server_killed_mid_run_resumes_with_strategy_state(spawn, data_dir: Path
     assert all(np.array_equal(a, b) for a, b in zip(model, calm_model))
 
 
-def test_a_finished_run_or_other_settings_start_a_new_run(spawn, data_dir: Path, tmp_path: Path) -> None:
+def test_a_finished_run_or_other_settings_start_a_new_run(federation, data_dir: Path, tmp_path: Path) -> None:
     env = federation_env(data_dir, tmp_path, free_address(), NUM_ROUNDS="2", MIN_AVAILABLE_CLIENTS="2")
-    server, _ = run_federation(spawn, env, clients=2)
+    server = run_federation(federation, env, clients=2).server
     assert "resuming" not in server.output
-    again, _ = run_federation(spawn, {**env, "SERVER_LISTEN_ADDRESS": (a := free_address()), "SERVER_ADDRESS": a}, 2)
+    again = run_federation(
+        federation, {**env, "SERVER_LISTEN_ADDRESS": (a := free_address()), "SERVER_ADDRESS": a}, 2
+    ).server
     assert "resuming" not in again.output and "starting 2 rounds" in again.output
     previous = sorted((tmp_path / "results" / "previous").iterdir())
     assert len(previous) == 1 and (previous[0] / "final_model.npz").is_file()  # the first run is kept
     assert len(history(tmp_path)) == 2
 
 
-def test_a_client_killed_mid_round_does_not_stop_the_round(spawn, data_dir: Path, tmp_path: Path) -> None:
+def test_a_client_killed_mid_round_does_not_stop_the_round(federation, data_dir: Path, tmp_path: Path) -> None:
     env = federation_env(data_dir, tmp_path, free_address(), NUM_ROUNDS="6", LOCAL_EPOCHS="15", CLIENT_RESTARTS="1")
 
-    def kill_one_during_round_two(server: Proc, workers: list[Proc]) -> None:
+    def kill_one_during_round_two(server: Process, workers: list[Process]) -> None:
         server.wait_for("round 1/6")
         for pid in descendants(workers[0].popen.pid):  # the training process under the supervisor
             os.kill(pid, signal.SIGKILL)
 
-    _, workers = run_federation(spawn, env, during=kill_one_during_round_two)
+    workers = run_federation(federation, env, during=kill_one_during_round_two).clients
     rounds = history(tmp_path)
     assert rounds[1]["clients_failed"] == 1 and rounds[1]["clients_trained"] == 2
     assert "client crashed (killed by SIGKILL); restarting it (1 of 1)" in workers[0].output
@@ -95,7 +95,9 @@ def test_a_client_killed_mid_round_does_not_stop_the_round(spawn, data_dir: Path
     assert rounds[-1]["clients_evaluated"] == 3  # the restarted client is back by the end
 
 
-def test_killed_clients_cost_less_than_a_point_of_accuracy(spawn, digits_shards: Path, tmp_path: Path) -> None:
+def test_killed_clients_cost_less_than_a_point_of_accuracy(
+    spawn, federation, digits_shards: Path, tmp_path: Path
+) -> None:
     """Mean final accuracy over three seeds, with and without a client killed in round 2."""
     import shutil
 
@@ -111,12 +113,12 @@ def test_killed_clients_cost_less_than_a_point_of_accuracy(spawn, digits_shards:
                 data, place, free_address(), SEED=seed, NUM_ROUNDS="5", LOCAL_EPOCHS="10", CLIENT_RESTARTS="1"
             )
 
-            def kill(server: Proc, workers: list[Proc]) -> None:
+            def kill(server: Process, workers: list[Process]) -> None:
                 server.wait_for("round 1/5")
                 for pid in descendants(workers[1].popen.pid):
                     os.kill(pid, signal.SIGKILL)
 
-            run_federation(spawn, env, during=kill if kind == "disturbed" else None)
+            run_federation(federation, env, during=kill if kind == "disturbed" else None)
             outcomes[kind].append(history(place)[-1]["eval_accuracy"])
         shutil.rmtree(data)
     calm, disturbed = np.mean(outcomes["calm"]), np.mean(outcomes["disturbed"])

@@ -13,23 +13,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BASE_ENV, REPO, Proc, clean_env, federation_env, free_address, run_cli
+from conftest import BASE_ENV, REPO, federation_env, free_address, run_cli
+from launcher import clean_env
 from shared.modelfile import load_model
-
-
-def start_federation(spawn, env: dict[str, str], clients: int) -> tuple[Proc, list[Proc]]:
-    server = spawn(["server"], **env)
-    server.wait_for("listening on")
-    return server, [spawn(["client"], **env, CLIENT_NAME=f"client-{i}") for i in range(1, clients + 1)]
 
 
 def history(tmp_path: Path) -> list[dict]:
     return json.loads((tmp_path / "results" / "history.json").read_text())
 
 
-def test_three_clients_train_and_predict_agrees_with_the_server(spawn, data_dir: Path, tmp_path: Path) -> None:
+def test_three_clients_train_and_predict_agrees_with_the_server(
+    spawn, federation, data_dir: Path, tmp_path: Path
+) -> None:
     env = federation_env(data_dir, tmp_path, free_address())
-    server, clients = start_federation(spawn, env, 3)
+    run = federation(env, 3)
+    server, clients = run.server, run.clients
     assert server.wait() == 0, server.output
     assert [c.wait() for c in clients] == [0, 0, 0], [c.output for c in clients]
 
@@ -95,12 +93,15 @@ def test_default_settings_reach_095_accuracy_locally(tmp_path: Path) -> None:
     print(f"default local run: {elapsed:.1f} s, final accuracy {rounds[-1]['eval_accuracy']:.4f}")
 
 
-def test_client_beyond_max_clients_is_refused_with_the_reason(spawn, data_dir: Path, tmp_path: Path) -> None:
+def test_client_beyond_max_clients_is_refused_with_the_reason(
+    spawn, federation, data_dir: Path, tmp_path: Path
+) -> None:
     env = federation_env(
         data_dir, tmp_path, free_address(), MAX_CLIENTS="2", MIN_AVAILABLE_CLIENTS="2",
         NUM_ROUNDS="8", LOCAL_EPOCHS="25",
     )  # fmt: skip
-    server, clients = start_federation(spawn, env, 2)
+    run = federation(env, 2)
+    server, clients = run.server, run.clients
     server.wait_for(r"\(2 connected\)")
     extra = spawn(["client"], **env, CLIENT_NAME="latecomer")
     assert extra.wait(60) == 4
@@ -137,12 +138,13 @@ def test_server_gives_up_when_too_few_clients_come(spawn, tmp_path: Path, data_d
     ) in server.output
 
 
-def test_server_stops_waiting_when_clients_do_not_come_back(spawn, tmp_path: Path, data_dir: Path) -> None:
+def test_server_stops_waiting_when_clients_do_not_come_back(spawn, federation, tmp_path: Path, data_dir: Path) -> None:
     env = federation_env(
         data_dir, tmp_path, free_address(), MIN_AVAILABLE_CLIENTS="2", NUM_ROUNDS="50",
         REJOIN_TIMEOUT="3", LOCAL_EPOCHS="5",
     )  # fmt: skip
-    server, (_first, second) = start_federation(spawn, env, 2)
+    run = federation(env, 2)
+    server, (_first, second) = run.server, run.clients
     server.wait_for("round 2/50")
     second.popen.send_signal(signal.SIGKILL)
     assert server.wait(60) == 6
