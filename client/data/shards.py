@@ -39,14 +39,9 @@ def shard_name(index: int) -> str:
 
 
 def data_settings(settings: Settings) -> dict[str, Any]:
-    """The settings that decide what the shards contain; a change means other shards."""
-    names = ["dataset", "partition", "num_shards", "seed", "test_fraction", "min_shard_size", "max_examples"]
-    if settings.partition == "dirichlet":
-        names.append("dirichlet_alpha")
-    if settings.partition == "pathological":
-        names.append("labels_per_client")
-    if settings.dataset == "folder":
-        names += ["folder_path", "image_size", "image_channels"]
+    """The settings that decide what the shards contain (marked on the fields), leaving out those
+    these settings do not use; a change means other shards."""
+    names = [n for n in Settings.names_defining("data") if settings.matters_to_data(n)]
     return settings.fingerprint(tuple(names))
 
 
