@@ -228,7 +228,10 @@ def _failure_details(channel: grpc.Channel) -> str:
 
 
 def _handshake_message(endpoint: Endpoint, details: str) -> str:
-    reason = details.rsplit(": ", 1)[-1] if details else "no gRPC answer"
+    # gRPC's details end with the most specific reason, sometimes followed by a status word:
+    # "...: BAD_SIGNATURE: certificate signature failure: OK"
+    parts = [part.strip() for part in details.split(": ") if part.strip() not in ("", "OK")]
+    reason = parts[-1] if parts else "no gRPC answer"
     if endpoint.tls:
         return (
             f"TLS handshake with the server at {endpoint.address} failed ({reason}): check that the "
