@@ -15,6 +15,7 @@ from pathlib import Path
 
 from shared.errors import BadInput, ExitCode, FlowerpotError
 from shared.logs import prepare_flower_environment, setup_logging
+from shared.modelfile import FINAL_MODEL
 from shared.settings import Settings
 
 
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="classify images, or the shards' test splits, with a saved model")
     predict.add_argument("images", nargs="*", type=Path, help="PNG or JPEG files to classify")
-    predict.add_argument("--model", type=Path, default=None, help="model .npz (default: RESULTS_DIR/final_model.npz)")
+    predict.add_argument("--model", type=Path, default=None, help=f"model .npz (default: RESULTS_DIR/{FINAL_MODEL})")
     predict.add_argument(
         "--data-dir",
         type=Path,
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> 
         from client import predict
 
         predict.main(
-            model_path=args.model or settings.results_dir / "final_model.npz",
+            model_path=args.model or settings.results_dir / FINAL_MODEL,
             data_dir=args.data_dir or settings.data_dir,
             images=args.images,
             test_split=args.test_split,
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> 
 
         written = make_certs(
             settings.certs_dir,
-            args.client or [settings.client_name or "client"],
+            args.client or [settings.client_name],
             extra_hosts=tuple(h.strip() for h in settings.cert_hosts.split(",") if h.strip()),
             owner=_owner(args.owner),
             renew=args.renew,

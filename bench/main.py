@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib.metadata
 import logging
 import os
 import platform
@@ -161,7 +162,6 @@ def torch_build(kind: str) -> str:
 
 
 def machine() -> dict[str, Any]:
-    import flwr
     import torch
 
     with open("/proc/cpuinfo") as fh:
@@ -174,7 +174,7 @@ def machine() -> dict[str, Any]:
         "memory_gb": round(memory_gb, 1),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "flwr": flwr.__version__ if hasattr(flwr, "__version__") else "1.42.0",
+        "flwr": importlib.metadata.version("flwr"),  # what is installed, never a number written here
         "docker_engine": docker.stdout.strip() or "n/a",
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
     }

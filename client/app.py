@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from pathlib import Path
 
@@ -20,13 +19,11 @@ from client.model import build_model, get_weights, set_weights
 from shared.certs import Credential, join_proof
 from shared.errors import BadInput
 from shared.logs import tame_flower
-from shared.modelfile import save_model
+from shared.modelfile import FINAL_MODEL, save_model
 from shared.settings import Settings
 from shared.tls_files import bundle, check_pair, read_pem
 
 log = logging.getLogger("flowerpot.client")
-
-FINAL_MODEL = "final_model.npz"
 
 
 class FlowerpotClient(NumPyClient):
@@ -109,10 +106,6 @@ class FlowerpotClient(NumPyClient):
         log.info("kept the final global model in %s", path)
 
 
-def client_name(settings: Settings) -> str:
-    return settings.client_name or socket.gethostname()
-
-
 def run_client(settings: Settings) -> None:
     """Claim a shard, connect (with retries), train for the whole run, keep the final model."""
     tame_flower(settings.log_level)
@@ -130,7 +123,7 @@ def run_client(settings: Settings) -> None:
         client = FlowerpotClient(shard, settings, model_dir)
         endpoint = wiring.Endpoint(
             address=settings.server_address,
-            name=client_name(settings),
+            name=settings.client_name,
             max_message_bytes=settings.max_message_bytes,
             connect_timeout=settings.connect_timeout,
             **tls_options(settings),
@@ -143,7 +136,7 @@ def tls_options(settings: Settings) -> dict:
     """The server's CA (TLS_ENABLED) and the proof of this client's certificate (CLIENT_AUTH)."""
     if not settings.tls_enabled:
         return {}
-    own = bundle(settings.certs_dir, f"clients/{settings.client_name or 'client'}")
+    own = bundle(settings.certs_dir, f"clients/{settings.client_name}")
     ca_folder = own if (own / "ca.pem").is_file() else settings.certs_dir / "ca"
     options: dict = {"root_certificates": read_pem(ca_folder, "ca.pem")}
     if settings.client_auth == "certificate":

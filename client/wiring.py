@@ -3,8 +3,8 @@
 Flower 1.42's `start_client` presents no client certificate, gives up about 3 s after starting
 when the server is not up yet, and dies with StopIteration when the server refuses it. This
 module keeps Flower's protocol and message conversion (the `flwr.proto` stub, `flwr.common.serde`,
-a `Client` made from a NumPyClient) and adds bounded retries with backoff, a clear refusal, and
-TLS with an optional client certificate. It is the only client module that knows about gRPC.
+a `Client` made from a NumPyClient) and adds bounded retries with backoff (client/retry.py), a
+clear refusal, and TLS with an optional client certificate. It is the only client module that knows about gRPC.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from flwr.compat.client.client import Client
 from flwr.proto.transport_pb2 import ClientMessage, Reason, ServerMessage
 from flwr.proto.transport_pb2_grpc import FlowerServiceStub
 
+from client.retry import Backoff
 from shared.errors import BadInput, Refused, Unreachable
 from shared.metadata import CLIENT_NAME_KEY, PROOF_KEYS
 
 log = logging.getLogger("flowerpot.client")
 
 ATTEMPT_SECONDS = 10.0  # the longest one attempt waits for the channel to become ready
-MAX_BACKOFF = 5.0
 REFUSAL_CODES = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.PERMISSION_DENIED,
@@ -83,17 +83,17 @@ def run(client: Client, endpoint: Endpoint) -> None:
     Raises Unreachable when no connection is made within `connect_timeout` (counted afresh
     after every lost connection), Refused when the server turns this client away.
     """
-    deadline = time.monotonic() + endpoint.connect_timeout
-    delay, handshake_failures = 0.5, 0
+    backoff, handshake_failures = Backoff(endpoint.connect_timeout), 0
     while True:
         channel = _open_channel(endpoint)
         try:
-            wait = max(0.1, min(ATTEMPT_SECONDS, deadline - time.monotonic()))
+            wait = max(0.1, min(ATTEMPT_SECONDS, backoff.remaining()))
             if _ready(channel, wait):
                 if _serve(client, channel, endpoint):
                     return
                 log.warning("lost the connection to the server at %s; reconnecting", endpoint.address)
-                deadline, delay, handshake_failures = time.monotonic() + endpoint.connect_timeout, 0.5, 0
+                backoff.restart()
+                handshake_failures = 0
                 continue
             problem = _tcp_problem(endpoint.address)
             details = _failure_details(channel) if problem is None else ""
@@ -106,7 +106,8 @@ def run(client: Client, endpoint: Endpoint) -> None:
             problem = f"it accepts connections, but the handshake failed: {details or 'no gRPC answer'}"
         else:
             handshake_failures = 0
-        if time.monotonic() + delay > deadline:
+        delay = backoff.next_delay()
+        if delay is None:
             raise Unreachable(
                 f"the server at SERVER_ADDRESS={endpoint.address} was not reachable within "
                 f"CONNECT_TIMEOUT={endpoint.connect_timeout:g} s ({problem}): "
@@ -119,7 +120,6 @@ def run(client: Client, endpoint: Endpoint) -> None:
             delay,
         )
         time.sleep(delay)
-        delay = min(delay * 2, MAX_BACKOFF)
 
 
 def _open_channel(endpoint: Endpoint) -> grpc.Channel:
@@ -228,7 +228,10 @@ def _failure_details(channel: grpc.Channel) -> str:
 
 
 def _handshake_message(endpoint: Endpoint, details: str) -> str:
-    reason = details.rsplit(": ", 1)[-1] if details else "no gRPC answer"
+    # gRPC's details end with the most specific reason, sometimes followed by a status word:
+    # "...: BAD_SIGNATURE: certificate signature failure: OK"
+    parts = [part.strip() for part in details.split(": ") if part.strip() not in ("", "OK")]
+    reason = parts[-1] if parts else "no gRPC answer"
     if endpoint.tls:
         return (
             f"TLS handshake with the server at {endpoint.address} failed ({reason}): check that the "

@@ -20,14 +20,13 @@ import numpy as np
 from flwr.common import Parameters, ndarrays_to_parameters
 
 from shared.errors import BadInput
-from shared.modelfile import save_model, to_npy, write_json, write_npz
+from shared.modelfile import FINAL_MODEL, save_model, to_npy, write_json, write_npz
 
 log = logging.getLogger("flowerpot.server")
 
 CHECKPOINT = "checkpoint.npz"  # rewritten after every round: what a restarted server resumes from
 PREVIOUS = "previous"  # earlier runs' results, moved aside when a new run starts
 GLOBAL_MODEL = "global_model.npz"  # rewritten after every round
-FINAL_MODEL = "final_model.npz"
 HISTORY_JSON = "history.json"
 HISTORY_CSV = "history.csv"
 HISTORY_PLOT = "history.png"

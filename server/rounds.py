@@ -25,14 +25,9 @@ from shared.settings import Settings
 log = logging.getLogger("flowerpot.server")
 
 DISCONNECT_TIMEOUT = 10.0
-# The settings that make a run what it is: a checkpoint is resumed only when they all match.
-RUN_SETTINGS = (
-    "num_rounds", "strategy", "fraction_fit", "fraction_evaluate", "min_fit_clients", "min_evaluate_clients",
-    "min_available_clients", "proximal_mu", "server_learning_rate", "server_momentum", "beta_1", "beta_2", "tau",
-    "trim_fraction", "krum_malicious_clients", "krum_clients_to_keep", "local_epochs", "batch_size",
-    "learning_rate", "dataset", "folder_path", "image_size", "image_channels", "partition", "dirichlet_alpha",
-    "labels_per_client", "num_shards", "min_shard_size", "test_fraction", "max_examples", "seed",
-)  # fmt: skip
+# The settings that make a run what it is (marked on the fields): a checkpoint is resumed only
+# when they all match.
+RUN_SETTINGS = Settings.names_defining("run")
 INITIAL_PARAMETER_TRIES = 3
 
 

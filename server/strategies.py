@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,7 @@ from shared.settings import Settings
 
 log = logging.getLogger("flowerpot.server")
 
-Results = list[tuple[ClientProxy, FitRes]]
+FitResults = list[tuple[ClientProxy, FitRes]]
 Failures = list[tuple[ClientProxy, FitRes] | BaseException]
 
 
@@ -52,8 +53,8 @@ def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
         "fraction_evaluate": s.fraction_evaluate,
         "min_fit_clients": s.min_fit_clients,
         "min_evaluate_clients": s.min_evaluate_clients,
-        # MIN_AVAILABLE_CLIENTS gates the start (server.loop); within the run a round goes
-        # ahead as soon as MIN_FIT_CLIENTS are there.
+        # MIN_AVAILABLE_CLIENTS gates the start (Federation.wait_for_start in server/rounds.py);
+        # within the run a round goes ahead as soon as MIN_FIT_CLIENTS are there.
         "min_available_clients": s.min_fit_clients,
         "on_fit_config_fn": fit_config,
         "on_evaluate_config_fn": evaluate_config,
@@ -82,7 +83,7 @@ def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
             num_clients_to_keep=s.krum_clients_to_keep,
         ),
     }
-    return GuardedStrategy(builders[s.strategy](), initial, s.num_rounds)
+    return GuardedStrategy(builders[s.strategy](), initial, s.num_rounds, evaluate_config)
 
 
 def _given(**knobs: float | None) -> dict[str, float]:
@@ -121,8 +122,14 @@ class GuardedStrategy(Strategy):
     - Results are aggregated in a stable order, so that runs with the same SEED agree.
     """
 
-    def __init__(self, inner: Strategy, initial: Parameters, num_rounds: int) -> None:
-        self.inner, self.num_rounds = inner, num_rounds
+    def __init__(
+        self,
+        inner: Strategy,
+        initial: Parameters,
+        num_rounds: int,
+        evaluate_config: Callable[[int], dict[str, Scalar]] = lambda _: {},
+    ) -> None:
+        self.inner, self.num_rounds, self.evaluate_config = inner, num_rounds, evaluate_config
         self.reference = [TensorLayout.of(t) for t in initial.tensors]
         self.refused: list[tuple[ClientProxy, str]] = []  # of the latest round
 
@@ -138,10 +145,10 @@ class GuardedStrategy(Strategy):
         return self.inner.configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(
-        self, server_round: int, results: Results, failures: Failures
+        self, server_round: int, results: FitResults, failures: Failures
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         self.refused = []
-        sound: Results = []
+        sound: FitResults = []
         for proxy, res in results:
             problem = self.problem(res)
             if problem is None:
@@ -188,10 +195,13 @@ class GuardedStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         instructions = self.inner.configure_evaluate(server_round, parameters, client_manager)
-        if server_round == self.num_rounds and instructions:
-            ins = instructions[0][1]
-            return [(proxy, ins) for proxy in client_manager.all().values()]
-        return instructions
+        if server_round != self.num_rounds:
+            return instructions
+        # The last round evaluates on every connected client, also with FRACTION_EVALUATE=0 (when
+        # Flower's strategies give no instructions at all): the run's final accuracy covers all
+        # shards, and every client keeps the final model.
+        ins = instructions[0][1] if instructions else EvaluateIns(parameters, self.evaluate_config(server_round))
+        return [(proxy, ins) for proxy in client_manager.all().values()]
 
     def aggregate_evaluate(
         self,

@@ -17,6 +17,8 @@ import numpy as np
 
 from shared.errors import BadInput
 
+FINAL_MODEL = "final_model.npz"  # the model after the last round: in RESULTS_DIR and each client's folder
+
 
 def sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
@@ -76,6 +78,8 @@ def load_model(path: Path) -> tuple[list[np.ndarray], dict[str, Any]]:
 
 
 def write_json(path: Path, data: Any) -> None:
+    """The one JSON writer (model sidecars, history, shard manifests): written beside the target
+    and renamed over it, so a reader, or a process killed mid-write, never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)

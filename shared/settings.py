@@ -1,17 +1,24 @@
 """Every Flowerpot setting, read from the environment (and an optional .env file) in one place.
 
-Each field's description is the text shown to the user as "allowed" when a value is rejected,
-so a bad value always produces one line that names the variable, the value and the fix.
+Each field says, where it is declared, everything the rest of the code needs to know about it:
+- its bounds, written once: the "allowed" text shown when a value is rejected is derived from
+  them, so a bad value produces one line that names the variable, the value and the true fix;
+- whether it defines the run (a checkpoint is resumed only when all of these match) and whether
+  it defines the data (shards are reused only when all of these match). The lists of names are
+  derived from these marks, so a new setting cannot be left out of them by forgetting a list.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import Field, ValidationError, field_validator
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import BadInput
@@ -32,16 +39,81 @@ Partition = Literal["iid", "dirichlet", "pathological"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 ClientAuth = Literal["none", "certificate"]
 
+DEFAULT_CLIENT_NAME = "client"
 
 _HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})")
 
 
+class Defines(enum.Flag):
+    """What a setting defines. NOTHING is a conscious choice too: every field must say one."""
+
+    NOTHING = 0
+    RUN = enum.auto()  # another value is another run: a checkpoint made with it is not resumed
+    DATA_ONLY = enum.auto()  # use DATA, which also defines the run
+
+
+NOTHING, RUN = Defines.NOTHING, Defines.RUN
+DATA = Defines.DATA_ONLY | Defines.RUN  # other shards are another run, too
+_KINDS = {"run": Defines.RUN, "data": Defines.DATA_ONLY}
+
+
+def setting(
+    default: Any,
+    defines: Defines,
+    *,
+    allowed: str | None = None,
+    when: tuple[str, str] | None = None,
+    unit: str | None = None,
+    note: str | None = None,
+    **bounds: float,
+) -> Any:
+    """A settings field with its marks. A number gives only its bounds (ge, gt, le, lt): its
+    "allowed" text is derived from them and from its type (see `allowed_text`); other fields
+    say it in `allowed`. `when=(name, value)`: the setting shapes the data only while setting
+    `name` has `value` (DIRICHLET_ALPHA shapes only dirichlet shards)."""
+    extra: dict[str, Any] = {"defines": [k for k, flag in _KINDS.items() if flag in defines]}
+    if when is not None:
+        extra["when"] = list(when)
+    extra.update({k: v for k, v in {"unit": unit, "note": note}.items() if v is not None})
+    return Field(default, description=allowed, json_schema_extra=extra, **bounds)
+
+
+def allowed_text(field: FieldInfo) -> str:
+    """What a number field accepts, in words, from its type and bounds: "a whole number from 1
+    to 1000", "a number > 0 and <= 1", "seconds > 0", with ", or empty" when it may be empty.
+    A whole number's > and < read as >= and <= of the next whole number."""
+    kinds = get_args(field.annotation) or (field.annotation,)
+    whole = int in kinds
+    bounds: dict[str, Any] = {}
+    for item in field.metadata:
+        for key, kind in (("ge", Ge), ("gt", Gt), ("le", Le), ("lt", Lt)):
+            if isinstance(item, kind):
+                bounds[key] = getattr(item, key)
+    if whole and "gt" in bounds:
+        bounds["ge"] = bounds.pop("gt") + 1
+    if whole and "lt" in bounds:
+        bounds["le"] = bounds.pop("lt") - 1
+    marks = _marks(field)
+    noun = marks.get("unit") or ("a whole number" if whole else "a number")
+    if "ge" in bounds and "le" in bounds:
+        text = f"{noun} from {bounds['ge']} to {bounds['le']}"
+    else:
+        symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+        low = [f"{symbols[k]} {bounds[k]}" for k in ("ge", "gt") if k in bounds]
+        high = [f"{symbols[k]} {bounds[k]}" for k in ("le", "lt") if k in bounds]
+        text = " ".join([noun, " and ".join(low + high)]).strip()
+    if marks.get("note"):
+        text += f" ({marks['note']})"
+    return text + (", or empty" if type(None) in kinds else "")
+
+
+def _marks(field: FieldInfo) -> dict[str, Any]:
+    extra = field.json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
 def _one_of(kind: Any) -> str:
     return "one of " + ", ".join(get_args(kind))
-
-
-def _whole(low: int, high: int | None = None) -> str:
-    return f"a whole number from {low} to {high}" if high else f"a whole number >= {low}"
 
 
 class Settings(BaseSettings):
@@ -56,71 +128,75 @@ class Settings(BaseSettings):
     )
 
     # Federation
-    num_rounds: int = Field(5, ge=1, le=100_000, description=_whole(1, 100_000))
-    fraction_fit: float = Field(1.0, gt=0, le=1, description="a number > 0 and <= 1")
-    fraction_evaluate: float = Field(1.0, ge=0, le=1, description="a number from 0 to 1")
-    min_fit_clients: int = Field(2, ge=1, description=_whole(1))
-    min_evaluate_clients: int = Field(2, ge=0, description=_whole(0))
-    min_available_clients: int = Field(3, ge=1, description=_whole(1))
-    max_clients: int = Field(10, ge=1, le=10_000, description=_whole(1, 10_000))
-    allowed_clients: str = Field("", description="a comma-separated list of client names (empty: any client)")
+    num_rounds: int = setting(5, RUN, ge=1, le=100_000)
+    fraction_fit: float = setting(1.0, RUN, gt=0, le=1)
+    fraction_evaluate: float = setting(1.0, RUN, ge=0, le=1)
+    min_fit_clients: int = setting(2, RUN, ge=1)
+    min_evaluate_clients: int = setting(2, RUN, ge=0)
+    min_available_clients: int = setting(3, RUN, ge=1)
+    max_clients: int = setting(10, NOTHING, ge=1, le=10_000)
+    allowed_clients: str = setting("", NOTHING, allowed="a comma-separated list of client names (empty: any client)")
 
     # Strategy and its knobs (empty means the Flower strategy's own default)
-    strategy: Strategy = Field("fedavg", description=_one_of(Strategy))
-    proximal_mu: float = Field(0.1, ge=0, description="a number >= 0")
-    server_learning_rate: float | None = Field(None, gt=0, description="a number > 0, or empty")
-    server_momentum: float = Field(0.9, ge=0, lt=1, description="a number >= 0 and < 1")
-    beta_1: float | None = Field(None, ge=0, lt=1, description="a number >= 0 and < 1, or empty")
-    beta_2: float | None = Field(None, ge=0, lt=1, description="a number >= 0 and < 1, or empty")
-    tau: float | None = Field(None, gt=0, description="a number > 0, or empty")
-    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="a number >= 0 and < 0.5")
-    krum_malicious_clients: int = Field(0, ge=0, description=_whole(0))
-    krum_clients_to_keep: int = Field(0, ge=0, description=_whole(0))
+    strategy: Strategy = setting("fedavg", RUN, allowed=_one_of(Strategy))
+    proximal_mu: float = setting(0.1, RUN, ge=0)
+    server_learning_rate: float | None = setting(None, RUN, gt=0)
+    server_momentum: float = setting(0.9, RUN, ge=0, lt=1)
+    beta_1: float | None = setting(None, RUN, ge=0, lt=1)
+    beta_2: float | None = setting(None, RUN, ge=0, lt=1)
+    tau: float | None = setting(None, RUN, gt=0)
+    trim_fraction: float = setting(0.2, RUN, ge=0, lt=0.5)
+    krum_malicious_clients: int = setting(0, RUN, ge=0)
+    krum_clients_to_keep: int = setting(0, RUN, ge=0)
 
     # Local training
-    local_epochs: int = Field(3, ge=1, le=1000, description=_whole(1, 1000))
-    batch_size: int = Field(32, ge=1, le=65_536, description=_whole(1, 65_536))
-    learning_rate: float = Field(0.05, gt=0, le=10, description="a number > 0 and <= 10")
-    client_restarts: int = Field(0, ge=0, le=100, description=_whole(0, 100))
-    torch_threads: int = Field(1, ge=1, le=256, description=_whole(1, 256))
+    local_epochs: int = setting(3, RUN, ge=1, le=1000)
+    batch_size: int = setting(32, RUN, ge=1, le=65_536)
+    learning_rate: float = setting(0.05, RUN, gt=0, le=10)
+    client_restarts: int = setting(0, NOTHING, ge=0, le=100)
+    torch_threads: int = setting(1, NOTHING, ge=1, le=256)
 
     # Data
-    dataset: Dataset = Field("digits", description=_one_of(Dataset))
-    folder_path: Path | None = Field(None, description="a folder with one sub-folder of images per class")
-    image_size: int = Field(32, ge=4, le=512, description=_whole(4, 512))
-    image_channels: int = Field(3, description="1 (grayscale) or 3 (RGB)")
-    partition: Partition = Field("iid", description=_one_of(Partition))
-    dirichlet_alpha: float = Field(0.5, gt=0, le=1000, description="a number > 0")
-    labels_per_client: int = Field(2, ge=1, description=_whole(1))
-    num_shards: int = Field(3, ge=1, le=10_000, description=_whole(1, 10_000))
-    min_shard_size: int = Field(20, ge=2, description=_whole(2))
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="a number > 0 and < 1")
-    max_examples: int = Field(0, ge=0, description="a whole number >= 0 (0: all)")
-    seed: int = Field(42, ge=0, le=2**32 - 1, description=_whole(0, 2**32 - 1))
-    shard_id: int | None = Field(None, ge=0, description="a shard number >= 0, or empty")
+    dataset: Dataset = setting("digits", DATA, allowed=_one_of(Dataset))
+    folder_path: Path | None = setting(
+        None, DATA, when=("dataset", "folder"), allowed="a folder with one sub-folder of images per class"
+    )
+    image_size: int = setting(32, DATA, when=("dataset", "folder"), ge=4, le=512)
+    image_channels: int = setting(3, DATA, when=("dataset", "folder"), allowed="1 (grayscale) or 3 (RGB)")
+    partition: Partition = setting("iid", DATA, allowed=_one_of(Partition))
+    dirichlet_alpha: float = setting(0.5, DATA, when=("partition", "dirichlet"), gt=0, le=1000)
+    labels_per_client: int = setting(2, DATA, when=("partition", "pathological"), ge=1)
+    num_shards: int = setting(3, DATA, ge=1, le=10_000)
+    min_shard_size: int = setting(20, DATA, ge=2)
+    test_fraction: float = setting(0.2, DATA, gt=0, lt=1)
+    max_examples: int = setting(0, DATA, ge=0, note="0: all")
+    seed: int = setting(42, DATA, ge=0, le=2**32 - 1)
+    shard_id: int | None = setting(None, NOTHING, ge=0)
 
     # Places
-    data_dir: Path = Field(Path("data"), description="a folder path")
-    download_dir: Path | None = Field(None, description="a folder path, or empty")
-    results_dir: Path = Field(Path("results"), description="a folder path")
-    server_listen_address: str = Field("0.0.0.0:8080", description="HOST:PORT with a port from 1 to 65535")
-    server_address: str = Field("server:8080", description="HOST:PORT with a port from 1 to 65535")
-    max_message_mb: int = Field(512, ge=1, le=2047, description=_whole(1, 2047))
+    data_dir: Path = setting(Path("data"), NOTHING, allowed="a folder path")
+    download_dir: Path | None = setting(None, NOTHING, allowed="a folder path, or empty")
+    results_dir: Path = setting(Path("results"), NOTHING, allowed="a folder path")
+    server_listen_address: str = setting("0.0.0.0:8080", NOTHING, allowed="HOST:PORT with a port from 1 to 65535")
+    server_address: str = setting("server:8080", NOTHING, allowed="HOST:PORT with a port from 1 to 65535")
+    max_message_mb: int = setting(512, NOTHING, ge=1, le=2047)
 
     # Waits, in seconds; none is unbounded
-    start_timeout: float = Field(120, gt=0, description="seconds > 0")
-    rejoin_timeout: float = Field(60, gt=0, description="seconds > 0")
-    round_timeout: float = Field(600, gt=0, description="seconds > 0")
-    connect_timeout: float = Field(60, gt=0, description="seconds > 0")
+    start_timeout: float = setting(120, NOTHING, gt=0, unit="seconds")
+    rejoin_timeout: float = setting(60, NOTHING, gt=0, unit="seconds")
+    round_timeout: float = setting(600, NOTHING, gt=0, unit="seconds")
+    connect_timeout: float = setting(60, NOTHING, gt=0, unit="seconds")
 
     # Security
-    tls_enabled: bool = Field(False, description="true or false")
-    client_auth: ClientAuth = Field("none", description=_one_of(ClientAuth))
-    certs_dir: Path = Field(Path("certs"), description="a folder path")
-    cert_hosts: str = Field("", description="a comma-separated list of extra DNS names or IPs for the server")
-    client_name: str = Field("", description="a client name (the certificate to use)")
+    tls_enabled: bool = setting(False, NOTHING, allowed="true or false")
+    client_auth: ClientAuth = setting("none", NOTHING, allowed=_one_of(ClientAuth))
+    certs_dir: Path = setting(Path("certs"), NOTHING, allowed="a folder path")
+    cert_hosts: str = setting("", NOTHING, allowed="a comma-separated list of extra DNS names or IPs for the server")
+    # The name a client gives the server, and with TLS the bundle CERTS_DIR/clients/NAME it uses:
+    # one default for both, the same as `flowerpot certs` and docker-compose.yml use.
+    client_name: str = setting(DEFAULT_CLIENT_NAME, NOTHING, allowed="a client name (the certificate to use)")
 
-    log_level: LogLevel = Field("INFO", description=_one_of(LogLevel))
+    log_level: LogLevel = setting("INFO", NOTHING, allowed=_one_of(LogLevel))
 
     @field_validator("strategy", "dataset", "partition", "client_auth", mode="before")
     @classmethod
@@ -163,14 +239,15 @@ class Settings(BaseSettings):
     def load(cls, env_file: str | os.PathLike[str] | None = None) -> Settings:
         """Read and validate; any bad value raises BadInput with a one-line message."""
         try:
-            settings = cls(_env_file=env_file)  # type: ignore[call-arg]
+            return cls(_env_file=env_file)  # type: ignore[call-arg]
         except ValidationError as exc:
             raise BadInput(_describe(exc)) from None
-        settings.check_consistency()
-        return settings
 
-    def check_consistency(self) -> None:
-        """Rules that tie settings together; each failure names both variables."""
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        """Rules that tie settings together, checked for every Settings however it is made;
+        each failure names both variables. BadInput is not a ValueError, so pydantic lets it
+        through as it is: the one line the user sees."""
         rules = [
             (
                 self.min_fit_clients <= self.min_available_clients,
@@ -212,11 +289,32 @@ class Settings(BaseSettings):
         for ok, problem, fix in rules:
             if not ok:
                 raise BadInput(f"{problem}: {fix} (in .env or the environment)")
+        return self
+
+    @classmethod
+    def names_defining(cls, kind: Literal["run", "data"]) -> tuple[str, ...]:
+        """The fields marked as defining the run, or the data, in declaration order."""
+        return tuple(name for name, field in cls.model_fields.items() if kind in _marks(field).get("defines", ()))
+
+    def matters_to_data(self, name: str) -> bool:
+        """False for a data setting that these settings do not use (DIRICHLET_ALPHA without
+        PARTITION=dirichlet), so that changing it does not make other shards."""
+        when = _marks(type(self).model_fields[name]).get("when")
+        return when is None or getattr(self, when[0]) == when[1]
 
     def fingerprint(self, names: tuple[str, ...]) -> dict[str, Any]:
         """The named settings as JSON-friendly values, to compare two runs or two data sets."""
         values = {n: getattr(self, n) for n in names}
         return {n: str(v) if isinstance(v, Path) else v for n, v in values.items()}
+
+
+# Numbers say their bounds once, in the field; their "allowed" text is made from them here. A
+# field declared without `setting` has said nothing about the run and the data: a bug, caught here.
+for _name, _field in Settings.model_fields.items():
+    if "defines" not in _marks(_field):
+        raise TypeError(f"Settings.{_name} is not declared with setting(default, RUN | DATA | NOTHING, ...)")
+    if _field.description is None:
+        _field.description = allowed_text(_field)
 
 
 def _describe(exc: ValidationError) -> str:

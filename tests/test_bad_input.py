@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from conftest import free_address, run_cli
+
+# A case's setup arranges what the command will meet (files, a busy port, claimed shards) inside
+# tmp_path; whatever must stay open while the command runs goes on the ExitStack, which the
+# `held` fixture closes afterwards. It returns settings to add to the command's environment.
+Setup = Callable[[Path, ExitStack], dict[str, str]]
 
 
 @dataclass
@@ -21,27 +27,58 @@ class Case:
     env: dict[str, str]
     code: int
     message: str
-    setup: Callable[[Path], None] | None = None
-    env_from: Callable[[Path], dict[str, str]] = field(default=lambda _: {})
+    setup: Setup = field(default=lambda _tmp, _held: {})
 
 
-def corrupt(relative: str, content: bytes = b"garbage") -> Callable[[Path], None]:
-    return lambda tmp: (tmp / "data" / relative).write_bytes(content)
+def corrupt(relative: str, content: bytes = b"garbage") -> Setup:
+    def setup(tmp: Path, _held: ExitStack) -> dict[str, str]:
+        (tmp / "data" / relative).write_bytes(content)
+        return {}
+
+    return setup
 
 
-def remove(relative: str) -> Callable[[Path], None]:
-    return lambda tmp: (tmp / "data" / relative).unlink()
+def remove(relative: str) -> Setup:
+    def setup(tmp: Path, _held: ExitStack) -> dict[str, str]:
+        (tmp / "data" / relative).unlink()
+        return {}
+
+    return setup
 
 
-def occupy_port(tmp: Path) -> None:
-    sock = socket.socket()
+def make(path: str, file: bool = False) -> Setup:
+    def setup(tmp: Path, _held: ExitStack) -> dict[str, str]:
+        (tmp / path).write_text("x") if file else (tmp / path).mkdir()
+        return {}
+
+    return setup
+
+
+def occupied_port(tmp: Path, held: ExitStack) -> dict[str, str]:
+    """A port that a listening socket holds while the server tries to bind it."""
+    sock = held.enter_context(socket.socket())
     sock.bind(("127.0.0.1", 0))
     sock.listen()
-    BUSY.append(sock)
-    (tmp / "busy-port").write_text(str(sock.getsockname()[1]))
+    return {"SERVER_LISTEN_ADDRESS": f"127.0.0.1:{sock.getsockname()[1]}"}
 
 
-BUSY: list[socket.socket] = []
+def address_of_nothing(tmp: Path, held: ExitStack) -> dict[str, str]:
+    return {"SERVER_ADDRESS": free_address()}
+
+
+def listen_somewhere_free(tmp: Path, held: ExitStack) -> dict[str, str]:
+    return {"SERVER_LISTEN_ADDRESS": free_address()}
+
+
+def all_shards_claimed(tmp: Path, held: ExitStack) -> dict[str, str]:
+    """Another process's claims: held by this test process until the command has run."""
+    from client.claim import claim_shard
+
+    for _ in range(3):
+        held.enter_context(claim_shard(tmp / "data"))
+    return {}
+
+
 ONE_SHARD = {"NUM_SHARDS": "1", "MIN_AVAILABLE_CLIENTS": "1", "MIN_FIT_CLIENTS": "1", "MIN_EVALUATE_CLIENTS": "1"}
 CLIENT = {"CONNECT_TIMEOUT": "2"}
 
@@ -122,7 +159,7 @@ CASES = [
         {"DATA_DIR": "empty"},
         2,
         "DATA_DIR=empty holds no shards",
-        lambda t: (t / "empty").mkdir(),
+        make("empty"),
     ),
     Case(
         "shard-corrupt",
@@ -141,7 +178,7 @@ CASES = [
         "shard.json is corrupt",
         corrupt("shard_000/shard.json", b"{"),
     ),
-    Case("no-free-shard", ["client"], {}, 3, "all 3 shards in DATA_DIR=data are claimed", None),
+    Case("no-free-shard", ["client"], {}, 3, "all 3 shards in DATA_DIR=data are claimed", all_shards_claimed),
     Case(
         "shards-of-other-settings",
         ["prepare"],
@@ -177,7 +214,7 @@ CASES = [
         {"RESULTS_DIR": "a-file/results"},
         2,
         "RESULTS_DIR=a-file/results cannot be written (Not a directory)",
-        lambda t: (t / "a-file").write_text("x"),
+        make("a-file", file=True),
     ),
     Case(
         "port-in-use",
@@ -185,8 +222,7 @@ CASES = [
         {},
         2,
         "cannot be bound (the port is in use",
-        occupy_port,
-        lambda t: {"SERVER_LISTEN_ADDRESS": f"127.0.0.1:{(t / 'busy-port').read_text()}"},
+        occupied_port,
     ),
     Case(
         "address-does-not-resolve",
@@ -201,8 +237,7 @@ CASES = [
         CLIENT,
         5,
         "was not reachable within CONNECT_TIMEOUT=2 s (connection refused)",
-        None,
-        lambda _: {"SERVER_ADDRESS": free_address()},
+        address_of_nothing,
     ),
     Case(
         "tls-without-certificates",
@@ -224,8 +259,7 @@ CASES = [
         {"START_TIMEOUT": "1"},
         6,
         "only 0 of MIN_AVAILABLE_CLIENTS=3 clients connected within START_TIMEOUT=1 s",
-        None,
-        lambda _: {"SERVER_LISTEN_ADDRESS": free_address()},
+        listen_somewhere_free,
     ),
     # other commands
     Case(
@@ -239,29 +273,21 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_gives_one_clear_line_and_its_status(case: Case, tmp_path: Path, digits_shards: Path) -> None:
-    shutil.copytree(digits_shards, tmp_path / "data")
-    if case.setup is not None:
-        case.setup(tmp_path)
-    claims = []
-    if case.name == "no-free-shard":
-        from client.claim import claim_shard
+@pytest.fixture
+def held() -> Iterator[ExitStack]:
+    """What a case's setup keeps open (sockets, shard claims) while the command runs."""
+    with ExitStack() as stack:
+        yield stack
 
-        claims = [claim_shard(tmp_path / "data") for _ in range(3)]
-        for claim in claims:
-            claim.__enter__()
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gives_one_clear_line_and_its_status(
+    case: Case, tmp_path: Path, digits_shards: Path, held: ExitStack
+) -> None:
+    shutil.copytree(digits_shards, tmp_path / "data")
+    extra = case.setup(tmp_path, held)
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*"))
-    try:
-        result = run_cli(
-            case.args, cwd=tmp_path, timeout=60, **{"DATA_DIR": "data", **case.env, **case.env_from(tmp_path)}
-        )
-    finally:
-        for claim in claims:
-            claim.__exit__(None, None, None)
-        for sock in BUSY:
-            sock.close()
-        BUSY.clear()
+    result = run_cli(case.args, cwd=tmp_path, timeout=60, **{"DATA_DIR": "data", **case.env, **extra})
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert result.returncode == case.code, result.stderr
     assert len(errors) == 1, result.stderr
@@ -270,5 +296,6 @@ def test_bad_input_gives_one_clear_line_and_its_status(case: Case, tmp_path: Pat
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*")) == before  # nothing lost
 
 
-def test_the_table_is_long_enough() -> None:
-    assert len(CASES) >= 25
+def test_case_names_are_unique() -> None:
+    names = [c.name for c in CASES]
+    assert len(names) == len(set(names))

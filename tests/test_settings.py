@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic.fields import FieldInfo
 
 from conftest import REPO, run_cli
 from shared.errors import BadInput
@@ -98,3 +102,99 @@ def test_bad_value_in_env_file_names_it(tmp_path: Path) -> None:
     result = run_cli(["server"], cwd=tmp_path, timeout=30)
     assert result.returncode == 2
     assert "FRACTION_FIT='1.5' is not valid" in result.stderr
+
+
+def test_every_setting_says_whether_it_defines_the_run_or_the_data() -> None:
+    """A new field must be declared with `setting(default, RUN | DATA | NOTHING)`; a field left
+    unmarked would silently resume another run or reuse other shards."""
+    unmarked = [
+        name
+        for name, field in Settings.model_fields.items()
+        if not isinstance(field.json_schema_extra, dict) or "defines" not in field.json_schema_extra
+    ]
+    assert unmarked == []
+    run, data = set(Settings.names_defining("run")), set(Settings.names_defining("data"))
+    assert data <= run  # other shards are another run
+    assert {"num_rounds", "strategy", "learning_rate", "seed"} <= run
+    assert {"dataset", "partition", "num_shards", "seed", "dirichlet_alpha"} <= data
+    assert not {"data_dir", "results_dir", "server_address", "connect_timeout", "log_level"} & run
+
+
+def test_the_run_and_data_fingerprints_come_from_the_marks() -> None:
+    from client.data.shards import data_settings
+    from server.rounds import RUN_SETTINGS
+
+    assert Settings.names_defining("run") == RUN_SETTINGS
+    iid = data_settings(Settings())
+    assert set(iid) == set(Settings.names_defining("data")) - {
+        "dirichlet_alpha",
+        "labels_per_client",
+        "folder_path",
+        "image_size",
+        "image_channels",
+    }
+    assert data_settings(Settings(partition="iid", dirichlet_alpha=0.1)) == iid  # unused: same shards
+    assert data_settings(Settings(partition="dirichlet", dirichlet_alpha=0.1))["dirichlet_alpha"] == 0.1
+    assert "labels_per_client" in data_settings(Settings(partition="pathological"))
+
+
+def _just_outside(field: FieldInfo, bound: object) -> tuple[str, str]:
+    """A value just outside one bound of a field, and a pattern for the words that state it."""
+    whole = int in (get_args(field.annotation) or (field.annotation,))
+    step = 1 if whole else 1e-9
+    if isinstance(bound, Ge | Gt):
+        low = bound.ge if isinstance(bound, Ge) else bound.gt
+        value = low - step if isinstance(bound, Ge) else low
+        if isinstance(bound, Gt) and not whole:
+            return repr(value), rf"> {low}\b"
+        low = low if isinstance(bound, Ge) else low + 1
+        return repr(value), rf"(>=|from) {low}\b"
+    assert isinstance(bound, Le | Lt), bound
+    high = bound.le if isinstance(bound, Le) else bound.lt
+    value = high + step if isinstance(bound, Le) else high
+    if isinstance(bound, Lt) and not whole:
+        return repr(value), rf"< {high}\b"
+    high = high if isinstance(bound, Le) else high - 1
+    return repr(value), rf"(<=|to) {high}\b"
+
+
+BOUNDED = [
+    (name, *_just_outside(field, bound))
+    for name, field in Settings.model_fields.items()
+    for bound in field.metadata
+    if isinstance(bound, Ge | Gt | Le | Lt)
+]
+
+
+def test_the_bounds_walk_covers_every_bounded_setting() -> None:
+    assert {n for n, *_ in BOUNDED} >= {"num_rounds", "dirichlet_alpha", "trim_fraction", "seed", "connect_timeout"}
+
+
+@pytest.mark.parametrize(("name", "value", "words"), BOUNDED, ids=[f"{n}={v}" for n, v, _ in BOUNDED])
+def test_each_bound_is_refused_with_a_message_true_to_it(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, words: str
+) -> None:
+    """The value just outside each bound is refused, and the message states that very bound
+    (DIRICHLET_ALPHA once said "a number > 0" while it refused 1000.1)."""
+    monkeypatch.setenv(name.upper(), value)
+    with pytest.raises(BadInput) as caught:
+        Settings.load()
+    message = str(caught.value)
+    assert message.startswith(f"{name.upper()}={value!r} is not valid: use ")
+    assert re.search(words, message.split(" is not valid: use ", 1)[1]), message
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"min_fit_clients": 4}, "MIN_FIT_CLIENTS=4 is above MIN_AVAILABLE_CLIENTS=3: set MIN_FIT_CLIENTS at or below"),
+        ({"min_available_clients": 11}, "MIN_AVAILABLE_CLIENTS=11 is above MAX_CLIENTS=10: raise MAX_CLIENTS"),
+        ({"dataset": "folder"}, "DATASET=folder needs FOLDER_PATH: set FOLDER_PATH"),
+        ({"strategy": "krum", "krum_clients_to_keep": 3}, "KRUM_CLIENTS_TO_KEEP=3 is above MIN_FIT_CLIENTS=2"),
+    ],
+)
+def test_every_settings_object_is_checked_not_only_those_from_load(values: dict, message: str) -> None:
+    with pytest.raises(BadInput) as caught:
+        Settings(**values)
+    assert str(caught.value).startswith(message)
+    assert str(caught.value).endswith("(in .env or the environment)")

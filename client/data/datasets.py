@@ -126,7 +126,7 @@ def _cifar10(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
 
 def _folder(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
     root = settings.folder_path
-    assert root is not None  # Settings.check_consistency guarantees it
+    assert root is not None  # Settings (its model validator) guarantees it
     if not root.is_dir():
         raise BadInput(f"FOLDER_PATH={root} is not a folder: point it at your images")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))

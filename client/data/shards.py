@@ -24,6 +24,7 @@ import numpy as np
 from client.data import partition
 from client.data.images import ImageSpec
 from shared.errors import BadInput
+from shared.modelfile import write_json
 from shared.settings import Settings
 
 log = logging.getLogger("flowerpot.prepare")
@@ -39,14 +40,9 @@ def shard_name(index: int) -> str:
 
 
 def data_settings(settings: Settings) -> dict[str, Any]:
-    """The settings that decide what the shards contain; a change means other shards."""
-    names = ["dataset", "partition", "num_shards", "seed", "test_fraction", "min_shard_size", "max_examples"]
-    if settings.partition == "dirichlet":
-        names.append("dirichlet_alpha")
-    if settings.partition == "pathological":
-        names.append("labels_per_client")
-    if settings.dataset == "folder":
-        names += ["folder_path", "image_size", "image_channels"]
+    """The settings that decide what the shards contain (marked on the fields), leaving out those
+    these settings do not use; a change means other shards."""
+    names = [n for n in Settings.names_defining("data") if settings.matters_to_data(n)]
     return settings.fingerprint(tuple(names))
 
 
@@ -103,7 +99,7 @@ def prepare(settings: Settings, force: bool = False) -> dict[str, Any]:
             "total_examples": int(sum(len(p) for p in parts)),
             "shards": entries,
         }
-        _write_json(staging / MANIFEST, manifest)
+        write_json(staging / MANIFEST, manifest)
         _replace_shards(root, staging, [e["name"] for e in entries])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -147,7 +143,7 @@ def _write_shard(
         "label_histogram": {str(int(label)): int(c) for label, c in zip(labels, counts)},
         "files": files,
     }
-    _write_json(folder / SHARD_META, {**entry, "format": FORMAT, "settings": settings, "spec": spec.to_json()})
+    write_json(folder / SHARD_META, {**entry, "format": FORMAT, "settings": settings, "spec": spec.to_json()})
     return entry
 
 
@@ -260,7 +256,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadInput(f"{path} is corrupt (not a JSON object): run `flowerpot prepare --force`")
     return data
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
