@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     server_listen_address: str = Field("0.0.0.0:8080", description="HOST:PORT with a port from 1 to 65535")
     server_address: str = Field("server:8080", description="HOST:PORT with a port from 1 to 65535")
     max_message_mb: int = Field(512, ge=1, le=2047, description=_whole(1, 2047))
+    metrics_port: int = Field(0, ge=0, le=65535, description="a port from 1 to 65535, or 0 (no metrics endpoint)")
+    metrics_linger: float = Field(10, ge=0, le=3600, description="seconds from 0 to 3600")
 
     # Waits, in seconds; none is unbounded
     start_timeout: float = Field(120, gt=0, description="seconds > 0")
@@ -208,6 +210,11 @@ class Settings(BaseSettings):
                 f"KRUM_CLIENTS_TO_KEEP={self.krum_clients_to_keep} is above MIN_FIT_CLIENTS={self.min_fit_clients}",
                 "keep at most MIN_FIT_CLIENTS updates",
             ),
+            (
+                self.metrics_port == 0 or self.metrics_port != _port(self.server_listen_address),
+                f"METRICS_PORT={self.metrics_port} is SERVER_LISTEN_ADDRESS's port",
+                "choose another METRICS_PORT, or 0 to turn the metrics off",
+            ),
         ]
         for ok, problem, fix in rules:
             if not ok:
@@ -217,6 +224,10 @@ class Settings(BaseSettings):
         """The named settings as JSON-friendly values, to compare two runs or two data sets."""
         values = {n: getattr(self, n) for n in names}
         return {n: str(v) if isinstance(v, Path) else v for n, v in values.items()}
+
+
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
 
 
 def _describe(exc: ValidationError) -> str:

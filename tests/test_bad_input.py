@@ -189,6 +189,16 @@ CASES = [
         lambda t: {"SERVER_LISTEN_ADDRESS": f"127.0.0.1:{(t / 'busy-port').read_text()}"},
     ),
     Case(
+        "metrics-port-in-use",
+        ["server"],
+        {},
+        2,
+        "cannot be bound on 127.0.0.1 (Address already in use): stop what uses it, choose another port, or 0",
+        occupy_port,
+        lambda t: {"METRICS_PORT": (t / "busy-port").read_text(), "SERVER_LISTEN_ADDRESS": free_address()},
+    ),
+    Case("metrics-port-not-a-port", ["server"], {"METRICS_PORT": "99999"}, 2, "METRICS_PORT='99999' is not valid"),
+    Case(
         "address-does-not-resolve",
         ["client"],
         {**CLIENT, "SERVER_ADDRESS": "no-such-host.invalid:8080"},
