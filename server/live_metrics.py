@@ -166,6 +166,10 @@ class LiveMetrics:
         self.rounds.labels(run_id).set(self.num_rounds)
         self.connected.labels(run_id).set_function(connected)
         self.state.labels(run_id).state("waiting")
+        for outcome in ("trained", "failed", "refused"):  # counters exist from the start, at 0
+            self.fit_results.labels(run_id, outcome)
+        for reason in (*(label for _, label in REFUSAL_REASONS), OTHER):
+            self.refusals.labels(run_id, reason)
         log.info("run id %s", run_id)
         return run_id
 
