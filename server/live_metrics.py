@@ -87,6 +87,7 @@ class LiveMetrics:
         self._clients: dict[tuple[str, str], tuple[str, str]] = {}  # (site, shard) -> its labels
         self._lock = threading.Lock()
         self._ended_at: float | None = None
+        self._scraped = False  # by anyone, ever: without a scraper there is nobody to linger for
         self._scraped_after_end = threading.Event()
         self.registry.register(_ScrapeWatch(self._on_scrape))
         r, run = self.registry, ["run_id"]
@@ -232,16 +233,17 @@ class LiveMetrics:
             self._ended_at = time.monotonic()
 
     def _on_scrape(self) -> None:
+        self._scraped = True
         if self._ended_at is not None:
             self._scraped_after_end.set()
 
     def close(self) -> None:
         """Keep serving the final values until they have been scraped once, at most METRICS_LINGER
-        seconds (the last round reaches Prometheus, and a run without a scraper is not held up
-        longer than that), then stop."""
+        seconds, so that the last round reaches Prometheus; then stop. A run nobody scraped is
+        not held up at all (e.g. `run-local`, or Compose without the monitoring profile)."""
         if self._server is None:
             return
-        if self.linger > 0 and self._ended_at is not None:
+        if self.linger > 0 and self._ended_at is not None and self._scraped:
             log.info("serving the final metrics until they are scraped, at most METRICS_LINGER=%g s", self.linger)
             if self._scraped_after_end.wait(self.linger):
                 time.sleep(SCRAPE_GRACE)  # the scrape's answer is still being written

@@ -336,3 +336,16 @@ def test_labels_stay_bounded_and_refusals_have_a_few_reasons(tmp_path: Path) -> 
     assert refusal_reason("array 2 is float64[3], expected float32[3]") == "shape_or_dtype"
     assert refusal_reason("it has 3 arrays, the model has 4") == "array_count"
     assert refusal_reason("something new") == OTHER
+
+
+def test_a_server_nobody_scraped_does_not_linger(tmp_path: Path) -> None:
+    live = LiveMetrics(1, linger=60)
+    port = free_port()
+    live.serve("127.0.0.1", port)
+    live.begin(tmp_path, False, {}, lambda: 0)
+    live.end(True)
+    started = time.monotonic()
+    live.close()
+    assert time.monotonic() - started < 5
+    with pytest.raises(OSError):
+        scrape(port)  # and the port is closed
