@@ -4,12 +4,15 @@ several partitions and strategies, and each client alone on its own shard."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.federation import prepare, run_federation
+
+log = logging.getLogger("flowerpot.bench")
 
 PARTITIONS = {
     "iid": {"PARTITION": "iid"},
@@ -96,6 +99,7 @@ def measure(
         "seeds": seeds,
         "partitions": {},
     }
+    runs, done = len(partitions) * len(seeds) * len(strategies), 0
     for partition in partitions:
         entry: dict[str, Any] = {"federated": {s: [] for s in strategies}, "centralized": [], "local_only": []}
         for seed in seeds:
@@ -112,6 +116,9 @@ def measure(
                      "MIN_FIT_CLIENTS": clients, "MIN_EVALUATE_CLIENTS": clients},
                 )  # fmt: skip
                 entry["federated"][strategy].append([r["eval_accuracy"] for r in run.history] if run.ok else None)
+                done += 1
+                log.info("bench: accuracy run %d of %d (%s, %s, seed %d): %s", done, runs, partition, strategy, seed,
+                         "ok" if run.ok else "failed")  # fmt: skip
         entry["summary"] = summarize(entry)
         out["partitions"][partition] = entry
     return out

@@ -82,8 +82,8 @@ def run(out: Path, quick: bool, compose: bool, command: str, docs: Path | None =
             ("deployment", lambda: deployment.measure(work / "deployment", plan.overhead_rounds)),
             ("scale_compose", lambda: scale.compose_ladder(work / "scale-compose", plan.compose_ladder)),
         ]
-    for name, step in steps:
-        log.info("bench: %s ...", name)
+    for number, (name, step) in enumerate(steps, 1):
+        log.info("bench: section %d of %d: %s ...", number, len(steps), name)
         t0 = time.monotonic()
         value = step()
         if name == "scale_compose":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,8 @@ from torch import nn
 
 from client.data.images import ImageSpec
 from client.model import to_input
+
+log = logging.getLogger("flowerpot.client")
 
 
 @dataclass
@@ -40,7 +43,7 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         order = torch.randperm(len(targets), generator=generator)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -55,6 +58,8 @@ def train(
             total_loss += loss.item() * len(idx)
             correct += (logits.argmax(1) == targets[idx]).sum().item()
             seen += len(idx)
+        log.debug("local epoch %d/%d: mean loss so far %.4f, accuracy %.4f", epoch, epochs, total_loss / seen,
+                  correct / seen)  # fmt: skip
     return Outcome(loss=total_loss / seen, accuracy=correct / seen, examples=len(targets))
 
 

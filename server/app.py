@@ -7,6 +7,7 @@ import logging
 from cryptography import x509
 
 from server.admission import Admission, BoundedClientManager
+from server.live_metrics import LiveMetrics, metrics_host
 from server.results import Results
 from server.rounds import Federation
 from server.wiring import TlsFiles, Traffic, start_grpc_server
@@ -24,13 +25,24 @@ def run_server(settings: Settings) -> None:
     admission = Admission(settings.max_clients, settings.allowed_client_names)
     tls, client_ca = load_tls(settings)
     traffic = Traffic()
-    grpc_server = start_grpc_server(
-        client_manager, admission, traffic, settings.server_listen_address, settings.max_message_bytes, tls, client_ca
-    )
+    live = LiveMetrics(settings.num_rounds, settings.metrics_linger)
+    live.serve(metrics_host(settings.server_listen_address), settings.metrics_port)
     try:
-        Federation(settings, client_manager, results, traffic).run()
+        grpc_server = start_grpc_server(
+            client_manager,
+            admission,
+            traffic,
+            settings.server_listen_address,
+            settings.max_message_bytes,
+            tls,
+            client_ca,
+        )
+        try:
+            Federation(settings, client_manager, results, traffic, live).run()
+        finally:
+            grpc_server.stop(grace=1)
     finally:
-        grpc_server.stop(grace=1)
+        live.close()  # after the gRPC port is free: serves the final values a little longer
 
 
 def load_tls(settings: Settings) -> tuple[TlsFiles | None, x509.Certificate | None]:

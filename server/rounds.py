@@ -16,6 +16,7 @@ from flwr.common import Code, GetParametersIns, Parameters, parameters_to_ndarra
 from flwr.server import Server
 
 from server.admission import BoundedClientManager
+from server.live_metrics import LiveMetrics
 from server.results import Checkpoint, Results
 from server.strategies import GuardedStrategy, build_strategy, client_label, restore_strategy_state, strategy_state
 from server.wiring import Traffic
@@ -33,16 +34,26 @@ INITIAL_PARAMETER_TRIES = 3
 
 class Federation:
     def __init__(
-        self, settings: Settings, client_manager: BoundedClientManager, results: Results, traffic: Traffic
+        self,
+        settings: Settings,
+        client_manager: BoundedClientManager,
+        results: Results,
+        traffic: Traffic,
+        live: LiveMetrics | None = None,
     ) -> None:
         self.settings, self.client_manager, self.results, self.traffic = settings, client_manager, results, traffic
+        self.live = live or LiveMetrics(settings.num_rounds)  # without an endpoint: in-memory values only
         self.history: list[dict[str, Any]] = []
 
     def run(self) -> list[dict[str, Any]]:
         s = self.settings
         server = Server(client_manager=self.client_manager)
+        completed = False
         try:
             resumed = self.resumable()
+            self.live.begin(
+                self.results.folder, resumed is not None, self.fingerprint, self.client_manager.num_available
+            )
             self.wait_for_start()
             initial = resumed.parameters if resumed else self.initial_parameters()
             strategy = build_strategy(s, initial)
@@ -60,9 +71,11 @@ class Federation:
                     s.strategy,
                     self.client_manager.num_available(),
                 )
+            self.live.running(first)
             for server_round in range(first, s.num_rounds + 1):
                 record = self.play_round(server, strategy, server_round)
                 self.history.append(record)
+                self.live.round_done(record, [problem for _, problem in strategy.refused])
                 log.info(round_line(record, s.num_rounds))
                 finished = server_round == s.num_rounds
                 state = strategy_state(strategy)
@@ -70,6 +83,7 @@ class Federation:
                     self.fingerprint, server_round, finished, server.parameters, state, self.history
                 )
                 self.results.save_round(checkpoint, self.model_meta(record))
+            completed = True
             final = self.history[-1]
             log.info(
                 "finished %d rounds: final accuracy %s, loss %s over %d clients; results in %s",
@@ -77,6 +91,7 @@ class Federation:
                 final["clients_evaluated"], self.results.folder,
             )  # fmt: skip
         finally:  # also when the run fails: connected clients are told to go, not left waiting
+            self.live.end(completed)
             server.disconnect_all_clients(timeout=DISCONNECT_TIMEOUT)
             self.results.flush()
             if self.history and self.history[-1]["round"] < s.num_rounds:  # an unfinished run's history too

@@ -180,6 +180,8 @@ class Settings(BaseSettings):
     server_listen_address: str = setting("0.0.0.0:8080", NOTHING, allowed="HOST:PORT with a port from 1 to 65535")
     server_address: str = setting("server:8080", NOTHING, allowed="HOST:PORT with a port from 1 to 65535")
     max_message_mb: int = setting(512, NOTHING, ge=1, le=2047)
+    metrics_port: int = setting(0, NOTHING, ge=0, le=65535, note="0: no metrics endpoint")
+    metrics_linger: float = setting(10, NOTHING, ge=0, le=3600, unit="seconds")
 
     # Waits, in seconds; none is unbounded
     start_timeout: float = setting(120, NOTHING, gt=0, unit="seconds")
@@ -285,6 +287,11 @@ class Settings(BaseSettings):
                 f"KRUM_CLIENTS_TO_KEEP={self.krum_clients_to_keep} is above MIN_FIT_CLIENTS={self.min_fit_clients}",
                 "keep at most MIN_FIT_CLIENTS updates",
             ),
+            (
+                self.metrics_port == 0 or self.metrics_port != _port(self.server_listen_address),
+                f"METRICS_PORT={self.metrics_port} is SERVER_LISTEN_ADDRESS's port",
+                "choose another METRICS_PORT, or 0 to turn the metrics off",
+            ),
         ]
         for ok, problem, fix in rules:
             if not ok:
@@ -315,6 +322,10 @@ for _name, _field in Settings.model_fields.items():
         raise TypeError(f"Settings.{_name} is not declared with setting(default, RUN | DATA | NOTHING, ...)")
     if _field.description is None:
         _field.description = allowed_text(_field)
+
+
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
 
 
 def _describe(exc: ValidationError) -> str:

@@ -62,6 +62,12 @@ def occupied_port(tmp: Path, held: ExitStack) -> dict[str, str]:
     return {"SERVER_LISTEN_ADDRESS": f"127.0.0.1:{sock.getsockname()[1]}"}
 
 
+def occupied_metrics_port(tmp: Path, held: ExitStack) -> dict[str, str]:
+    """The metrics port held by a listening socket; the gRPC port is free."""
+    busy = occupied_port(tmp, held)["SERVER_LISTEN_ADDRESS"]
+    return {"METRICS_PORT": busy.rsplit(":", 1)[1], "SERVER_LISTEN_ADDRESS": free_address()}
+
+
 def address_of_nothing(tmp: Path, held: ExitStack) -> dict[str, str]:
     return {"SERVER_ADDRESS": free_address()}
 
@@ -224,6 +230,15 @@ CASES = [
         "cannot be bound (the port is in use",
         occupied_port,
     ),
+    Case(
+        "metrics-port-in-use",
+        ["server"],
+        {},
+        2,
+        "cannot be bound on 127.0.0.1 (Address already in use): stop what uses it, choose another port, or 0",
+        occupied_metrics_port,
+    ),
+    Case("metrics-port-not-a-port", ["server"], {"METRICS_PORT": "99999"}, 2, "METRICS_PORT='99999' is not valid"),
     Case(
         "address-does-not-resolve",
         ["client"],

@@ -55,6 +55,8 @@ def test_server_killed_mid_run_resumes_with_strategy_state(spawn, federation, da
     assert [c.wait() for c in clients] == [0, 0, 0]
     assert f"resuming the unfinished run at round {checkpointed + 1} of 5" in second.output
     assert "initial parameters" not in second.output  # the weights came from the checkpoint
+    run_id = json.loads((tmp_path / "results" / "run.json").read_text())["run_id"]
+    assert f"run id {run_id}" in first.output and f"run id {run_id}" in second.output  # still the same run
     assert [r["round"] for r in history(tmp_path)] == [1, 2, 3, 4, 5]
     for client in clients:
         assert "lost the connection to the server" in client.output

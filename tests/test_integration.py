@@ -84,7 +84,8 @@ def test_default_settings_reach_095_accuracy_locally(tmp_path: Path) -> None:
     """The committed .env (3 clients, digits, 5 rounds) as `flowerpot run-local` runs it."""
     shutil.copy(REPO / ".env", tmp_path / ".env")
     started = time.monotonic()
-    result = run_cli(["run-local"], cwd=tmp_path, timeout=180)
+    # Its METRICS_PORT is fixed: off here, so that runs side by side on one machine never collide.
+    result = run_cli(["run-local"], cwd=tmp_path, timeout=180, METRICS_PORT="0")
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:]
     rounds = history(tmp_path)

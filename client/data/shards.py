@@ -80,8 +80,12 @@ def prepare(settings: Settings, force: bool = False) -> dict[str, Any]:
             "or run prepare with --force to replace them"
         )
 
+    log.info("loading %s%s", settings.dataset, "" if settings.dataset in ("digits", "folder") else
+             f" (downloaded into {settings.raw_dir} unless it is there)")  # fmt: skip
     source = load_source(settings)
     parts = _partition(source.y, settings)
+    log.info("writing %d shards (%s) of %d examples", len(parts), settings.partition, len(source.y))
+    every = max(1, len(parts) // 10)  # about ten progress lines, however many shards
     rng = np.random.default_rng([settings.seed, 1])
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=root))
@@ -92,6 +96,8 @@ def prepare(settings: Settings, force: bool = False) -> dict[str, Any]:
             n_test = max(1, round(len(order) * settings.test_fraction))
             split = {"train": np.sort(order[n_test:]), "test": np.sort(order[:n_test])}
             entries.append(_write_shard(staging, index, split, source.x, source.y, source.spec, wanted))
+            if (index + 1) % every == 0 or index + 1 == len(parts):
+                log.info("wrote shard %d of %d", index + 1, len(parts))
         manifest = {
             "format": FORMAT,
             "settings": wanted,
