@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     certs_dir: Path = Field(Path("certs"), description="a folder path")
     cert_hosts: str = Field("", description="a comma-separated list of extra DNS names or IPs for the server")
     client_name: str = Field("", description="a client name (the certificate to use)")
+    # Security: mutual TLS, revocation and secure defaults (issue 9, section 2 and 5)
+    max_connections_per_client: int = Field(0, ge=0, le=10_000, description=_whole(0, 10_000) + " (0: no bound)")
+    require_tls: bool = Field(False, description="true or false")
+    allow_insecure: bool = Field(False, description="true or false")
+    ca_passphrase: str = Field("", description="the CA key's passphrase (empty: not encrypted)")
 
     log_level: LogLevel = Field("INFO", description=_one_of(LogLevel))
 
