@@ -71,7 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--owner",
         default=None,
         metavar="UID:GID",
-        help="give the files to this user, e.g. 10001:10001 for the containers",
+        help="give the server's and clients' files (never ca/) to this user, e.g. 10001:10001 for the containers",
+    )
+    certs.add_argument(
+        "--request",
+        default=None,
+        metavar="NAME",
+        help="at a site: make client NAME's key (kept in clients/NAME/) and a certificate request requests/NAME.csr",
+    )
+    certs.add_argument(
+        "--sign", type=Path, default=None, metavar="FILE", help="at the CA: sign a request, write FILE's .pem beside it"
+    )
+    certs.add_argument(
+        "--revoke",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="revoke every certificate issued to NAME (server/revoked.json; before any --renew)",
     )
 
     bench = sub.add_parser("bench", help="measure accuracy, overhead against bare Flower, scale and deployment cost")
@@ -138,16 +154,7 @@ def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> 
             show=args.show,
         )
     elif args.command == "certs":
-        from shared.certs import make_certs
-
-        written = make_certs(
-            settings.certs_dir,
-            args.client or [settings.client_name],
-            extra_hosts=tuple(h.strip() for h in settings.cert_hosts.split(",") if h.strip()),
-            owner=_owner(args.owner),
-            renew=args.renew,
-        )
-        print("\n".join(str(p) for p in written) or f"{settings.certs_dir}: nothing to do")
+        run_certs(args, settings)
     elif args.command == "bench":
         from bench.main import run as run_bench
 
@@ -161,14 +168,43 @@ def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> 
     return ExitCode.OK
 
 
-def _owner(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        uid, _, gid = text.partition(":")
-        return int(uid), int(gid or uid)
-    except ValueError:
-        raise BadInput(f"--owner {text!r}: use UID:GID, e.g. 10001:10001") from None
+def run_certs(args: argparse.Namespace, settings: Settings) -> None:
+    """`certs`: every input is checked before the first file is written."""
+    from shared import certs
+
+    owner = certs.parse_owner(args.owner)
+    hosts = certs.parse_hosts(settings.cert_hosts)
+    for name in [*args.client, *args.revoke, *([args.request] if args.request else [])]:
+        certs.check_name(name)
+    if args.request or args.sign:
+        if (args.request and args.sign) or args.client or args.revoke:
+            raise BadInput("certs: --request and --sign each go alone (one site's request, or one signature)")
+        if args.request:
+            written = certs.request(settings.certs_dir, args.request, owner, renew=args.renew)
+            print("\n".join(str(p) for p in written))
+            print(f"send {written[-1]} to the CA's operator (`flowerpot certs --sign FILE`); the key stays here")
+        else:
+            signed = certs.sign(settings.certs_dir, args.sign, settings.ca_passphrase)
+            print(signed)
+            print(
+                f"send {signed} and {settings.certs_dir / 'ca' / 'ca.pem'} back to the site: they go to its "
+                f"CERTS_DIR/clients/{signed.stem}/ as client.pem and ca.pem"
+            )
+        return
+    if args.revoke:
+        path, serials = certs.revoke(settings.certs_dir, args.revoke)
+        print(f"{path}: revoked {', '.join(serials)} (the server reads it at every join: copy it to its certs)")
+        if not args.client:
+            return
+    written = certs.make_certs(
+        settings.certs_dir,
+        args.client or [settings.client_name],
+        extra_hosts=hosts,
+        owner=owner,
+        renew=args.renew,
+        passphrase=settings.ca_passphrase,
+    )
+    print("\n".join(str(p) for p in written) or f"{settings.certs_dir}: nothing to do")
 
 
 def _with_env_file(argv: list[str], env_file: Path | None) -> list[str]:

@@ -3,8 +3,9 @@
 Flower 1.42's `start_client` presents no client certificate, gives up about 3 s after starting
 when the server is not up yet, and dies with StopIteration when the server refuses it. This
 module keeps Flower's protocol and message conversion (the `flwr.proto` stub, `flwr.common.serde`,
-a `Client` made from a NumPyClient) and adds bounded retries with backoff (client/retry.py), a
-clear refusal, and TLS with an optional client certificate. It is the only client module that knows about gRPC.
+a `Client` made from a NumPyClient) and adds bounded retries with backoff, a clear refusal, and
+TLS with an optional client certificate (mutual TLS: the key never leaves this process). It is
+the only client module that knows about gRPC.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from queue import Full, Queue
 
@@ -26,7 +26,8 @@ from flwr.proto.transport_pb2_grpc import FlowerServiceStub
 
 from client.retry import Backoff
 from shared.errors import BadInput, Refused, Unreachable
-from shared.metadata import CLIENT_NAME_KEY, PROOF_KEYS
+from shared.metadata import CLIENT_NAME_KEY
+from shared.tls_files import client_certificate_problems
 
 log = logging.getLogger("flowerpot.client")
 
@@ -70,7 +71,8 @@ class Endpoint:
     max_message_bytes: int
     connect_timeout: float
     root_certificates: bytes | None = None  # TLS when set: the CA of the server's certificate
-    proof: Callable[[], dict[str, str]] | None = None  # client authentication: a fresh proof per join
+    private_key: bytes | None = None  # mutual TLS: this client's key and certificate (PEM)
+    certificate_chain: bytes | None = None
 
     @property
     def tls(self) -> bool:
@@ -129,7 +131,11 @@ def _open_channel(endpoint: Endpoint) -> grpc.Channel:
     ]
     if not endpoint.tls:
         return grpc.insecure_channel(endpoint.address, options=options)
-    credentials = grpc.ssl_channel_credentials(root_certificates=endpoint.root_certificates)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=endpoint.root_certificates,
+        private_key=endpoint.private_key,
+        certificate_chain=endpoint.certificate_chain,
+    )
     return grpc.secure_channel(endpoint.address, credentials, options=options)
 
 
@@ -185,13 +191,8 @@ def _serve(client: Client, channel: grpc.Channel, endpoint: Endpoint) -> bool:
     return False
 
 
-def _metadata(endpoint: Endpoint) -> tuple[tuple[str, str | bytes], ...]:
-    metadata: list[tuple[str, str | bytes]] = [(CLIENT_NAME_KEY, endpoint.name)]
-    if endpoint.proof is not None:
-        for field, value in endpoint.proof().items():
-            key = PROOF_KEYS[field]
-            metadata.append((key, value.encode() if key.endswith("-bin") else value))
-    return tuple(metadata)
+def _metadata(endpoint: Endpoint) -> tuple[tuple[str, str], ...]:
+    return ((CLIENT_NAME_KEY, endpoint.name),)  # with a client certificate the server ignores it
 
 
 def _answer(client: Client, kind: str | None, message: ServerMessage) -> ClientMessage:
@@ -233,11 +234,29 @@ def _handshake_message(endpoint: Endpoint, details: str) -> str:
     parts = [part.strip() for part in details.split(": ") if part.strip() not in ("", "OK")]
     reason = parts[-1] if parts else "no gRPC answer"
     if endpoint.tls:
-        return (
-            f"TLS handshake with the server at {endpoint.address} failed ({reason}): check that the "
-            "server runs with TLS_ENABLED=true, that this client has the CA certificate of the "
-            "server's certificate (the ca.pem of the `flowerpot certs` run that made it)"
-        )
+        # TLS tells a refused client nothing but a closed socket; list what this side can know.
+        if any(
+            sign in details for sign in ("Tls handshake failed", "CERTIFICATE_VERIFY_FAILED", "Hostname Verification")
+        ):
+            return (
+                f"TLS handshake with the server at {endpoint.address} failed ({reason}): this client does not "
+                "trust the server's certificate: give it the ca.pem of the `flowerpot certs` run that made the "
+                "server's certificate, and dial a name in it (CERT_HOSTS when the certificates were made)"
+            )
+        if endpoint.certificate_chain is None:
+            causes = [
+                "the server requires a client certificate (CLIENT_AUTH=certificate) and this client presents none: "
+                "set CLIENT_AUTH=certificate and CLIENT_NAME, with its bundle in CERTS_DIR/clients/NAME"
+            ]
+        else:
+            own = client_certificate_problems(endpoint.certificate_chain, endpoint.root_certificates or b"")
+            causes = own or [
+                "the server does not accept this client's certificate: it was issued by another CA than the "
+                "server's, or has expired (ask the server's operator for a new one)"
+            ]
+        causes.append("the server does not run with TLS_ENABLED=true, or this client does not trust its certificate")
+        causes_text = "; or ".join(causes)
+        return f"TLS handshake with the server at {endpoint.address} failed ({reason}); likely causes: {causes_text}"
     return (
         f"the server at {endpoint.address} accepts connections but the plaintext gRPC handshake "
         f"failed ({reason}): the server requires TLS; set TLS_ENABLED=true and give this client "

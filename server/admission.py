@@ -22,10 +22,13 @@ log = logging.getLogger("flowerpot.server")
 class Admission:
     """Counts connected clients against the capacity and checks names against the allow-list."""
 
-    def __init__(self, capacity: int, allowed: frozenset[str] = frozenset()) -> None:
+    def __init__(self, capacity: int, allowed: frozenset[str] = frozenset(), per_name: int = 0) -> None:
         self.capacity, self.allowed = capacity, allowed
         self._connected = 0
         self._lock = threading.Lock()
+        # MAX_CONNECTIONS_PER_CLIENT: replicas of one site may share a certificate, within a bound
+        self.per_name = per_name
+        self._by_name: dict[str, int] = {}
 
     def not_allowed(self, name: str) -> str | None:
         """Why `name` may not join at all, or None."""
@@ -47,6 +50,27 @@ class Admission:
     def release(self) -> None:
         with self._lock:
             self._connected -= 1
+
+    def take_name(self, name: str) -> str | None:
+        """Count one more connection under `name`, or say why not (MAX_CONNECTIONS_PER_CLIENT).
+        A taken name must be released."""
+        with self._lock:
+            held = self._by_name.get(name, 0)
+            if self.per_name and held >= self.per_name:
+                return (
+                    f"client {name!r} already holds MAX_CONNECTIONS_PER_CLIENT={self.per_name} connection(s): "
+                    "stop one of its replicas, or raise MAX_CONNECTIONS_PER_CLIENT on the server"
+                )
+            self._by_name[name] = held + 1
+        return None
+
+    def release_name(self, name: str) -> None:
+        with self._lock:
+            held = self._by_name.get(name, 0) - 1
+            if held > 0:
+                self._by_name[name] = held
+            else:
+                self._by_name.pop(name, None)
 
     @property
     def connected(self) -> int:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 
-from cryptography import x509
-
 from server.admission import Admission, BoundedClientManager
 from server.live_metrics import LiveMetrics, metrics_host
 from server.results import Results
 from server.rounds import Federation
 from server.wiring import TlsFiles, Traffic, start_grpc_server
+from shared.errors import BadInput
 from shared.logs import tame_flower
+from shared.revocation import REVOKED_FILE, RevocationList
 from shared.settings import Settings
 from shared.tls_files import bundle, check_pair, load_certificate, read_pem
 
@@ -20,10 +20,11 @@ log = logging.getLogger("flowerpot.server")
 
 def run_server(settings: Settings) -> None:
     tame_flower(settings.log_level)
+    require_secure(settings)
     results = Results(settings.results_dir)  # fails fast when RESULTS_DIR is not writable
     client_manager = BoundedClientManager(wait_timeout=settings.rejoin_timeout)
-    admission = Admission(settings.max_clients, settings.allowed_client_names)
-    tls, client_ca = load_tls(settings)
+    admission = Admission(settings.max_clients, settings.allowed_client_names, settings.max_connections_per_client)
+    tls, revocations = load_tls(settings)
     traffic = Traffic()
     live = LiveMetrics(settings.num_rounds, settings.metrics_linger)
     live.serve(metrics_host(settings.server_listen_address), settings.metrics_port)
@@ -35,7 +36,7 @@ def run_server(settings: Settings) -> None:
             settings.server_listen_address,
             settings.max_message_bytes,
             tls,
-            client_ca,
+            revocations,
         )
         try:
             Federation(settings, client_manager, results, traffic, live).run()
@@ -45,14 +46,39 @@ def run_server(settings: Settings) -> None:
         live.close()  # after the gRPC port is free: serves the final values a little longer
 
 
-def load_tls(settings: Settings) -> tuple[TlsFiles | None, x509.Certificate | None]:
-    """The server's certificate and key (TLS_ENABLED), and the CA that client certificates must
-    come from (CLIENT_AUTH=certificate)."""
+def require_secure(settings: Settings) -> None:
+    """REQUIRE_TLS (set where the port is published): no plaintext, no unauthenticated clients,
+    unless the operator says ALLOW_INSECURE=true."""
+    if not settings.require_tls:
+        return
+    missing = [
+        text
+        for ok, text in (
+            (settings.tls_enabled, "TLS_ENABLED=true"),
+            (settings.client_auth == "certificate", "CLIENT_AUTH=certificate"),
+        )
+        if not ok
+    ]
+    if missing and settings.allow_insecure:
+        log.warning("REQUIRE_TLS=true, but ALLOW_INSECURE=true: running without %s", " and ".join(missing))
+    elif missing:
+        raise BadInput(
+            f"REQUIRE_TLS=true but the server would run without {' and '.join(missing)}: make certificates with "
+            "`flowerpot certs --client NAME` (README: Deploy on EC2 with TLS) and set TLS_ENABLED=true and "
+            "CLIENT_AUTH=certificate, or set ALLOW_INSECURE=true to accept the risk"
+        )
+
+
+def load_tls(settings: Settings) -> tuple[TlsFiles | None, RevocationList | None]:
+    """The server's certificate and key (TLS_ENABLED); with CLIENT_AUTH=certificate also the CA
+    that client certificates must come from and the list of revoked ones (read at every join)."""
     if not settings.tls_enabled:
         return None, None
     folder = bundle(settings.certs_dir, "server")
-    tls = TlsFiles(certificate=read_pem(folder, "server.pem"), private_key=read_pem(folder, "server.key"))
-    check_pair(folder / "server.pem", tls.certificate, tls.private_key)
+    certificate, private_key = read_pem(folder, "server.pem"), read_pem(folder, "server.key")
+    check_pair(folder / "server.pem", certificate, private_key)
     if settings.client_auth == "none":
-        return tls, None
-    return tls, load_certificate(folder / "ca.pem", read_pem(folder, "ca.pem"))
+        return TlsFiles(certificate, private_key), None
+    client_ca = read_pem(folder, "ca.pem")
+    load_certificate(folder / "ca.pem", client_ca)
+    return TlsFiles(certificate, private_key, client_ca), RevocationList(folder / REVOKED_FILE)

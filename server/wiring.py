@@ -1,9 +1,9 @@
 """The server's Flower wiring: a gRPC server running Flower's grpc-bidi servicer.
 
 Built from flwr's own pieces (FlowerServiceServicer, GrpcClientProxy, the protobuf messages of
-the FlowerService) instead of `start_server`, which cannot check client
-credentials, cannot refuse a client with a reason (or log who it refused), and lets gRPC share
-a busy port (SO_REUSEPORT). It is the only server module that knows about gRPC.
+the FlowerService) instead of `start_server`, which cannot require client certificates (mutual
+TLS), cannot refuse a client with a reason (or log who it refused), and lets gRPC share a busy
+port (SO_REUSEPORT). It is the only server module that knows about gRPC.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 from flwr.proto.transport_pb2 import ClientMessage, ServerMessage
 from flwr.server.client_manager import ClientManager
 from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import FlowerServiceServicer
@@ -23,9 +24,9 @@ from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import GrpcBridge, GrpcBr
 from flwr.server.superlink.fleet.grpc_bidi.grpc_client_proxy import GrpcClientProxy
 
 from server.admission import Admission
-from shared.certs import CredentialRefused, check_proof
 from shared.errors import BadInput
-from shared.metadata import CLIENT_NAME_KEY, PROOF_KEYS
+from shared.metadata import CLIENT_NAME_KEY
+from shared.revocation import RevocationList
 
 log = logging.getLogger("flowerpot.server")
 
@@ -35,10 +36,12 @@ KEEPALIVE_MS = 210_000  # Flower's choice: below the idle cut-off of common clou
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """PEM bytes: the server's certificate and key."""
+    """PEM bytes: the server's certificate and key, and (CLIENT_AUTH=certificate) the CA that
+    every client's certificate must come from: TLS then refuses any other client in the handshake."""
 
     certificate: bytes
     private_key: bytes
+    client_ca: bytes | None = None
 
 
 class Traffic:
@@ -83,11 +86,11 @@ class AdmittingServicer(FlowerServiceServicer):
     """Flower's servicer, with a say on who joins: refused clients get a gRPC status and a reason."""
 
     def __init__(
-        self, client_manager: ClientManager, admission: Admission, client_ca: x509.Certificate | None = None
+        self, client_manager: ClientManager, admission: Admission, revocations: RevocationList | None = None
     ) -> None:
         self._joining = threading.local()
         super().__init__(client_manager, grpc_client_proxy_factory=self._new_proxy)
-        self.admission, self.client_ca = admission, client_ca
+        self.admission, self.revocations = admission, revocations
 
     def _new_proxy(self, cid: str, bridge: GrpcBridge) -> GrpcClientProxy:
         # Called by Flower's Join in the same thread, right after our Join set the name.
@@ -96,22 +99,21 @@ class AdmittingServicer(FlowerServiceServicer):
     def Join(  # noqa: N802 (gRPC's method name)
         self, request_iterator: Iterator[ClientMessage], context: grpc.ServicerContext
     ) -> Iterator[ServerMessage]:
-        name, who = identify(context)
-        if self.client_ca is not None:  # CLIENT_AUTH=certificate: the name is the certificate's
-            try:
-                name = check_proof(_proof(context), self.client_ca)
-            except CredentialRefused as refused:
-                _refuse(
-                    context, f"{refused.who} from {context.peer()}", grpc.StatusCode.UNAUTHENTICATED, refused.reason
-                )
-            who = f"{name} (certificate, {context.peer()})"
+        if self.revocations is None:
+            name, who = identify(context)
+        else:  # CLIENT_AUTH=certificate: TLS checked CA and dates; the name is the certificate's
+            name, who = self._certified(context)
         refusal = self.admission.not_allowed(name)
         if refusal is not None:
             _refuse(context, who, grpc.StatusCode.PERMISSION_DENIED, refusal)
         refusal = self.admission.take_place()
         if refusal is not None:
             _refuse(context, who, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
-        context.add_callback(lambda: _left(self.admission, who))
+        refusal = self.admission.take_name(name)
+        if refusal is not None:
+            self.admission.release()
+            _refuse(context, who, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+        context.add_callback(lambda: _left(self.admission, name, who))
         log.info("client %s joined (%d connected)", who, self.admission.connected)
         self._joining.name = name
         try:
@@ -119,13 +121,27 @@ class AdmittingServicer(FlowerServiceServicer):
         except GrpcBridgeClosed:  # the client left while the stream waited for an instruction
             return
 
+    def _certified(self, context: grpc.ServicerContext) -> tuple[str, str]:
+        """The name in the client certificate of this TLS session, refused when it is revoked."""
+        cert = peer_certificate(context)
+        if cert is None:  # cannot happen with require_client_auth; refuse rather than trust
+            _refuse(context, context.peer(), grpc.StatusCode.UNAUTHENTICATED, "no client certificate in TLS")
+        assert cert is not None and self.revocations is not None
+        name = common_name(cert)
+        who = f"{name} (certificate, serial {cert.serial_number:x}, {context.peer()})"
+        reason = self.revocations.reason(cert.serial_number)
+        if reason is not None:
+            _refuse(context, who, grpc.StatusCode.PERMISSION_DENIED, reason)
+        return name, who
+
 
 def _refuse(context: grpc.ServicerContext, who: str, code: grpc.StatusCode, reason: str) -> None:
     log.warning("refused client %s: %s", who, reason)
     context.abort(code, reason)  # raises: the stream ends with this status
 
 
-def _left(admission: Admission, who: str) -> None:
+def _left(admission: Admission, name: str, who: str) -> None:
+    admission.release_name(name)
     admission.release()
     log.info("client %s left (%d connected)", who, admission.connected)
 
@@ -137,13 +153,18 @@ def identify(context: grpc.ServicerContext) -> tuple[str, str]:
     return name, f"{name} ({context.peer()})"
 
 
-def _proof(context: grpc.ServicerContext) -> dict[str, str]:
-    metadata = dict(context.invocation_metadata() or ())
-    return {
-        field: value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-        for field, key in PROOF_KEYS.items()
-        if (value := metadata.get(key)) is not None
-    }
+def peer_certificate(context: grpc.ServicerContext) -> x509.Certificate | None:
+    """The client certificate TLS verified for this call (gRPC's auth context), or None."""
+    pems = context.auth_context().get("x509_pem_cert") or []
+    try:
+        return x509.load_pem_x509_certificate(pems[0]) if pems else None
+    except ValueError:
+        return None
+
+
+def common_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else cert.subject.rfc4514_string()
 
 
 def start_grpc_server(
@@ -153,9 +174,13 @@ def start_grpc_server(
     address: str,
     max_message_bytes: int,
     tls: TlsFiles | None = None,
-    client_ca: x509.Certificate | None = None,
+    revocations: RevocationList | None = None,
 ) -> grpc.Server:
-    """Bind and start; BadInput when the address cannot be bound (e.g. the port is in use)."""
+    """Bind and start; BadInput when the address cannot be bound (e.g. the port is in use).
+    With `tls.client_ca` (mutual TLS) pass `revocations`: the servicer then names clients by
+    their certificates."""
+    if (tls is not None and tls.client_ca is not None) != (revocations is not None):
+        raise ValueError("client certificates and a revocation list go together")
     options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -168,7 +193,7 @@ def start_grpc_server(
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=workers), options=options)
     # Flower's generated add_FlowerServiceServicer_to_server, with serializers that count bytes
     join = grpc.stream_stream_rpc_method_handler(
-        AdmittingServicer(client_manager, admission, client_ca).Join,
+        AdmittingServicer(client_manager, admission, revocations).Join,
         request_deserializer=traffic.deserialize,
         response_serializer=traffic.serialize,
     )
@@ -177,7 +202,11 @@ def start_grpc_server(
         if tls is None:
             port = server.add_insecure_port(address)
         else:
-            credentials = grpc.ssl_server_credentials([(tls.private_key, tls.certificate)])
+            credentials = grpc.ssl_server_credentials(
+                [(tls.private_key, tls.certificate)],
+                root_certificates=tls.client_ca,
+                require_client_auth=tls.client_ca is not None,
+            )
             port = server.add_secure_port(address, credentials)
     except RuntimeError:
         port = 0
@@ -187,6 +216,6 @@ def start_grpc_server(
             "is not on this machine): stop what uses it or choose another port"
         )
     server.start()
-    security = "plaintext" if tls is None else "TLS" + (", client certificates required" if client_ca else "")
+    security = "plaintext" if tls is None else "TLS" + (", client certificates required" if tls.client_ca else "")
     log.info("listening on %s (%s)", address, security)
     return server

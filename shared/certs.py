@@ -1,42 +1,62 @@
 """`flowerpot certs`: a private CA, the server's certificate and per-client credentials.
 
 Layout of CERTS_DIR (each folder is what one party needs; the CA's key goes to nobody):
-    ca/ca.pem, ca/ca.key                              the CA: keep ca.key with the operator
+    ca/ca.pem, ca/ca.key, ca/issued.json              the CA: keep it with the operator
     server/ca.pem, server/server.pem, server/server.key   mount on the server
+    server/revoked.json                               client certificates the server refuses
     clients/NAME/ca.pem, client.pem, client.key           copy to the client called NAME
+    requests/NAME.csr, requests/NAME.pem              a site's request, and the certificate for it
+
+Clients prove who they are with mutual TLS: the server's gRPC credentials require a client
+certificate from the CA, so a copied certificate without its key cannot complete a handshake.
+What TLS cannot decide (revocation, the allow-list) the server checks at every join.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.errors import BadInput
+from shared.revocation import REVOKED_FILE, add_revoked
+from shared.tls_files import check_key
 
 log = logging.getLogger("flowerpot.certs")
 
 DEFAULT_HOSTS = ("server", "localhost", "127.0.0.1", "::1")
 CA_NAME = "Flowerpot CA"
+CA_DAYS = 3650  # the CA signs, it is never presented alone: it lives longer, kept offline (encrypted)
+CERT_DAYS = 365  # server and client certificates: a stolen one is useful for at most a year
+ISSUED_FILE = "issued.json"  # in ca/: every certificate the CA signed, so that `--revoke NAME` finds them
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+MAX_ID = 2**32 - 2  # the largest uid/gid chown accepts (2**32 - 1 means "unchanged")
 
 
 @dataclass(frozen=True)
 class Credential:
-    key: ec.EllipticCurvePrivateKey
+    key: CertificateIssuerPrivateKeyTypes
     cert: x509.Certificate
 
 
-def new_ca(days: int = 3650, name: str = CA_NAME) -> Credential:
-    key = ec.generate_private_key(ec.SECP256R1())
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def new_ca(days: int = CA_DAYS, name: str = CA_NAME) -> Credential:
+    key = new_key()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = dt.datetime.now(dt.UTC)
     cert = (
@@ -62,18 +82,37 @@ def issue(
     *,
     hosts: tuple[str, ...] = (),
     client: bool = False,
-    days: int = 825,
+    days: int = CERT_DAYS,
     not_before: dt.datetime | None = None,
+    key: CertificateIssuerPrivateKeyTypes | None = None,
 ) -> Credential:
     """A server certificate (with `hosts` as names) or a client certificate, signed by `ca`."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = key or new_key()
+    return Credential(
+        key,
+        sign_public_key(
+            ca, common_name, key.public_key(), hosts=hosts, client=client, days=days, not_before=not_before
+        ),
+    )
+
+
+def sign_public_key(
+    ca: Credential,
+    common_name: str,
+    public_key: CertificatePublicKeyTypes,
+    *,
+    hosts: tuple[str, ...] = (),
+    client: bool = False,
+    days: int = CERT_DAYS,
+    not_before: dt.datetime | None = None,
+) -> x509.Certificate:
     start = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(start + dt.timedelta(days=days))
@@ -82,7 +121,7 @@ def issue(
     )
     if hosts:
         builder = builder.add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
-    return Credential(key, builder.sign(ca.key, hashes.SHA256()))
+    return builder.sign(ca.key, hashes.SHA256())
 
 
 def _san(host: str) -> x509.GeneralName:
@@ -92,29 +131,144 @@ def _san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
+# Checks of what the operator gives, all made before any file is written -------------------------
+
+
+def parse_hosts(text: str) -> tuple[str, ...]:
+    """CERT_HOSTS as certificate names: IPs as they are, DNS names IDNA-encoded (bücher.example
+    becomes xn--bcher-kva.example, the form clients dial and TLS compares)."""
+    hosts = []
+    for raw in text.split(","):
+        host = raw.strip()
+        if not host:
+            continue
+        try:
+            hosts.append(str(ipaddress.ip_address(host)))
+            continue
+        except ValueError:
+            pass
+        problem = None
+        try:
+            encoded = host.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            encoded, problem = "", "it is not a valid internationalized domain name"
+        if problem is None and not all(_DNS_LABEL.fullmatch(label) for label in encoded.split(".")):
+            problem = "a DNS name has only letters, digits, - and . (no spaces), labels of 1 to 63 characters"
+        if problem is not None:
+            raise BadInput(
+                f"CERT_HOSTS={text!r} is not valid: {host!r} is neither an IP address nor a DNS name ({problem}); "
+                "use a comma-separated list such as server.example.com,203.0.113.10 (in .env or the environment)"
+            )
+        hosts.append(encoded)
+    return tuple(hosts)
+
+
+def parse_owner(text: str | None) -> tuple[int, int] | None:
+    """`--owner UID:GID` (or UID) as numbers chown accepts."""
+    if text is None:
+        return None
+    uid, _, gid = text.partition(":")
+    try:
+        ids = int(uid), int(gid or uid)
+    except ValueError:
+        ids = (-1, -1)
+    if not all(0 <= i <= MAX_ID for i in ids):
+        raise BadInput(f"--owner {text!r}: use UID:GID with numbers from 0 to {MAX_ID}, e.g. 10001:10001")
+    return ids
+
+
+def check_name(name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise BadInput(
+            f"client name {name!r} cannot name a certificate and its folder: use 1 to 64 letters, digits, ., - or _"
+        )
+    return name
+
+
+# Files ------------------------------------------------------------------------------------------
+
+
 def pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+def key_pem(key: CertificateIssuerPrivateKeyTypes, passphrase: str = "") -> bytes:
+    encryption = (
+        serialization.BestAvailableEncryption(passphrase.encode()) if passphrase else serialization.NoEncryption()
     )
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a key readable by its owner only from its first byte: a new file made with mode 0600
+    (O_EXCL: never someone else's file), then renamed over the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
 
 
 def write_credential(folder: Path, stem: str, credential: Credential, ca: x509.Certificate) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    write_private(folder / f"{stem}.key", key_pem(credential.key))
     (folder / "ca.pem").write_bytes(pem(ca))
     (folder / f"{stem}.pem").write_bytes(pem(credential.cert))
-    key_path = folder / f"{stem}.key"
-    key_path.write_bytes(key_pem(credential.key))
-    key_path.chmod(0o600)
 
 
-def load_ca(folder: Path) -> Credential:
-    key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), password=None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return Credential(key, x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes()))
+def load_ca(folder: Path, passphrase: str = "") -> Credential:
+    """The CA, its key decrypted with CA_PASSPHRASE when it has one; BadInput on a wrong one."""
+    key_path = folder / "ca.key"
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=passphrase.encode() or None)
+    except TypeError:  # no passphrase for an encrypted key, or one for a plain key
+        if passphrase:
+            raise BadInput(
+                f"CA_PASSPHRASE is set but {key_path} is not encrypted: unset CA_PASSPHRASE for this CA"
+            ) from None
+        raise BadInput(f"{key_path} is encrypted: set CA_PASSPHRASE to its passphrase (in the environment)") from None
+    except ValueError:
+        raise BadInput(
+            f"CA_PASSPHRASE does not decrypt {key_path} (or the file is not a PEM key): give the passphrase "
+            "the CA was made with"
+        ) from None
+    return Credential(key, x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes()))  # type: ignore[arg-type]
+
+
+def _record(ca_dir: Path, name: str, cert: x509.Certificate, kind: str) -> None:
+    """Note an issued certificate in ca/issued.json, so that it can be revoked by name later."""
+    path = ca_dir / ISSUED_FILE
+    issued = json.loads(path.read_text()) if path.is_file() else []
+    issued.append(
+        {
+            "name": name,
+            "kind": kind,
+            "serial": f"{cert.serial_number:x}",
+            "not_after": f"{cert.not_valid_after_utc:%Y-%m-%d}",
+        }
+    )
+    path.write_text(json.dumps(issued, indent=1) + "\n")
+
+
+# The command's jobs -----------------------------------------------------------------------------
+
+
+def open_ca(certs_dir: Path, passphrase: str = "") -> tuple[Credential, list[Path]]:
+    """The CA of CERTS_DIR, made (ca/ readable by the caller only) when there is none."""
+    ca_dir = certs_dir / "ca"
+    if (ca_dir / "ca.key").is_file():
+        return load_ca(ca_dir, passphrase), []
+    ca = new_ca()
+    ca_dir.mkdir(parents=True, exist_ok=True)
+    ca_dir.chmod(0o700)
+    write_private(ca_dir / "ca.key", key_pem(ca.key, passphrase))
+    (ca_dir / "ca.pem").write_bytes(pem(ca.cert))
+    return ca, [ca_dir / "ca.pem", ca_dir / "ca.key"]
 
 
 def make_certs(
@@ -123,110 +277,116 @@ def make_certs(
     extra_hosts: tuple[str, ...] = (),
     owner: tuple[int, int] | None = None,
     renew: bool = False,
+    passphrase: str = "",
 ) -> list[Path]:
     """Create what is missing (with `renew`: also re-issue the server's and the named clients'
     certificates): the CA, the server bundle, one bundle per client. Returns the files written.
-    With `owner` (uid, gid) every file and folder is given to that user, e.g. the containers'
-    user, so that read-only mounts are readable inside while keys stay 0600."""
-    written: list[Path] = []
-    ca_dir = certs_dir / "ca"
-    if (ca_dir / "ca.key").is_file():
-        ca = load_ca(ca_dir)
-    else:
-        ca = new_ca()
-        ca_dir.mkdir(parents=True, exist_ok=True)
-        (ca_dir / "ca.pem").write_bytes(pem(ca.cert))
-        (ca_dir / "ca.key").write_bytes(key_pem(ca.key))
-        (ca_dir / "ca.key").chmod(0o600)
-        written += [ca_dir / "ca.pem", ca_dir / "ca.key"]
+    With `owner` (uid, gid) the server's and clients' files are given to that user, e.g. the
+    containers' user, so that read-only mounts are readable inside while keys stay 0600; the CA
+    stays with the caller."""
+    for name in clients:
+        check_name(name)
+    ca, written = open_ca(certs_dir, passphrase)
     server_dir = certs_dir / "server"
     if renew or not (server_dir / "server.pem").is_file():
         hosts = tuple(dict.fromkeys((*DEFAULT_HOSTS, *extra_hosts)))
-        write_credential(server_dir, "server", issue(ca, "server", hosts=hosts), ca.cert)
+        credential = issue(ca, "server", hosts=hosts)
+        write_credential(server_dir, "server", credential, ca.cert)
+        _record(certs_dir / "ca", "server", credential.cert, "server")
         written += [server_dir / n for n in ("ca.pem", "server.pem", "server.key")]
         log.info("server certificate for %s in %s", ", ".join(hosts), server_dir)
     for name in clients:
-        if not name or "/" in name or name.startswith("."):
-            raise BadInput(f"client name {name!r} cannot name a folder: use letters, digits, - or _")
         folder = certs_dir / "clients" / name
         if renew or not (folder / "client.pem").is_file():
-            write_credential(folder, "client", issue(ca, name, client=True), ca.cert)
+            credential = issue(ca, name, client=True)
+            write_credential(folder, "client", credential, ca.cert)
+            _record(certs_dir / "ca", name, credential.cert, "client")
             written += [folder / n for n in ("ca.pem", "client.pem", "client.key")]
             log.info("client certificate for %s in %s", name, folder)
-    if owner is not None:
-        for path in [certs_dir, *certs_dir.rglob("*")]:
-            os.chown(path, *owner)
+    give_away(certs_dir, owner)
     return written
 
 
-# Client authentication --------------------------------------------------------------------------
-# A client proves it holds a certificate issued by the server's CA: on every join it sends the
-# certificate and a signature, made with the certificate's key, over a fresh timestamp. The
-# server checks both in Python (not inside gRPC's TLS handshake), so it can tell every refused
-# client why, and log who it was by the certificate's subject. The connection itself is TLS.
-
-PROOF_LABEL = b"flowerpot-join-v1|"
-MAX_CLOCK_SKEW = dt.timedelta(minutes=5)
-
-
-class CredentialRefused(Exception):
-    """A client credential that does not pass; `who` names it for the log."""
-
-    def __init__(self, who: str, reason: str) -> None:
-        super().__init__(reason)
-        self.who, self.reason = who, reason
+def give_away(certs_dir: Path, owner: tuple[int, int] | None) -> None:
+    """Give the server's and the clients' files to `owner`. ca/ stays the caller's: when the
+    caller is root (the Compose tool), it goes to the owner of CERTS_DIR, the host's user."""
+    if owner is None:
+        return
+    for top in ("server", "clients", "requests"):
+        folder = certs_dir / top
+        for path in [folder, *folder.rglob("*")] if folder.exists() else []:
+            os.chown(path, *owner)
+    ca_dir = certs_dir / "ca"
+    if os.geteuid() == 0 and ca_dir.exists():
+        host_user = certs_dir.stat()
+        for path in [ca_dir, *ca_dir.rglob("*")]:
+            os.chown(path, host_user.st_uid, host_user.st_gid)
 
 
-def join_proof(credential: Credential, now: dt.datetime | None = None) -> dict[str, str]:
-    """What a client sends with its join: certificate, timestamp, signature over both."""
-    stamp = (now or dt.datetime.now(dt.UTC)).isoformat()
-    cert_pem = pem(credential.cert)
-    signature = credential.key.sign(PROOF_LABEL + stamp.encode() + b"|" + cert_pem, ec.ECDSA(hashes.SHA256()))
-    return {"cert": cert_pem.decode(), "time": stamp, "signature": signature.hex()}
+def request(certs_dir: Path, name: str, owner: tuple[int, int] | None = None, renew: bool = False) -> list[Path]:
+    """At a site: its key (kept in clients/NAME/) and a certificate request for the CA."""
+    check_name(name)
+    folder = certs_dir / "clients" / name
+    key_path = folder / "client.key"
+    if key_path.is_file() and not renew:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        written = []
+    else:
+        key = new_key()
+        write_private(key_path, key_pem(key))
+        written = [key_path]
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    csr_path = certs_dir / "requests" / f"{name}.csr"
+    csr_path.parent.mkdir(parents=True, exist_ok=True)
+    csr_path.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    give_away(certs_dir, owner)
+    return [*written, csr_path]
 
 
-def check_proof(proof: dict[str, str], ca: x509.Certificate, now: dt.datetime | None = None) -> str:
-    """The client's name (its certificate's common name) when the proof holds, else CredentialRefused."""
-    now = now or dt.datetime.now(dt.UTC)
-    if not proof.get("cert"):
-        raise CredentialRefused("(no certificate)", "no client certificate: this server requires one issued by its CA")
+def sign(certs_dir: Path, csr_path: Path, passphrase: str = "") -> Path:
+    """At the CA: a client certificate for the request in `csr_path`, written beside it (.pem)."""
     try:
-        cert = x509.load_pem_x509_certificate(proof["cert"].encode())
+        csr = x509.load_pem_x509_csr(csr_path.read_bytes())
+    except FileNotFoundError:
+        raise BadInput(f"--sign {csr_path}: no such file") from None
     except ValueError:
-        raise CredentialRefused("(unreadable certificate)", "the client certificate cannot be read") from None
-    who = f"{_common_name(cert)} (certificate {cert.subject.rfc4514_string()}, serial {cert.serial_number:x})"
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        raise CredentialRefused(who, "the client certificate was not issued by this server's CA") from None
-    if now < cert.not_valid_before_utc:
-        raise CredentialRefused(
-            who, f"the client certificate is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
-        )
-    if now > cert.not_valid_after_utc:
-        raise CredentialRefused(who, f"the client certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
-    try:
-        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        usage = []
-    if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
-        raise CredentialRefused(who, "the certificate is not a client certificate")
-    try:
-        stamp = dt.datetime.fromisoformat(proof["time"])
-        public_key = cert.public_key()
-        assert isinstance(public_key, ec.EllipticCurvePublicKey)
-        public_key.verify(
-            bytes.fromhex(proof["signature"]),
-            PROOF_LABEL + proof["time"].encode() + b"|" + proof["cert"].encode(),
-            ec.ECDSA(hashes.SHA256()),
-        )
-    except (KeyError, ValueError, TypeError, AssertionError, InvalidSignature):
-        raise CredentialRefused(who, "the proof of holding the certificate's key does not verify") from None
-    if abs(now - stamp) > MAX_CLOCK_SKEW:
-        raise CredentialRefused(who, f"the proof is dated {stamp:%Y-%m-%d %H:%M:%S} UTC: check the client's clock")
-    return _common_name(cert)
+        raise BadInput(
+            f"--sign {csr_path} is not a PEM certificate request: make one with `flowerpot certs --request NAME`"
+        ) from None
+    if not csr.is_signature_valid:
+        raise BadInput(f"--sign {csr_path}: the request's signature does not verify: make it again")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    name = check_name(str(names[0].value) if names else "")
+    check_key(csr.public_key(), str(csr_path))
+    ca, _ = open_ca(certs_dir, passphrase)
+    cert = sign_public_key(ca, name, csr.public_key(), client=True)
+    _record(certs_dir / "ca", name, cert, "client")
+    out = csr_path.with_suffix(".pem")
+    out.write_bytes(pem(cert))
+    return out
 
 
-def _common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if names else cert.subject.rfc4514_string()
+def revoke(certs_dir: Path, names: list[str]) -> tuple[Path, list[str]]:
+    """Add every certificate the CA issued to each name (and clients/NAME/client.pem) to
+    server/revoked.json; (the file, the serials added)."""
+    issued_path = certs_dir / "ca" / ISSUED_FILE
+    issued = json.loads(issued_path.read_text()) if issued_path.is_file() else []
+    serials: dict[str, str] = {}
+    for name in names:
+        found = {e["serial"]: name for e in issued if e.get("kind") == "client" and e.get("name") == name}
+        local = certs_dir / "clients" / name / "client.pem"
+        if local.is_file():
+            found[f"{x509.load_pem_x509_certificate(local.read_bytes()).serial_number:x}"] = name
+        if not found:
+            raise BadInput(
+                f"--revoke {name}: no certificate issued to {name!r} is known in {issued_path} or "
+                f"{local}: run it where the CA is (CERTS_DIR)"
+            )
+        serials.update(found)
+    path = certs_dir / "server" / REVOKED_FILE
+    add_revoked(path, serials)
+    return path, sorted(serials)

@@ -197,6 +197,11 @@ class Settings(BaseSettings):
     # The name a client gives the server, and with TLS the bundle CERTS_DIR/clients/NAME it uses:
     # one default for both, the same as `flowerpot certs` and docker-compose.yml use.
     client_name: str = setting(DEFAULT_CLIENT_NAME, NOTHING, allowed="a client name (the certificate to use)")
+    # Mutual TLS, revocation and secure defaults
+    max_connections_per_client: int = setting(0, NOTHING, ge=0, le=10_000, note="0: no bound")
+    require_tls: bool = setting(False, NOTHING, allowed="true or false")
+    allow_insecure: bool = setting(False, NOTHING, allowed="true or false")
+    ca_passphrase: str = setting("", NOTHING, allowed="the CA key's passphrase (empty: not encrypted)")
 
     log_level: LogLevel = setting("INFO", NOTHING, allowed=_one_of(LogLevel))
 

@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from shared.errors import BadInput
 
@@ -49,6 +51,7 @@ def check_pair(cert_path: Path, cert_pem: bytes, key_pem: bytes, check_dates: bo
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError):
         raise BadInput(f"{key_path} is not an unencrypted PEM private key: run `flowerpot certs` again") from None
+    check_key(cert.public_key(), str(cert_path))
     if key.public_key().public_bytes(*_SPKI) != cert.public_key().public_bytes(*_SPKI):
         raise BadInput(f"{key_path} is not the key of {cert_path}: copy both from the same `flowerpot certs` run")
     now = dt.datetime.now(dt.UTC)
@@ -60,3 +63,38 @@ def check_pair(cert_path: Path, cert_pem: bytes, key_pem: bytes, check_dates: bo
 
 
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def client_certificate_problems(cert_pem: bytes, ca_pem: bytes) -> list[str]:
+    """What this side can see wrong with its own client certificate, to explain a handshake that
+    the server ended (a TLS server tells the client nothing more)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        return ["this client's certificate cannot be read"]
+    problems = []
+    now = dt.datetime.now(dt.UTC)
+    if now > cert.not_valid_after_utc:
+        problems.append(f"this client's certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}: ask for a new one")
+    elif now < cert.not_valid_before_utc:
+        problems.append(f"this client's certificate is valid only from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+    try:
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_pem))
+    except (ValueError, TypeError, InvalidSignature):
+        problems.append(
+            "this client's certificate was not issued by the CA in its ca.pem: the server accepts only "
+            "certificates of its own CA"
+        )
+    return problems
+
+
+def check_key(public_key: object, where: str) -> None:
+    """EC keys (P-256 and up) and RSA keys of 2048 bits and more are accepted; others refused."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey) and public_key.curve.key_size >= 256:
+        return
+    if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size >= 2048:
+        return
+    raise BadInput(
+        f"{where} holds a key TLS here does not take ({type(public_key).__name__.removesuffix('PublicKey')}): "
+        "use an EC P-256 key or RSA of 2048 bits and more (`flowerpot certs` makes EC P-256 keys)"
+    )

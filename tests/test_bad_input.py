@@ -68,6 +68,16 @@ def occupied_metrics_port(tmp: Path, held: ExitStack) -> dict[str, str]:
     return {"METRICS_PORT": busy.rsplit(":", 1)[1], "SERVER_LISTEN_ADDRESS": free_address()}
 
 
+def ca_with_passphrase(passphrase: str) -> Setup:
+    def setup(tmp: Path, _held: ExitStack) -> dict[str, str]:
+        from shared.certs import open_ca
+
+        open_ca(tmp / "certs", passphrase)
+        return {}
+
+    return setup
+
+
 def address_of_nothing(tmp: Path, held: ExitStack) -> dict[str, str]:
     return {"SERVER_ADDRESS": free_address()}
 
@@ -285,6 +295,60 @@ CASES = [
     ),
     Case("certs-bad-owner", ["certs", "--owner", "me"], {}, 2, "--owner 'me': use UID:GID"),
     Case("env-file-missing", ["--env-file", "nope.env", "server"], {}, 2, "--env-file nope.env does not exist"),
+    # security (issue 9: mutual TLS, certificates, secure by default)
+    Case(
+        "require-tls-in-plaintext",
+        ["server"],
+        {"REQUIRE_TLS": "true"},
+        2,
+        "REQUIRE_TLS=true but the server would run without TLS_ENABLED=true and CLIENT_AUTH=certificate: make "
+        "certificates with `flowerpot certs --client NAME`",
+    ),
+    Case(
+        "require-tls-without-client-auth",
+        ["server"],
+        {"REQUIRE_TLS": "true", "TLS_ENABLED": "true"},
+        2,
+        "REQUIRE_TLS=true but the server would run without CLIENT_AUTH=certificate",
+    ),
+    Case(
+        "require-tls-not-a-bool", ["server"], {"REQUIRE_TLS": "yes please"}, 2, "REQUIRE_TLS='yes please' is not valid"
+    ),
+    Case("allow-insecure-not-a-bool", ["server"], {"ALLOW_INSECURE": "2"}, 2, "ALLOW_INSECURE='2' is not valid"),
+    Case(
+        "connections-per-client-negative",
+        ["server"],
+        {"MAX_CONNECTIONS_PER_CLIENT": "-1"},
+        2,
+        "MAX_CONNECTIONS_PER_CLIENT='-1' is not valid: use a whole number",
+    ),
+    Case("cert-hosts-with-space", ["certs"], {"CERT_HOSTS": "my host.example"}, 2, "CERT_HOSTS='my host.example'"),
+    Case("certs-owner-too-big", ["certs", "--owner", "99999999999:1"], {}, 2, "--owner '99999999999:1': use UID:GID"),
+    Case("certs-owner-negative", ["certs", "--owner=-5:-5"], {}, 2, "--owner '-5:-5': use UID:GID"),
+    Case(
+        "ca-passphrase-wrong",
+        ["certs"],
+        {"CA_PASSPHRASE": "wrong"},
+        2,
+        "CA_PASSPHRASE does not decrypt certs/ca/ca.key",
+        ca_with_passphrase("right"),
+    ),
+    Case(
+        "ca-passphrase-missing",
+        ["certs"],
+        {},
+        2,
+        "certs/ca/ca.key is encrypted: set CA_PASSPHRASE",
+        ca_with_passphrase("right"),
+    ),
+    Case(
+        "certs-sign-not-a-request",
+        ["certs", "--sign", "x.csr"],
+        {},
+        2,
+        "--sign x.csr is not a PEM certificate request",
+        make("x.csr", file=True),
+    ),
 ]
 
 

@@ -36,6 +36,9 @@ def test_split_deployment_with_tls_and_client_certificates(tmp_path: Path) -> No
     assert (vm / "certs" / "server" / "server.pem").is_file()
     assert oct((vm / "certs" / "clients" / "site-a" / "client.key").stat().st_mode & 0o777) == "0o600"
     assert (vm / "certs" / "clients" / "site-a" / "client.key").stat().st_uid == 10001
+    assert (
+        (vm / "certs" / "ca" / "ca.key").stat().st_uid == (vm / "certs").stat().st_uid != 10001
+    )  # never the containers'
 
     # 2. On the VM: the server alone, its port published on the host (here only on 127.0.0.1).
     server = Project(
@@ -54,6 +57,10 @@ def test_split_deployment_with_tls_and_client_certificates(tmp_path: Path) -> No
         env={"SERVER_ADDRESS": f"127.0.0.1:{port}"},
     )
     try:
+        # The published port requires TLS and client certificates (REQUIRE_TLS in docker-compose.server.yml).
+        plain = server.compose("run", "--rm", "-e", "TLS_ENABLED=false", "-e", "CLIENT_AUTH=none", "server")
+        assert plain.returncode == 2, plain.stdout + plain.stderr
+        assert "REQUIRE_TLS=true but the server would run without TLS_ENABLED=true" in plain.stdout + plain.stderr
         assert server.compose("up", "-d").returncode == 0
         up = clients.compose("up", "--scale", "client=2", timeout=600)
         assert up.returncode == 0, up.stdout[-3000:]
@@ -61,7 +68,9 @@ def test_split_deployment_with_tls_and_client_certificates(tmp_path: Path) -> No
         server_log = server.logs("server")
         assert "(TLS, client certificates required)" in server_log
         joined = [
-            line for line in server_log.splitlines() if "client site-a (certificate," in line and "joined" in line
+            line
+            for line in server_log.splitlines()
+            if "client site-a (certificate, serial" in line and "joined" in line
         ]
         assert len(joined) == 2
         assert "finished 2 rounds" in server_log
