@@ -42,13 +42,30 @@ def npy_view(blob: bytes) -> np.ndarray:
     return flat.reshape(shape, order="F" if fortran_order else "C")
 
 
-def write_npz(path: Path, entries: dict[str, bytes]) -> None:
-    """An .npz (a zip of .npy files) from .npy bytes, replaced atomically."""
+def write_npz(path: Path, entries: dict[str, bytes], durable: bool = False) -> None:
+    """An .npz (a zip of .npy files) from .npy bytes, replaced atomically. `durable` also flushes
+    it to the disk before and after the rename, so that it survives a crash of the machine, not
+    only of the process."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-        for name, blob in entries.items():
-            archive.writestr(f"{name}.npy", blob)
+    with open(tmp, "wb") as fh:
+        with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as archive:
+            for name, blob in entries.items():
+                archive.writestr(f"{name}.npy", blob)
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
+    if durable:
+        fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename or a new file in `folder` durable (the directory entry itself)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_model(path: Path, arrays: list[np.ndarray] | list[bytes], meta: dict[str, Any]) -> None:
