@@ -118,6 +118,8 @@ class Results:
         if not path.is_file():
             return None
         try:
+            if not zipfile.is_zipfile(path):  # np.load would take it for a pickle and say so
+                raise ValueError("not an .npz archive")
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 if not isinstance(meta, dict):
