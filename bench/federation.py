@@ -95,8 +95,10 @@ def run_federation(
     settings: dict[str, Any],
     reference: bool = False,
     timeout: float = 900,
+    client_args: list[str] | None = None,
 ) -> Outcome:
-    """A server (ours, or bare Flower with `reference`) and `clients` Flowerpot clients.
+    """A server (ours, or bare Flower with `reference`) and `clients` clients: Flowerpot's, or
+    the Python module arguments in `client_args` (e.g. ["-m", "bench.trivial_client"]).
 
     Logs go to files in `workdir` (pipes would fill up with many processes)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +121,8 @@ def run_federation(
         memory.watch("server", server.pid)
         _wait_for_port(address, server, timeout=60)
         workers = [
-            start(f"client-{i}", ["-m", "flowerpot", "client"], {"CLIENT_NAME": f"client-{i}"}) for i in range(clients)
+            start(f"client-{i}", client_args or ["-m", "flowerpot", "client"], {"CLIENT_NAME": f"client-{i}"})
+            for i in range(clients)
         ]
         for i, worker in enumerate(workers):
             memory.watch(f"client-{i}", worker.pid)
