@@ -9,7 +9,7 @@ the tests and users' scripts read them.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 Phase = Literal["fit", "evaluate"]
@@ -61,7 +61,10 @@ class RoundRecord:
     clients: list[ClientEntry]
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow, not dataclasses.asdict: no deep copy of every metric, every round.
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["clients"] = [vars(c) for c in self.clients]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RoundRecord:
