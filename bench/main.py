@@ -32,6 +32,7 @@ class Plan:
     local_ladder: list[int]
     compose_ladder: list[int]
     round_cost_rounds: int
+    round_cost_repeats: int
 
 
 FULL = Plan(
@@ -46,6 +47,7 @@ FULL = Plan(
     local_ladder=[3, 10, 30, 50, 75, 100],
     compose_ladder=[3, 10, 30, 50, 75, 100],
     round_cost_rounds=200,
+    round_cost_repeats=2,
 )
 QUICK = Plan(
     partitions=["iid"],
@@ -59,6 +61,7 @@ QUICK = Plan(
     local_ladder=[3],
     compose_ladder=[3],
     round_cost_rounds=12,
+    round_cost_repeats=1,
 )
 
 # The sections `--only` can pick, in the order they run; the Compose ones need a Docker engine.
@@ -85,7 +88,7 @@ def run(out: Path, quick: bool, compose: bool, command: str, docs: Path | None =
             "overhead",
             lambda: overhead.measure(work / "overhead", p.overhead_clients, p.overhead_rounds, p.overhead_repeats),
         ),
-        ("round-cost", lambda: round_cost.measure(work / "round-cost", p.round_cost_rounds)),
+        ("round-cost", lambda: round_cost.measure(work / "round-cost", p.round_cost_rounds, p.round_cost_repeats)),
         ("scale", lambda: {"local processes": scale.local_ladder(work / "scale", p.local_ladder)}),
         ("deployment", lambda: deployment.measure(work / "deployment", plan.overhead_rounds)),
         ("scale-compose", lambda: scale.compose_ladder(work / "scale-compose", plan.compose_ladder)),

@@ -99,7 +99,8 @@ def to_markdown(results: dict[str, Any], plots: list[str]) -> str:
         parts.append(
             f"## Per-round cost with trivial clients\n\n{rc['clients']} clients that train nothing "
             f"(`bench/trivial_client.py`, like Flower's e2e-bare NumPyClient, arrays of the digits model's size), "
-            f"{rc['rounds']} rounds; median seconds from a round's start to the next round's start, ours and bare "
+            f"{rc['rounds']} rounds, {rc.get('repeats', 1)} run(s) of each; median seconds from a round's start to the "
+            f"next round's start, ours and bare "
             f"Flower (`start_server` + FedAvg) in the same run. Ours, late over early: {fmt(rc['growth'], 2)} x "
             f"(bare Flower {fmt(rc['bare_growth'], 2)} x).\n\n"
             + table(["window", "ours ms", "bare Flower ms", "ratio"], rows)

@@ -40,7 +40,9 @@ def per_round_seconds(history: list[dict[str, Any]]) -> dict[int, float]:
     return {a["round"]: b["started_at"] - a["started_at"] for a, b in itertools.pairwise(history)}
 
 
-def measure(workdir: Path, rounds: int) -> dict[str, Any]:
+def measure(workdir: Path, rounds: int, repeats: int = 1) -> dict[str, Any]:
+    """Each server `repeats` times, in the order bare, ours, ours, bare, ... (the load of a shared
+    machine drifts; this way both see the same on average), samples pooled per window."""
     settings = {
         "NUM_ROUNDS": rounds,
         "MIN_AVAILABLE_CLIENTS": CLIENTS,
@@ -48,16 +50,23 @@ def measure(workdir: Path, rounds: int) -> dict[str, Any]:
         "MIN_EVALUATE_CLIENTS": CLIENTS,
     }
     spans = windows(rounds)
-    row: dict[str, Any] = {"clients": CLIENTS, "rounds": rounds, "windows": spans}
-    for name, reference in RUNS.items():
-        outcome = run_federation(
-            workdir / name, CLIENTS, settings, reference=reference, timeout=max(300, rounds * 2),
-            client_args=TRIVIAL_CLIENT,
-        )  # fmt: skip
-        seconds = per_round_seconds(outcome.history)
-        entry: dict[str, Any] = {"ok": outcome.ok and len(outcome.history) == rounds}
-        for window, (first, last) in spans.items():
-            values = [s for r, s in seconds.items() if first <= r <= last]
+    row: dict[str, Any] = {"clients": CLIENTS, "rounds": rounds, "repeats": repeats, "windows": spans}
+    samples: dict[str, dict[str, list[float]]] = {name: {w: [] for w in spans} for name in RUNS}
+    ok = dict.fromkeys(RUNS, True)
+    for repeat in range(repeats):
+        order = list(RUNS.items()) if repeat % 2 == 0 else list(reversed(RUNS.items()))
+        for name, reference in order:
+            outcome = run_federation(
+                workdir / f"{name}-{repeat}", CLIENTS, settings, reference=reference, timeout=max(300, rounds * 2),
+                client_args=TRIVIAL_CLIENT,
+            )  # fmt: skip
+            ok[name] &= outcome.ok and len(outcome.history) == rounds
+            seconds = per_round_seconds(outcome.history)
+            for window, (first, last) in spans.items():
+                samples[name][window] += [s for r, s in seconds.items() if first <= r <= last]
+    for name in RUNS:
+        entry: dict[str, Any] = {"ok": ok[name]}
+        for window, values in samples[name].items():
             entry[f"{window}_ms"] = float(np.median(values)) * 1000 if values else float("nan")
             entry[f"{window}_samples"] = len(values)
         row[name] = entry

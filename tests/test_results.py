@@ -271,3 +271,14 @@ def test_other_settings_start_a_new_run_and_the_changes_are_named(
     )
     (archived,) = (settings.results_dir / "previous").iterdir()
     assert (archived / CHECKPOINT).is_file()
+
+
+def test_durable_writes_give_the_same_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DURABLE (fsync every round, off by default for its cost) changes when, not what, is written."""
+    import server.results
+
+    monkeypatch.setattr(server.results, "DURABLE", True)
+    results = Results(tmp_path)
+    play(results, 2)
+    loaded = results.load_checkpoint()
+    assert loaded is not None and loaded.round == 2 and results.resume_history(loaded) == [record(1), record(2)]
