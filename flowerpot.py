@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="a small version of every measurement (about a minute)")
     bench.add_argument("--no-compose", action="store_true", help="skip the Docker Compose measurements")
     bench.add_argument("--docs", type=Path, default=None, help="also write the report there (e.g. docs/benchmarks.md)")
+    bench.add_argument(
+        "--only",
+        metavar="SECTION",
+        default=None,
+        help="run one section alone: accuracy, overhead, round-cost, scale, deployment or scale-compose",
+    )
 
     local = sub.add_parser("run-local", help="prepare, then run the server and N clients as local processes")
     local.add_argument("--clients", type=int, default=None, help="number of clients (default: NUM_SHARDS)")
@@ -159,7 +165,9 @@ def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> 
         from bench.main import run as run_bench
 
         command = "flowerpot " + " ".join(sys.argv[1:])
-        report = run_bench(args.out, quick=args.quick, compose=not args.no_compose, command=command, docs=args.docs)
+        report = run_bench(
+            args.out, quick=args.quick, compose=not args.no_compose, command=command, docs=args.docs, only=args.only
+        )
         print(f"benchmark report: {report}")
     elif args.command == "run-local":
         from launcher import run_local

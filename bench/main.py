@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import accuracy, deployment, overhead, report, scale
+from bench import accuracy, deployment, overhead, report, round_cost, scale
+from shared.errors import BadInput
 
 log = logging.getLogger("flowerpot.bench")
 
@@ -31,6 +32,8 @@ class Plan:
     overhead_repeats: int
     local_ladder: list[int]
     compose_ladder: list[int]
+    round_cost_rounds: int
+    round_cost_repeats: int
 
 
 FULL = Plan(
@@ -44,6 +47,8 @@ FULL = Plan(
     overhead_repeats=2,
     local_ladder=[3, 10, 30, 50, 75, 100],
     compose_ladder=[3, 10, 30, 50, 75, 100],
+    round_cost_rounds=200,
+    round_cost_repeats=2,
 )
 QUICK = Plan(
     partitions=["iid"],
@@ -56,10 +61,19 @@ QUICK = Plan(
     overhead_repeats=1,
     local_ladder=[3],
     compose_ladder=[3],
+    round_cost_rounds=12,
+    round_cost_repeats=1,
 )
 
+# The sections `--only` can pick, in the order they run; the Compose ones need a Docker engine.
+SECTIONS = ("accuracy", "overhead", "round-cost", "scale", "deployment", "scale-compose")
+COMPOSE_SECTIONS = ("deployment", "scale-compose")
 
-def run(out: Path, quick: bool, compose: bool, command: str, docs: Path | None = None) -> Path:
+
+def run(out: Path, quick: bool, compose: bool, command: str, docs: Path | None = None, only: str | None = None) -> Path:
+    """Every section (without the Compose ones unless `compose`), or only the one named."""
+    if only is not None and only not in SECTIONS:
+        raise BadInput(f"--only {only!r} is not a section of the benchmark: use one of {', '.join(SECTIONS)}")
     plan = QUICK if quick else FULL
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
@@ -75,21 +89,20 @@ def run(out: Path, quick: bool, compose: bool, command: str, docs: Path | None =
             "overhead",
             lambda: overhead.measure(work / "overhead", p.overhead_clients, p.overhead_rounds, p.overhead_repeats),
         ),
+        ("round-cost", lambda: round_cost.measure(work / "round-cost", p.round_cost_rounds, p.round_cost_repeats)),
         ("scale", lambda: {"local processes": scale.local_ladder(work / "scale", p.local_ladder)}),
+        ("deployment", lambda: deployment.measure(work / "deployment", plan.overhead_rounds)),
+        ("scale-compose", lambda: scale.compose_ladder(work / "scale-compose", plan.compose_ladder)),
     ]
-    if compose:
-        steps += [
-            ("deployment", lambda: deployment.measure(work / "deployment", plan.overhead_rounds)),
-            ("scale_compose", lambda: scale.compose_ladder(work / "scale-compose", plan.compose_ladder)),
-        ]
+    steps = [(n, step) for n, step in steps if (n == only if only else compose or n not in COMPOSE_SECTIONS)]
     for number, (name, step) in enumerate(steps, 1):
         log.info("bench: section %d of %d: %s ...", number, len(steps), name)
         t0 = time.monotonic()
         value = step()
-        if name == "scale_compose":
-            results["scale"]["compose replicas"] = value
+        if name == "scale-compose":
+            results.setdefault("scale", {})["compose replicas"] = value
         else:
-            results[name] = value
+            results[name.replace("-", "_")] = value
         log.info("bench: %s done in %.0f s", name, time.monotonic() - t0)
     results["seconds"] = time.monotonic() - started
     results["targets"] = targets(results)
@@ -102,7 +115,7 @@ def run(out: Path, quick: bool, compose: bool, command: str, docs: Path | None =
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     found = []
-    iid = results["accuracy"]["partitions"].get("iid", {}).get("summary")
+    iid = results.get("accuracy", {}).get("partitions", {}).get("iid", {}).get("summary")
     if iid:
         gap = iid["centralized"] - iid["federated_fedavg"]
         measured = f"centralized {iid['centralized']:.4f}, federated {iid['federated_fedavg']:.4f}"
@@ -113,7 +126,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": abs(gap) <= 0.01,
             }
         )
-    three = next((r for r in results["overhead"] if r["clients"] == 3), None)
+    three = next((r for r in results.get("overhead", []) if r["clients"] == 3), None)
     if three:
         ours = three["flowerpot"]["overhead_s"]["median"]
         found.append(
@@ -125,16 +138,19 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
         found.append({"target": "median framework overhead at most 25 ms per round, 3 clients",
                       "measured": f"{ours * 1000:.1f} ms", "met": ours <= 0.025})  # fmt: skip
-    ladder = results["scale"]["local processes"]
-    largest = max((r["clients"] for r in ladder if r["ok"]), default=0)
-    found.append(
-        {
-            "target": "30 client processes complete 3 rounds (largest found, tried up to 100)",
-            "measured": f"largest completed: {largest} of {[r['clients'] for r in ladder]}",
-            "met": largest >= 30,
-        }
-    )
-    for kind, rows in results["scale"].items():
+    if "round_cost" in results:
+        found += round_cost.targets(results["round_cost"])
+    ladder = results.get("scale", {}).get("local processes")
+    if ladder:
+        largest = max((r["clients"] for r in ladder if r["ok"]), default=0)
+        found.append(
+            {
+                "target": "30 client processes complete 3 rounds (largest found, tried up to 100)",
+                "measured": f"largest completed: {largest} of {[r['clients'] for r in ladder]}",
+                "met": largest >= 30,
+            }
+        )
+    for kind, rows in results.get("scale", {}).items():
         peaks = [r["peak_pss_client_mb_max"] for r in rows if r.get("ok") and r.get("peak_pss_client_mb_max")]
         if peaks:
             found.append(

@@ -89,6 +89,22 @@ def to_markdown(results: dict[str, Any], plots: list[str]) -> str:
                 rows,
             )
         )
+    if "round_cost" in results:
+        rc = results["round_cost"]
+        rows = [
+            [f"rounds {first}-{last}", fmt(rc["flowerpot"][f"{w}_ms"], 1), fmt(rc["bare_flower"][f"{w}_ms"], 1),
+             fmt(rc[f"{w}_ratio"], 2)]
+            for w, (first, last) in rc["windows"].items()
+        ]  # fmt: skip
+        parts.append(
+            f"## Per-round cost with trivial clients\n\n{rc['clients']} clients that train nothing "
+            f"(`bench/trivial_client.py`, like Flower's e2e-bare NumPyClient, arrays of the digits model's size), "
+            f"{rc['rounds']} rounds, {rc.get('repeats', 1)} run(s) of each; median seconds from a round's start to the "
+            f"next round's start, ours and bare "
+            f"Flower (`start_server` + FedAvg) in the same run. Ours, late over early: {fmt(rc['growth'], 2)} x "
+            f"(bare Flower {fmt(rc['bare_growth'], 2)} x).\n\n"
+            + table(["window", "ours ms", "bare Flower ms", "ratio"], rows)
+        )
     if "deployment" in results:
         dep = results["deployment"]
         over = dep["overhead_3_clients"]

@@ -2,7 +2,7 @@
 
 Uses Flower's `Server` for what a round is (fit_round / evaluate_round / disconnect_all_clients)
 and keeps the loop itself here, so that every wait is bounded, every round is logged in one
-line and checkpointed, and the run can start from a checkpoint.
+line and checkpointed before the next one starts, and the run can start from a checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from flwr.server import Server
 
 from server.admission import BoundedClientManager
 from server.live_metrics import LiveMetrics
+from server.record import ClientEntry, RoundRecord
 from server.results import Checkpoint, Results
 from server.strategies import GuardedStrategy, build_strategy, client_label, restore_strategy_state, strategy_state
 from server.wiring import Traffic
@@ -43,9 +44,9 @@ class Federation:
     ) -> None:
         self.settings, self.client_manager, self.results, self.traffic = settings, client_manager, results, traffic
         self.live = live or LiveMetrics(settings.num_rounds)  # without an endpoint: in-memory values only
-        self.history: list[dict[str, Any]] = []
+        self.history: list[RoundRecord] = []
 
-    def run(self) -> list[dict[str, Any]]:
+    def run(self) -> list[RoundRecord]:
         s = self.settings
         server = Server(client_manager=self.client_manager)
         completed = False
@@ -62,7 +63,7 @@ class Federation:
             first = 1
             if resumed:
                 restore_strategy_state(strategy, resumed.strategy_state)
-                self.history, first = resumed.history, resumed.round + 1
+                self.history, first = list(resumed.history or []), resumed.round + 1
                 log.info("resuming the unfinished run at round %d of %d", first, s.num_rounds)
             else:
                 log.info(
@@ -75,26 +76,27 @@ class Federation:
             for server_round in range(first, s.num_rounds + 1):
                 record = self.play_round(server, strategy, server_round)
                 self.history.append(record)
-                self.live.round_done(record, [problem for _, problem in strategy.refused])
-                log.info(round_line(record, s.num_rounds))
                 finished = server_round == s.num_rounds
-                state = strategy_state(strategy)
                 checkpoint = Checkpoint(
-                    self.fingerprint, server_round, finished, server.parameters, state, self.history
+                    self.fingerprint, server_round, finished, server.parameters, strategy_state(strategy)
                 )
-                self.results.save_round(checkpoint, self.model_meta(record))
+                # Written before the round is logged and before the next one starts: the
+                # checkpoint always holds the last finished round.
+                self.results.save_round(record, checkpoint, self.model_meta(record))
+                log.info(round_line(record, s.num_rounds))
+                self.live.round_done(record, [problem for _, problem in strategy.refused])
+            self.results.write_history(self.history)
             completed = True
             final = self.history[-1]
             log.info(
                 "finished %d rounds: final accuracy %s, loss %s over %d clients; results in %s",
-                s.num_rounds, _fmt(final["eval_accuracy"]), _fmt(final["eval_loss"]),
-                final["clients_evaluated"], self.results.folder,
+                s.num_rounds, _fmt(final.eval_accuracy), _fmt(final.eval_loss),
+                final.clients_evaluated, self.results.folder,
             )  # fmt: skip
         finally:  # also when the run fails: connected clients are told to go, not left waiting
             self.live.end(completed)
             server.disconnect_all_clients(timeout=DISCONNECT_TIMEOUT)
-            self.results.flush()
-            if self.history and self.history[-1]["round"] < s.num_rounds:  # an unfinished run's history too
+            if self.history and self.history[-1].round < s.num_rounds:  # an unfinished run's history too
                 self.results.write_history(self.history)
         return self.history
 
@@ -107,8 +109,11 @@ class Federation:
         and the results of the earlier one are moved aside."""
         checkpoint = self.results.load_checkpoint()
         if checkpoint is not None and not checkpoint.finished and checkpoint.run == self.fingerprint:
-            return checkpoint
-        if checkpoint is not None and not checkpoint.finished:
+            history = self.results.resume_history(checkpoint)
+            if history is not None:
+                checkpoint.history = history
+                return checkpoint
+        elif checkpoint is not None and not checkpoint.finished:
             changed = sorted(k.upper() for k in self.fingerprint if checkpoint.run.get(k) != self.fingerprint[k])
             log.warning(
                 "not resuming the unfinished run in %s: settings changed (%s)", self.results.folder, ", ".join(changed)
@@ -151,7 +156,7 @@ class Federation:
             f"no client sent usable initial parameters in {INITIAL_PARAMETER_TRIES} tries: check the clients' logs"
         )
 
-    def play_round(self, server: Server, strategy: GuardedStrategy, server_round: int) -> dict[str, Any]:
+    def play_round(self, server: Server, strategy: GuardedStrategy, server_round: int) -> RoundRecord:
         started, started_at = time.perf_counter(), time.time()
         self.traffic.take()
         strategy.refused = []
@@ -170,58 +175,54 @@ class Federation:
             eval_loss, eval_metrics, (eval_results, eval_failures) = evaluation
         refused = len(strategy.refused)
         sent, received = self.traffic.take()
-        return {
-            "round": server_round,
-            "clients_trained": len(fit_results) - refused,
-            "clients_failed": len(fit_failures),
-            "updates_refused": refused,
-            "clients_evaluated": len(eval_results),
-            "eval_failures": len(eval_failures),
-            "train_loss": fit_metrics.get("train_loss"),
-            "train_accuracy": fit_metrics.get("train_accuracy"),
-            "eval_loss": eval_loss,
-            "eval_accuracy": eval_metrics.get("accuracy"),
-            "seconds": time.perf_counter() - started,
-            "fit_seconds": fit_seconds,
-            "started_at": started_at,
-            "bytes_sent": sent,
-            "bytes_received": received,
-            "model_bytes": sum(len(t) for t in server.parameters.tensors),
-            "fit_metrics": fit_metrics,
-            "eval_metrics": eval_metrics,
-            "clients": [
-                *(_client_record(p, "fit", r.num_examples, r.metrics) for p, r in fit_results),
+        return RoundRecord(
+            round=server_round,
+            clients_trained=len(fit_results) - refused,
+            clients_failed=len(fit_failures),
+            updates_refused=refused,
+            clients_evaluated=len(eval_results),
+            eval_failures=len(eval_failures),
+            train_loss=fit_metrics.get("train_loss"),
+            train_accuracy=fit_metrics.get("train_accuracy"),
+            eval_loss=eval_loss,
+            eval_accuracy=eval_metrics.get("accuracy"),
+            seconds=time.perf_counter() - started,
+            fit_seconds=fit_seconds,
+            started_at=started_at,
+            bytes_sent=sent,
+            bytes_received=received,
+            model_bytes=sum(len(t) for t in server.parameters.tensors),
+            fit_metrics=fit_metrics,
+            eval_metrics=eval_metrics,
+            clients=[
+                *(ClientEntry(client_label(p), "fit", r.num_examples, r.metrics) for p, r in fit_results),
                 *(
-                    _client_record(p, "evaluate", r.num_examples, {"loss": r.loss, **r.metrics})
+                    ClientEntry(client_label(p), "evaluate", r.num_examples, {"loss": r.loss, **r.metrics})
                     for p, r in eval_results
                 ),
             ],
-        }
+        )
 
-    def model_meta(self, record: dict[str, Any]) -> dict[str, Any]:
+    def model_meta(self, record: RoundRecord) -> dict[str, Any]:
         s = self.settings
         return {
-            "round": record["round"],
+            "round": record.round,
             "num_rounds": s.num_rounds,
             "strategy": s.strategy,
             "dataset": s.dataset,
-            "eval_accuracy": record["eval_accuracy"],
-            "eval_loss": record["eval_loss"],
+            "eval_accuracy": record.eval_accuracy,
+            "eval_loss": record.eval_loss,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
 
-def _client_record(proxy: Any, phase: str, num_examples: int, metrics: dict[str, Any]) -> dict[str, Any]:
-    return {"client": client_label(proxy), "phase": phase, "num_examples": num_examples, "metrics": metrics}
-
-
-def round_line(record: dict[str, Any], num_rounds: int) -> str:
-    failed = record["clients_failed"] + record["updates_refused"]
+def round_line(record: RoundRecord, num_rounds: int) -> str:
+    failed = record.clients_failed + record.updates_refused
     return (
-        f"round {record['round']}/{num_rounds}: {record['clients_trained']} trained, {failed} failed"
-        f" | train loss {_fmt(record['train_loss'])}"
-        f" | eval loss {_fmt(record['eval_loss'])}, accuracy {_fmt(record['eval_accuracy'])}"
-        f" ({record['clients_evaluated']} clients) | {record['seconds']:.2f} s"
+        f"round {record.round}/{num_rounds}: {record.clients_trained} trained, {failed} failed"
+        f" | train loss {_fmt(record.train_loss)}"
+        f" | eval loss {_fmt(record.eval_loss)}, accuracy {_fmt(record.eval_accuracy)}"
+        f" ({record.clients_evaluated} clients) | {record.seconds:.2f} s"
     )
 
 

@@ -6,6 +6,7 @@ client keeps the final global model, and `predict` reads either. No torch needed
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -33,24 +34,54 @@ def to_npy(array: np.ndarray) -> bytes:
 def npy_view(blob: bytes) -> np.ndarray:
     """The array in .npy bytes (Flower's tensor format), read-only and without copying the data.
     ValueError when the bytes are not a plain numeric .npy array."""
-    stream = io.BytesIO(blob)
+    if len(blob) < 12 or blob[:6] != b"\x93NUMPY":
+        raise ValueError("not .npy bytes (no .npy magic)")
+    size_bytes = 2 if blob[6] == 1 else 4  # the header's length: 2 bytes in version 1.0, 4 later
+    end = 8 + size_bytes + int.from_bytes(blob[8 : 8 + size_bytes], "little")
+    shape, fortran_order, dtype = _npy_header(bytes(blob[:end]))
+    count = int(np.prod(shape, dtype=np.int64))
+    flat = np.frombuffer(blob, dtype=dtype, count=count, offset=end)
+    return flat.reshape(shape, order="F" if fortran_order else "C")
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, order and dtype from a .npy header. NumPy parses it with a Python literal parser,
+    which cost more than the rest of writing a model file; a model's headers are the same every
+    round, so each is parsed once."""
+    stream = io.BytesIO(header)
     version = np.lib.format.read_magic(stream)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, fortran_order, dtype = read_header(stream)
     if dtype.hasobject:
         raise ValueError("object arrays are not allowed")
-    count = int(np.prod(shape, dtype=np.int64))
-    flat = np.frombuffer(blob, dtype=dtype, count=count, offset=stream.tell())
-    return flat.reshape(shape, order="F" if fortran_order else "C")
+    return shape, fortran_order, dtype
 
 
-def write_npz(path: Path, entries: dict[str, bytes]) -> None:
-    """An .npz (a zip of .npy files) from .npy bytes, replaced atomically."""
+def write_npz(path: Path, entries: dict[str, bytes], durable: bool = False) -> None:
+    """An .npz (a zip of .npy files) from .npy bytes, replaced atomically. `durable` also flushes
+    it to the disk before and after the rename, so that it survives a crash of the machine, not
+    only of the process."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-        for name, blob in entries.items():
-            archive.writestr(f"{name}.npy", blob)
+    with open(tmp, "wb") as fh:
+        with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as archive:
+            for name, blob in entries.items():
+                archive.writestr(f"{name}.npy", blob)
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
+    if durable:
+        fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename or a new file in `folder` durable (the directory entry itself)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_model(path: Path, arrays: list[np.ndarray] | list[bytes], meta: dict[str, Any]) -> None:

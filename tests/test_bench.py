@@ -29,9 +29,14 @@ def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
     for r in three["communication"]["per_round"]:
         assert 1.0 <= r["sent_over_model_x_copies"] < 1.01 and 1.0 <= r["received_over_model_x_copies"] < 1.01
 
+    cost = results["round_cost"]  # two trivial clients: every round of both runs, early and late windows
+    assert cost["flowerpot"]["ok"] and cost["bare_flower"]["ok"]
+    assert all(cost[run][f"{w}_samples"] >= 1 for run in ("flowerpot", "bare_flower") for w in ("early", "late"))
+    assert cost["early_ratio"] > 0 and cost["late_ratio"] > 0
+
     local = results["scale"]["local processes"][0]
     assert local["ok"] and local["peak_pss_server_mb"] > 10 and local["peak_pss_client_mb_max"] > 50
-    assert {t["target"].split(" ")[0] for t in results["targets"]} >= {"federated", "median", "30", "peak"}
+    assert {t["target"].split(" ")[0] for t in results["targets"]} >= {"federated", "median", "30", "peak", "per-round"}
 
     if compose:
         deployment = results["deployment"]
@@ -45,8 +50,23 @@ def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
 
     report = (out / "report.md").read_text()
     assert "## Framework overhead per round" in report and "## Accuracy at equal total local epochs" in report
+    assert "## Per-round cost with trivial clients" in report
     assert (out / "accuracy.png").stat().st_size > 1000 and (out / "overhead.png").stat().st_size > 1000
     docs = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert docs.startswith("# Benchmarks") and "Command: `flowerpot bench --quick" in docs
     assert (tmp_path / "docs" / "benchmark-accuracy.png").is_file()
     assert not (out / "work").exists()  # scratch space is cleaned up
+
+
+def test_only_runs_one_section_and_refuses_an_unknown_one(tmp_path: Path) -> None:
+    result = run_cli(["bench", "--only", "speed"], cwd=tmp_path)
+    assert result.returncode == 2 and not (tmp_path / "bench-results").exists()
+    assert result.stderr.strip().splitlines() == [
+        "flowerpot bench: error: --only 'speed' is not a section of the benchmark: use one of accuracy, overhead, "
+        "round-cost, scale, deployment, scale-compose"
+    ]
+    result = run_cli(["bench", "--quick", "--only", "round-cost", "--out", "out"], cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results) & {"accuracy", "overhead", "scale", "deployment"} == set()
+    assert results["round_cost"]["flowerpot"]["ok"] and "round cost, rounds" in result.stderr

@@ -1,0 +1,93 @@
+"""What one round leaves in the history: the one definition of a round record.
+
+The server builds a `RoundRecord` per round; `Results` writes it (history.jsonl, history.json,
+history.csv) and reads it back on resume, always through `to_json` / `from_json`, so the JSON
+keys are spelled once. They are the keys earlier versions wrote into history.json: the benchmark,
+the tests and users' scripts read them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+Phase = Literal["fit", "evaluate"]
+
+
+@dataclass(frozen=True)
+class ClientEntry:
+    """What one client reported in one phase of a round."""
+
+    client: str  # the name it joined with (or a short id)
+    phase: Phase
+    num_examples: int
+    metrics: dict[str, Any]  # as the client sent them; in "evaluate" also its "loss"
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ClientEntry:
+        if data.get("phase") not in ("fit", "evaluate"):
+            raise ValueError(f"a client entry has phase {data.get('phase')!r}, not 'fit' or 'evaluate'")
+        return cls(str(data["client"]), data["phase"], int(data["num_examples"]), dict(data["metrics"]))
+
+
+def _csv(**kwargs: Any) -> Any:
+    """A field that is also a column of history.csv."""
+    return field(metadata={"csv": True}, **kwargs)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One finished round: counts, losses, accuracies, time, traffic, and every client's report."""
+
+    round: int = _csv()
+    clients_trained: int = _csv()  # updates aggregated (refused ones not counted)
+    clients_failed: int = _csv()  # fit calls that failed (crash, timeout)
+    updates_refused: int = _csv()  # updates the guard refused (NaN/Inf, wrong shapes, ...)
+    clients_evaluated: int = _csv()
+    eval_failures: int
+    train_loss: float | None = _csv()
+    train_accuracy: float | None = _csv()
+    eval_loss: float | None = _csv()
+    eval_accuracy: float | None = _csv()
+    seconds: float = _csv()  # the round's wall time: fit and evaluate
+    fit_seconds: float
+    started_at: float  # Unix time the round started
+    bytes_sent: int = _csv()  # serialized Flower messages, both ways, during the round
+    bytes_received: int = _csv()
+    model_bytes: int  # the global model's size (.npy bytes of every array)
+    fit_metrics: dict[str, Any]  # aggregated over the clients that trained
+    eval_metrics: dict[str, Any]  # aggregated over the clients that evaluated
+    clients: list[ClientEntry]
+
+    def to_json(self) -> dict[str, Any]:
+        # Shallow, not dataclasses.asdict: no deep copy of every metric, every round.
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["clients"] = [vars(c) for c in self.clients]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RoundRecord:
+        """ValueError (naming the key) when `data` is not a round record of this layout."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a round record is a JSON object, not {type(data).__name__}")
+        missing = [f.name for f in fields(cls) if f.name not in data]
+        if missing:
+            raise ValueError(f"a round record lacks {', '.join(missing)}")
+        try:
+            values = {f.name: data[f.name] for f in fields(cls)}
+            values["clients"] = [ClientEntry.from_json(c) for c in data["clients"]]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"a round record has a malformed client entry ({exc.__class__.__name__}: {exc})") from None
+        return cls(**values)
+
+    def to_line(self) -> str:
+        """One line of history.jsonl (no newline inside: JSON escapes them)."""
+        return json.dumps(self.to_json(), default=str)
+
+    @classmethod
+    def from_line(cls, line: str) -> RoundRecord:
+        return cls.from_json(json.loads(line))
+
+
+CSV_COLUMNS = tuple(f.name for f in fields(RoundRecord) if f.metadata.get("csv"))
