@@ -22,8 +22,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO, federation_env, free_address
+from launcher import free_port
 from server.live_metrics import MAX_CLIENT_SERIES, OTHER, RUN_FILE, LiveMetrics, refusal_reason, run_identity
-from shared.local_run import free_port
 
 MONITORING = REPO / "monitoring"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "flowerpot.json"
@@ -75,10 +75,14 @@ class Scraper:
         return self.scrapes
 
 
-def start(spawn, env: dict[str, str], clients: int = 3) -> tuple[Any, list[Any]]:
-    server = spawn(["server"], **env)
-    server.wait_for("listening on")
-    return server, [spawn(["client"], **env, CLIENT_NAME=f"site-{i}") for i in range(1, clients + 1)]
+def start(federation, env: dict[str, str], before_clients=None) -> tuple[Any, list[Any]]:
+    """The server, then (after `before_clients()`, if given) three clients named site-1..3."""
+    run = federation(env)
+    if before_clients is not None:
+        before_clients()
+    for i in (1, 2, 3):
+        run.start_client(i, CLIENT_NAME=f"site-{i}")
+    return run.server, run.clients
 
 
 def results_of(tmp_path: Path) -> tuple[list[dict], str]:
@@ -86,12 +90,12 @@ def results_of(tmp_path: Path) -> tuple[list[dict], str]:
     return json.loads((results / "history.json").read_text()), json.loads((results / RUN_FILE).read_text())["run_id"]
 
 
-def test_the_endpoint_moves_round_by_round_and_ends_at_the_history(spawn, data_dir: Path, tmp_path: Path) -> None:
+def test_the_endpoint_moves_round_by_round_and_ends_at_the_history(federation, data_dir: Path, tmp_path: Path) -> None:
     """The one test with METRICS_LINGER: the server keeps its final values until they are scraped."""
     port = free_port()
     env = federation_env(data_dir, tmp_path, free_address(), NUM_ROUNDS="4", METRICS_PORT=str(port),
                          METRICS_LINGER="60")  # fmt: skip
-    server, clients = start(spawn, env)
+    server, clients = start(federation, env)
     scraper = Scraper(port)
     server.wait_for(r"finished 4 rounds", timeout=120)
     started = time.monotonic()
@@ -138,9 +142,9 @@ def test_the_endpoint_moves_round_by_round_and_ends_at_the_history(spawn, data_d
     }
 
 
-def test_without_metrics_port_nothing_listens_and_nothing_lingers(spawn, data_dir: Path, tmp_path: Path) -> None:
+def test_without_metrics_port_nothing_listens_and_nothing_lingers(federation, data_dir: Path, tmp_path: Path) -> None:
     env = federation_env(data_dir, tmp_path, free_address(), NUM_ROUNDS="1", METRICS_LINGER="60")
-    server, clients = start(spawn, env)
+    server, clients = start(federation, env)
     assert server.wait(90) == 0, server.output
     assert [c.wait() for c in clients] == [0, 0, 0]
     assert "metrics on" not in server.output and "serving the final metrics" not in server.output
@@ -200,6 +204,16 @@ def prometheus(tmp_path: Path) -> Iterator[Any]:
             proc.wait()
 
 
+def wait_until_scraped(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{url}/api/v1/query?query=up", timeout=5) as response:
+            if any(r["value"][1] == "1" for r in json.loads(response.read())["data"]["result"]):
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"Prometheus did not scrape the server within {timeout} s")
+
+
 def query_range(url: str, expr: str, start: float, end: float) -> list[dict]:
     params = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": "1"})
     with urllib.request.urlopen(f"{url}/api/v1/query_range?{params}", timeout=10) as response:
@@ -215,13 +229,15 @@ def dashboard_targets() -> list[tuple[str, str]]:
 
 @needs_prometheus
 def test_a_real_prometheus_has_data_for_every_dashboard_query(
-    spawn, prometheus, data_dir: Path, tmp_path: Path
+    federation, prometheus, data_dir: Path, tmp_path: Path
 ) -> None:
     port = free_port()
     url = prometheus(port)
     env = federation_env(data_dir, tmp_path, free_address(), METRICS_PORT=str(port), METRICS_LINGER="30")
     began = time.time()
-    server, clients = start(spawn, env)
+    # the clients come once Prometheus has scraped the waiting server: a run of a few seconds
+    # must not end before the first scrape (a server nobody scraped does not linger)
+    server, clients = start(federation, env, before_clients=lambda: wait_until_scraped(url))
     assert server.wait(120) == 0, server.output
     assert [c.wait() for c in clients] == [0, 0, 0]
     assert "serving the final metrics" in server.output
