@@ -70,6 +70,7 @@ class Endpoint:
     max_message_bytes: int
     connect_timeout: float
     root_certificates: bytes | None = None  # TLS when set: the CA of the server's certificate
+    keepalive_seconds: float = 20  # ping the server this often; a silent server is dropped after 2x
     proof: Callable[[], dict[str, str]] | None = None  # client authentication: a fresh proof per join
 
     @property
@@ -126,6 +127,7 @@ def _open_channel(endpoint: Endpoint) -> grpc.Channel:
     options = [
         ("grpc.max_send_message_length", endpoint.max_message_bytes),
         ("grpc.max_receive_message_length", endpoint.max_message_bytes),
+        *_keepalive_options(endpoint.keepalive_seconds),
     ]
     if not endpoint.tls:
         return grpc.insecure_channel(endpoint.address, options=options)
@@ -240,3 +242,15 @@ def _handshake_message(endpoint: Endpoint, details: str) -> str:
         f"failed ({reason}): the server requires TLS; set TLS_ENABLED=true and give this client "
         "the server's CA certificate"
     )
+
+
+def _keepalive_options(seconds: float) -> list[tuple[str, int]]:
+    """Ping the server every `seconds`, also while no call is active, and drop the connection
+    when a ping is not answered within as long again (the server allows pings 5 s apart)."""
+    ms = int(seconds * 1000)
+    return [
+        ("grpc.keepalive_time_ms", ms),
+        ("grpc.keepalive_timeout_ms", ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]

@@ -9,6 +9,7 @@ from cryptography import x509
 from server.admission import Admission, BoundedClientManager
 from server.results import Results
 from server.rounds import Federation
+from server.shutdown import stop_on_signal
 from server.wiring import TlsFiles, Traffic, start_grpc_server
 from shared.logs import tame_flower
 from shared.settings import Settings
@@ -25,10 +26,18 @@ def run_server(settings: Settings) -> None:
     tls, client_ca = load_tls(settings)
     traffic = Traffic()
     grpc_server = start_grpc_server(
-        client_manager, admission, traffic, settings.server_listen_address, settings.max_message_bytes, tls, client_ca
+        client_manager,
+        admission,
+        traffic,
+        settings.server_listen_address,
+        settings.max_message_bytes,
+        tls,
+        client_ca,
+        keepalive_seconds=settings.keepalive_seconds,
     )
     try:
-        Federation(settings, client_manager, results, traffic).run()
+        with stop_on_signal(grpc_server, client_manager):
+            Federation(settings, client_manager, results, traffic).run()
     finally:
         grpc_server.stop(grace=1)
 

@@ -105,13 +105,18 @@ class Settings(BaseSettings):
     results_dir: Path = Field(Path("results"), description="a folder path")
     server_listen_address: str = Field("0.0.0.0:8080", description="HOST:PORT with a port from 1 to 65535")
     server_address: str = Field("server:8080", description="HOST:PORT with a port from 1 to 65535")
-    max_message_mb: int = Field(512, ge=1, le=2047, description=_whole(1, 2047))
+    # 16 MiB: about 8x the largest shipped model (the CIFAR-10 CNN, 2.1 MiB of float32 weights),
+    # rounded to a power of two; a folder data set with IMAGE_SIZE above about 64 may need more.
+    max_message_mb: int = Field(16, ge=1, le=2047, description=_whole(1, 2047))
 
     # Waits, in seconds; none is unbounded
     start_timeout: float = Field(120, gt=0, description="seconds > 0")
     rejoin_timeout: float = Field(60, gt=0, description="seconds > 0")
     round_timeout: float = Field(600, gt=0, description="seconds > 0")
     connect_timeout: float = Field(60, gt=0, description="seconds > 0")
+
+    # Transport (issue 9): how soon a peer that vanished without closing its connection is noticed
+    keepalive_seconds: int = Field(20, ge=5, le=3600, description=_whole(5, 3600) + " (seconds)")
 
     # Security
     tls_enabled: bool = Field(False, description="true or false")
