@@ -209,6 +209,7 @@ def keepalive_options(seconds: float) -> list[tuple[str, int]]:
     return [
         ("grpc.keepalive_time_ms", ms),
         ("grpc.keepalive_timeout_ms", ms),
+        ("grpc.http2.ping_timeout_ms", ms),  # gRPC 1.85 times unanswered pings with this, not keepalive_timeout
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]

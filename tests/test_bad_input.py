@@ -236,6 +236,29 @@ CASES = [
     ),
     Case("certs-bad-owner", ["certs", "--owner", "me"], {}, 2, "--owner 'me': use UID:GID"),
     Case("env-file-missing", ["--env-file", "nope.env", "server"], {}, 2, "--env-file nope.env does not exist"),
+    # transport limits (issue 9)
+    Case(
+        "keepalive-too-short",
+        ["server"],
+        {"KEEPALIVE_SECONDS": "1"},
+        2,
+        "KEEPALIVE_SECONDS='1' is not valid: use a whole number from 5 to 3600",
+    ),
+    Case(
+        "keepalive-not-a-number",
+        ["client"],
+        {**CLIENT, "KEEPALIVE_SECONDS": "soon"},
+        2,
+        "KEEPALIVE_SECONDS='soon' is not valid: use a whole number from 5 to 3600",
+    ),
+    Case(
+        "keepalive-too-long",
+        ["server"],
+        {"KEEPALIVE_SECONDS": "1e9"},
+        2,
+        "KEEPALIVE_SECONDS='1e9' is not valid: use a whole number from 5 to 3600",
+    ),
+    Case("max-message-zero", ["server"], {"MAX_MESSAGE_MB": "0"}, 2, "MAX_MESSAGE_MB='0' is not valid: use a whole"),
 ]
 
 
