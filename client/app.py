@@ -123,6 +123,7 @@ def run_client(settings: Settings) -> None:
             name=settings.client_name,
             max_message_bytes=settings.max_message_bytes,
             connect_timeout=settings.connect_timeout,
+            keepalive_seconds=settings.keepalive_seconds,
             **tls_options(settings),
         )
         wiring.run(client.to_client(), endpoint)

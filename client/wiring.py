@@ -26,6 +26,7 @@ from flwr.proto.transport_pb2_grpc import FlowerServiceStub
 
 from client.retry import Backoff
 from shared.errors import BadInput, Refused, Unreachable
+from shared.keepalive import keepalive_options
 from shared.metadata import CLIENT_NAME_KEY
 from shared.tls_files import client_certificate_problems
 
@@ -73,6 +74,7 @@ class Endpoint:
     root_certificates: bytes | None = None  # TLS when set: the CA of the server's certificate
     private_key: bytes | None = None  # mutual TLS: this client's key and certificate (PEM)
     certificate_chain: bytes | None = None
+    keepalive_seconds: float = 20  # ping the server this often; a silent server is dropped after 2x
 
     @property
     def tls(self) -> bool:
@@ -128,6 +130,7 @@ def _open_channel(endpoint: Endpoint) -> grpc.Channel:
     options = [
         ("grpc.max_send_message_length", endpoint.max_message_bytes),
         ("grpc.max_receive_message_length", endpoint.max_message_bytes),
+        *keepalive_options(endpoint.keepalive_seconds),
     ]
     if not endpoint.tls:
         return grpc.insecure_channel(endpoint.address, options=options)

@@ -8,6 +8,7 @@ from server.admission import Admission, BoundedClientManager
 from server.live_metrics import LiveMetrics, metrics_host
 from server.results import Results
 from server.rounds import Federation
+from server.shutdown import stop_on_signal
 from server.wiring import TlsFiles, Traffic, start_grpc_server
 from shared.errors import BadInput
 from shared.logs import tame_flower
@@ -37,9 +38,11 @@ def run_server(settings: Settings) -> None:
             settings.max_message_bytes,
             tls,
             revocations,
+            keepalive_seconds=settings.keepalive_seconds,
         )
         try:
-            Federation(settings, client_manager, results, traffic, live).run()
+            with stop_on_signal(grpc_server, client_manager):
+                Federation(settings, client_manager, results, traffic, live).run()
         finally:
             grpc_server.stop(grace=1)
     finally:

@@ -20,6 +20,7 @@ from server.live_metrics import LiveMetrics
 from server.record import ClientEntry, RoundRecord
 from server.results import Checkpoint, Results
 from server.strategies import GuardedStrategy, build_strategy, client_label, restore_strategy_state, strategy_state
+from server.stream import NotDelivered
 from server.wiring import Traffic
 from shared.errors import ClientsTimeout
 from shared.settings import Settings
@@ -57,6 +58,7 @@ class Federation:
             )
             self.wait_for_start()
             initial = resumed.parameters if resumed else self.initial_parameters()
+            self.traffic.limit_to_model(sum(len(t) for t in initial.tensors))  # larger updates: refused unread
             strategy = build_strategy(s, initial)
             server.set_strategy(strategy)
             server.parameters = initial
@@ -133,11 +135,17 @@ class Federation:
 
     def initial_parameters(self) -> Parameters:
         """Starting weights from one client (all clients build the same seeded model)."""
-        for _ in range(INITIAL_PARAMETER_TRIES):
+        tries, deadline = 0, time.monotonic() + self.settings.start_timeout
+        while tries < INITIAL_PARAMETER_TRIES:
             proxy = self.client_manager.sample(1)[0]
             try:
                 res = proxy.get_parameters(GetParametersIns(config={}), timeout=self.settings.round_timeout, group_id=0)
+            except NotDelivered:  # its stream ended before the request reached it (a cancelled join): not a try
+                if time.monotonic() > deadline:
+                    tries = INITIAL_PARAMETER_TRIES
+                continue
             except Exception as exc:  # the client went away: ask another
+                tries += 1
                 reason = f"{exc.__class__.__name__}: it left, or its message was larger than MAX_MESSAGE_MB"
                 log.warning("client %s gave no initial parameters (%s=%d allows)", client_label(proxy), reason,
                             self.settings.max_message_mb)  # fmt: skip
@@ -152,6 +160,7 @@ class Federation:
                 )
                 return res.parameters
             log.warning("client %s sent unusable initial parameters", client_label(proxy))
+            tries += 1
         raise ClientsTimeout(
             f"no client sent usable initial parameters in {INITIAL_PARAMETER_TRIES} tries: check the clients' logs"
         )

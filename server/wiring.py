@@ -20,18 +20,29 @@ from cryptography.x509.oid import NameOID
 from flwr.proto.transport_pb2 import ClientMessage, ServerMessage
 from flwr.server.client_manager import ClientManager
 from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import FlowerServiceServicer
-from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import GrpcBridge, GrpcBridgeClosed
-from flwr.server.superlink.fleet.grpc_bidi.grpc_client_proxy import GrpcClientProxy
 
 from server.admission import Admission
+from server.stream import NamedClientProxy as NamedClientProxy  # re-exported: the strategies' tests use it
+from server.stream import Oversized, new_proxy, open_seat, relay
 from shared.errors import BadInput
+from shared.keepalive import keepalive_options
 from shared.metadata import CLIENT_NAME_KEY
 from shared.revocation import RevocationList
 
 log = logging.getLogger("flowerpot.server")
 
 FLOWER_SERVICE = "flwr.proto.FlowerService"  # the gRPC service name in Flower's transport.proto
-KEEPALIVE_MS = 210_000  # Flower's choice: below the idle cut-off of common cloud load balancers
+# Transport limits (issue 9). Keepalive: the server pings every KEEPALIVE_SECONDS and drops a
+# peer that does not answer within as long again, so a client that vanished without closing its
+# connection frees its place within 2 x KEEPALIVE_SECONDS. It accepts clients' pings down to
+# MIN_PING_SECONDS apart (the lowest KEEPALIVE_SECONDS allows), else gRPC would cut them off.
+MIN_PING_SECONDS = 5
+# Streams beyond the places: refused or cancelled joins hold a handler only briefly.
+SPARE_STREAMS = 16
+# An update may be this many times the model's serialized size (plus METADATA_BYTES for the
+# metrics and framing) before it is refused unread: honest updates are the model's size.
+UPDATE_SIZE_FACTOR = 2
+METADATA_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,12 @@ class Traffic:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.sent = self.received = 0
+        self.message_limit = 0  # bytes; 0 until the model is known
+
+    def limit_to_model(self, model_bytes: int) -> None:
+        """From now on a client message much larger than the model is refused before decoding:
+        decoding a message costs several times its size in memory."""
+        self.message_limit = UPDATE_SIZE_FACTOR * model_bytes + METADATA_BYTES
 
     def add(self, sent: int = 0, received: int = 0) -> None:
         with self._lock:
@@ -64,8 +81,10 @@ class Traffic:
             self.sent = self.received = 0
         return counts
 
-    def deserialize(self, data: bytes) -> ClientMessage:
+    def deserialize(self, data: bytes) -> ClientMessage | Oversized:
         self.add(received=len(data))
+        if self.message_limit and len(data) > self.message_limit:
+            return Oversized(len(data), self.message_limit)  # the stream refuses it, naming the client
         return ClientMessage.FromString(data)
 
     def serialize(self, message: ServerMessage) -> bytes:
@@ -74,27 +93,14 @@ class Traffic:
         return data
 
 
-class NamedClientProxy(GrpcClientProxy):
-    """Flower's proxy for one connected client, carrying the name it is known by in logs."""
-
-    def __init__(self, cid: str, bridge: GrpcBridge, name: str) -> None:
-        super().__init__(cid=cid, bridge=bridge)
-        self.name = name
-
-
 class AdmittingServicer(FlowerServiceServicer):
     """Flower's servicer, with a say on who joins: refused clients get a gRPC status and a reason."""
 
     def __init__(
         self, client_manager: ClientManager, admission: Admission, revocations: RevocationList | None = None
     ) -> None:
-        self._joining = threading.local()
-        super().__init__(client_manager, grpc_client_proxy_factory=self._new_proxy)
+        super().__init__(client_manager)
         self.admission, self.revocations = admission, revocations
-
-    def _new_proxy(self, cid: str, bridge: GrpcBridge) -> GrpcClientProxy:
-        # Called by Flower's Join in the same thread, right after our Join set the name.
-        return NamedClientProxy(cid, bridge, self._joining.name)
 
     def Join(  # noqa: N802 (gRPC's method name)
         self, request_iterator: Iterator[ClientMessage], context: grpc.ServicerContext
@@ -106,20 +112,16 @@ class AdmittingServicer(FlowerServiceServicer):
         refusal = self.admission.not_allowed(name)
         if refusal is not None:
             _refuse(context, who, grpc.StatusCode.PERMISSION_DENIED, refusal)
-        refusal = self.admission.take_place()
-        if refusal is not None:
-            _refuse(context, who, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
-        refusal = self.admission.take_name(name)
-        if refusal is not None:
-            self.admission.release()
-            _refuse(context, who, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
-        context.add_callback(lambda: _left(self.admission, name, who))
-        log.info("client %s joined (%d connected)", who, self.admission.connected)
-        self._joining.name = name
-        try:
-            yield from super().Join(request_iterator, context)
-        except GrpcBridgeClosed:  # the client left while the stream waited for an instruction
+        seat = open_seat(context, self.admission, self.client_manager, name, who)
+        if seat is None:  # the call ended already (a cancelled stream): it takes nothing
             return
+        try:
+            refusal = seat.take(new_proxy(context, name))
+            if refusal is not None:
+                _refuse(context, who, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+            yield from relay(seat, request_iterator, context)
+        finally:  # also when gRPC's callback did not run yet: the place and the entry go now
+            seat.close()
 
     def _certified(self, context: grpc.ServicerContext) -> tuple[str, str]:
         """The name in the client certificate of this TLS session, refused when it is revoked."""
@@ -138,12 +140,6 @@ class AdmittingServicer(FlowerServiceServicer):
 def _refuse(context: grpc.ServicerContext, who: str, code: grpc.StatusCode, reason: str) -> None:
     log.warning("refused client %s: %s", who, reason)
     context.abort(code, reason)  # raises: the stream ends with this status
-
-
-def _left(admission: Admission, name: str, who: str) -> None:
-    admission.release_name(name)
-    admission.release()
-    log.info("client %s left (%d connected)", who, admission.connected)
 
 
 def identify(context: grpc.ServicerContext) -> tuple[str, str]:
@@ -175,22 +171,32 @@ def start_grpc_server(
     max_message_bytes: int,
     tls: TlsFiles | None = None,
     revocations: RevocationList | None = None,
+    keepalive_seconds: float = 20,
 ) -> grpc.Server:
     """Bind and start; BadInput when the address cannot be bound (e.g. the port is in use).
     With `tls.client_ca` (mutual TLS) pass `revocations`: the servicer then names clients by
     their certificates."""
     if (tls is not None and tls.client_ca is not None) != (revocations is not None):
         raise ValueError("client certificates and a revocation list go together")
+    # Every connected client holds one worker for its stream; refused ones only briefly. Calls
+    # beyond that are refused by gRPC itself (RESOURCE_EXHAUSTED) instead of queueing.
+    workers = admission.capacity + SPARE_STREAMS
     options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-        ("grpc.http2.max_pings_without_data", 0),
+        *keepalive_options(keepalive_seconds),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_SECONDS * 1000),
+        ("grpc.http2.min_time_between_pings_ms", MIN_PING_SECONDS * 1000),
+        # One connection never needs more streams than there are places (behind a proxy many
+        # clients share one), plus the client's probe of a failed handshake.
+        ("grpc.max_concurrent_streams", admission.capacity + 1),
         ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
     ]
-    # Every connected client holds one worker for its stream; refused ones only briefly.
-    workers = admission.capacity + 16
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=workers), options=options)
+    server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(max_workers=workers),
+        options=options,
+        maximum_concurrent_rpcs=workers,
+    )
     # Flower's generated add_FlowerServiceServicer_to_server, with serializers that count bytes
     join = grpc.stream_stream_rpc_method_handler(
         AdmittingServicer(client_manager, admission, revocations).Join,

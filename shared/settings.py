@@ -179,7 +179,9 @@ class Settings(BaseSettings):
     results_dir: Path = setting(Path("results"), NOTHING, allowed="a folder path")
     server_listen_address: str = setting("0.0.0.0:8080", NOTHING, allowed="HOST:PORT with a port from 1 to 65535")
     server_address: str = setting("server:8080", NOTHING, allowed="HOST:PORT with a port from 1 to 65535")
-    max_message_mb: int = setting(512, NOTHING, ge=1, le=2047)
+    # 16 MiB: about 8x the largest shipped model (the CIFAR-10 CNN, 2.1 MiB of float32 weights),
+    # rounded to a power of two; a folder data set with IMAGE_SIZE above about 64 may need more.
+    max_message_mb: int = setting(16, NOTHING, ge=1, le=2047)
     metrics_port: int = setting(0, NOTHING, ge=0, le=65535, note="0: no metrics endpoint")
     metrics_linger: float = setting(10, NOTHING, ge=0, le=3600, unit="seconds")
 
@@ -188,6 +190,9 @@ class Settings(BaseSettings):
     rejoin_timeout: float = setting(60, NOTHING, gt=0, unit="seconds")
     round_timeout: float = setting(600, NOTHING, gt=0, unit="seconds")
     connect_timeout: float = setting(60, NOTHING, gt=0, unit="seconds")
+
+    # Transport (issue 9): how soon a peer that vanished without closing its connection is noticed
+    keepalive_seconds: int = setting(20, NOTHING, ge=5, le=3600)
 
     # Security
     tls_enabled: bool = setting(False, NOTHING, allowed="true or false")

@@ -349,6 +349,29 @@ CASES = [
         "--sign x.csr is not a PEM certificate request",
         make("x.csr", file=True),
     ),
+    # transport limits (issue 9)
+    Case(
+        "keepalive-too-short",
+        ["server"],
+        {"KEEPALIVE_SECONDS": "1"},
+        2,
+        "KEEPALIVE_SECONDS='1' is not valid: use a whole number from 5 to 3600",
+    ),
+    Case(
+        "keepalive-not-a-number",
+        ["client"],
+        {**CLIENT, "KEEPALIVE_SECONDS": "soon"},
+        2,
+        "KEEPALIVE_SECONDS='soon' is not valid: use a whole number from 5 to 3600",
+    ),
+    Case(
+        "keepalive-too-long",
+        ["server"],
+        {"KEEPALIVE_SECONDS": "1e9"},
+        2,
+        "KEEPALIVE_SECONDS='1e9' is not valid: use a whole number from 5 to 3600",
+    ),
+    Case("max-message-zero", ["server"], {"MAX_MESSAGE_MB": "0"}, 2, "MAX_MESSAGE_MB='0' is not valid: use a whole"),
 ]
 
 
