@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,27 @@ from shared.modelfile import load_model
 def find_spec(meta: dict[str, Any], data_dir: Path) -> ImageSpec:
     """The model's own spec (a client-kept model has one), else the data set's in DATA_DIR."""
     if "spec" in meta:
-        return ImageSpec.from_json(meta["spec"])
+        return _spec(lambda: meta["spec"], "the model's .json sidecar", "delete it, or copy it again with its model")
     for candidate in (data_dir / MANIFEST, data_dir / SHARD_META, *sorted(data_dir.glob(f"shard_*/{SHARD_META}"))):
         if candidate.is_file():
-            return ImageSpec.from_json(json.loads(candidate.read_text())["spec"])
+            return _spec(
+                lambda c=candidate: json.loads(c.read_text())["spec"], str(candidate), "run `flowerpot prepare` again"
+            )
     raise BadInput(
         f"the model has no image spec and DATA_DIR={data_dir} holds no shards to take it from: "
         "pass --data-dir with the shards the model was trained on, or use a client's final_model.npz"
     )
+
+
+def _spec(read: Callable[[], Any], where: str, fix: str) -> ImageSpec:
+    """An image spec from JSON that may be corrupt or lack keys: BadInput naming the file."""
+    try:
+        spec = ImageSpec.from_json(read())
+        if not (spec.channels in (1, 3) and 0 < spec.height <= 4096 and 0 < spec.width <= 4096 and spec.classes):
+            raise ValueError("impossible image spec")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BadInput(f"{where} has no usable image spec ({exc.__class__.__name__}): {fix}") from None
+    return spec
 
 
 def load_predictor(model_path: Path, data_dir: Path) -> tuple[torch.nn.Module, ImageSpec]:

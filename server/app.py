@@ -7,8 +7,10 @@ import logging
 from cryptography import x509
 
 from server.admission import Admission, BoundedClientManager
+from server.initial_weights import load_pinned
 from server.results import Results
 from server.rounds import Federation
+from server.update_checks import example_limit
 from server.wiring import TlsFiles, Traffic, start_grpc_server
 from shared.logs import tame_flower
 from shared.settings import Settings
@@ -20,6 +22,9 @@ log = logging.getLogger("flowerpot.server")
 def run_server(settings: Settings) -> None:
     tame_flower(settings.log_level)
     results = Results(settings.results_dir)  # fails fast when RESULTS_DIR is not writable
+    example_limit(settings)  # fails fast when the server cannot bound the clients' example counts
+    if settings.initial_model is not None:
+        load_pinned(settings.initial_model)  # fails fast on an unusable INITIAL_MODEL
     client_manager = BoundedClientManager(wait_timeout=settings.rejoin_timeout)
     admission = Admission(settings.max_clients, settings.allowed_client_names)
     tls, client_ca = load_tls(settings)

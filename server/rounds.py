@@ -11,11 +11,11 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
-from flwr.common import Code, GetParametersIns, Parameters, parameters_to_ndarrays
+from flwr.common import Parameters
 from flwr.server import Server
 
 from server.admission import BoundedClientManager
+from server.initial_weights import agreed_parameters, load_pinned
 from server.results import Checkpoint, Results
 from server.strategies import GuardedStrategy, build_strategy, client_label, restore_strategy_state, strategy_state
 from server.wiring import Traffic
@@ -33,7 +33,6 @@ RUN_SETTINGS = (
     "learning_rate", "dataset", "folder_path", "image_size", "image_channels", "partition", "dirichlet_alpha",
     "labels_per_client", "num_shards", "min_shard_size", "test_fraction", "max_examples", "seed",
 )  # fmt: skip
-INITIAL_PARAMETER_TRIES = 3
 
 
 class Federation:
@@ -117,29 +116,14 @@ class Federation:
             )
 
     def initial_parameters(self) -> Parameters:
-        """Starting weights from one client (all clients build the same seeded model)."""
-        for _ in range(INITIAL_PARAMETER_TRIES):
-            proxy = self.client_manager.sample(1)[0]
-            try:
-                res = proxy.get_parameters(GetParametersIns(config={}), timeout=self.settings.round_timeout, group_id=0)
-            except Exception as exc:  # the client went away: ask another
-                reason = f"{exc.__class__.__name__}: it left, or its message was larger than MAX_MESSAGE_MB"
-                log.warning("client %s gave no initial parameters (%s=%d allows)", client_label(proxy), reason,
-                            self.settings.max_message_mb)  # fmt: skip
-                continue
-            arrays = parameters_to_ndarrays(res.parameters) if res.status.code == Code.OK else []
-            if arrays and all(np.isfinite(a).all() for a in arrays):
-                log.info(
-                    "initial parameters from client %s: %d arrays, %d values",
-                    client_label(proxy),
-                    len(arrays),
-                    sum(a.size for a in arrays),
-                )
-                return res.parameters
-            log.warning("client %s sent unusable initial parameters", client_label(proxy))
-        raise ClientsTimeout(
-            f"no client sent usable initial parameters in {INITIAL_PARAMETER_TRIES} tries: check the clients' logs"
-        )
+        """Pinned (INITIAL_MODEL), or agreed by the first clients; never from one unverified client."""
+        s = self.settings
+        if s.initial_model is not None:
+            parameters = load_pinned(s.initial_model)
+            log.info("initial parameters from INITIAL_MODEL=%s", s.initial_model)
+            return parameters
+        asked = max(2, s.min_available_clients)
+        return agreed_parameters(self.client_manager, asked, s.round_timeout, s.max_message_mb)
 
     def play_round(self, server: Server, strategy: GuardedStrategy, server_round: int) -> dict[str, Any]:
         started, started_at = time.perf_counter(), time.time()

@@ -107,11 +107,12 @@ class Settings(BaseSettings):
     server_address: str = Field("server:8080", description="HOST:PORT with a port from 1 to 65535")
     max_message_mb: int = Field(512, ge=1, le=2047, description=_whole(1, 2047))
 
-    # Waits, in seconds; none is unbounded
-    start_timeout: float = Field(120, gt=0, description="seconds > 0")
-    rejoin_timeout: float = Field(60, gt=0, description="seconds > 0")
-    round_timeout: float = Field(600, gt=0, description="seconds > 0")
-    connect_timeout: float = Field(60, gt=0, description="seconds > 0")
+    # Waits, in seconds; none is unbounded (and none longer than a week: larger values overflow
+    # the waits of threading and gRPC, or mean "forever" by mistake)
+    start_timeout: float = Field(120, gt=0, le=604_800, description="seconds > 0 and <= 604800 (a week)")
+    rejoin_timeout: float = Field(60, gt=0, le=604_800, description="seconds > 0 and <= 604800 (a week)")
+    round_timeout: float = Field(600, gt=0, le=604_800, description="seconds > 0 and <= 604800 (a week)")
+    connect_timeout: float = Field(60, gt=0, le=604_800, description="seconds > 0 and <= 604800 (a week)")
 
     # Security
     tls_enabled: bool = Field(False, description="true or false")
@@ -119,6 +120,13 @@ class Settings(BaseSettings):
     certs_dir: Path = Field(Path("certs"), description="a folder path")
     cert_hosts: str = Field("", description="a comma-separated list of extra DNS names or IPs for the server")
     client_name: str = Field("", description="a client name (the certificate to use)")
+
+    # What one client may send (issue 9, section 3: server/update_checks.py)
+    max_client_examples: int = Field(
+        0, ge=0, le=10**12, description="a whole number >= 0 (0: the size of the data set, when the server knows it)"
+    )
+    update_norm_limit: float = Field(100.0, gt=0, le=1e12, description="a number > 0 and <= 1e12")
+    initial_model: Path | None = Field(None, description="a model .npz file (e.g. a run's final_model.npz), or empty")
 
     log_level: LogLevel = Field("INFO", description=_one_of(LogLevel))
 
