@@ -16,13 +16,14 @@ from client.data.shards import MANIFEST, SHARD_META, load_shard, shard_dirs
 from client.model import build_model, set_weights
 from client.task import predict_proba
 from shared.errors import BadInput
-from shared.modelfile import load_model
+from shared.modelfile import load_model, sidecar
 
 
-def find_spec(meta: dict[str, Any], data_dir: Path) -> ImageSpec:
+def find_spec(meta: dict[str, Any], data_dir: Path, model_path: Path | None = None) -> ImageSpec:
     """The model's own spec (a client-kept model has one), else the data set's in DATA_DIR."""
     if "spec" in meta:
-        return _spec(lambda: meta["spec"], "the model's .json sidecar", "delete it, or copy it again with its model")
+        where = str(sidecar(model_path)) if model_path else "the model's .json sidecar"
+        return _spec(lambda: meta["spec"], where, "delete it, or copy it again with its model")
     for candidate in (data_dir / MANIFEST, data_dir / SHARD_META, *sorted(data_dir.glob(f"shard_*/{SHARD_META}"))):
         if candidate.is_file():
             return _spec(
@@ -47,7 +48,7 @@ def _spec(read: Callable[[], Any], where: str, fix: str) -> ImageSpec:
 
 def load_predictor(model_path: Path, data_dir: Path) -> tuple[torch.nn.Module, ImageSpec]:
     arrays, meta = load_model(model_path)
-    spec = find_spec(meta, data_dir)
+    spec = find_spec(meta, data_dir, model_path)
     model = build_model(spec, seed=0)
     try:
         set_weights(model, arrays)

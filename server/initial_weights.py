@@ -29,6 +29,8 @@ log = logging.getLogger("flowerpot.server")
 
 def load_pinned(path: Path) -> Parameters:
     """INITIAL_MODEL's arrays; BadInput (at start, before any client joins) when unusable."""
+    if not path.is_file():
+        raise BadInput(f"INITIAL_MODEL={path} is not a file: point it at a model .npz such as a run's final_model.npz")
     try:
         arrays, _ = load_model(path)
     except BadInput as exc:

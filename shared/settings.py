@@ -125,7 +125,7 @@ class Settings(BaseSettings):
     max_client_examples: int = Field(
         0, ge=0, le=10**12, description="a whole number >= 0 (0: the size of the data set, when the server knows it)"
     )
-    update_norm_limit: float = Field(100.0, gt=0, le=1e12, description="a number > 0 and <= 1e12")
+    update_norm_limit: float = Field(1000.0, gt=0, le=1e12, description="a number > 0 and <= 1e12")
     initial_model: Path | None = Field(None, description="a model .npz file (e.g. a run's final_model.npz), or empty")
 
     log_level: LogLevel = Field("INFO", description=_one_of(LogLevel))
