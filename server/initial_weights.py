@@ -27,6 +27,10 @@ from shared.modelfile import load_model
 log = logging.getLogger("flowerpot.server")
 
 
+class NoAnswers(ClientsTimeout):
+    """No client asked sent usable weights (they left, or their messages were too large)."""
+
+
 def load_pinned(path: Path) -> Parameters:
     """INITIAL_MODEL's arrays; BadInput (at start, before any client joins) when unusable."""
     if not path.is_file():
@@ -56,6 +60,8 @@ def agreed_parameters(client_manager: ClientManager, asked: int, timeout: float,
     them (at least 2) sent byte for byte win. Clients that sent others are unregistered (never
     sampled again) and logged by name. ClientsTimeout when there is no majority."""
     proxies = list(client_manager.all().values())[: max(asked, 1)]
+    if not proxies:
+        raise NoAnswers("no client was connected to send initial parameters: check the clients' logs")
     with ThreadPoolExecutor(max_workers=len(proxies)) as pool:
         answers = list(pool.map(lambda proxy: _ask(proxy, timeout, max_message_mb), proxies))
     votes: dict[str, list[tuple[ClientProxy, Parameters]]] = defaultdict(list)
@@ -63,7 +69,7 @@ def agreed_parameters(client_manager: ClientManager, asked: int, timeout: float,
         if parameters is not None:
             votes[checksum(parameters)].append((proxy, parameters))
     if not votes:
-        raise ClientsTimeout(
+        raise NoAnswers(
             f"none of the {len(proxies)} clients asked sent usable initial parameters: check the clients' logs"
         )
     winner, group = max(votes.items(), key=lambda item: len(item[1]))

@@ -15,7 +15,7 @@ from flwr.common import Parameters
 from flwr.server import Server
 
 from server.admission import BoundedClientManager
-from server.initial_weights import agreed_parameters, load_pinned
+from server.initial_weights import NoAnswers, agreed_parameters, load_pinned
 from server.results import Checkpoint, Results
 from server.strategies import GuardedStrategy, build_strategy, client_label, restore_strategy_state, strategy_state
 from server.wiring import Traffic
@@ -33,6 +33,7 @@ RUN_SETTINGS = (
     "learning_rate", "dataset", "folder_path", "image_size", "image_channels", "partition", "dirichlet_alpha",
     "labels_per_client", "num_shards", "min_shard_size", "test_fraction", "max_examples", "seed",
 )  # fmt: skip
+INITIAL_PARAMETER_TRIES = 3
 
 
 class Federation:
@@ -123,6 +124,11 @@ class Federation:
             log.info("initial parameters from INITIAL_MODEL=%s", s.initial_model)
             return parameters
         asked = max(2, s.min_available_clients)
+        for _ in range(INITIAL_PARAMETER_TRIES - 1):
+            try:
+                return agreed_parameters(self.client_manager, asked, s.round_timeout, s.max_message_mb)
+            except NoAnswers:  # all asked left: ask those that are (back) there, after a bounded wait
+                self.client_manager.wait_for(s.min_available_clients)
         return agreed_parameters(self.client_manager, asked, s.round_timeout, s.max_message_mb)
 
     def play_round(self, server: Server, strategy: GuardedStrategy, server_round: int) -> dict[str, Any]:

@@ -95,7 +95,7 @@ def clean_metrics(metrics: dict[str, Any], known: dict[str, str]) -> tuple[dict[
 
 
 def loss_problem(loss: Any) -> str | None:
-    if not isinstance(loss, Real) or isinstance(loss, bool) or not math.isfinite(float(loss)) or float(loss) < 0:
+    if not isinstance(loss, Real) or isinstance(loss, bool) or not math.isfinite(float(loss)):
         return f"its loss is {loss!r}"
     return None
 
