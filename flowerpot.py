@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--show", type=int, default=10, help="with --test-split, how many single predictions to print")
     predict.add_argument("--json", action="store_true", help="print JSON")
 
+    init_model = sub.add_parser(
+        "init-model", help="write the seeded starting model of the data set in DATA_DIR, for INITIAL_MODEL"
+    )
+    init_model.add_argument("--out", type=Path, default=Path("initial_model.npz"), help="the .npz to write")
+
     certs = sub.add_parser("certs", help="create a CA, the server's certificate and client credentials in CERTS_DIR")
     certs.add_argument(
         "--client", action="append", default=[], metavar="NAME", help="issue credentials for client NAME (repeatable)"
@@ -139,6 +144,10 @@ def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> 
             as_json=args.json,
             show=args.show,
         )
+    elif args.command == "init-model":
+        from client.predict import write_initial_model
+
+        print(write_initial_model(settings.data_dir, settings.seed, args.out))
     elif args.command == "certs":
         from shared.certs import make_certs
 

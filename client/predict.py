@@ -16,7 +16,7 @@ from client.data.shards import MANIFEST, SHARD_META, load_shard, shard_dirs
 from client.model import build_model, set_weights
 from client.task import predict_proba
 from shared.errors import BadInput
-from shared.modelfile import load_model, sidecar
+from shared.modelfile import load_model, save_model, sidecar
 
 
 def find_spec(meta: dict[str, Any], data_dir: Path, model_path: Path | None = None) -> ImageSpec:
@@ -126,3 +126,13 @@ def main(
 
 def _emit(data: Any, lines: list[str], as_json: bool) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n" if as_json else "".join(f"{line}\n" for line in lines))
+
+
+def write_initial_model(data_dir: Path, seed: int, out: Path) -> Path:
+    """`flowerpot init-model`: the model every client would build from SEED, for the server's
+    INITIAL_MODEL (pinned starting weights; written where torch is, read by the torch-free server)."""
+    from client.model import get_weights
+
+    spec = find_spec({}, data_dir)
+    save_model(out, get_weights(build_model(spec, seed)), {"seed": seed, "spec": spec.to_json(), "initial": True})
+    return out

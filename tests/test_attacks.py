@@ -134,3 +134,15 @@ def test_one_attacker_cannot_poison_or_crash_the_run(attack: str, honest_run, tm
     if attack == "metrics":
         assert (tmp_path / "results" / "history.json").stat().st_size < 200_000
         assert (tmp_path / "results" / "checkpoint.npz").stat().st_size < 2_000_000
+
+
+def test_pinned_initial_model_is_the_clients_own_seeded_model(honest_run, tmp_path: Path) -> None:
+    """`flowerpot init-model` writes what every client builds: a run pinned to it ends where the agreed one did."""
+    from conftest import run_cli
+
+    data, honest = honest_run
+    written = run_cli(["init-model", "--out", "start.npz"], cwd=tmp_path, DATA_DIR=str(data))
+    assert written.returncode == 0, written.stderr
+    server, history = run(data, tmp_path, None, INITIAL_MODEL=str(tmp_path / "start.npz"))
+    assert "initial parameters from INITIAL_MODEL=" in server.output
+    assert honest_accuracy(history) == honest
