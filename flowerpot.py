@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--show", type=int, default=10, help="with --test-split, how many single predictions to print")
     predict.add_argument("--json", action="store_true", help="print JSON")
 
+    init_model = sub.add_parser(
+        "init-model", help="write the seeded starting model of the data set in DATA_DIR, for INITIAL_MODEL"
+    )
+    init_model.add_argument("--out", type=Path, default=Path("initial_model.npz"), help="the .npz to write")
+
     certs = sub.add_parser("certs", help="create a CA, the server's certificate and client credentials in CERTS_DIR")
     certs.add_argument(
         "--client", action="append", default=[], metavar="NAME", help="issue credentials for client NAME (repeatable)"
@@ -113,9 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prepare_flower_environment()
     env_file = args.env_file or (Path(".env") if Path(".env").is_file() else None)
-    if env_file is not None and not env_file.is_file():
-        print(f"flowerpot: error: --env-file {env_file} does not exist", file=sys.stderr)
-        return ExitCode.BAD_INPUT
+    if env_file is not None:
+        try:
+            env_file = usable_env_file(env_file)
+        except BadInput as exc:
+            print(f"flowerpot: error: {exc}", file=sys.stderr)
+            return ExitCode.BAD_INPUT
     # A stop (docker stop, Ctrl-C) ends the process through `finally` blocks: ports and claims are released.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
@@ -159,6 +167,10 @@ def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> 
             as_json=args.json,
             show=args.show,
         )
+    elif args.command == "init-model":
+        from client.predict import write_initial_model
+
+        print(write_initial_model(settings.data_dir, settings.seed, args.out))
     elif args.command == "certs":
         run_certs(args, settings)
     elif args.command == "bench":
@@ -172,6 +184,8 @@ def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> 
     elif args.command == "run-local":
         from launcher import run_local
 
+        if args.clients is not None and args.clients < 1:
+            raise BadInput(f"--clients {args.clients}: run at least 1 client (default: NUM_SHARDS)")
         return run_local(settings, args.clients or settings.num_shards, env_file)
     return ExitCode.OK
 
@@ -213,6 +227,35 @@ def run_certs(args: argparse.Namespace, settings: Settings) -> None:
         passphrase=settings.ca_passphrase,
     )
     print("\n".join(str(p) for p in written) or f"{settings.certs_dir}: nothing to do")
+
+
+ENV_FILE_LIMIT = 1024 * 1024  # a settings file is small; anything larger is not one
+
+
+def usable_env_file(path: Path) -> Path | None:
+    """The settings file to read, after checking that it can be read as text; None for an empty
+    file that is not a regular one (/dev/null: no settings). BadInput with the reason otherwise."""
+    if not path.exists():
+        raise BadInput(f"--env-file {path} does not exist: pass a settings file such as .env")
+    if path.is_dir():
+        raise BadInput(f"--env-file {path} is a folder: pass a settings file such as .env")
+    try:
+        with open(path, "rb") as fh:
+            content = fh.read(ENV_FILE_LIMIT + 1)
+    except OSError as exc:
+        raise BadInput(f"--env-file {path} cannot be read ({exc.strerror}): check its permissions") from None
+    if len(content) > ENV_FILE_LIMIT:
+        raise BadInput(f"--env-file {path} is larger than 1 MiB: pass a settings file such as .env")
+    try:
+        content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = content[: exc.start].count(b"\n") + 1
+        raise BadInput(f"--env-file {path} is not UTF-8 text (line {line}): save it as UTF-8") from None
+    if not path.is_file():
+        if content.strip():
+            raise BadInput(f"--env-file {path} is not a regular file: copy the settings into a file")
+        return None
+    return path
 
 
 def _with_env_file(argv: list[str], env_file: Path | None) -> list[str]:

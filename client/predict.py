@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,25 +16,39 @@ from client.data.shards import MANIFEST, SHARD_META, load_shard, shard_dirs
 from client.model import build_model, set_weights
 from client.task import predict_proba
 from shared.errors import BadInput
-from shared.modelfile import load_model
+from shared.modelfile import load_model, save_model, sidecar
 
 
-def find_spec(meta: dict[str, Any], data_dir: Path) -> ImageSpec:
+def find_spec(meta: dict[str, Any], data_dir: Path, model_path: Path | None = None) -> ImageSpec:
     """The model's own spec (a client-kept model has one), else the data set's in DATA_DIR."""
     if "spec" in meta:
-        return ImageSpec.from_json(meta["spec"])
+        where = str(sidecar(model_path)) if model_path else "the model's .json sidecar"
+        return _spec(lambda: meta["spec"], where, "delete it, or copy it again with its model")
     for candidate in (data_dir / MANIFEST, data_dir / SHARD_META, *sorted(data_dir.glob(f"shard_*/{SHARD_META}"))):
         if candidate.is_file():
-            return ImageSpec.from_json(json.loads(candidate.read_text())["spec"])
+            return _spec(
+                lambda c=candidate: json.loads(c.read_text())["spec"], str(candidate), "run `flowerpot prepare` again"
+            )
     raise BadInput(
         f"the model has no image spec and DATA_DIR={data_dir} holds no shards to take it from: "
         "pass --data-dir with the shards the model was trained on, or use a client's final_model.npz"
     )
 
 
+def _spec(read: Callable[[], Any], where: str, fix: str) -> ImageSpec:
+    """An image spec from JSON that may be corrupt or lack keys: BadInput naming the file."""
+    try:
+        spec = ImageSpec.from_json(read())
+        if not (spec.channels in (1, 3) and 0 < spec.height <= 4096 and 0 < spec.width <= 4096 and spec.classes):
+            raise ValueError("impossible image spec")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BadInput(f"{where} has no usable image spec ({exc.__class__.__name__}): {fix}") from None
+    return spec
+
+
 def load_predictor(model_path: Path, data_dir: Path) -> tuple[torch.nn.Module, ImageSpec]:
     arrays, meta = load_model(model_path)
-    spec = find_spec(meta, data_dir)
+    spec = find_spec(meta, data_dir, model_path)
     model = build_model(spec, seed=0)
     try:
         set_weights(model, arrays)
@@ -111,3 +126,13 @@ def main(
 
 def _emit(data: Any, lines: list[str], as_json: bool) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n" if as_json else "".join(f"{line}\n" for line in lines))
+
+
+def write_initial_model(data_dir: Path, seed: int, out: Path) -> Path:
+    """`flowerpot init-model`: the model every client would build from SEED, for the server's
+    INITIAL_MODEL (pinned starting weights; written where torch is, read by the torch-free server)."""
+    from client.model import get_weights
+
+    spec = find_spec({}, data_dir)
+    save_model(out, get_weights(build_model(spec, seed)), {"seed": seed, "spec": spec.to_json(), "initial": True})
+    return out

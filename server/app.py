@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 
 from server.admission import Admission, BoundedClientManager
+from server.initial_weights import load_pinned
 from server.live_metrics import LiveMetrics, metrics_host
 from server.results import Results
 from server.rounds import Federation
 from server.shutdown import stop_on_signal
+from server.update_checks import example_limit
 from server.wiring import TlsFiles, Traffic, start_grpc_server
 from shared.errors import BadInput
 from shared.logs import tame_flower
@@ -23,6 +25,9 @@ def run_server(settings: Settings) -> None:
     tame_flower(settings.log_level)
     require_secure(settings)
     results = Results(settings.results_dir)  # fails fast when RESULTS_DIR is not writable
+    example_limit(settings)  # fails fast when the server cannot bound the clients' example counts
+    if settings.initial_model is not None:
+        load_pinned(settings.initial_model)  # fails fast on an unusable INITIAL_MODEL
     client_manager = BoundedClientManager(wait_timeout=settings.rejoin_timeout)
     admission = Admission(settings.max_clients, settings.allowed_client_names, settings.max_connections_per_client)
     tls, revocations = load_tls(settings)

@@ -11,16 +11,15 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
-from flwr.common import Code, GetParametersIns, Parameters, parameters_to_ndarrays
+from flwr.common import Parameters
 from flwr.server import Server
 
 from server.admission import BoundedClientManager
+from server.initial_weights import NoAnswers, agreed_parameters, load_pinned
 from server.live_metrics import LiveMetrics
 from server.record import ClientEntry, RoundRecord
 from server.results import Checkpoint, Results
 from server.strategies import GuardedStrategy, build_strategy, client_label, restore_strategy_state, strategy_state
-from server.stream import NotDelivered
 from server.wiring import Traffic
 from shared.errors import ClientsTimeout
 from shared.settings import Settings
@@ -134,36 +133,19 @@ class Federation:
             )
 
     def initial_parameters(self) -> Parameters:
-        """Starting weights from one client (all clients build the same seeded model)."""
-        tries, deadline = 0, time.monotonic() + self.settings.start_timeout
-        while tries < INITIAL_PARAMETER_TRIES:
-            proxy = self.client_manager.sample(1)[0]
+        """Pinned (INITIAL_MODEL), or agreed by the first clients; never from one unverified client."""
+        s = self.settings
+        if s.initial_model is not None:
+            parameters = load_pinned(s.initial_model)
+            log.info("initial parameters from INITIAL_MODEL=%s", s.initial_model)
+            return parameters
+        asked = max(2, s.min_available_clients)
+        for _ in range(INITIAL_PARAMETER_TRIES - 1):
             try:
-                res = proxy.get_parameters(GetParametersIns(config={}), timeout=self.settings.round_timeout, group_id=0)
-            except NotDelivered:  # its stream ended before the request reached it (a cancelled join): not a try
-                if time.monotonic() > deadline:
-                    tries = INITIAL_PARAMETER_TRIES
-                continue
-            except Exception as exc:  # the client went away: ask another
-                tries += 1
-                reason = f"{exc.__class__.__name__}: it left, or its message was larger than MAX_MESSAGE_MB"
-                log.warning("client %s gave no initial parameters (%s=%d allows)", client_label(proxy), reason,
-                            self.settings.max_message_mb)  # fmt: skip
-                continue
-            arrays = parameters_to_ndarrays(res.parameters) if res.status.code == Code.OK else []
-            if arrays and all(np.isfinite(a).all() for a in arrays):
-                log.info(
-                    "initial parameters from client %s: %d arrays, %d values",
-                    client_label(proxy),
-                    len(arrays),
-                    sum(a.size for a in arrays),
-                )
-                return res.parameters
-            log.warning("client %s sent unusable initial parameters", client_label(proxy))
-            tries += 1
-        raise ClientsTimeout(
-            f"no client sent usable initial parameters in {INITIAL_PARAMETER_TRIES} tries: check the clients' logs"
-        )
+                return agreed_parameters(self.client_manager, asked, s.round_timeout, s.max_message_mb)
+            except NoAnswers:  # all asked left: ask those that are (back) there, after a bounded wait
+                self.client_manager.wait_for(s.min_available_clients)
+        return agreed_parameters(self.client_manager, asked, s.round_timeout, s.max_message_mb)
 
     def play_round(self, server: Server, strategy: GuardedStrategy, server_round: int) -> RoundRecord:
         started, started_at = time.perf_counter(), time.time()

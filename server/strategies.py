@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,16 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from server.metrics import weighted_average
+from server.update_checks import (
+    EVALUATE_METRICS,
+    FIT_METRICS,
+    UpdateDistance,
+    clean_metrics,
+    count_problem,
+    example_limit,
+    loss_problem,
+    median_bound,
+)
 from shared.modelfile import npy_view
 from shared.settings import Settings
 
@@ -83,7 +94,14 @@ def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
             num_clients_to_keep=s.krum_clients_to_keep,
         ),
     }
-    return GuardedStrategy(builders[s.strategy](), initial, s.num_rounds, evaluate_config)
+    return GuardedStrategy(
+        builders[s.strategy](),
+        initial,
+        s.num_rounds,
+        evaluate_config,
+        max_examples=example_limit(s),
+        norm_limit=s.update_norm_limit,
+    )
 
 
 def _given(**knobs: float | None) -> dict[str, float]:
@@ -113,10 +131,15 @@ class TensorLayout:
 
 
 class GuardedStrategy(Strategy):
-    """Delegates to a Flower strategy, with two additions.
+    """Delegates to a Flower strategy, with these additions.
 
-    - Updates with the wrong number of arrays, wrong shapes or dtypes, NaN/Inf values or no
-      examples are refused, logged, and counted as failures; the round aggregates the rest.
+    - Updates with the wrong number of arrays, wrong shapes or dtypes, NaN/Inf values, no
+      examples or more than the data set holds, or further than UPDATE_NORM_LIMIT from the global
+      model are refused, logged, and counted as failures; the round aggregates the rest.
+    - Evaluate results are checked the same way (count, finite loss and metrics, accuracy in
+      [0, 1]); refused ones leave the results and count as evaluate failures.
+    - Counts far above the round's median are clipped, and only known metrics are kept
+      (server/update_checks.py), so that no single client owns an average or bloats the history.
     - The last round evaluates on every connected client, so the final accuracy covers all
       shards and every client receives (and keeps) the final global model.
     - Results are aggregated in a stable order, so that runs with the same SEED agree.
@@ -128,10 +151,16 @@ class GuardedStrategy(Strategy):
         initial: Parameters,
         num_rounds: int,
         evaluate_config: Callable[[int], dict[str, Scalar]] = lambda _: {},
+        max_examples: int = 2**62,
+        norm_limit: float = math.inf,
     ) -> None:
         self.inner, self.num_rounds, self.evaluate_config = inner, num_rounds, evaluate_config
+        self.max_examples, self.norm_limit = max_examples, norm_limit
         self.reference = [TensorLayout.of(t) for t in initial.tensors]
         self.refused: list[tuple[ClientProxy, str]] = []  # of the latest round
+        self.distance = UpdateDistance()
+        self.distance.set_global([ref.view(t) for t, ref in zip(initial.tensors, self.reference)])
+        self.warned: set[str] = set()  # clients already told about dropped metrics
 
     def __repr__(self) -> str:
         return f"Guarded({self.inner!r})"
@@ -142,6 +171,8 @@ class GuardedStrategy(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
+        if all(ref.fits(t) for t, ref in zip(parameters.tensors, self.reference)):
+            self.distance.set_global([ref.view(t) for t, ref in zip(parameters.tensors, self.reference)])
         return self.inner.configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(
@@ -150,7 +181,8 @@ class GuardedStrategy(Strategy):
         self.refused = []
         sound: FitResults = []
         for proxy, res in results:
-            problem = self.problem(res)
+            bad_metric = self.keep_known_metrics(proxy, res, FIT_METRICS)  # always: the history keeps them
+            problem = self.problem(res) or bad_metric
             if problem is None:
                 sound.append((proxy, res))
             else:
@@ -158,6 +190,7 @@ class GuardedStrategy(Strategy):
                 log.warning("round %d: refused the update of client %s: %s", server_round, client_label(proxy), problem)
         if not sound:
             return None, {}
+        self.clip_counts(server_round, sound, "training")
         sound.sort(key=_stable_order)
         parameters, metrics = self.inner.aggregate_fit(server_round, sound, [*failures, *self.refused_as_failures()])
         return (self.as_reference_dtypes(parameters) if parameters is not None else None), metrics
@@ -175,8 +208,9 @@ class GuardedStrategy(Strategy):
 
     def problem(self, res: FitRes) -> str | None:
         """Why a client update cannot be aggregated, or None when it can."""
-        if res.num_examples <= 0:
-            return f"it claims {res.num_examples} training examples"
+        wrong_count = count_problem(res.num_examples, self.max_examples, "training")
+        if wrong_count is not None:
+            return wrong_count
         tensors = res.parameters.tensors
         if len(tensors) != len(self.reference):
             return f"it has {len(tensors)} arrays, the model has {len(self.reference)}"
@@ -189,7 +223,32 @@ class GuardedStrategy(Strategy):
                 return f"array {i} is {array.dtype}{list(array.shape)}, expected {ref.dtype}{list(ref.shape)}"
             if not np.isfinite(ref.view(tensor)).all():
                 return f"array {i} holds NaN or Inf values"
+        distance = self.distance.of([ref.view(t) for t, ref in zip(tensors, self.reference)])
+        log.debug("update norm %.4f", distance)
+        if not distance <= self.norm_limit:
+            return f"it moves the model by {distance:.4g} (L2 norm), more than UPDATE_NORM_LIMIT={self.norm_limit:g}"
         return None
+
+    def keep_known_metrics(self, proxy: ClientProxy, res: FitRes | EvaluateRes, known: dict[str, str]) -> str | None:
+        """Replace the answer's metrics by the known ones (so a refused answer is small in the
+        history too); warn once per client about dropped keys; a problem with a known one."""
+        res.metrics, dropped, problem = clean_metrics(res.metrics, known)
+        name = client_label(proxy)
+        if dropped and name not in self.warned:
+            self.warned.add(name)
+            log.warning("dropped metrics of client %s that the server does not know: %s", name, ", ".join(dropped))
+        return problem
+
+    def clip_counts(self, server_round: int, results: list, phase: str) -> None:
+        """No client weighs more than MEDIAN_MULTIPLE x the round's median count."""
+        bound = median_bound([res.num_examples for _, res in results])
+        for proxy, res in results:
+            if bound is not None and res.num_examples > bound:
+                log.warning(
+                    "round %d: client %s claims %d %s examples, far above the others: counted as %d",
+                    server_round, client_label(proxy), res.num_examples, phase, bound,
+                )  # fmt: skip
+                res.num_examples = bound
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -209,7 +268,26 @@ class GuardedStrategy(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        return self.inner.aggregate_evaluate(server_round, sorted(results, key=_stable_order), failures)
+        """Refused results leave `results` for `failures` in place: Flower returns these very
+        lists to the round, which counts them."""
+        sound = []
+        for proxy, res in results:
+            problem = (
+                self.keep_known_metrics(proxy, res, EVALUATE_METRICS)
+                or count_problem(res.num_examples, self.max_examples, "test")
+                or loss_problem(res.loss)
+            )
+            if problem is None:
+                sound.append((proxy, res))
+            else:
+                label = client_label(proxy)
+                log.warning("round %d: refused the evaluation of client %s: %s", server_round, label, problem)
+                failures.append(ValueError(problem))
+        results[:] = sound
+        if not sound:
+            return None, {}
+        self.clip_counts(server_round, sound, "test")
+        return self.inner.aggregate_evaluate(server_round, sorted(sound, key=_stable_order), failures)
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         return self.inner.evaluate(server_round, parameters)

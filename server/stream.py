@@ -102,6 +102,13 @@ class NamedClientProxy(GrpcClientProxy):
     def __init__(self, cid: str, bridge: GrpcBridge, name: str) -> None:
         super().__init__(cid=cid, bridge=bridge)
         self.name = name
+        self.refusal: str | None = None  # set by `refuse`: the stream then ends with this reason
+
+    def refuse(self, reason: str) -> None:
+        """End this client's stream from any thread; its handler tells the client `reason` with
+        PERMISSION_DENIED (a Flowerpot client exits 4) and gives back its place."""
+        self.refusal = reason
+        self.bridge.close()
 
 
 class Seat:

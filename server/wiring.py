@@ -120,6 +120,8 @@ class AdmittingServicer(FlowerServiceServicer):
             if refusal is not None:
                 _refuse(context, who, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
             yield from relay(seat, request_iterator, context)
+            if seat.proxy is not None and seat.proxy.refusal is not None:  # the run refused it meanwhile
+                _refuse(context, who, grpc.StatusCode.PERMISSION_DENIED, seat.proxy.refusal)
         finally:  # also when gRPC's callback did not run yet: the place and the entry go now
             seat.close()
 

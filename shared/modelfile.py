@@ -103,9 +103,22 @@ def load_model(path: Path) -> tuple[list[np.ndarray], dict[str, Any]]:
             arrays = [data[f"arr_{i}"] for i in range(len(data.files))]
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise BadInput(f"{path} is not a readable model file ({exc.__class__.__name__}): train again") from None
-    meta_path = sidecar(path)
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return arrays, meta
+    return arrays, load_meta(sidecar(path))
+
+
+def load_meta(meta_path: Path) -> dict[str, Any]:
+    """A model's JSON sidecar ({} when there is none); BadInput when it is not a JSON object."""
+    if not meta_path.is_file():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BadInput(
+            f"{meta_path} is corrupt ({exc.__class__.__name__}): delete it, or copy it again with its model"
+        ) from None
+    if not isinstance(meta, dict):
+        raise BadInput(f"{meta_path} is corrupt (not a JSON object): delete it, or copy it again with its model")
+    return meta
 
 
 def write_json(path: Path, data: Any) -> None:

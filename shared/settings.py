@@ -185,11 +185,12 @@ class Settings(BaseSettings):
     metrics_port: int = setting(0, NOTHING, ge=0, le=65535, note="0: no metrics endpoint")
     metrics_linger: float = setting(10, NOTHING, ge=0, le=3600, unit="seconds")
 
-    # Waits, in seconds; none is unbounded
-    start_timeout: float = setting(120, NOTHING, gt=0, unit="seconds")
-    rejoin_timeout: float = setting(60, NOTHING, gt=0, unit="seconds")
-    round_timeout: float = setting(600, NOTHING, gt=0, unit="seconds")
-    connect_timeout: float = setting(60, NOTHING, gt=0, unit="seconds")
+    # Waits, in seconds; none is unbounded (and none longer than a week: larger values overflow
+    # the waits of threading and gRPC, or mean "forever" by mistake)
+    start_timeout: float = setting(120, NOTHING, gt=0, le=604_800, unit="seconds", note="a week at most")
+    rejoin_timeout: float = setting(60, NOTHING, gt=0, le=604_800, unit="seconds", note="a week at most")
+    round_timeout: float = setting(600, NOTHING, gt=0, le=604_800, unit="seconds", note="a week at most")
+    connect_timeout: float = setting(60, NOTHING, gt=0, le=604_800, unit="seconds", note="a week at most")
 
     # Transport (issue 9): how soon a peer that vanished without closing its connection is noticed
     keepalive_seconds: int = setting(20, NOTHING, ge=5, le=3600)
@@ -207,6 +208,15 @@ class Settings(BaseSettings):
     require_tls: bool = setting(False, NOTHING, allowed="true or false")
     allow_insecure: bool = setting(False, NOTHING, allowed="true or false")
     ca_passphrase: str = setting("", NOTHING, allowed="the CA key's passphrase (empty: not encrypted)")
+
+    # What one client may send (server/update_checks.py); other bounds are another run
+    max_client_examples: int = setting(
+        0, RUN, ge=0, le=10**12, note="0: the size of the data set, when the server knows it"
+    )
+    update_norm_limit: float = setting(1000.0, RUN, gt=0, le=1e12)
+    initial_model: Path | None = setting(
+        None, RUN, allowed="a model .npz file (e.g. a run's final_model.npz), or empty"
+    )
 
     log_level: LogLevel = setting("INFO", NOTHING, allowed=_one_of(LogLevel))
 

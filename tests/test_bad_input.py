@@ -3,13 +3,17 @@ names the problem and the fix, the documented exit status, and nothing lost."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
+import struct
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import free_address, run_cli
@@ -97,6 +101,60 @@ def all_shards_claimed(tmp: Path, held: ExitStack) -> dict[str, str]:
 
 ONE_SHARD = {"NUM_SHARDS": "1", "MIN_AVAILABLE_CLIENTS": "1", "MIN_FIT_CLIENTS": "1", "MIN_EVALUATE_CLIENTS": "1"}
 CLIENT = {"CONNECT_TIMEOUT": "2"}
+
+
+def doing(*steps: Callable[[Path], object], free: bool = False) -> Setup:
+    """A setup made of steps on tmp_path; with `free`, the server also listens on a free port."""
+
+    def setup(tmp: Path, _held: ExitStack) -> dict[str, str]:
+        for step in steps:
+            step(tmp)
+        return {"SERVER_LISTEN_ADDRESS": free_address()} if free else {}
+
+    return setup
+
+
+def write_model(tmp: Path, fill: float | None = None) -> None:
+    """m.npz: the digits model of the shards in tmp/data, optionally every value set to `fill`."""
+    from client.data.shards import load_shard
+    from client.model import build_model, get_weights
+    from shared.modelfile import save_model
+
+    arrays = get_weights(build_model(load_shard(tmp / "data" / "shard_000").spec, seed=42))
+    save_model(tmp / "m.npz", [a if fill is None else np.full_like(a, fill) for a in arrays], {})
+
+
+def write_bomb(path: Path, side: int = 30_000) -> None:
+    """A PNG that claims side x side pixels (a decompression bomb), in a few bytes: header and an empty body."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
+def picture_folder(tmp: Path, bomb: bool = False) -> None:
+    from PIL import Image
+
+    for name, colour in (("cats", 30), ("dogs", 220)):
+        (tmp / "pics" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (12, 12), colour).save(tmp / "pics" / name / f"{i}.png")
+    if bomb:
+        write_bomb(tmp / "pics" / "dogs" / "bomb.png")
+
+
+def write_checkpoint(tmp: Path, meta: dict) -> None:
+    """results/checkpoint.npz whose metadata has only `meta`."""
+    from shared.modelfile import to_npy, write_npz
+
+    (tmp / "results").mkdir()
+    write_npz(tmp / "results" / "checkpoint.npz", {"meta": to_npy(np.array(json.dumps(meta)))})
+
 
 CASES = [
     # settings: one per kind of mistake, for each command that reads them
@@ -372,6 +430,119 @@ CASES = [
         "KEEPALIVE_SECONDS='1e9' is not valid: use a whole number from 5 to 3600",
     ),
     Case("max-message-zero", ["server"], {"MAX_MESSAGE_MB": "0"}, 2, "MAX_MESSAGE_MB='0' is not valid: use a whole"),
+    # issue 9, sections 3 and 7: inputs that ended in a traceback, and the new settings
+    Case(
+        "start-timeout-huge", ["server"], {"START_TIMEOUT": "1e13"}, 2, "START_TIMEOUT='1e13' is not valid: use seconds"
+    ),
+    Case(
+        "connect-timeout-huge",
+        ["client"],
+        {"CONNECT_TIMEOUT": "1e300"},
+        2,
+        "CONNECT_TIMEOUT='1e300' is not valid: use seconds > 0 and <= 604800",
+    ),
+    Case(
+        "env-file-not-utf8",
+        ["--env-file", "bad.env", "server"],
+        {},
+        2,
+        "--env-file bad.env is not UTF-8 text (line 2): save it as UTF-8",
+        doing(lambda t: (t / "bad.env").write_bytes(b"NUM_ROUNDS=2\nCLIENT_NAME=caf\xe9\n")),
+    ),
+    Case(
+        "env-file-dev-null-is-no-settings",
+        ["--env-file", "/dev/null", "server"],
+        {"START_TIMEOUT": "1"},
+        6,
+        "only 0 of MIN_AVAILABLE_CLIENTS=3 clients connected within START_TIMEOUT=1 s",
+        listen_somewhere_free,
+    ),
+    Case(
+        "predict-image-bomb",
+        ["predict", "--model", "m.npz", "bomb.png"],
+        {},
+        2,
+        "bomb.png is too large an image (DecompressionBombError",
+        doing(write_model, lambda t: write_bomb(t / "bomb.png")),
+    ),
+    Case(
+        "folder-image-bomb",
+        ["prepare"],
+        {"DATA_DIR": "fresh", "DATASET": "folder", "FOLDER_PATH": "pics"},
+        2,
+        "bomb.png is too large an image (DecompressionBombError",
+        doing(lambda t: picture_folder(t, bomb=True)),
+    ),
+    Case(
+        "predict-model-json-corrupt",
+        ["predict", "--model", "m.npz", "--test-split"],
+        {},
+        2,
+        "m.json is corrupt (JSONDecodeError): delete it",
+        doing(write_model, lambda t: (t / "m.json").write_text("{")),
+    ),
+    Case(
+        "predict-model-json-missing-keys",
+        ["predict", "--model", "m.npz", "--test-split"],
+        {},
+        2,
+        "m.json has no usable image spec (KeyError)",
+        doing(write_model, lambda t: (t / "m.json").write_text('{"spec": {"dataset": "digits"}}')),
+    ),
+    Case(
+        "checkpoint-metadata-missing-keys",  # started afresh with a warning (or refused, exit 2)
+        ["server"],
+        {"START_TIMEOUT": "1"},
+        6,
+        "only 0 of MIN_AVAILABLE_CLIENTS=3 clients connected within START_TIMEOUT=1 s",
+        doing(lambda t: write_checkpoint(t, {"round": 1, "parameters": 0, "strategy_state": {}}), free=True),
+    ),
+    Case("run-local-negative-clients", ["run-local", "--clients", "-1"], {}, 2, "--clients -1: run at least 1 client"),
+    Case("run-local-no-clients", ["run-local", "--clients", "0"], {}, 2, "--clients 0: run at least 1 client"),
+    Case(
+        "max-client-examples-negative",
+        ["server"],
+        {"MAX_CLIENT_EXAMPLES": "-1"},
+        2,
+        "MAX_CLIENT_EXAMPLES='-1' is not valid: use a whole number >= 0",
+    ),
+    Case(
+        "update-norm-limit-zero",
+        ["server"],
+        {"UPDATE_NORM_LIMIT": "0"},
+        2,
+        "UPDATE_NORM_LIMIT='0' is not valid: use a number > 0",
+    ),
+    Case(
+        "update-norm-limit-nan",
+        ["server"],
+        {"UPDATE_NORM_LIMIT": "nan"},
+        2,
+        "UPDATE_NORM_LIMIT='nan' is not valid: use a number > 0",
+    ),
+    Case(
+        "initial-model-missing",
+        ["server"],
+        {"INITIAL_MODEL": "nope.npz"},
+        2,
+        "INITIAL_MODEL=nope.npz is not a file: point it at a model .npz",
+    ),
+    Case(
+        "initial-model-not-finite",
+        ["server"],
+        {"INITIAL_MODEL": "m.npz"},
+        2,
+        "INITIAL_MODEL=m.npz holds no arrays, or non-numeric or non-finite ones",
+        doing(lambda t: write_model(t, np.inf)),
+    ),
+    Case(
+        "folder-without-example-bound",
+        ["server"],
+        {"DATASET": "folder", "FOLDER_PATH": "pics"},
+        2,
+        "DATASET=folder has no size the server knows, so it cannot bound the example counts clients claim: "
+        "set MAX_CLIENT_EXAMPLES",
+    ),
 ]
 
 

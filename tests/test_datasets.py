@@ -1,11 +1,17 @@
 """Data set loaders on small files written here in each data set's own on-disk format.
 
 Nothing downloads: torchvision finds the MNIST files present, and CIFAR-10 batches are read
-directly when present (torchvision would otherwise check the official archive's MD5).
+directly when present. Every present file is checked against the published checksums first
+(client/data/checksums.py); the tests name their small files' own sums in FLOWERPOT_TEST_CHECKSUMS,
+and check that any other file is refused before it is read.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import json
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -14,14 +20,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from client.data.checksums import TEST_OVERRIDE
 from client.data.datasets import load_source
 from client.data.images import ImageSpec, load_image
 from client.data.shards import load_shard, prepare, shard_dirs
+from shared.errors import BadInput
 from shared.settings import Settings
 
 
 def settings_for(tmp_path: Path, **values: object) -> Settings:
     return Settings(data_dir=tmp_path / "data", download_dir=tmp_path / "raw", num_shards=2, min_shard_size=5, **values)
+
+
+def trust(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *files: Path) -> None:
+    """Make these files' own MD5 sums the expected ones (as the published ones are for the real files)."""
+    sums = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in files}
+    (tmp_path / "sums.json").write_text(json.dumps(sums))
+    monkeypatch.setenv(TEST_OVERRIDE, str(tmp_path / "sums.json"))
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -32,7 +47,7 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize(("dataset", "folder"), [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
-def test_mnist_family_loads_idx_files(tmp_path: Path, dataset: str, folder: str) -> None:
+def test_mnist_family_loads_idx_files(tmp_path: Path, dataset: str, folder: str, monkeypatch) -> None:
     raw = tmp_path / "raw" / folder / "raw"
     gen = np.random.default_rng(0)
     parts = {"train": 40, "t10k": 10}
@@ -41,6 +56,7 @@ def test_mnist_family_loads_idx_files(tmp_path: Path, dataset: str, folder: str)
     for part in parts:
         write_idx(raw / f"{part}-images-idx3-ubyte", images[part])
         write_idx(raw / f"{part}-labels-idx1-ubyte", labels[part])
+    trust(monkeypatch, tmp_path, *raw.iterdir())
 
     source = load_source(settings_for(tmp_path, dataset=dataset))
     assert source.x.shape == (50, 1, 28, 28) and source.x.dtype == np.uint8
@@ -50,7 +66,7 @@ def test_mnist_family_loads_idx_files(tmp_path: Path, dataset: str, folder: str)
     assert source.spec.classes[0] == ("0" if dataset == "mnist" else "T-shirt/top")
 
 
-def test_cifar10_loads_python_batches(tmp_path: Path) -> None:
+def test_cifar10_loads_python_batches(tmp_path: Path, monkeypatch) -> None:
     folder = tmp_path / "raw" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     gen = np.random.default_rng(1)
@@ -60,6 +76,7 @@ def test_cifar10_loads_python_batches(tmp_path: Path) -> None:
         batch = {"data": data, "labels": list(gen.integers(0, 10, 6)), "batch_label": name}
         (folder / name).write_bytes(pickle.dumps(batch))
         written.append(data)
+    trust(monkeypatch, tmp_path, *folder.iterdir())
 
     source = load_source(settings_for(tmp_path, dataset="cifar10"))
     assert source.x.shape == (36, 3, 32, 32)
@@ -67,11 +84,12 @@ def test_cifar10_loads_python_batches(tmp_path: Path) -> None:
     assert source.spec.classes[0] == "airplane" and source.spec.channels == 3
 
 
-def test_cifar10_corrupt_batch_is_a_clear_error(tmp_path: Path) -> None:
+def test_cifar10_corrupt_batch_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
     folder = tmp_path / "raw" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         (folder / name).write_bytes(b"not a pickle")
+    trust(monkeypatch, tmp_path, *folder.iterdir())
     with pytest.raises(Exception, match="is not a CIFAR-10 batch"):
         load_source(settings_for(tmp_path, dataset="cifar10"))
 
@@ -122,3 +140,41 @@ def test_load_image_matches_the_data_set_look(tmp_path: Path) -> None:
     assert image.shape == (1, 8, 8) and image.dtype == np.uint8
     assert image[0, :, 3:5].mean() > 150 and image[0, :, 0].mean() < 20
     assert load_image(tmp_path / "one.png", spec, invert="no")[0, 0, 0] > 200
+
+
+class Planted:
+    """A pickle that runs code when it is loaded: it creates the file `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_a_planted_cifar10_batch_is_refused_before_it_is_unpickled(tmp_path: Path) -> None:
+    """The published checksums, no override: a batch that is not CIFAR-10's own never reaches pickle."""
+    folder = tmp_path / "raw" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps(Planted(marker)))
+    with pytest.raises(BadInput, match=r"data_batch_1 does not match its published checksum .*: delete it so that"):
+        load_source(settings_for(tmp_path, dataset="cifar10"))
+    assert not marker.exists()
+
+
+def test_mnist_files_are_checked_against_their_archives(tmp_path: Path, monkeypatch) -> None:
+    raw = tmp_path / "raw" / "MNIST" / "raw"
+    write_idx(raw / "train-images-idx3-ubyte", np.zeros((4, 28, 28), np.uint8))
+    # an extracted file without its archive cannot be checked: refused, nothing is read
+    with pytest.raises(BadInput, match=r"cannot be checked: its archive train-images-idx3-ubyte.gz"):
+        load_source(settings_for(tmp_path, dataset="mnist"))
+    # an archive that is not the published one is refused
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"something else"))
+    with pytest.raises(BadInput, match=r"train-images-idx3-ubyte.gz does not match its published checksum"):
+        load_source(settings_for(tmp_path, dataset="mnist"))
+    # a trusted archive whose extracted file was changed afterwards is refused too
+    trust(monkeypatch, tmp_path, raw / "train-images-idx3-ubyte.gz")
+    with pytest.raises(BadInput, match=r"train-images-idx3-ubyte is not the contents of train-images-idx3-ubyte.gz"):
+        load_source(settings_for(tmp_path, dataset="mnist"))

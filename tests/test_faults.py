@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -162,7 +163,7 @@ class Evil(NumPyClient):
     def fit(self, parameters, config):
         poison = {1: [np.full_like(p, np.nan) for p in parameters], 2: [np.zeros(3, np.float32)],
                   3: [np.full_like(p, np.inf) for p in parameters]}[int(config["server_round"])]
-        return poison, 10_000, {}
+        return poison, 100, {}
     def evaluate(self, parameters, config):
         return 1.0, 1, {"accuracy": 0.0}
 
@@ -210,8 +211,11 @@ def test_max_message_size_is_a_setting_and_overflows_are_explained(spawn, tmp_pa
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         batch = {"data": gen.integers(0, 256, (6, 3072), dtype=np.uint8), "labels": list(range(6))}
         (batches / name).write_bytes(pickle.dumps(batch))
+    sums = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in batches.iterdir()}  # trust these batches
+    (tmp_path / "sums.json").write_text(json.dumps(sums))
     data = {"DATASET": "cifar10", "DOWNLOAD_DIR": str(tmp_path / "raw"), "NUM_SHARDS": "1", "MIN_SHARD_SIZE": "5"}
-    assert run_cli(["prepare"], cwd=tmp_path, DATA_DIR=str(tmp_path / "data"), **data).returncode == 0
+    trusted = {"FLOWERPOT_TEST_CHECKSUMS": str(tmp_path / "sums.json")}
+    assert run_cli(["prepare"], cwd=tmp_path, DATA_DIR=str(tmp_path / "data"), **data, **trusted).returncode == 0
     one_client = {"MIN_AVAILABLE_CLIENTS": "1", "MIN_FIT_CLIENTS": "1", "MIN_EVALUATE_CLIENTS": "1"}
     env = federation_env(tmp_path / "data", tmp_path, free_address(), **data, **one_client, REJOIN_TIMEOUT="3")
     server = spawn(["server"], **{**env, "MAX_MESSAGE_MB": "1"})

@@ -94,3 +94,46 @@ def test_all_updates_bad_keeps_the_global_model() -> None:
 def test_metrics_average_by_examples_and_skip_what_is_not_a_number() -> None:
     merged = weighted_average([(10, {"acc": 1.0, "name": "a", "flag": True}), (30, {"acc": 0.5, "blob": b"x"})])
     assert merged == {"acc": pytest.approx(0.625)}
+
+
+def test_counts_far_above_the_median_are_clipped_and_above_the_data_set_refused(caplog) -> None:
+    guarded = strategy("fedavg")  # digits: no client can have more than 1,797 examples
+    results = [(proxy(i), update(v, n)) for i, (v, n) in enumerate(((1.0, 10), (1.0, 10), (1.0, 10), (9.0, 1500)))]
+    parameters, _ = guarded.aggregate_fit(1, results, [])
+    assert results[3][1].num_examples == 100  # 10 x the median
+    assert "client client-3 claims 1500 training examples, far above the others: counted as 100" in caplog.text
+    assert parameters_to_ndarrays(parameters)[0] == pytest.approx(np.full((3, 2), (30 + 900) / 130))
+    guarded.aggregate_fit(2, [(proxy(0), update(1.0)), (proxy(1), update(1.0, 10**12))], [])
+    assert "more than the 1797 the data set can give" in guarded.refused[0][1]
+
+
+def test_updates_that_move_the_model_too_far_are_refused() -> None:
+    guarded = strategy("fedavg", update_norm_limit=10.0)
+    results = [(proxy(0), update(1.0)), (proxy(1), update(1e30)), (proxy(2), update(5.0))]  # norm 12.2 for 5.0
+    guarded.aggregate_fit(1, results, [])
+    assert [p.name for p, _ in guarded.refused] == ["client-1", "client-2"]
+    assert "more than UPDATE_NORM_LIMIT=10" in guarded.refused[1][1]
+
+
+@pytest.mark.parametrize(
+    ("loss", "count", "metrics", "reason"),
+    [
+        (1.0, -240, {"accuracy": 0.5}, "claims -240 test examples"),
+        (1.0, 10**12, {"accuracy": 1.0}, "more than the 1797"),
+        (float("nan"), 10, {"accuracy": 0.5}, "its loss is nan"),
+        (1.0, 10, {"accuracy": 1.5}, "its metric accuracy is 1.5, outside [0, 1]"),
+        (1.0, 10, {"accuracy": float("inf")}, "its metric accuracy is inf"),
+    ],
+)
+def test_bad_evaluations_are_refused(loss: float, count: int, metrics: dict, reason: str, caplog) -> None:
+    from flwr.common import EvaluateRes
+
+    guarded = strategy("fedavg")
+    good = EvaluateRes(Status(Code.OK, ""), 0.5, 100, {"accuracy": 0.8, "shard": "s" * 1000, "extra": b"x"})
+    results = [(proxy(0), good), (proxy(1), EvaluateRes(Status(Code.OK, ""), loss, count, metrics))]
+    failures: list = []
+    loss_avg, merged = guarded.aggregate_evaluate(1, results, failures)
+    assert loss_avg == pytest.approx(0.5) and merged["accuracy"] == pytest.approx(0.8)
+    assert [p.name for p, _ in results] == ["client-0"] and len(failures) == 1
+    assert reason in str(failures[0]) and f"refused the evaluation of client client-1: {failures[0]}" in caplog.text
+    assert good.metrics == {"accuracy": 0.8, "shard": "s" * 256}  # unknown keys dropped, text capped

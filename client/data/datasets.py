@@ -14,6 +14,7 @@ from types import ModuleType
 
 import numpy as np
 
+from client.data.checksums import check_cifar10, check_mnist
 from client.data.images import IMAGE_SUFFIXES, ImageSpec, channel_stats, load_image
 from shared.errors import BadInput
 from shared.settings import Settings
@@ -81,7 +82,8 @@ def _mnist(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
     fashion = settings.dataset == "fashion-mnist"
     cls = datasets.FashionMNIST if fashion else datasets.MNIST
     root = _raw_root(settings)
-    try:  # torchvision downloads only the files that are not already there
+    check_mnist(root / cls.__name__ / "raw", settings.dataset)  # what is there already, before it is read
+    try:  # torchvision downloads only the files that are not already there (checking their MD5)
         parts = [cls(str(root), train=train, download=True) for train in (True, False)]
     except (OSError, RuntimeError) as exc:
         raise BadInput(
@@ -107,6 +109,7 @@ def _cifar10(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
                 f"cannot load cifar10 into {root}: {exc}; check the internet connection "
                 f"or put the extracted python batches in {folder}"
             ) from None
+    check_cifar10(folder)  # before anything is unpickled: pickle runs code
     xs, ys = [], []
     for name in CIFAR10_FILES:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,17 @@ def load_image(path: Path, spec: ImageSpec, invert: str = "auto") -> np.ndarray:
     from PIL import Image, UnidentifiedImageError  # only predict and the folder data set need it
 
     try:
-        with Image.open(path) as img:
-            img = img.convert("L" if spec.channels == 1 else "RGB")
-            img = img.resize((spec.width, spec.height), Image.Resampling.LANCZOS)
-            array = np.asarray(img, dtype=np.uint8)
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that: a bomb either way
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img = img.convert("L" if spec.channels == 1 else "RGB")
+                img = img.resize((spec.width, spec.height), Image.Resampling.LANCZOS)
+                array = np.asarray(img, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(
+            f"{path} is too large an image ({exc.__class__.__name__}: more than {Image.MAX_IMAGE_PIXELS} pixels)"
+        ) from None
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{path} is not a readable image ({exc.__class__.__name__})") from None
     array = array[None] if spec.channels == 1 else array.transpose(2, 0, 1)
