@@ -213,7 +213,7 @@ class Settings(BaseSettings):
     max_client_examples: int = setting(
         0, RUN, ge=0, le=10**12, note="0: the size of the data set, when the server knows it"
     )
-    update_norm_limit: float = setting(1000.0, RUN, gt=0, le=1e12)
+    update_norm_limit: float = setting(1000.0, RUN, gt=0, le=1e9)
     initial_model: Path | None = setting(
         None, RUN, allowed="a model .npz file (e.g. a run's final_model.npz), or empty"
     )

@@ -504,7 +504,7 @@ CASES = [
         ["server"],
         {"MAX_CLIENT_EXAMPLES": "-1"},
         2,
-        "MAX_CLIENT_EXAMPLES='-1' is not valid: use a whole number >= 0",
+        "MAX_CLIENT_EXAMPLES='-1' is not valid: use a whole number from 0 to 1000000000000",
     ),
     Case(
         "update-norm-limit-zero",
