@@ -86,15 +86,15 @@ def test_a_second_site_with_the_same_shards_is_refused_and_the_run_goes_on(spawn
     env = server_env(tmp_path, address, **shared, MIN_AVAILABLE_CLIENTS="2", NUM_ROUNDS="2")
     server = spawn(["server"], **env)
     server.wait_for("listening on")
-    first = [spawn(["client"], **env, DATA_DIR=str(data["site-a"]), SITE_NAME="site-a") for _ in range(2)]
-    for client in first:
-        client.wait_for(r"claimed shard_00\d", timeout=120)
-    server.wait_for(r"\(2 connected\)", timeout=120)
+    # site-a's first client takes shard_000; site-b's client claims its own shard_000: the same data
+    first = [spawn(["client"], **env, DATA_DIR=str(data["site-a"]), SITE_NAME="site-a")]
+    server.wait_for(r"\(1 connected\)", timeout=120)
     second = spawn(["client"], **env, DATA_DIR=str(data["site-b"]), SITE_NAME="site-b")
     assert second.wait(timeout=180) == 4, second.output
     refusal = second.output
     assert "error:" in refusal and "Traceback" not in refusal
     shard = second.wait_for(r"claimed (shard_00\d)").group(1)
+    first.append(spawn(["client"], **env, DATA_DIR=str(data["site-a"]), SITE_NAME="site-a"))  # the run starts
     assert f"its shard {shard} of site site-b holds the same data" in refusal
     assert f"as shard {shard} that client" in refusal and "of site site-a is already training" in refusal
     assert server.wait(timeout=600) == 0, server.output
