@@ -221,3 +221,24 @@ def test_the_version_constant_is_the_package_version() -> None:
     import tomllib
 
     assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"] == VERSION
+
+
+def test_a_client_that_died_rejoins_with_its_own_shard(federation, data_dir: Path, tmp_path: Path) -> None:
+    """Killed mid-run and restarted (CLIENT_RESTARTS), a client comes back with the same shard:
+    the data checksum is its own, so it takes its place again instead of being refused."""
+    import os
+    import signal
+
+    from conftest import federation_env
+    from launcher import descendants
+
+    env = federation_env(data_dir, tmp_path, free_address(), NUM_ROUNDS="4", CLIENT_RESTARTS="1")
+    env.update(MIN_AVAILABLE_CLIENTS="2", MIN_FIT_CLIENTS="2", MIN_EVALUATE_CLIENTS="2")
+    run = federation(env, 2)
+    run.server.wait_for("round 1/4", timeout=300)
+    for pid in descendants(run.clients[1].popen.pid):
+        os.kill(pid, signal.SIGKILL)
+    assert run.server.wait(timeout=600) == 0, run.server.output
+    assert [c.wait() for c in run.clients] == [0, 0], [c.output for c in run.clients]
+    assert "already training" not in run.server.output
+    assert len(run.clients[1].output.split("claimed shard_")) == 3  # claimed once, then again after the kill
