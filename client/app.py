@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from pathlib import Path
 
@@ -12,10 +13,12 @@ from flwr.compat.client.numpy_client import NumPyClient
 
 from client import task, wiring
 from client.claim import claim_shard
+from client.data.images import ImageSpec
 from client.data.shards import Shard, load_shard
 from client.model import build_model, get_weights, set_weights
 from shared.errors import BadInput
 from shared.logs import tame_flower
+from shared.metadata import join_value
 from shared.modelfile import FINAL_MODEL, save_model
 from shared.settings import Settings
 from shared.tls_files import bundle, check_pair, read_pem
@@ -107,7 +110,8 @@ def run_client(settings: Settings) -> None:
     """Claim a shard, connect (with retries), train for the whole run, keep the final model."""
     tame_flower(settings.log_level)
     torch.set_num_threads(settings.torch_threads)
-    with claim_shard(settings.data_dir, settings.shard_id) as folder:
+    site_shards = settings.site_shard_indices if settings.site_shards else None
+    with claim_shard(settings.data_dir, settings.shard_id, site_shards) as folder:
         shard = load_shard(folder)
         log.info(
             "claimed %s of %s: %d train and %d test examples",
@@ -124,10 +128,33 @@ def run_client(settings: Settings) -> None:
             max_message_bytes=settings.max_message_bytes,
             connect_timeout=settings.connect_timeout,
             keepalive_seconds=settings.keepalive_seconds,
+            join=join_value(site_name(settings), shard.name, shard.data_checksum, input_fingerprint(shard.spec)),
             **tls_options(settings),
         )
         wiring.run(client.to_client(), endpoint)
         log.info("the server ended the run; %s is released", shard.name)
+
+
+def site_name(settings: Settings) -> str:
+    """SITE_NAME, else the client certificate's name (CLIENT_AUTH=certificate), else the host
+    name: what names this machine in the server's logs, history and metrics."""
+    if settings.site_name:
+        return settings.site_name
+    if settings.client_auth == "certificate":
+        return settings.client_name
+    return socket.gethostname()
+
+
+def input_fingerprint(spec: ImageSpec) -> dict:
+    """What defines this client's input: every client of a run must agree on all of it."""
+    return {
+        "dataset": spec.dataset,
+        "classes": list(spec.classes),
+        "image_size": f"{spec.height}x{spec.width}",
+        "channels": spec.channels,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+    }
 
 
 def tls_options(settings: Settings) -> dict:

@@ -18,9 +18,19 @@ from shared.errors import BadInput, NoFreeShard
 
 
 @contextmanager
-def claim_shard(data_dir: Path, shard_id: int | None = None) -> Iterator[Path]:
-    """Yield the folder of a shard that no other live client holds."""
+def claim_shard(
+    data_dir: Path, shard_id: int | None = None, site_shards: tuple[int, ...] | None = None
+) -> Iterator[Path]:
+    """Yield the folder of a shard that no other live client holds; with `site_shards`
+    (SITE_SHARDS) only one of those: another site serves the others."""
     folders = shard_dirs(data_dir)
+    if site_shards is not None and len(folders) > 1:
+        folders = [f for f in folders if f.name in {shard_name(i) for i in site_shards}]
+        if not folders:
+            raise BadInput(
+                f"SITE_SHARDS={','.join(map(str, site_shards))}: DATA_DIR={data_dir} holds none of these shards: "
+                "run `flowerpot prepare` with the same SITE_SHARDS"
+            )
     if shard_id is not None and len(folders) > 1:
         folders = [f for f in folders if f.name == shard_name(shard_id)]
         if not folders:

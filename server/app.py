@@ -10,6 +10,7 @@ from server.live_metrics import LiveMetrics, metrics_host
 from server.results import Results
 from server.rounds import Federation
 from server.shutdown import stop_on_signal
+from server.sites import Sites
 from server.update_checks import example_limit
 from server.wiring import TlsFiles, Traffic, start_grpc_server
 from shared.errors import BadInput
@@ -44,6 +45,7 @@ def run_server(settings: Settings) -> None:
             tls,
             revocations,
             keepalive_seconds=settings.keepalive_seconds,
+            sites=Sites(settings.class_names if settings.dataset == "folder" else ()),
         )
         try:
             with stop_on_signal(grpc_server, client_manager):

@@ -206,7 +206,9 @@ class LiveMetrics:
 
     def _client_round(self, client: Any) -> None:
         metrics = _get(client, "metrics") or {}
-        site, shard = self._labels(str(_get(client, "client") or ""), str(metrics.get("shard", "")))
+        site = _get(client, "site") or _get(client, "client") or ""  # the site it joined with (issue 10)
+        shard = _get(client, "shard") or metrics.get("shard", "")
+        site, shard = self._labels(str(site), str(shard))
         values = self.client_values
         if _get(client, "phase") == "fit":
             self._set(values["train_loss"], site, shard, metrics.get("train_loss"))

@@ -23,12 +23,27 @@ class ClientEntry:
     phase: Phase
     num_examples: int
     metrics: dict[str, Any]  # as the client sent them; in "evaluate" also its "loss"
+    # Its site (SITE_NAME) and shard, as it said when it joined; a plain Flower client's site is
+    # its name and its shard empty. Histories written before sites existed lack both.
+    site: str = ""
+    shard: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """Without an empty site and shard: a client entry of an older history reads back as it was."""
+        return {k: v for k, v in vars(self).items() if v != "" or k not in ("site", "shard")}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ClientEntry:
         if data.get("phase") not in ("fit", "evaluate"):
             raise ValueError(f"a client entry has phase {data.get('phase')!r}, not 'fit' or 'evaluate'")
-        return cls(str(data["client"]), data["phase"], int(data["num_examples"]), dict(data["metrics"]))
+        return cls(
+            str(data["client"]),
+            data["phase"],
+            int(data["num_examples"]),
+            dict(data["metrics"]),
+            str(data.get("site", "")),
+            str(data.get("shard", "")),
+        )
 
 
 def _csv(**kwargs: Any) -> Any:
@@ -63,7 +78,7 @@ class RoundRecord:
     def to_json(self) -> dict[str, Any]:
         # Shallow, not dataclasses.asdict: no deep copy of every metric, every round.
         data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["clients"] = [vars(c) for c in self.clients]
+        data["clients"] = [c.to_json() for c in self.clients]
         return data
 
     @classmethod

@@ -19,6 +19,7 @@ from server.initial_weights import NoAnswers, agreed_parameters, load_pinned
 from server.live_metrics import LiveMetrics
 from server.record import ClientEntry, RoundRecord
 from server.results import Checkpoint, Results
+from server.site_report import clients_line, report_sites, where
 from server.strategies import GuardedStrategy, build_strategy, client_label, restore_strategy_state, strategy_state
 from server.wiring import Traffic
 from shared.errors import ClientsTimeout
@@ -85,6 +86,7 @@ class Federation:
                 # checkpoint always holds the last finished round.
                 self.results.save_round(record, checkpoint, self.model_meta(record))
                 log.info(round_line(record, s.num_rounds))
+                log.info(clients_line(record))
                 self.live.round_done(record, [problem for _, problem in strategy.refused])
             self.results.write_history(self.history)
             completed = True
@@ -94,6 +96,8 @@ class Federation:
                 s.num_rounds, _fmt(final.eval_accuracy), _fmt(final.eval_loss),
                 final.clients_evaluated, self.results.folder,
             )  # fmt: skip
+            for line in report_sites(final, self.results.folder):
+                log.info(line)
         finally:  # also when the run fails: connected clients are told to go, not left waiting
             self.live.end(completed)
             server.disconnect_all_clients(timeout=DISCONNECT_TIMEOUT)
@@ -186,9 +190,11 @@ class Federation:
             fit_metrics=fit_metrics,
             eval_metrics=eval_metrics,
             clients=[
-                *(ClientEntry(client_label(p), "fit", r.num_examples, r.metrics) for p, r in fit_results),
+                *(ClientEntry(client_label(p), "fit", r.num_examples, r.metrics, *where(p, r)) for p, r in fit_results),
                 *(
-                    ClientEntry(client_label(p), "evaluate", r.num_examples, {"loss": r.loss, **r.metrics})
+                    ClientEntry(
+                        client_label(p), "evaluate", r.num_examples, {"loss": r.loss, **r.metrics}, *where(p, r)
+                    )
                     for p, r in eval_results
                 ),
             ],

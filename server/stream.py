@@ -102,6 +102,7 @@ class NamedClientProxy(GrpcClientProxy):
     def __init__(self, cid: str, bridge: GrpcBridge, name: str) -> None:
         super().__init__(cid=cid, bridge=bridge)
         self.name = name
+        self.site, self.shard = name, ""  # a Flowerpot client's site and shard (server/sites.py)
         self.refusal: str | None = None  # set by `refuse`: the stream then ends with this reason
 
     def refuse(self, reason: str) -> None:

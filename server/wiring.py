@@ -22,11 +22,12 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import FlowerServiceServicer
 
 from server.admission import Admission
+from server.sites import Sites
 from server.stream import NamedClientProxy as NamedClientProxy  # re-exported: the strategies' tests use it
 from server.stream import Oversized, new_proxy, open_seat, relay
 from shared.errors import BadInput
 from shared.keepalive import keepalive_options
-from shared.metadata import CLIENT_NAME_KEY
+from shared.metadata import CLIENT_NAME_KEY, JOIN_KEY
 from shared.revocation import RevocationList
 
 log = logging.getLogger("flowerpot.server")
@@ -97,10 +98,15 @@ class AdmittingServicer(FlowerServiceServicer):
     """Flower's servicer, with a say on who joins: refused clients get a gRPC status and a reason."""
 
     def __init__(
-        self, client_manager: ClientManager, admission: Admission, revocations: RevocationList | None = None
+        self,
+        client_manager: ClientManager,
+        admission: Admission,
+        revocations: RevocationList | None = None,
+        sites: Sites | None = None,
     ) -> None:
         super().__init__(client_manager)
         self.admission, self.revocations = admission, revocations
+        self.sites = sites or Sites()
 
     def Join(  # noqa: N802 (gRPC's method name)
         self, request_iterator: Iterator[ClientMessage], context: grpc.ServicerContext
@@ -115,14 +121,20 @@ class AdmittingServicer(FlowerServiceServicer):
         seat = open_seat(context, self.admission, self.client_manager, name, who)
         if seat is None:  # the call ended already (a cancelled stream): it takes nothing
             return
+        proxy = new_proxy(context, name)
+        context.add_callback(lambda: self.sites.leave(proxy))  # the shard is free when the stream ends
         try:
-            refusal = seat.take(new_proxy(context, name))
+            refusal = self.sites.enter(join_metadata(context), who, proxy)  # version, input, shard
+            if refusal is not None:
+                _refuse(context, who, grpc.StatusCode.PERMISSION_DENIED, refusal)
+            refusal = seat.take(proxy)
             if refusal is not None:
                 _refuse(context, who, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
             yield from relay(seat, request_iterator, context)
             if seat.proxy is not None and seat.proxy.refusal is not None:  # the run refused it meanwhile
                 _refuse(context, who, grpc.StatusCode.PERMISSION_DENIED, seat.proxy.refusal)
         finally:  # also when gRPC's callback did not run yet: the place and the entry go now
+            self.sites.leave(proxy)
             seat.close()
 
     def _certified(self, context: grpc.ServicerContext) -> tuple[str, str]:
@@ -151,6 +163,12 @@ def identify(context: grpc.ServicerContext) -> tuple[str, str]:
     return name, f"{name} ({context.peer()})"
 
 
+def join_metadata(context: grpc.ServicerContext) -> str | None:
+    """The JOIN_KEY value a Flowerpot client sends (shared/metadata.py); None from a plain Flower client."""
+    value = dict(context.invocation_metadata() or ()).get(JOIN_KEY)
+    return None if value is None else str(value)
+
+
 def peer_certificate(context: grpc.ServicerContext) -> x509.Certificate | None:
     """The client certificate TLS verified for this call (gRPC's auth context), or None."""
     pems = context.auth_context().get("x509_pem_cert") or []
@@ -174,10 +192,11 @@ def start_grpc_server(
     tls: TlsFiles | None = None,
     revocations: RevocationList | None = None,
     keepalive_seconds: float = 20,
+    sites: Sites | None = None,
 ) -> grpc.Server:
     """Bind and start; BadInput when the address cannot be bound (e.g. the port is in use).
     With `tls.client_ca` (mutual TLS) pass `revocations`: the servicer then names clients by
-    their certificates."""
+    their certificates. `sites` checks Flowerpot clients' version, input and shard (server/sites.py)."""
     if (tls is not None and tls.client_ca is not None) != (revocations is not None):
         raise ValueError("client certificates and a revocation list go together")
     # Every connected client holds one worker for its stream; refused ones only briefly. Calls
@@ -201,7 +220,7 @@ def start_grpc_server(
     )
     # Flower's generated add_FlowerServiceServicer_to_server, with serializers that count bytes
     join = grpc.stream_stream_rpc_method_handler(
-        AdmittingServicer(client_manager, admission, revocations).Join,
+        AdmittingServicer(client_manager, admission, revocations, sites).Join,
         request_deserializer=traffic.deserialize,
         response_serializer=traffic.serialize,
     )

@@ -1,3 +1,32 @@
 """The gRPC metadata a Flowerpot client sends when it joins (both wiring modules use it)."""
 
+from __future__ import annotations
+
+import json
+from typing import Any
+
 CLIENT_NAME_KEY = "flowerpot-client"  # the name the client gives itself (a certificate's name wins)
+# What the server checks before a client trains (issue 10): one JSON object, ASCII-escaped (gRPC
+# metadata values are ASCII) with the keys below. A plain Flower client sends none of it.
+JOIN_KEY = "flowerpot-join"
+# Flowerpot's version (pyproject.toml's, a test keeps them equal): a server refuses a client of
+# another major.minor version, whose messages and checks may differ from its own.
+VERSION = "0.1.0"
+
+
+def join_value(site: str, shard: str, shard_checksum: str, input_fingerprint: dict[str, Any]) -> str:
+    """The JOIN_KEY value: version, site, shard (name and data checksum), and what defines the
+    client's input (classes, image size, channels, normalisation)."""
+    fields = {
+        "version": VERSION,
+        "site": site,
+        "shard": shard,
+        "shard_checksum": shard_checksum,
+        "input": input_fingerprint,
+    }
+    return json.dumps(fields, sort_keys=True)  # ASCII: json escapes everything else
+
+
+def compatible(version: str) -> bool:
+    """Same major.minor as this side."""
+    return version.split(".")[:2] == VERSION.split(".")[:2]

@@ -220,6 +220,20 @@ class Settings(BaseSettings):
 
     log_level: LogLevel = setting("INFO", NOTHING, allowed=_one_of(LogLevel))
 
+    # Sites (issue 10): a federation of machines, each with its own disjoint shards
+    site_name: str = setting(
+        "", NOTHING, allowed="a site name (empty: the client certificate's name, else the host name)"
+    )
+    site_shards: str = setting(
+        "", NOTHING, allowed="shard numbers below NUM_SHARDS, such as 0-2, 3,4 or 1 (empty: all)"
+    )
+    classes: str = setting(
+        "",
+        DATA,
+        when=("dataset", "folder"),
+        allowed="comma-separated class names in label order (empty: the folders found)",
+    )
+
     @field_validator("strategy", "dataset", "partition", "client_auth", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
@@ -237,6 +251,20 @@ class Settings(BaseSettings):
             raise ValueError("expected 1 or 3")
         return value
 
+    @field_validator("site_shards")
+    @classmethod
+    def _site_shards(cls, value: str) -> str:
+        parse_shard_list(value)  # ValueError on a malformed list; the bound is checked below
+        return value.strip()
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",")] if value.strip() else []
+        if names and (len(names) < 2 or "" in names or len(set(names)) != len(names)):
+            raise ValueError("expected at least two distinct, non-empty class names")
+        return ",".join(names)
+
     @field_validator("server_listen_address", "server_address")
     @classmethod
     def _host_port(cls, value: str) -> str:
@@ -248,6 +276,16 @@ class Settings(BaseSettings):
     @property
     def raw_dir(self) -> Path:
         return self.download_dir or self.data_dir / "raw"
+
+    @property
+    def site_shard_indices(self) -> tuple[int, ...]:
+        """The shards this site prepares and serves (SITE_SHARDS), in order; all when empty."""
+        return parse_shard_list(self.site_shards) or tuple(range(self.num_shards))
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """CLASSES as a tuple; empty when not set (the folder's own sub-folders decide)."""
+        return tuple(self.classes.split(",")) if self.classes else ()
 
     @property
     def max_message_bytes(self) -> int:
@@ -298,6 +336,11 @@ class Settings(BaseSettings):
                 "pick a SHARD_ID from 0 to NUM_SHARDS-1, or leave it empty",
             ),
             (
+                all(i < self.num_shards for i in parse_shard_list(self.site_shards)),
+                f"SITE_SHARDS={self.site_shards} names a shard not below NUM_SHARDS={self.num_shards}",
+                "list shard numbers from 0 to NUM_SHARDS-1 (the same NUM_SHARDS on every site)",
+            ),
+            (
                 self.client_auth == "none" or self.tls_enabled,
                 f"CLIENT_AUTH={self.client_auth} needs TLS_ENABLED=true",
                 "set TLS_ENABLED=true or CLIENT_AUTH=none",
@@ -342,6 +385,24 @@ for _name, _field in Settings.model_fields.items():
         raise TypeError(f"Settings.{_name} is not declared with setting(default, RUN | DATA | NOTHING, ...)")
     if _field.description is None:
         _field.description = allowed_text(_field)
+
+
+_SHARD_ITEM = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?")
+
+
+def parse_shard_list(text: str) -> tuple[int, ...]:
+    """`0-2,5` -> (0, 1, 2, 5); empty -> (); ValueError when malformed or a range runs backwards."""
+    indices: set[int] = set()
+    for item in (part.strip() for part in text.split(",")) if text.strip() else ():
+        match = _SHARD_ITEM.fullmatch(item)
+        if not match:
+            raise ValueError(f"{item!r} is not a shard number or range")
+        low = int(match.group(1))
+        high = int(match.group(2)) if match.group(2) is not None else low
+        if high < low:
+            raise ValueError(f"the range {item} runs backwards")
+        indices.update(range(low, high + 1))
+    return tuple(sorted(indices))
 
 
 def _port(address: str) -> int:

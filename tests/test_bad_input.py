@@ -543,6 +543,39 @@ CASES = [
         "DATASET=folder has no size the server knows, so it cannot bound the example counts clients claim: "
         "set MAX_CLIENT_EXAMPLES",
     ),
+    # Sites (issue 10)
+    Case("site-shards-malformed", ["prepare"], {"SITE_SHARDS": "a-b"}, 2, "SITE_SHARDS='a-b' is not valid: use shard"),
+    Case("site-shards-backwards", ["client"], {"SITE_SHARDS": "2-1"}, 2, "SITE_SHARDS='2-1' is not valid: use shard"),
+    Case("site-shards-empty-item", ["client"], {"SITE_SHARDS": "1,,2"}, 2, "SITE_SHARDS='1,,2' is not valid"),
+    Case(
+        "site-shards-above-num-shards",
+        ["prepare"],
+        {"SITE_SHARDS": "0,5", "NUM_SHARDS": "3"},
+        2,
+        "SITE_SHARDS=0,5 names a shard not below NUM_SHARDS=3: list shard numbers from 0 to NUM_SHARDS-1",
+    ),
+    Case(
+        "classes-only-one",
+        ["prepare"],
+        {"DATASET": "folder", "FOLDER_PATH": "pics", "CLASSES": "cat"},
+        2,
+        "CLASSES='cat' is not valid: use comma-separated class names in label order",
+    ),
+    Case(
+        "classes-repeated",
+        ["prepare"],
+        {"DATASET": "folder", "FOLDER_PATH": "pics", "CLASSES": "cat,dog,cat"},
+        2,
+        "CLASSES='cat,dog,cat' is not valid: use comma-separated class names in label order",
+    ),
+    Case(
+        "classes-folder-outside-the-list",
+        ["prepare"],
+        {"DATASET": "folder", "FOLDER_PATH": "pics", "CLASSES": "cat,fox", "DATA_DIR": "site"},
+        2,
+        "FOLDER_PATH=pics has class folder(s) dog that are not in CLASSES=cat,fox: add them to CLASSES",
+        doing(lambda t: [(t / "pics" / c).mkdir(parents=True) for c in ("cat", "dog")]),
+    ),
 ]
 
 

@@ -81,7 +81,7 @@ def start(federation, env: dict[str, str], before_clients=None) -> tuple[Any, li
     if before_clients is not None:
         before_clients()
     for i in (1, 2, 3):
-        run.start_client(i, CLIENT_NAME=f"site-{i}")
+        run.start_client(i, CLIENT_NAME=f"site-{i}", SITE_NAME=f"site-{i}")
     return run.server, run.clients
 
 
@@ -133,7 +133,7 @@ def test_the_endpoint_moves_round_by_round_and_ends_at_the_history(federation, d
     assert value(final, "flowerpot_round_duration_seconds_count") == 4
     assert value(final, "flowerpot_round_duration_seconds_sum") == pytest.approx(sum(r["seconds"] for r in rounds))
     for client in (c for c in last["clients"] if c["phase"] == "evaluate"):
-        labels = {"site": client["client"], "shard": client["metrics"]["shard"]}
+        labels = {"site": client["site"], "shard": client["shard"]}
         assert value(final, "flowerpot_client_eval_accuracy", **labels) == client["metrics"]["accuracy"]
     assert {dict(ls)["site"] for n, ls in final if n == "flowerpot_client_eval_accuracy"} == {
         "site-1",

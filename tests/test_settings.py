@@ -140,6 +140,7 @@ def test_the_run_and_data_fingerprints_come_from_the_marks() -> None:
         "folder_path",
         "image_size",
         "image_channels",
+        "classes",
     }
     assert data_settings(Settings(partition="iid", dirichlet_alpha=0.1)) == iid  # unused: same shards
     assert data_settings(Settings(partition="dirichlet", dirichlet_alpha=0.1))["dirichlet_alpha"] == 0.1

@@ -15,7 +15,7 @@ from types import ModuleType
 import numpy as np
 
 from client.data.checksums import check_cifar10, check_mnist
-from client.data.images import IMAGE_SUFFIXES, ImageSpec, channel_stats, load_image
+from client.data.images import IMAGE_SUFFIXES, ImageSpec, load_image
 from shared.errors import BadInput
 from shared.settings import Settings
 
@@ -29,6 +29,19 @@ CIFAR10_NAMES = (
     "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
 CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+# Normalisation (per-channel mean and std on the 0..1 scale) is a constant of each data set, the
+# same on every site: computed from one site's own pixels, two sites would feed the shared model
+# differently scaled inputs. Built-in sets: the statistics of the whole published set (digits:
+# scikit-learn's 1797 images; MNIST, Fashion-MNIST, CIFAR-10: the usual published values).
+# A user's folder: 0.5 and 0.25, which maps 0..1 to -2..2 whatever the pictures look like.
+NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "digits": ((0.305309,), (0.375886,)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+FOLDER_MEAN, FOLDER_STD = 0.5, 0.25
 
 
 @dataclass
@@ -60,7 +73,7 @@ def _digits(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
 
     bunch = load_digits()
     x = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # values 0..16
-    mean, std = channel_stats(x)
+    mean, std = NORMALISATION["digits"]
     spec = ImageSpec("digits", 1, 8, 8, DIGIT_NAMES, mean, std, bright_on_dark=True)
     return x, bunch.target, spec
 
@@ -92,7 +105,7 @@ def _mnist(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
         ) from None
     x = np.concatenate([p.data.numpy() for p in parts])[:, None]
     y = np.concatenate([p.targets.numpy() for p in parts])
-    mean, std = channel_stats(x)
+    mean, std = NORMALISATION[settings.dataset]
     names = FASHION_NAMES if fashion else DIGIT_NAMES
     return x, y, ImageSpec(settings.dataset, 1, 28, 28, names, mean, std, bright_on_dark=not fashion)
 
@@ -123,38 +136,47 @@ def _cifar10(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
                 f"delete {folder} and run prepare again to download it"
             ) from None
     x = np.concatenate(xs)
-    mean, std = channel_stats(x)
+    mean, std = NORMALISATION["cifar10"]
     return x, np.concatenate(ys), ImageSpec("cifar10", 3, 32, 32, CIFAR10_NAMES, mean, std)
 
 
 def _folder(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
+    """The folder's images, labelled in CLASSES order when set (every site the same), else in the
+    sorted order of the sub-folders found (recorded in the manifest; the server compares it)."""
     root = settings.folder_path
     assert root is not None  # Settings (its model validator) guarantees it
     if not root.is_dir():
         raise BadInput(f"FOLDER_PATH={root} is not a folder: point it at your images")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = settings.class_names or tuple(found)
+    unknown = [name for name in found if name not in classes]
+    if unknown:
+        raise BadInput(
+            f"FOLDER_PATH={root} has class folder(s) {', '.join(unknown)} that are not in CLASSES={settings.classes}: "
+            "add them to CLASSES on every site (in label order), or move them out of FOLDER_PATH"
+        )
     if len(classes) < 2:
         raise BadInput(
             f"FOLDER_PATH={root} has {len(classes)} class folder(s): put each class's images "
             "in a sub-folder of its own, at least two classes"
         )
     size, channels = settings.image_size, settings.image_channels
-    draft = ImageSpec("folder", channels, size, size, tuple(classes), (0.5,) * channels, (0.25,) * channels)
+    mean, std = (FOLDER_MEAN,) * channels, (FOLDER_STD,) * channels
+    spec = ImageSpec("folder", channels, size, size, tuple(classes), mean, std)
     images, labels = [], []
     for label, name in enumerate(classes):
+        if name not in found:  # a site may lack some classes: non-IID data, not an error
+            continue
         files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         for path in files:
             try:
-                images.append(load_image(path, draft, invert="no"))
+                images.append(load_image(path, spec, invert="no"))
             except ValueError as exc:
                 raise BadInput(f"{exc}: remove or replace that file") from None
             labels.append(label)
     if not images:
         raise BadInput(f"FOLDER_PATH={root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    x = np.stack(images)
-    mean, std = channel_stats(x)
-    spec = ImageSpec("folder", channels, size, size, tuple(classes), mean, std)
-    return x, np.asarray(labels, dtype=np.int64), spec
+    return np.stack(images), np.asarray(labels, dtype=np.int64), spec
 
 
 def _raw_root(settings: Settings) -> Path:

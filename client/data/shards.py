@@ -2,6 +2,7 @@
 
 Layout of DATA_DIR after `prepare`:
     manifest.json            data set, partition settings, spec, per-shard sizes and checksums
+                             (file checksums, and each shard's data checksum: see data_checksum)
     shard_000/shard.json     the shard's own part of the manifest (a lone shard is self-describing)
     shard_000/train.npz      x: uint8 (N, C, H, W), y: int64 (N,)
     shard_000/test.npz
@@ -47,7 +48,9 @@ def data_settings(settings: Settings) -> dict[str, Any]:
 
 
 def prepare(settings: Settings, force: bool = False) -> dict[str, Any]:
-    """Write NUM_SHARDS shards and the manifest into DATA_DIR; idempotent.
+    """Write this site's shards (SITE_SHARDS of NUM_SHARDS; all by default) and the manifest into
+    DATA_DIR; idempotent. Every site partitions the whole data set alike (same SEED), so sites
+    with disjoint SITE_SHARDS hold disjoint data.
 
     Returns the manifest. Shards that already match the settings and their checksums are kept;
     shards made with other settings are replaced only with `force`.
@@ -56,6 +59,9 @@ def prepare(settings: Settings, force: bool = False) -> dict[str, Any]:
 
     root = settings.data_dir
     wanted = data_settings(settings)
+    site_shards = settings.site_shard_indices
+    if settings.site_shards:  # recorded only when set: manifests of all shards stay as they were
+        wanted["site_shards"] = list(site_shards)
     existing = _read_json(root / MANIFEST) if (root / MANIFEST).exists() else None
     if existing is not None:
         if existing.get("settings") == wanted:
@@ -92,7 +98,9 @@ def prepare(settings: Settings, force: bool = False) -> dict[str, Any]:
     try:
         entries = []
         for index, part in enumerate(parts):
-            order = rng.permutation(part)
+            order = rng.permutation(part)  # drawn for every shard: each shard's split is the same on every site
+            if index not in site_shards:
+                continue
             n_test = max(1, round(len(order) * settings.test_fraction))
             split = {"train": np.sort(order[n_test:]), "test": np.sort(order[:n_test])}
             entries.append(_write_shard(staging, index, split, source.x, source.y, source.spec, wanted))
@@ -140,6 +148,7 @@ def _write_shard(
         path = folder / f"{part}.npz"
         np.savez(path, x=x[idx], y=y[idx])
         files[path.name] = sha256(path)
+    arrays = {part: (x[idx], y[idx]) for part, idx in split.items()}
     labels, counts = np.unique(y[np.concatenate(list(split.values()))], return_counts=True)
     entry = {
         "name": name,
@@ -148,6 +157,7 @@ def _write_shard(
         "test": len(split["test"]),
         "label_histogram": {str(int(label)): int(c) for label, c in zip(labels, counts)},
         "files": files,
+        "data_checksum": data_checksum(arrays),
     }
     write_json(folder / SHARD_META, {**entry, "format": FORMAT, "settings": settings, "spec": spec.to_json()})
     return entry
@@ -177,6 +187,20 @@ class Shard:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    data_checksum: str = ""  # of the images and labels (see data_checksum): the same data, the same value
+
+
+def data_checksum(arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """A checksum of a shard's images and labels, not of its files: .npz files carry the time
+    they were written, so the same shard prepared on two sites has other file checksums but
+    this same value. The server compares it to refuse two clients training one shard."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        x, y = arrays[split]
+        for array in (np.ascontiguousarray(x, dtype=np.uint8), np.ascontiguousarray(y, dtype=np.int64)):
+            digest.update(f"{split}{array.shape}{array.dtype.str}".encode())
+            digest.update(array.data)
+    return digest.hexdigest()
 
 
 def shard_dirs(data_dir: Path) -> list[Path]:
@@ -233,6 +257,9 @@ def load_shard(folder: Path) -> Shard:
         if y.min() < 0 or y.max() >= spec.num_classes:
             raise BadInput(f"{path} has labels outside 0..{spec.num_classes - 1}: rebuild the shards")
         arrays[split] = (x, y.astype(np.int64))
+    checksum = data_checksum(arrays)  # shards written before it was recorded: computed here alike
+    if meta.get("data_checksum", checksum) != checksum:
+        raise BadInput(f"{folder} holds other data than its {SHARD_META} records: rebuild the shards")
     return Shard(
         name=meta.get("name", folder.name),
         path=folder,
@@ -241,6 +268,7 @@ def load_shard(folder: Path) -> Shard:
         y_train=arrays["train"][1],
         x_test=arrays["test"][0],
         y_test=arrays["test"][1],
+        data_checksum=checksum,
     )
 
 

@@ -1,0 +1,80 @@
+"""The per-site view of a run: which site and shard each client trained, and how well the final
+model does on each client's own test data. A federation is judged by its weakest site too, not
+only by the weighted mean, which a few large sites dominate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flwr.server.client_proxy import ClientProxy
+
+from server.record import RoundRecord
+from server.strategies import client_label
+from shared.modelfile import write_json
+
+SITES_JSON = "sites.json"  # the final round's per-client accuracies, beside history.json
+MAX_LISTED = 20  # clients named in one round's log line; the rest are counted
+
+
+def where(proxy: ClientProxy, result: Any) -> tuple[str, str]:
+    """(site, shard) of a client: what it said when it joined (server/sites.py), else its name
+    and the shard it reported in its metrics (a plain Flower client reports none)."""
+    metrics = getattr(result, "metrics", None) or {}
+    site = getattr(proxy, "site", "") or client_label(proxy)
+    shard = getattr(proxy, "shard", "") or str(metrics.get("shard", ""))
+    return site, shard
+
+
+def _label(entry: Any) -> str:
+    return f"{entry.site or entry.client}/{entry.shard or '?'}"
+
+
+def clients_line(record: RoundRecord) -> str:
+    """One log line naming every client of the round by site and shard, with its accuracy (or
+    its training loss when nobody evaluated)."""
+    evaluated = [c for c in record.clients if c.phase == "evaluate"]
+    if evaluated:
+        parts = [f"{_label(c)} {_number(c.metrics.get('accuracy'))}" for c in evaluated]
+        what = "accuracy"
+    else:
+        parts = [f"{_label(c)} {_number(c.metrics.get('train_loss'))}" for c in record.clients if c.phase == "fit"]
+        what = "train loss"
+    listed = ", ".join(parts[:MAX_LISTED]) + (
+        f", and {len(parts) - MAX_LISTED} more" if len(parts) > MAX_LISTED else ""
+    )
+    return f"round {record.round} {what} by site/shard: {listed or 'no client'}"
+
+
+def site_summary(record: RoundRecord) -> dict[str, Any]:
+    """Per-client accuracy of a round (worst, best, spread) and the weighted mean."""
+    clients = [
+        {"site": c.site or c.client, "shard": c.shard, "client": c.client, "examples": c.num_examples,
+         "accuracy": float(c.metrics["accuracy"])}
+        for c in record.clients
+        if c.phase == "evaluate" and isinstance(c.metrics.get("accuracy"), int | float)
+    ]  # fmt: skip
+    summary: dict[str, Any] = {"round": record.round, "weighted_accuracy": record.eval_accuracy, "clients": clients}
+    if clients:
+        worst = min(clients, key=lambda c: c["accuracy"])
+        best = max(clients, key=lambda c: c["accuracy"])
+        summary.update(worst=worst, best=best, spread=best["accuracy"] - worst["accuracy"])
+    return summary
+
+
+def report_sites(final: RoundRecord, folder: Path) -> list[str]:
+    """Write SITES_JSON for the final round; the log lines that report it."""
+    summary = site_summary(final)
+    write_json(folder / SITES_JSON, summary)
+    if "worst" not in summary:
+        return ["no client reported an accuracy in the final round: no per-site report"]
+    worst, best = summary["worst"], summary["best"]
+    return [
+        f"per-client accuracy, round {final.round}: worst {worst['accuracy']:.4f} ({worst['site']}/{worst['shard']}), "
+        f"best {best['accuracy']:.4f} ({best['site']}/{best['shard']}), spread {summary['spread']:.4f}, "
+        f"weighted mean {_number(final.eval_accuracy)} over {len(summary['clients'])} clients; in {folder / SITES_JSON}"
+    ]
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) and not isinstance(value, bool) else "n/a"
