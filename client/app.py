@@ -14,6 +14,7 @@ from client import task, wiring
 from client.claim import claim_shard
 from client.data.shards import Shard, load_shard
 from client.model import build_model, get_weights, set_weights
+from client.shards_wait import wait_for_shards
 from shared.errors import BadInput
 from shared.logs import tame_flower
 from shared.modelfile import FINAL_MODEL, save_model
@@ -107,6 +108,7 @@ def run_client(settings: Settings) -> None:
     """Claim a shard, connect (with retries), train for the whole run, keep the final model."""
     tame_flower(settings.log_level)
     torch.set_num_threads(settings.torch_threads)
+    wait_for_shards(settings.data_dir, settings.shards_timeout)
     with claim_shard(settings.data_dir, settings.shard_id) as folder:
         shard = load_shard(folder)
         log.info(

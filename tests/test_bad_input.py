@@ -543,6 +543,29 @@ CASES = [
         "DATASET=folder has no size the server knows, so it cannot bound the example counts clients claim: "
         "set MAX_CLIENT_EXAMPLES",
     ),
+    # Docker Swarm (issue 10): a client's wait for its machine's shards
+    Case(
+        "shards-timeout-negative",
+        ["client"],
+        {"SHARDS_TIMEOUT": "-1"},
+        2,
+        "SHARDS_TIMEOUT='-1' is not valid: use seconds from 0 to 604800",
+    ),
+    Case(
+        "shards-timeout-not-a-number",
+        ["client"],
+        {"SHARDS_TIMEOUT": "soon"},
+        2,
+        "SHARDS_TIMEOUT='soon' is not valid: use seconds from 0 to 604800",
+    ),
+    Case(
+        "shards-never-prepared",
+        ["client"],
+        {**CLIENT, "DATA_DIR": "empty", "SHARDS_TIMEOUT": "1"},
+        2,
+        "DATA_DIR=empty holds no prepared shards after SHARDS_TIMEOUT=1 s: run the prepare step on this machine",
+        doing(lambda t: (t / "empty").mkdir()),
+    ),
 ]
 
 
