@@ -16,6 +16,7 @@ from client.claim import claim_shard
 from client.data.images import ImageSpec
 from client.data.shards import Shard, load_shard
 from client.model import build_model, get_weights, set_weights
+from client.shards_wait import wait_for_shards
 from shared.errors import BadInput
 from shared.logs import tame_flower
 from shared.metadata import join_value
@@ -110,6 +111,7 @@ def run_client(settings: Settings) -> None:
     """Claim a shard, connect (with retries), train for the whole run, keep the final model."""
     tame_flower(settings.log_level)
     torch.set_num_threads(settings.torch_threads)
+    wait_for_shards(settings.data_dir, settings.shards_timeout)
     site_shards = settings.site_shard_indices if settings.site_shards else None
     with claim_shard(settings.data_dir, settings.shard_id, site_shards) as folder:
         shard = load_shard(folder)

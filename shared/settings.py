@@ -195,6 +195,10 @@ class Settings(BaseSettings):
     # Transport (issue 9): how soon a peer that vanished without closing its connection is noticed
     keepalive_seconds: int = setting(20, NOTHING, ge=5, le=3600)
 
+    # Docker Swarm (issue 10): nothing starts a node's prepare step before its clients, so a client
+    # may wait for the shards (0: it does not, and a DATA_DIR without shards is refused at once)
+    shards_timeout: float = setting(0, NOTHING, ge=0, le=604_800, unit="seconds", note="a week at most")
+
     # Security
     tls_enabled: bool = setting(False, NOTHING, allowed="true or false")
     client_auth: ClientAuth = setting("none", NOTHING, allowed=_one_of(ClientAuth))

@@ -576,6 +576,29 @@ CASES = [
         "FOLDER_PATH=pics has class folder(s) dog that are not in CLASSES=cat,fox: add them to CLASSES",
         doing(lambda t: [(t / "pics" / c).mkdir(parents=True) for c in ("cat", "dog")]),
     ),
+    # Docker Swarm (issue 10): a client's wait for its machine's shards
+    Case(
+        "shards-timeout-negative",
+        ["client"],
+        {"SHARDS_TIMEOUT": "-1"},
+        2,
+        "SHARDS_TIMEOUT='-1' is not valid: use seconds from 0 to 604800",
+    ),
+    Case(
+        "shards-timeout-not-a-number",
+        ["client"],
+        {"SHARDS_TIMEOUT": "soon"},
+        2,
+        "SHARDS_TIMEOUT='soon' is not valid: use seconds from 0 to 604800",
+    ),
+    Case(
+        "shards-never-prepared",
+        ["client"],
+        {**CLIENT, "DATA_DIR": "empty", "SHARDS_TIMEOUT": "1"},
+        2,
+        "DATA_DIR=empty holds no prepared shards after SHARDS_TIMEOUT=1 s: run the prepare step on this machine",
+        doing(lambda t: (t / "empty").mkdir()),
+    ),
 ]
 
 

@@ -1,0 +1,92 @@
+"""docker-stack.yml runs the same server, prepare and client as docker-compose.yml, changed only
+where Docker Swarm needs it. Reads both files; no Docker engine needed."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = ("prepare", "server", "client")
+# Settings the stack adds: TLS always (its port is published on the swarm), and a bounded wait
+# for the node's prepare step (Swarm has no depends_on).
+STACK_ONLY_ENVIRONMENT = {"REQUIRE_TLS", "TLS_ENABLED", "CLIENT_AUTH", "SHARDS_TIMEOUT"}
+# What Swarm rejects (depends_on conditions, profiles) or ignores (build, restart).
+NOT_FOR_SWARM = {"depends_on", "profiles", "build", "restart"}
+
+
+def load(name: str) -> dict[str, Any]:
+    return yaml.safe_load((REPO / name).read_text())["services"]
+
+
+@pytest.fixture(scope="module")
+def services() -> tuple[dict[str, Any], dict[str, Any]]:
+    return load("docker-compose.yml"), load("docker-stack.yml")
+
+
+def mounts(service: dict[str, Any]) -> dict[str, bool]:
+    """Volume target -> read-only, leaving out /certs: the stack's certificates are secrets."""
+    found = {}
+    for entry in service.get("volumes", []):
+        _, target, *mode = re.sub(r"\$\{[^}]*\}", "VAR", entry).split(":")  # ${NAME:-default} has a colon
+        found[target] = mode == ["ro"]
+    return {t: ro for t, ro in found.items() if t != "/certs"}
+
+
+def test_every_service_of_a_compose_run_is_in_the_stack(services) -> None:
+    compose, stack = services
+    assert {name for name, s in compose.items() if "profiles" not in s} == set(SHARED)
+    assert set(SHARED) <= set(stack)
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_the_stack_runs_the_same_service(services, name: str) -> None:
+    compose, stack = services[0][name], services[1][name]
+    for key in ("image", "command", "env_file", "init"):
+        assert stack.get(key) == compose.get(key), key
+    assert set(compose["environment"]) <= set(stack["environment"])
+    assert set(stack["environment"]) - set(compose["environment"]) <= STACK_ONLY_ENVIRONMENT
+    assert mounts(stack) == mounts(compose)
+    assert stack.get("healthcheck") == compose.get("healthcheck")
+    assert not NOT_FOR_SWARM & set(stack)
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_swarm_never_restarts_a_stopped_container(services, name: str) -> None:
+    """As in docker-compose.yml: a refused or shard-less client must stay stopped (crashes are
+    restarted inside the container, CLIENT_RESTARTS)."""
+    assert services[1][name]["deploy"]["restart_policy"] == {"condition": "none"}
+
+
+def test_the_stack_requires_tls_with_certificates_from_secrets(services) -> None:
+    stack = services[1]
+    for name in SHARED:
+        env = stack[name]["environment"]
+        assert (env["REQUIRE_TLS"], env["TLS_ENABLED"], env["CLIENT_AUTH"]) == ("true", "true", "certificate")
+        assert env["CERTS_DIR"] == "/run/secrets"  # where Swarm mounts secrets; read by bundle()
+    targets = {name: {s["target"] for s in stack[name].get("secrets", [])} for name in SHARED}
+    assert targets == {
+        "prepare": set(),
+        "server": {"server.pem", "server.key", "ca.pem"},
+        "client": {"client.pem", "client.key", "ca.pem"},
+    }
+    for name in ("server", "client"):
+        for secret in stack[name]["secrets"]:
+            assert secret["uid"] == "10001"  # the images' user
+            assert secret["mode"] == (0o400 if secret["target"].endswith(".key") else 0o444)
+
+
+def test_nodes_are_chosen_by_label(services) -> None:
+    stack = services[1]
+    placement = {name: stack[name]["deploy"]["placement"]["constraints"] for name in SHARED}
+    assert placement == {
+        "server": ["node.labels.flowerpot.server == true"],
+        "prepare": ["node.labels.flowerpot.client == true"],
+        "client": ["node.labels.flowerpot.client == true"],
+    }
+    assert stack["prepare"]["deploy"]["mode"] == "global"  # one prepare per client node
+    assert stack["client"]["environment"]["SHARDS_TIMEOUT"] == "600"
