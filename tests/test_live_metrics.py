@@ -305,7 +305,8 @@ def exported_names(folder: Path) -> set[str]:
 
 
 def test_the_compose_profile_adds_prometheus_and_grafana_on_localhost_only() -> None:
-    from bench.compose import docker, docker_available
+    from bench.compose import docker
+    from compose_checks import docker_available
 
     if not docker_available():
         pytest.skip("no Docker engine with Compose v2: `docker compose config` cannot run")

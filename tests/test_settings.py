@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import get_args
@@ -150,17 +151,16 @@ def test_the_run_and_data_fingerprints_come_from_the_marks() -> None:
 def _just_outside(field: FieldInfo, bound: object) -> tuple[str, str]:
     """A value just outside one bound of a field, and a pattern for the words that state it."""
     whole = int in (get_args(field.annotation) or (field.annotation,))
-    step = 1 if whole else 1e-9
     if isinstance(bound, Ge | Gt):
         low = bound.ge if isinstance(bound, Ge) else bound.gt
-        value = low - step if isinstance(bound, Ge) else low
+        value = (low - 1 if whole else math.nextafter(low, -math.inf)) if isinstance(bound, Ge) else low
         if isinstance(bound, Gt) and not whole:
             return repr(value), rf"> {low}\b"
         low = low if isinstance(bound, Ge) else low + 1
         return repr(value), rf"(>=|from) {low}\b"
     assert isinstance(bound, Le | Lt), bound
     high = bound.le if isinstance(bound, Le) else bound.lt
-    value = high + step if isinstance(bound, Le) else high
+    value = (high + 1 if whole else math.nextafter(high, math.inf)) if isinstance(bound, Le) else high
     if isinstance(bound, Lt) and not whole:
         return repr(value), rf"< {high}\b"
     high = high if isinstance(bound, Le) else high - 1
