@@ -10,6 +10,7 @@ from server.live_metrics import LiveMetrics, metrics_host
 from server.results import Results
 from server.rounds import Federation
 from server.shutdown import stop_on_signal
+from server.strategies import weak_strategy_warning
 from server.update_checks import example_limit
 from server.wiring import TlsFiles, Traffic, start_grpc_server
 from shared.errors import BadInput
@@ -24,6 +25,8 @@ log = logging.getLogger("flowerpot.server")
 def run_server(settings: Settings) -> None:
     tame_flower(settings.log_level)
     require_secure(settings)
+    if (weak := weak_strategy_warning(settings)) is not None:
+        log.warning(weak)  # once, at start
     results = Results(settings.results_dir)  # fails fast when RESULTS_DIR is not writable
     example_limit(settings)  # fails fast when the server cannot bound the clients' example counts
     if settings.initial_model is not None:

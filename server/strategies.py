@@ -104,6 +104,18 @@ def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
     )
 
 
+def weak_strategy_warning(settings: Settings) -> str | None:
+    """What the operator should know about a strategy that runs but cannot do its job at this
+    client count (the ones that cannot at all are refused by Settings): the median of two
+    updates is their mean."""
+    if settings.strategy == "fedmedian" and settings.min_fit_clients < 3:
+        return (
+            f"STRATEGY=fedmedian with MIN_FIT_CLIENTS={settings.min_fit_clients}: the median of fewer than 3 "
+            "updates is their mean, no defence against a bad client; raise MIN_FIT_CLIENTS to 3 or more"
+        )
+    return None
+
+
 def _given(**knobs: float | None) -> dict[str, float]:
     return {k: v for k, v in knobs.items() if v is not None}
 

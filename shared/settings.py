@@ -307,6 +307,20 @@ class Settings(BaseSettings):
                 f"KRUM_CLIENTS_TO_KEEP={self.krum_clients_to_keep} is above MIN_FIT_CLIENTS={self.min_fit_clients}",
                 "keep at most MIN_FIT_CLIENTS updates",
             ),
+            # Strategies that do what they promise (issue 11): a robust aggregator that cannot
+            # defend at this client count is refused rather than run as a plain average.
+            (
+                self.strategy != "krum" or self.min_fit_clients >= 2 * self.krum_malicious_clients + 3,
+                f"STRATEGY=krum needs MIN_FIT_CLIENTS >= 2*KRUM_MALICIOUS_CLIENTS+3 = "
+                f"{2 * self.krum_malicious_clients + 3}, but MIN_FIT_CLIENTS={self.min_fit_clients}",
+                "raise MIN_FIT_CLIENTS (and MIN_AVAILABLE_CLIENTS) or lower KRUM_MALICIOUS_CLIENTS",
+            ),
+            (
+                self.strategy != "fedtrimmedavg" or int(self.trim_fraction * self.min_fit_clients) >= 1,
+                f"STRATEGY=fedtrimmedavg trims nothing: int(TRIM_FRACTION*MIN_FIT_CLIENTS) = "
+                f"int({self.trim_fraction:g}*{self.min_fit_clients}) = 0, it must be at least 1",
+                "raise TRIM_FRACTION or MIN_FIT_CLIENTS",
+            ),
             (
                 self.metrics_port == 0 or self.metrics_port != _port(self.server_listen_address),
                 f"METRICS_PORT={self.metrics_port} is SERVER_LISTEN_ADDRESS's port",

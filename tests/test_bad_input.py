@@ -543,6 +543,21 @@ CASES = [
         "DATASET=folder has no size the server knows, so it cannot bound the example counts clients claim: "
         "set MAX_CLIENT_EXAMPLES",
     ),
+    # Issue 11: robust strategies refused where they cannot defend, and the settings it adds
+    Case(
+        "krum-too-few-clients",
+        ["server"],
+        {"STRATEGY": "krum", "MIN_FIT_CLIENTS": "3", "KRUM_MALICIOUS_CLIENTS": "1"},
+        2,
+        "STRATEGY=krum needs MIN_FIT_CLIENTS >= 2*KRUM_MALICIOUS_CLIENTS+3 = 5, but MIN_FIT_CLIENTS=3",
+    ),
+    Case(
+        "trimmedavg-trims-nothing",
+        ["server"],
+        {"STRATEGY": "fedtrimmedavg", "MIN_FIT_CLIENTS": "3", "TRIM_FRACTION": "0.2"},
+        2,
+        "STRATEGY=fedtrimmedavg trims nothing: int(TRIM_FRACTION*MIN_FIT_CLIENTS) = int(0.2*3) = 0",
+    ),
 ]
 
 

@@ -26,7 +26,9 @@ def proxy(i: int) -> NamedClientProxy:
 
 
 def strategy(name: str, **values):
-    settings = Settings(strategy=name, min_fit_clients=2, min_available_clients=3, **values)
+    # 5 clients: enough for Krum with one malicious client and for FedTrimmedAvg to trim one
+    values = {"min_fit_clients": 5, "min_available_clients": 5, **values}
+    settings = Settings(strategy=name, **values)
     return build_strategy(settings, ndarrays_to_parameters(GLOBAL))
 
 
@@ -137,3 +139,31 @@ def test_bad_evaluations_are_refused(loss: float, count: int, metrics: dict, rea
     assert [p.name for p, _ in results] == ["client-0"] and len(failures) == 1
     assert reason in str(failures[0]) and f"refused the evaluation of client client-1: {failures[0]}" in caplog.text
     assert good.metrics == {"accuracy": 0.8, "shard": "s" * 256}  # unknown keys dropped, text capped
+
+
+@pytest.mark.parametrize(
+    ("values", "rule"),
+    [
+        ({"strategy": "krum", "min_fit_clients": 3, "krum_malicious_clients": 1}, "MIN_FIT_CLIENTS >= 2*KRUM"),
+        ({"strategy": "krum", "min_fit_clients": 2}, "MIN_FIT_CLIENTS >= 2*KRUM_MALICIOUS_CLIENTS+3 = 3"),
+        ({"strategy": "fedtrimmedavg", "min_fit_clients": 3, "trim_fraction": 0.2}, "trims nothing"),
+    ],
+)
+def test_robust_strategies_that_cannot_defend_are_refused(values: dict, rule: str) -> None:
+    from shared.errors import BadInput
+
+    with pytest.raises(BadInput, match=rule.replace("*", r"\*").replace("+", r"\+")):
+        Settings(min_available_clients=5, **values)
+
+
+def test_robust_strategies_at_their_minimum_are_accepted() -> None:
+    Settings(strategy="krum", min_fit_clients=5, min_available_clients=5, krum_malicious_clients=1)
+    Settings(strategy="fedtrimmedavg", min_fit_clients=5, min_available_clients=5, trim_fraction=0.2)
+
+
+def test_fedmedian_below_three_clients_is_warned_about() -> None:
+    from server.strategies import weak_strategy_warning
+
+    assert "median of fewer than 3" in weak_strategy_warning(Settings(strategy="fedmedian", min_fit_clients=2))
+    assert weak_strategy_warning(Settings(strategy="fedmedian", min_fit_clients=3)) is None
+    assert weak_strategy_warning(Settings(strategy="fedavg", min_fit_clients=2)) is None
