@@ -101,6 +101,7 @@ def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
         evaluate_config,
         max_examples=example_limit(s),
         norm_limit=s.update_norm_limit,
+        min_completion_rate=s.min_completion_rate,
     )
 
 
@@ -165,8 +166,11 @@ class GuardedStrategy(Strategy):
         evaluate_config: Callable[[int], dict[str, Scalar]] = lambda _: {},
         max_examples: int = 2**62,
         norm_limit: float = math.inf,
+        min_completion_rate: float = 0.0,
     ) -> None:
         self.inner, self.num_rounds, self.evaluate_config = inner, num_rounds, evaluate_config
+        self.min_completion_rate = min_completion_rate
+        self.round_failed: str | None = None  # why the latest round's result was not applied
         self.max_examples, self.norm_limit = max_examples, norm_limit
         self.reference = [TensorLayout.of(t) for t in initial.tensors]
         self.refused: list[tuple[ClientProxy, str]] = []  # of the latest round
@@ -190,7 +194,7 @@ class GuardedStrategy(Strategy):
     def aggregate_fit(
         self, server_round: int, results: FitResults, failures: Failures
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        self.refused = []
+        self.refused, self.round_failed = [], None
         sound: FitResults = []
         for proxy, res in results:
             bad_metric = self.keep_known_metrics(proxy, res, FIT_METRICS)  # always: the history keeps them
@@ -200,12 +204,26 @@ class GuardedStrategy(Strategy):
             else:
                 self.refused.append((proxy, problem))
                 log.warning("round %d: refused the update of client %s: %s", server_round, client_label(proxy), problem)
-        if not sound:
+        self.round_failed = self.too_few(len(sound), len(results) + len(failures))
+        if self.round_failed is not None:
+            # The model stays and a server optimizer's moments are not fed with a lone update.
+            log.warning("round %d failed, its result is not applied: %s", server_round, self.round_failed)
             return None, {}
         self.clip_counts(server_round, sound, "training")
         sound.sort(key=_stable_order)
         parameters, metrics = self.inner.aggregate_fit(server_round, sound, [*failures, *self.refused_as_failures()])
         return (self.as_reference_dtypes(parameters) if parameters is not None else None), metrics
+
+    def too_few(self, sound: int, sampled: int) -> str | None:
+        """Why a round with `sound` usable updates of `sampled` clients may not be applied, or None."""
+        if sound == 0:
+            return f"no sound update of {sampled} sampled clients"
+        if sound < self.min_completion_rate * sampled:
+            return (
+                f"only {sound} of {sampled} sampled clients sent a sound update, "
+                f"below MIN_COMPLETION_RATE={self.min_completion_rate:g}"
+            )
+        return None
 
     def as_reference_dtypes(self, parameters: Parameters) -> Parameters:
         """Server optimisers (FedAdam's float64 step size) can widen the dtypes; the global model

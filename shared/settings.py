@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     trim_fraction: float = setting(0.2, RUN, ge=0, lt=0.5)
     krum_malicious_clients: int = setting(0, RUN, ge=0)
     krum_clients_to_keep: int = setting(0, RUN, ge=0)
+    # Strategies that do what they promise (issue 11): a round in which fewer than this fraction
+    # of the sampled clients sent a sound update is not applied (Flower's FaultTolerantFedAvg: 0.5)
+    min_completion_rate: float = setting(0.5, RUN, ge=0, le=1)
 
     # Local training
     local_epochs: int = setting(3, RUN, ge=1, le=1000)

@@ -558,6 +558,13 @@ CASES = [
         2,
         "STRATEGY=fedtrimmedavg trims nothing: int(TRIM_FRACTION*MIN_FIT_CLIENTS) = int(0.2*3) = 0",
     ),
+    Case(
+        "completion-rate-above-one",
+        ["server"],
+        {"MIN_COMPLETION_RATE": "1.5"},
+        2,
+        "MIN_COMPLETION_RATE='1.5' is not valid: use a number from 0 to 1",
+    ),
 ]
 
 

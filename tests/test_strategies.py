@@ -167,3 +167,27 @@ def test_fedmedian_below_three_clients_is_warned_about() -> None:
     assert "median of fewer than 3" in weak_strategy_warning(Settings(strategy="fedmedian", min_fit_clients=2))
     assert weak_strategy_warning(Settings(strategy="fedmedian", min_fit_clients=3)) is None
     assert weak_strategy_warning(Settings(strategy="fedavg", min_fit_clients=2)) is None
+
+
+def test_a_round_below_min_completion_rate_is_not_applied(caplog) -> None:
+    """1 of 3 sampled clients answered: the lone update is neither adopted nor fed to FedAdam's moments."""
+    guarded = strategy("fedadam", min_fit_clients=2, min_available_clients=3)
+    assert guarded.min_completion_rate == 0.5
+    parameters, metrics = guarded.aggregate_fit(1, [(proxy(0), update(5.0))], [TimeoutError(), TimeoutError()])
+    assert parameters is None and metrics == {}
+    assert "only 1 of 3 sampled clients" in guarded.round_failed and "MIN_COMPLETION_RATE=0.5" in caplog.text
+    assert guarded.inner.m_t is None  # the server optimizer was not fed
+
+
+def test_refused_updates_count_against_the_completion_rate() -> None:
+    guarded = strategy("fedavg", min_fit_clients=2, min_available_clients=3)
+    results = [(proxy(0), update(1.0)), (proxy(1), update(np.nan)), (proxy(2), update(np.inf))]
+    assert guarded.aggregate_fit(1, results, [])[0] is None and guarded.round_failed is not None
+
+
+def test_a_round_at_min_completion_rate_is_applied() -> None:
+    guarded = strategy("fedavg", min_fit_clients=2, min_available_clients=3)
+    parameters, _ = guarded.aggregate_fit(1, [(proxy(0), update(1.0)), (proxy(1), update(3.0))], [TimeoutError()])
+    assert parameters is not None and guarded.round_failed is None
+    lenient = strategy("fedavg", min_fit_clients=2, min_available_clients=3, min_completion_rate=0.0)
+    assert lenient.aggregate_fit(1, [(proxy(0), update(1.0))], [TimeoutError()] * 5)[0] is not None
