@@ -31,7 +31,7 @@ def run_server(settings: Settings) -> None:
     example_limit(settings)  # fails fast when the server cannot bound the clients' example counts
     if settings.initial_model is not None:
         load_pinned(settings.initial_model)  # fails fast on an unusable INITIAL_MODEL
-    client_manager = BoundedClientManager(wait_timeout=settings.rejoin_timeout)
+    client_manager = BoundedClientManager(wait_timeout=settings.rejoin_timeout, seed=settings.seed)
     admission = Admission(settings.max_clients, settings.allowed_client_names, settings.max_connections_per_client)
     tls, revocations = load_tls(settings)
     traffic = Traffic()

@@ -189,6 +189,7 @@ class GuardedStrategy(Strategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         if all(ref.fits(t) for t, ref in zip(parameters.tensors, self.reference)):
             self.distance.set_global([ref.view(t) for t, ref in zip(parameters.tensors, self.reference)])
+        _tell_round(client_manager, server_round, "fit")
         return self.inner.configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(
@@ -283,6 +284,7 @@ class GuardedStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        _tell_round(client_manager, server_round, "evaluate")
         instructions = self.inner.configure_evaluate(server_round, parameters, client_manager)
         if server_round != self.num_rounds:
             return instructions
@@ -321,6 +323,14 @@ class GuardedStrategy(Strategy):
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         return self.inner.evaluate(server_round, parameters)
+
+
+def _tell_round(client_manager: ClientManager, server_round: int, phase: str) -> None:
+    """Flower's strategies call client_manager.sample() without the round: a client manager
+    that samples reproducibly (server/admission.py) is told it here, before they do."""
+    for_round = getattr(client_manager, "for_round", None)
+    if for_round is not None:
+        for_round(server_round, phase)
 
 
 def _stable_order(result: tuple[ClientProxy, FitRes | EvaluateRes]) -> tuple[str, str]:
