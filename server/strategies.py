@@ -74,15 +74,16 @@ def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
         "fit_metrics_aggregation_fn": weighted_average,
         "evaluate_metrics_aggregation_fn": weighted_average,
     }
-    fedopt = _given(eta=s.server_learning_rate, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau, eta_l=s.learning_rate)
+    tuned = SERVER_OPT_DEFAULTS.get(s.strategy, {})
+    eta = s.server_learning_rate if s.server_learning_rate is not None else tuned.get("eta")
+    tau = s.tau if s.tau is not None else tuned.get("tau")
+    fedopt = _given(eta=eta, beta_1=s.beta_1, beta_2=s.beta_2, tau=tau, eta_l=s.learning_rate)
     builders = {
         "fedavg": lambda: flwr_strategies.FedAvg(**common),
         "fedprox": lambda: flwr_strategies.FedProx(**common, proximal_mu=s.proximal_mu),
         "fedadam": lambda: flwr_strategies.FedAdam(**common, **fedopt),
         "fedyogi": lambda: flwr_strategies.FedYogi(**common, **fedopt),
-        "fedadagrad": lambda: flwr_strategies.FedAdagrad(
-            **common, **_given(eta=s.server_learning_rate, tau=s.tau, eta_l=s.learning_rate)
-        ),
+        "fedadagrad": lambda: flwr_strategies.FedAdagrad(**common, **_given(eta=eta, tau=tau, eta_l=s.learning_rate)),
         "fedavgm": lambda: flwr_strategies.FedAvgM(
             **common, server_momentum=s.server_momentum, **_given(server_learning_rate=s.server_learning_rate)
         ),
@@ -103,6 +104,18 @@ def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
         norm_limit=s.update_norm_limit,
         min_completion_rate=s.min_completion_rate,
     )
+
+
+# Server-optimizer defaults, used when SERVER_LEARNING_RATE / TAU are empty. Flower's legacy ones
+# (eta=0.1, tau=1e-9 for FedAdam and FedAdagrad) make FedAdam's steps sign-like and FedAdagrad
+# oscillate. tau=1e-3 as in Reddi et al. 2021 and Flower's newer strategies; eta chosen by
+# `python -m bench.server_opt_sweep` (digits, Dirichlet 0.5, 3 clients, 5 rounds, seeds 1 and 2,
+# final accuracy; README "Server-optimizer defaults" has the table).
+SERVER_OPT_DEFAULTS: dict[str, dict[str, float]] = {
+    "fedadam": {"eta": 0.1, "tau": 1e-3},
+    "fedyogi": {"eta": 0.03, "tau": 1e-3},
+    "fedadagrad": {"eta": 0.03, "tau": 1e-3},
+}
 
 
 def weak_strategy_warning(settings: Settings) -> str | None:

@@ -55,7 +55,7 @@ def test_knobs_reach_the_flower_strategy() -> None:
     assert strategy("fedprox", proximal_mu=0.7).inner.proximal_mu == 0.7
     fedadam = strategy("fedadam", server_learning_rate=0.02, beta_1=0.5, tau=0.001).inner
     assert (fedadam.eta, fedadam.beta_1, fedadam.tau) == (0.02, 0.5, 0.001)
-    assert strategy("fedyogi").inner.eta == 1e-2  # empty knob: Flower's own default
+    assert strategy("fedavgm").inner.server_learning_rate == 1.0  # empty knob: Flower's own default
     assert strategy("fedtrimmedavg", trim_fraction=0.3).inner.beta == 0.3
     assert strategy("fedavgm", server_momentum=0.5).inner.server_momentum == 0.5
     krum = strategy("krum", krum_malicious_clients=1, krum_clients_to_keep=2).inner
@@ -191,3 +191,15 @@ def test_a_round_at_min_completion_rate_is_applied() -> None:
     assert parameters is not None and guarded.round_failed is None
     lenient = strategy("fedavg", min_fit_clients=2, min_available_clients=3, min_completion_rate=0.0)
     assert lenient.aggregate_fit(1, [(proxy(0), update(1.0))], [TimeoutError()] * 5)[0] is not None
+
+
+def test_server_optimizers_default_to_tuned_settings_not_flowers_legacy_ones() -> None:
+    """Flower's legacy FedAdam/FedAdagrad (eta=0.1, tau=1e-9) take sign-like steps; empty knobs now
+    mean the defaults chosen by bench/server_opt_sweep.py, with tau=1e-3."""
+    from server.strategies import SERVER_OPT_DEFAULTS
+
+    for name, tuned in SERVER_OPT_DEFAULTS.items():
+        inner = strategy(name).inner
+        assert (inner.eta, inner.tau) == (tuned["eta"], tuned["tau"]) and inner.tau == 1e-3
+    assert strategy("fedadagrad", server_learning_rate=0.2, tau=1e-6).inner.eta == 0.2  # a set knob wins
+    assert strategy("fedadagrad", server_learning_rate=0.2, tau=1e-6).inner.tau == 1e-6
