@@ -5,7 +5,7 @@ clients on digits IID shards, the first `attackers` of them running bench/attack
 configurations are Flowerpot as shipped, each robust aggregator set for the largest number of
 attackers measured (not for the row): FedAvg with the update checks (UPDATE_NORM_LIMIT) as
 shipped and with them off, FedMedian, FedTrimmedAvg trimming that many from each end,
-multi-Krum assuming that many, and norm clipping (CLIP_NORM, when the server has it).
+multi-Krum assuming that many, and FedAvg with norm clipping (CLIP_NORM).
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ log = logging.getLogger("flowerpot.bench")
 
 ATTACKER = ["-m", "bench.attacker"]
 CHECKS_OFF = {"UPDATE_NORM_LIMIT": 1e12}  # the largest value Settings accepts: no update is too far
+# Norm clipping's bound, from honest updates only, not chosen against any attack: L2 norms of the
+# 50 updates of a clean run (10 clients, digits IID, seed 1, 5 rounds of 1 local epoch, LOG_LEVEL=
+# DEBUG's "update norm") were 0.20 to 0.36, median 0.25, 75th percentile 0.29.
+CLIP_NORM = 0.3
 
 
 def configurations(clients: int, most_attackers: int) -> dict[str, dict[str, Any]]:
@@ -33,6 +37,7 @@ def configurations(clients: int, most_attackers: int) -> dict[str, dict[str, Any
         "fedmedian": {"STRATEGY": "fedmedian"},
         "fedtrimmedavg": {"STRATEGY": "fedtrimmedavg", "TRIM_FRACTION": min(0.49, (f + 0.5) / clients)},
         "multi-krum": {"STRATEGY": "krum", "KRUM_MALICIOUS_CLIENTS": f, "KRUM_CLIENTS_TO_KEEP": clients - f},
+        "norm clipping": {"STRATEGY": "fedavg", "CLIP_NORM": CLIP_NORM},
     }
 
 

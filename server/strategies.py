@@ -103,6 +103,7 @@ def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
         max_examples=example_limit(s),
         norm_limit=s.update_norm_limit,
         min_completion_rate=s.min_completion_rate,
+        clip_norm=s.clip_norm,
     )
 
 
@@ -180,7 +181,9 @@ class GuardedStrategy(Strategy):
         max_examples: int = 2**62,
         norm_limit: float = math.inf,
         min_completion_rate: float = 0.0,
+        clip_norm: float = 0.0,
     ) -> None:
+        self.clip_norm = clip_norm
         self.inner, self.num_rounds, self.evaluate_config = inner, num_rounds, evaluate_config
         self.min_completion_rate = min_completion_rate
         self.round_failed: str | None = None  # why the latest round's result was not applied
@@ -224,9 +227,30 @@ class GuardedStrategy(Strategy):
             log.warning("round %d failed, its result is not applied: %s", server_round, self.round_failed)
             return None, {}
         self.clip_counts(server_round, sound, "training")
+        if self.clip_norm > 0:
+            self.clip_updates(sound)
         sound.sort(key=_stable_order)
         parameters, metrics = self.inner.aggregate_fit(server_round, sound, [*failures, *self.refused_as_failures()])
         return (self.as_reference_dtypes(parameters) if parameters is not None else None), metrics
+
+    def clip_updates(self, results: FitResults) -> None:
+        """CLIP_NORM: an update further than it from the global model is pulled back along its own
+        direction to that distance (vectorized over all arrays at once; only when set)."""
+        center = self.distance.flat
+        assert center is not None
+        for _, res in results:
+            tensors = res.parameters.tensors
+            flat = np.concatenate([ref.view(t).astype(np.float64).ravel() for t, ref in zip(tensors, self.reference)])
+            delta = flat - center
+            norm = float(np.linalg.norm(delta))
+            if norm <= self.clip_norm:
+                continue
+            clipped = center + delta * (self.clip_norm / norm)
+            sizes = np.cumsum([int(np.prod(ref.shape)) for ref in self.reference])[:-1]
+            arrays = [
+                part.reshape(ref.shape).astype(ref.dtype) for part, ref in zip(np.split(clipped, sizes), self.reference)
+            ]
+            res.parameters = ndarrays_to_parameters(arrays)
 
     def too_few(self, sound: int, sampled: int) -> str | None:
         """Why a round with `sound` usable updates of `sampled` clients may not be applied, or None."""

@@ -151,6 +151,9 @@ class Settings(BaseSettings):
     # Strategies that do what they promise (issue 11): a round in which fewer than this fraction
     # of the sampled clients sent a sound update is not applied (Flower's FaultTolerantFedAvg: 0.5)
     min_completion_rate: float = setting(0.5, RUN, ge=0, le=1)
+    # Norm clipping (Sun et al. 2019): each sound update is scaled to at most this L2 distance
+    # from the global model before any strategy aggregates it; 0 clips nothing
+    clip_norm: float = setting(0.0, RUN, ge=0, le=1e6, note="0: no clipping")
 
     # Local training
     local_epochs: int = setting(3, RUN, ge=1, le=1000)

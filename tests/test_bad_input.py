@@ -565,6 +565,13 @@ CASES = [
         2,
         "MIN_COMPLETION_RATE='1.5' is not valid: use a number from 0 to 1",
     ),
+    Case(
+        "negative-clip-norm",
+        ["server"],
+        {"CLIP_NORM": "-1"},
+        2,
+        "CLIP_NORM='-1' is not valid: use a number from 0 to 1000000",
+    ),
 ]
 
 

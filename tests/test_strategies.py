@@ -203,3 +203,14 @@ def test_server_optimizers_default_to_tuned_settings_not_flowers_legacy_ones() -
         assert (inner.eta, inner.tau) == (tuned["eta"], tuned["tau"]) and inner.tau == 1e-3
     assert strategy("fedadagrad", server_learning_rate=0.2, tau=1e-6).inner.eta == 0.2  # a set knob wins
     assert strategy("fedadagrad", server_learning_rate=0.2, tau=1e-6).inner.tau == 1e-6
+
+
+def test_clip_norm_pulls_far_updates_back_to_the_bound_and_keeps_near_ones() -> None:
+    guarded = strategy("fedavg", clip_norm=2.0)
+    far, near = update(10.0), update(0.1)  # distances sqrt(8)*10 and sqrt(8)*0.1 from the zero model
+    guarded.aggregate_fit(1, [(proxy(0), far), (proxy(1), near)], [])
+    far_arrays, near_arrays = parameters_to_ndarrays(far.parameters), parameters_to_ndarrays(near.parameters)
+    assert np.linalg.norm(np.concatenate([a.ravel() for a in far_arrays])) == pytest.approx(2.0, rel=1e-5)
+    assert np.allclose(far_arrays[0], 2.0 / np.sqrt(8)) and far_arrays[0].dtype == np.float32  # same direction
+    assert np.allclose(near_arrays[0], 0.1)
+    assert strategy("fedavg").clip_norm == 0.0  # off by default
