@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import accuracy, deployment, overhead, report, round_cost, scale
+from bench import accuracy, deployment, overhead, report, robustness, round_cost, scale
 from shared.errors import BadInput
 
 log = logging.getLogger("flowerpot.bench")
@@ -34,6 +34,15 @@ class Plan:
     compose_ladder: list[int]
     round_cost_rounds: int
     round_cost_repeats: int
+    # Robustness under attack (issue 11): clients, attacking clients per row, attacks, seeds,
+    # rounds, local epochs, and the configurations measured (None: all)
+    robustness_clients: int = 10
+    robustness_attackers: tuple[int, ...] = (0, 1, 2, 3)
+    robustness_attacks: tuple[str, ...] = ("signflip",)
+    robustness_seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
+    robustness_rounds: int = 5
+    robustness_epochs: int = 1
+    robustness_configs: tuple[str, ...] | None = None
 
 
 FULL = Plan(
@@ -63,10 +72,15 @@ QUICK = Plan(
     compose_ladder=[3],
     round_cost_rounds=12,
     round_cost_repeats=1,
+    robustness_clients=5,
+    robustness_attackers=(1,),
+    robustness_seeds=(1,),
+    robustness_rounds=1,
+    robustness_configs=("fedavg (shipped)", "fedmedian"),
 )
 
 # The sections `--only` can pick, in the order they run; the Compose ones need a Docker engine.
-SECTIONS = ("accuracy", "overhead", "round-cost", "scale", "deployment", "scale-compose")
+SECTIONS = ("accuracy", "overhead", "round-cost", "scale", "deployment", "scale-compose", "robustness")
 COMPOSE_SECTIONS = ("deployment", "scale-compose")
 
 
@@ -93,6 +107,19 @@ def run(out: Path, quick: bool, compose: bool, command: str, docs: Path | None =
         ("scale", lambda: {"local processes": scale.local_ladder(work / "scale", p.local_ladder)}),
         ("deployment", lambda: deployment.measure(work / "deployment", plan.overhead_rounds)),
         ("scale-compose", lambda: scale.compose_ladder(work / "scale-compose", plan.compose_ladder)),
+        (
+            "robustness",
+            lambda: robustness.measure(
+                work / "robustness",
+                p.robustness_clients,
+                list(p.robustness_attackers),
+                {a: ["--attack", a] for a in p.robustness_attacks},
+                list(p.robustness_seeds),
+                p.robustness_rounds,
+                p.robustness_epochs,
+                list(p.robustness_configs) if p.robustness_configs else None,
+            ),
+        ),
     ]
     steps = [(n, step) for n, step in steps if (n == only if only else compose or n not in COMPOSE_SECTIONS)]
     for number, (name, step) in enumerate(steps, 1):
@@ -140,6 +167,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                       "measured": f"{ours * 1000:.1f} ms", "met": ours <= 0.025})  # fmt: skip
     if "round_cost" in results:
         found += round_cost.targets(results["round_cost"])
+    if "robustness" in results:
+        found += robustness.targets(results["robustness"])
     ladder = results.get("scale", {}).get("local processes")
     if ladder:
         largest = max((r["clients"] for r in ladder if r["ok"]), default=0)

@@ -18,6 +18,10 @@ def write(results: dict[str, Any], out: Path) -> Path:
         plots.append(plot_accuracy(results["accuracy"], out / "accuracy.png"))
     if "overhead" in results or "scale" in results:
         plots.append(plot_overhead(results.get("overhead", []), results.get("scale", {}), out / "overhead.png"))
+    if "robustness" in results:
+        from bench import robustness
+
+        plots.append(robustness.plot(results["robustness"], out / "robustness.png"))
     markdown = out / "report.md"
     markdown.write_text(to_markdown(results, [p.name for p in plots]))
     return markdown
@@ -151,6 +155,10 @@ def to_markdown(results: dict[str, Any], plots: list[str]) -> str:
                 ["clients", "model", "sent", "received", "sent / (model x copies)", "received / (model x copies)"], rows
             )
         )
+    if "robustness" in results:
+        from bench import robustness
+
+        parts.append(robustness.markdown(results["robustness"]))
     parts += [f"![{p}]({p})\n" for p in plots]
     return "\n".join(parts)
 

@@ -75,6 +75,8 @@ class FlowerpotClient(NumPyClient):
             "train_seconds": seconds,
             "shard": self.shard.name,
         }
+        if float(config.get("proximal_mu", 0.0)) > 0:  # FedProx: its term on its own, not in train_loss
+            metrics["train_proximal_term"] = outcome.proximal
         return self.get_parameters({}), outcome.examples, metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:

@@ -18,9 +18,10 @@ log = logging.getLogger("flowerpot.client")
 
 @dataclass
 class Outcome:
-    loss: float
+    loss: float  # the data loss (cross-entropy), also under FedProx: comparable across strategies
     accuracy: float
     examples: int
+    proximal: float = 0.0  # FedProx's (mu/2)·||w - w_global||², averaged like the loss; 0 without it
 
 
 def train(
@@ -42,25 +43,29 @@ def train(
     velocity = [torch.zeros_like(p) for p in params]
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, total_proximal, correct, seen = 0.0, 0.0, 0, 0
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(targets), generator=generator)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             logits = model(inputs[idx])
-            loss = F.cross_entropy(logits, targets[idx])
+            loss = data_loss = F.cross_entropy(logits, targets[idx])
             if anchor is not None:
                 drift = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-                loss = loss + 0.5 * proximal_mu * drift
+                proximal = 0.5 * proximal_mu * drift
+                loss = data_loss + proximal
+                total_proximal += proximal.item() * len(idx)
             model.zero_grad(set_to_none=True)
             loss.backward()
             sgd_step(params, velocity, lr)
-            total_loss += loss.item() * len(idx)
+            total_loss += data_loss.item() * len(idx)
             correct += (logits.argmax(1) == targets[idx]).sum().item()
             seen += len(idx)
         log.debug("local epoch %d/%d: mean loss so far %.4f, accuracy %.4f", epoch, epochs, total_loss / seen,
                   correct / seen)  # fmt: skip
-    return Outcome(loss=total_loss / seen, accuracy=correct / seen, examples=len(targets))
+    return Outcome(
+        loss=total_loss / seen, accuracy=correct / seen, examples=len(targets), proximal=total_proximal / seen
+    )
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 
+from server.sampling import seeded_sample
 from shared.errors import ClientsTimeout
 
 log = logging.getLogger("flowerpot.server")
@@ -79,11 +80,18 @@ class Admission:
 
 
 class BoundedClientManager(SimpleClientManager):
-    """Flower's client manager, but every wait ends after `wait_timeout` seconds."""
+    """Flower's client manager, but every wait ends after `wait_timeout` seconds, and sampling is
+    reproducible: seeded from SEED and the round (server/sampling.py), which the strategy sets
+    with `for_round` before it samples (Flower's strategies do not pass the round)."""
 
-    def __init__(self, wait_timeout: float) -> None:
+    def __init__(self, wait_timeout: float, seed: int = 0) -> None:
         super().__init__()
         self.wait_timeout = wait_timeout
+        self.seed = seed
+        self.round, self.phase = 0, "fit"
+
+    def for_round(self, server_round: int, phase: str) -> None:
+        self.round, self.phase = server_round, phase
 
     def wait_for(self, num_clients: int, timeout: float | None = None) -> bool:  # type: ignore[override]
         return super().wait_for(num_clients, timeout=self.wait_timeout if timeout is None else timeout)
@@ -102,4 +110,8 @@ class BoundedClientManager(SimpleClientManager):
                 f"within REJOIN_TIMEOUT={self.wait_timeout:g} s: restart clients, or lower MIN_FIT_CLIENTS"
                 " / MIN_EVALUATE_CLIENTS"
             )
-        return super().sample(num_clients, min_num_clients, criterion)
+        available = [p for p in list(self.clients.values()) if criterion is None or criterion.select(p)]
+        if num_clients > len(available):
+            log.info("sampling failed: %d clients available, %d requested", len(available), num_clients)
+            return []
+        return seeded_sample(available, num_clients, self.seed, self.round, self.phase)

@@ -11,6 +11,7 @@ from server.results import Results
 from server.rounds import Federation
 from server.shutdown import stop_on_signal
 from server.sites import Sites
+from server.strategies import weak_strategy_warning
 from server.update_checks import example_limit
 from server.wiring import TlsFiles, Traffic, start_grpc_server
 from shared.errors import BadInput
@@ -25,11 +26,13 @@ log = logging.getLogger("flowerpot.server")
 def run_server(settings: Settings) -> None:
     tame_flower(settings.log_level)
     require_secure(settings)
+    if (weak := weak_strategy_warning(settings)) is not None:
+        log.warning(weak)  # once, at start
     results = Results(settings.results_dir)  # fails fast when RESULTS_DIR is not writable
     example_limit(settings)  # fails fast when the server cannot bound the clients' example counts
     if settings.initial_model is not None:
         load_pinned(settings.initial_model)  # fails fast on an unusable INITIAL_MODEL
-    client_manager = BoundedClientManager(wait_timeout=settings.rejoin_timeout)
+    client_manager = BoundedClientManager(wait_timeout=settings.rejoin_timeout, seed=settings.seed)
     admission = Admission(settings.max_clients, settings.allowed_client_names, settings.max_connections_per_client)
     tls, revocations = load_tls(settings)
     traffic = Traffic()

@@ -74,11 +74,16 @@ class RoundRecord:
     fit_metrics: dict[str, Any]  # aggregated over the clients that trained
     eval_metrics: dict[str, Any]  # aggregated over the clients that evaluated
     clients: list[ClientEntry]
+    # Why the round's result was not applied (MIN_COMPLETION_RATE, no sound update), or None.
+    # Added with issue 11: history files written before it lack the key and read as None.
+    failed: str | None = _csv(default=None)
 
     def to_json(self) -> dict[str, Any]:
         # Shallow, not dataclasses.asdict: no deep copy of every metric, every round.
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["clients"] = [c.to_json() for c in self.clients]
+        if self.failed is None:  # an applied round is written exactly as earlier versions wrote it
+            del data["failed"]
         return data
 
     @classmethod
@@ -86,11 +91,11 @@ class RoundRecord:
         """ValueError (naming the key) when `data` is not a round record of this layout."""
         if not isinstance(data, dict):
             raise ValueError(f"a round record is a JSON object, not {type(data).__name__}")
-        missing = [f.name for f in fields(cls) if f.name not in data]
+        missing = [f.name for f in fields(cls) if f.name not in data and f.name not in OPTIONAL]
         if missing:
             raise ValueError(f"a round record lacks {', '.join(missing)}")
         try:
-            values = {f.name: data[f.name] for f in fields(cls)}
+            values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
             values["clients"] = [ClientEntry.from_json(c) for c in data["clients"]]
         except (KeyError, TypeError) as exc:
             raise ValueError(f"a round record has a malformed client entry ({exc.__class__.__name__}: {exc})") from None
@@ -105,4 +110,5 @@ class RoundRecord:
         return cls.from_json(json.loads(line))
 
 
+OPTIONAL = frozenset({"failed"})  # keys later versions added, with their defaults
 CSV_COLUMNS = tuple(f.name for f in fields(RoundRecord) if f.metadata.get("csv"))

@@ -154,7 +154,7 @@ class Federation:
     def play_round(self, server: Server, strategy: GuardedStrategy, server_round: int) -> RoundRecord:
         started, started_at = time.perf_counter(), time.time()
         self.traffic.take()
-        strategy.refused = []
+        strategy.refused, strategy.round_failed = [], None
         fit = server.fit_round(server_round=server_round, timeout=self.settings.round_timeout)
         fit_seconds = time.perf_counter() - started
         fit_metrics: dict[str, Any] = {}
@@ -189,6 +189,7 @@ class Federation:
             model_bytes=sum(len(t) for t in server.parameters.tensors),
             fit_metrics=fit_metrics,
             eval_metrics=eval_metrics,
+            failed=strategy.round_failed,
             clients=[
                 *(ClientEntry(client_label(p), "fit", r.num_examples, r.metrics, *where(p, r)) for p, r in fit_results),
                 *(
@@ -220,6 +221,7 @@ def round_line(record: RoundRecord, num_rounds: int) -> str:
         f" | train loss {_fmt(record.train_loss)}"
         f" | eval loss {_fmt(record.eval_loss)}, accuracy {_fmt(record.eval_accuracy)}"
         f" ({record.clients_evaluated} clients) | {record.seconds:.2f} s"
+        + (f" | FAILED, model kept: {record.failed}" if record.failed else "")
     )
 
 

@@ -74,15 +74,16 @@ def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
         "fit_metrics_aggregation_fn": weighted_average,
         "evaluate_metrics_aggregation_fn": weighted_average,
     }
-    fedopt = _given(eta=s.server_learning_rate, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau, eta_l=s.learning_rate)
+    tuned = SERVER_OPT_DEFAULTS.get(s.strategy, {})
+    eta = s.server_learning_rate if s.server_learning_rate is not None else tuned.get("eta")
+    tau = s.tau if s.tau is not None else tuned.get("tau")
+    fedopt = _given(eta=eta, beta_1=s.beta_1, beta_2=s.beta_2, tau=tau, eta_l=s.learning_rate)
     builders = {
         "fedavg": lambda: flwr_strategies.FedAvg(**common),
         "fedprox": lambda: flwr_strategies.FedProx(**common, proximal_mu=s.proximal_mu),
         "fedadam": lambda: flwr_strategies.FedAdam(**common, **fedopt),
         "fedyogi": lambda: flwr_strategies.FedYogi(**common, **fedopt),
-        "fedadagrad": lambda: flwr_strategies.FedAdagrad(
-            **common, **_given(eta=s.server_learning_rate, tau=s.tau, eta_l=s.learning_rate)
-        ),
+        "fedadagrad": lambda: flwr_strategies.FedAdagrad(**common, **_given(eta=eta, tau=tau, eta_l=s.learning_rate)),
         "fedavgm": lambda: flwr_strategies.FedAvgM(
             **common, server_momentum=s.server_momentum, **_given(server_learning_rate=s.server_learning_rate)
         ),
@@ -101,7 +102,33 @@ def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
         evaluate_config,
         max_examples=example_limit(s),
         norm_limit=s.update_norm_limit,
+        min_completion_rate=s.min_completion_rate,
+        clip_norm=s.clip_norm,
     )
+
+
+# Server-optimizer defaults, used when SERVER_LEARNING_RATE / TAU are empty. Flower's legacy ones
+# (eta=0.1, tau=1e-9 for FedAdam and FedAdagrad) make FedAdam's steps sign-like and FedAdagrad
+# oscillate. tau=1e-3 as in Reddi et al. 2021 and Flower's newer strategies; eta chosen by
+# `python -m bench.server_opt_sweep` (digits, Dirichlet 0.5, 3 clients, 5 rounds, seeds 1 and 2,
+# final accuracy; README "Server-optimizer defaults" has the table).
+SERVER_OPT_DEFAULTS: dict[str, dict[str, float]] = {
+    "fedadam": {"eta": 0.1, "tau": 1e-3},
+    "fedyogi": {"eta": 0.03, "tau": 1e-3},
+    "fedadagrad": {"eta": 0.03, "tau": 1e-3},
+}
+
+
+def weak_strategy_warning(settings: Settings) -> str | None:
+    """What the operator should know about a strategy that runs but cannot do its job at this
+    client count (the ones that cannot at all are refused by Settings): the median of two
+    updates is their mean."""
+    if settings.strategy == "fedmedian" and settings.min_fit_clients < 3:
+        return (
+            f"STRATEGY=fedmedian with MIN_FIT_CLIENTS={settings.min_fit_clients}: the median of fewer than 3 "
+            "updates is their mean, no defence against a bad client; raise MIN_FIT_CLIENTS to 3 or more"
+        )
+    return None
 
 
 def _given(**knobs: float | None) -> dict[str, float]:
@@ -153,8 +180,13 @@ class GuardedStrategy(Strategy):
         evaluate_config: Callable[[int], dict[str, Scalar]] = lambda _: {},
         max_examples: int = 2**62,
         norm_limit: float = math.inf,
+        min_completion_rate: float = 0.0,
+        clip_norm: float = 0.0,
     ) -> None:
+        self.clip_norm = clip_norm
         self.inner, self.num_rounds, self.evaluate_config = inner, num_rounds, evaluate_config
+        self.min_completion_rate = min_completion_rate
+        self.round_failed: str | None = None  # why the latest round's result was not applied
         self.max_examples, self.norm_limit = max_examples, norm_limit
         self.reference = [TensorLayout.of(t) for t in initial.tensors]
         self.refused: list[tuple[ClientProxy, str]] = []  # of the latest round
@@ -173,12 +205,13 @@ class GuardedStrategy(Strategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         if all(ref.fits(t) for t, ref in zip(parameters.tensors, self.reference)):
             self.distance.set_global([ref.view(t) for t, ref in zip(parameters.tensors, self.reference)])
+        _tell_round(client_manager, server_round, "fit")
         return self.inner.configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(
         self, server_round: int, results: FitResults, failures: Failures
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        self.refused = []
+        self.refused, self.round_failed = [], None
         sound: FitResults = []
         for proxy, res in results:
             bad_metric = self.keep_known_metrics(proxy, res, FIT_METRICS)  # always: the history keeps them
@@ -188,12 +221,47 @@ class GuardedStrategy(Strategy):
             else:
                 self.refused.append((proxy, problem))
                 log.warning("round %d: refused the update of client %s: %s", server_round, client_label(proxy), problem)
-        if not sound:
+        self.round_failed = self.too_few(len(sound), len(results) + len(failures))
+        if self.round_failed is not None:
+            # The model stays and a server optimizer's moments are not fed with a lone update.
+            log.warning("round %d failed, its result is not applied: %s", server_round, self.round_failed)
             return None, {}
         self.clip_counts(server_round, sound, "training")
+        if self.clip_norm > 0:
+            self.clip_updates(sound)
         sound.sort(key=_stable_order)
         parameters, metrics = self.inner.aggregate_fit(server_round, sound, [*failures, *self.refused_as_failures()])
         return (self.as_reference_dtypes(parameters) if parameters is not None else None), metrics
+
+    def clip_updates(self, results: FitResults) -> None:
+        """CLIP_NORM: an update further than it from the global model is pulled back along its own
+        direction to that distance (vectorized over all arrays at once; only when set)."""
+        center = self.distance.flat
+        assert center is not None
+        for _, res in results:
+            tensors = res.parameters.tensors
+            flat = np.concatenate([ref.view(t).astype(np.float64).ravel() for t, ref in zip(tensors, self.reference)])
+            delta = flat - center
+            norm = float(np.linalg.norm(delta))
+            if norm <= self.clip_norm:
+                continue
+            clipped = center + delta * (self.clip_norm / norm)
+            sizes = np.cumsum([int(np.prod(ref.shape)) for ref in self.reference])[:-1]
+            arrays = [
+                part.reshape(ref.shape).astype(ref.dtype) for part, ref in zip(np.split(clipped, sizes), self.reference)
+            ]
+            res.parameters = ndarrays_to_parameters(arrays)
+
+    def too_few(self, sound: int, sampled: int) -> str | None:
+        """Why a round with `sound` usable updates of `sampled` clients may not be applied, or None."""
+        if sound == 0:
+            return f"no sound update of {sampled} sampled clients"
+        if sound < self.min_completion_rate * sampled:
+            return (
+                f"only {sound} of {sampled} sampled clients sent a sound update, "
+                f"below MIN_COMPLETION_RATE={self.min_completion_rate:g}"
+            )
+        return None
 
     def as_reference_dtypes(self, parameters: Parameters) -> Parameters:
         """Server optimisers (FedAdam's float64 step size) can widen the dtypes; the global model
@@ -253,6 +321,7 @@ class GuardedStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        _tell_round(client_manager, server_round, "evaluate")
         instructions = self.inner.configure_evaluate(server_round, parameters, client_manager)
         if server_round != self.num_rounds:
             return instructions
@@ -291,6 +360,14 @@ class GuardedStrategy(Strategy):
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         return self.inner.evaluate(server_round, parameters)
+
+
+def _tell_round(client_manager: ClientManager, server_round: int, phase: str) -> None:
+    """Flower's strategies call client_manager.sample() without the round: a client manager
+    that samples reproducibly (server/admission.py) is told it here, before they do."""
+    for_round = getattr(client_manager, "for_round", None)
+    if for_round is not None:
+        for_round(server_round, phase)
 
 
 def _stable_order(result: tuple[ClientProxy, FitRes | EvaluateRes]) -> tuple[str, str]:

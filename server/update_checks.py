@@ -36,7 +36,8 @@ MAX_TEXT = 256  # characters of a text metric that are kept
 
 # The metrics Flowerpot clients report, with their types; anything else is dropped.
 RATIO, NUMBER, TEXT = "ratio", "number", "text"
-FIT_METRICS = {"train_loss": NUMBER, "train_accuracy": RATIO, "train_seconds": NUMBER, "shard": TEXT}
+FIT_METRICS = {"train_loss": NUMBER, "train_accuracy": RATIO, "train_seconds": NUMBER, "shard": TEXT,
+               "train_proximal_term": NUMBER}  # fmt: skip
 EVALUATE_METRICS = {"accuracy": RATIO, "eval_seconds": NUMBER, "shard": TEXT}
 
 

@@ -148,6 +148,12 @@ class Settings(BaseSettings):
     trim_fraction: float = setting(0.2, RUN, ge=0, lt=0.5)
     krum_malicious_clients: int = setting(0, RUN, ge=0)
     krum_clients_to_keep: int = setting(0, RUN, ge=0)
+    # Strategies that do what they promise (issue 11): a round in which fewer than this fraction
+    # of the sampled clients sent a sound update is not applied (Flower's FaultTolerantFedAvg: 0.5)
+    min_completion_rate: float = setting(0.5, RUN, ge=0, le=1)
+    # Norm clipping (Sun et al. 2019): each sound update is scaled to at most this L2 distance
+    # from the global model before any strategy aggregates it; 0 clips nothing
+    clip_norm: float = setting(0.0, RUN, ge=0, le=1e6, note="0: no clipping")
 
     # Local training
     local_epochs: int = setting(3, RUN, ge=1, le=1000)
@@ -353,6 +359,20 @@ class Settings(BaseSettings):
                 self.strategy != "krum" or self.krum_clients_to_keep <= self.min_fit_clients,
                 f"KRUM_CLIENTS_TO_KEEP={self.krum_clients_to_keep} is above MIN_FIT_CLIENTS={self.min_fit_clients}",
                 "keep at most MIN_FIT_CLIENTS updates",
+            ),
+            # Strategies that do what they promise (issue 11): a robust aggregator that cannot
+            # defend at this client count is refused rather than run as a plain average.
+            (
+                self.strategy != "krum" or self.min_fit_clients >= 2 * self.krum_malicious_clients + 3,
+                f"STRATEGY=krum needs MIN_FIT_CLIENTS >= 2*KRUM_MALICIOUS_CLIENTS+3 = "
+                f"{2 * self.krum_malicious_clients + 3}, but MIN_FIT_CLIENTS={self.min_fit_clients}",
+                "raise MIN_FIT_CLIENTS (and MIN_AVAILABLE_CLIENTS) or lower KRUM_MALICIOUS_CLIENTS",
+            ),
+            (
+                self.strategy != "fedtrimmedavg" or int(self.trim_fraction * self.min_fit_clients) >= 1,
+                f"STRATEGY=fedtrimmedavg trims nothing: int(TRIM_FRACTION*MIN_FIT_CLIENTS) = "
+                f"int({self.trim_fraction:g}*{self.min_fit_clients}) = 0, it must be at least 1",
+                "raise TRIM_FRACTION or MIN_FIT_CLIENTS",
             ),
             (
                 self.metrics_port == 0 or self.metrics_port != _port(self.server_listen_address),

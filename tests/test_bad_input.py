@@ -599,6 +599,35 @@ CASES = [
         "DATA_DIR=empty holds no prepared shards after SHARDS_TIMEOUT=1 s: run the prepare step on this machine",
         doing(lambda t: (t / "empty").mkdir()),
     ),
+    # Issue 11: robust strategies refused where they cannot defend, and the settings it adds
+    Case(
+        "krum-too-few-clients",
+        ["server"],
+        {"STRATEGY": "krum", "MIN_FIT_CLIENTS": "3", "KRUM_MALICIOUS_CLIENTS": "1"},
+        2,
+        "STRATEGY=krum needs MIN_FIT_CLIENTS >= 2*KRUM_MALICIOUS_CLIENTS+3 = 5, but MIN_FIT_CLIENTS=3",
+    ),
+    Case(
+        "trimmedavg-trims-nothing",
+        ["server"],
+        {"STRATEGY": "fedtrimmedavg", "MIN_FIT_CLIENTS": "3", "TRIM_FRACTION": "0.2"},
+        2,
+        "STRATEGY=fedtrimmedavg trims nothing: int(TRIM_FRACTION*MIN_FIT_CLIENTS) = int(0.2*3) = 0",
+    ),
+    Case(
+        "completion-rate-above-one",
+        ["server"],
+        {"MIN_COMPLETION_RATE": "1.5"},
+        2,
+        "MIN_COMPLETION_RATE='1.5' is not valid: use a number from 0 to 1",
+    ),
+    Case(
+        "negative-clip-norm",
+        ["server"],
+        {"CLIP_NORM": "-1"},
+        2,
+        "CLIP_NORM='-1' is not valid: use a number from 0 to 1000000",
+    ),
 ]
 
 

@@ -63,10 +63,22 @@ def test_only_runs_one_section_and_refuses_an_unknown_one(tmp_path: Path) -> Non
     assert result.returncode == 2 and not (tmp_path / "bench-results").exists()
     assert result.stderr.strip().splitlines() == [
         "flowerpot bench: error: --only 'speed' is not a section of the benchmark: use one of accuracy, overhead, "
-        "round-cost, scale, deployment, scale-compose"
+        "round-cost, scale, deployment, scale-compose, robustness"
     ]
     result = run_cli(["bench", "--quick", "--only", "round-cost", "--out", "out"], cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results) & {"accuracy", "overhead", "scale", "deployment"} == set()
     assert results["round_cost"]["flowerpot"]["ok"] and "round cost, rounds" in result.stderr
+
+
+def test_quick_robustness_section_runs_attackers_and_reports_them(tmp_path: Path) -> None:
+    result = run_cli(["bench", "--quick", "--only", "robustness", "--out", "out"], cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rob = json.loads((tmp_path / "out" / "results.json").read_text())["robustness"]
+    rows = rob["attacks"]["signflip"]
+    assert set(rows) == {"fedavg (shipped)", "fedmedian"}
+    assert all(0 < row["1"]["mean"] <= 1 and row["1"]["failed"] == 0 for row in rows.values())
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Robustness under attack" in report and "| fedmedian |" in report
+    assert (tmp_path / "out" / "robustness.png").stat().st_size > 1000

@@ -186,6 +186,8 @@ def test_strategies_that_need_starting_weights_run_end_to_end(tmp_path: Path, da
     rounds = history(tmp_path)
     assert len(rounds) == 2 and all(r["clients_trained"] == 3 for r in rounds)
     assert f"starting 2 rounds of {strategy}" in result.stderr
+    if strategy == "fedprox":  # the proximal term reaches the history on its own, not inside train_loss
+        assert all(r["fit_metrics"]["train_proximal_term"] > 0 for r in rounds[1:])
 
 
 PLAIN_FLOWER_CLIENT = """

@@ -56,3 +56,30 @@ def test_wrong_parameters_are_a_clear_error(data_dir) -> None:
         client.set_parameters([np.zeros((2, 2), np.float32), *weights[1:]])
     with pytest.raises(ValueError, match="got 1 arrays"):
         set_weights(build_model(SPECS["digits"], 0), weights[:1])
+
+
+def test_fedprox_reports_the_data_loss_and_its_proximal_term_apart() -> None:
+    """One full batch, two epochs: the loss is the mean cross-entropy at w0 and w1, the proximal
+    term (mu/2)·||w1 - w0||² is reported on its own (before, it was added into the loss)."""
+    import torch.nn.functional as F
+
+    from client.model import to_input
+    from client.task import train
+
+    spec, rng = SPECS["digits"], np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (64, 1, 8, 8), dtype=np.uint8), rng.integers(0, 10, 64)
+    mu, knobs = 10.0, {"batch_size": 64, "lr": 0.5, "seed": 1}
+    outcome = train(build_model(spec, seed=3), x, y, spec, epochs=2, proximal_mu=mu, **knobs)
+
+    model = build_model(spec, seed=3)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        ce0 = F.cross_entropy(model(to_input(x, spec)), torch.from_numpy(y)).item()
+    train(model, x, y, spec, epochs=1, proximal_mu=mu, **knobs)
+    with torch.no_grad():
+        ce1 = F.cross_entropy(model(to_input(x, spec)), torch.from_numpy(y)).item()
+        drift = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), w0)).item()
+    assert drift > 0
+    assert outcome.loss == pytest.approx((ce0 + ce1) / 2, rel=1e-4)
+    assert outcome.proximal == pytest.approx(0.5 * mu * drift / 2, rel=1e-3)
+    assert train(build_model(spec, seed=3), x, y, spec, epochs=2, **knobs).proximal == 0.0

@@ -66,11 +66,42 @@ def test_dirichlet_gives_up_with_a_clear_error() -> None:
         partition.dirichlet(LABELS, 10, 0.01, 99, rng(0))
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_pathological_gives_each_shard_exactly_k_labels(k: int) -> None:
-    parts = partition.pathological(LABELS, 5, k, 10, rng(5))
-    assert_disjoint_cover(parts, 1000, complete=(5 * k >= 10))
-    assert [len(np.unique(LABELS[p])) for p in parts] == [k] * 5
+@pytest.mark.parametrize(("shards", "k"), [(5, 2), (10, 2), (3, 2), (4, 3)])
+def test_pathological_is_the_fedavg_papers_scheme(shards: int, k: int) -> None:
+    """Sorted by label, cut into shards x k equal pieces, k pieces dealt to each shard, all data used."""
+    parts = partition.pathological(LABELS, shards, k, 10, rng(5))
+    assert_disjoint_cover(parts, 1000)  # every example is used
+    sizes = {len(p) for p in parts}
+    assert max(sizes) - min(sizes) <= k  # equal pieces (up to rounding)
+    pieces = 1000 // (shards * k)
+    most_labels = k * (1 + -(-pieces // 100))  # a piece of `pieces` sorted examples spans this many labels at most
+    assert all(len(np.unique(LABELS[p])) <= most_labels for p in parts)
+    again = partition.pathological(LABELS, shards, k, 10, rng(5))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+def test_pathological_on_three_clients_drops_no_class() -> None:
+    """The earlier scheme with 3 clients x 2 labels kept 6 of the 10 classes (1,080 of 1,797 on digits)."""
+    parts = partition.pathological(LABELS, 3, 2, 10, rng(0))
+    classes, unused, dropped = partition.coverage(LABELS, parts)
+    assert unused == 0 and dropped == []
+    assert {c for cs in classes for c in cs} == set(range(10))
+
+
+def test_one_label_per_piece_gives_shards_of_at_most_k_labels() -> None:
+    parts = partition.pathological(LABELS, 10, 2, 10, rng(3))  # 20 pieces of 50: one label each
+    assert all(len(np.unique(LABELS[p])) <= 2 for p in parts)
+
+
+def test_dirichlet_skew_is_measured_against_what_alpha_asks() -> None:
+    parts = partition.dirichlet(LABELS, 5, 0.5, 10, rng(4))
+    achieved = partition.mean_label_entropy(LABELS, parts)
+    assert achieved == pytest.approx(label_entropy(parts))
+    expected, p5, p95 = partition.dirichlet_expected_entropy(LABELS, 5, 0.5, rng(9))
+    assert 0 < p5 < expected < p95 < np.log(10)
+    strict, _, _ = partition.dirichlet_expected_entropy(LABELS, 20, 0.1, rng(9))
+    forced = partition.dirichlet(LABELS, 20, 0.1, 10, rng(4))  # the minimum size rejects skewed draws
+    assert partition.mean_label_entropy(LABELS, forced) > strict
 
 
 def test_pathological_refuses_more_labels_than_exist() -> None:

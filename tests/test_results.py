@@ -282,3 +282,12 @@ def test_durable_writes_give_the_same_files(tmp_path: Path, monkeypatch: pytest.
     play(results, 2)
     loaded = results.load_checkpoint()
     assert loaded is not None and loaded.round == 2 and results.resume_history(loaded) == [record(1), record(2)]
+
+
+def test_a_failed_round_is_recorded_and_old_records_read_as_applied() -> None:
+    """Issue 11 added `failed`: history written before it still reads, as rounds that were applied."""
+    old = RoundRecord.from_json(OLD_RECORD)
+    assert old.failed is None
+    failed = RoundRecord.from_json({**OLD_RECORD, "failed": "only 1 of 3 sampled clients sent a sound update"})
+    assert RoundRecord.from_line(failed.to_line()) == failed
+    assert "failed" in CSV_COLUMNS and "failed" not in old.to_json()  # applied rounds: written as before

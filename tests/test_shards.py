@@ -118,3 +118,34 @@ def test_prepare_command_refuses_then_forces(tmp_path: Path) -> None:
     forced = run_cli(["prepare", "--force"], cwd=tmp_path, NUM_SHARDS="5")
     assert forced.returncode == 0, forced.stderr
     assert len(list((tmp_path / "data").glob("shard_*"))) == 5
+
+
+def test_pathological_digits_keeps_every_class_and_logs_what_each_shard_covers(tmp_path: Path, caplog) -> None:
+    """3 clients x 2 labels on digits: the earlier scheme kept 6 of 10 classes (1,080 of 1,797 examples)."""
+    caplog.set_level("INFO", logger="flowerpot.prepare")
+    manifest = prepare(digits(tmp_path, partition="pathological", labels_per_client=2))
+    assert manifest["total_examples"] == 1797
+    held = {label for entry in manifest["shards"] for label in entry["label_histogram"]}
+    assert len(held) == 10
+    assert "shard_000: " in caplog.text and "classes [" in caplog.text
+    assert "0 of 1797 examples unused" in caplog.text and "drops classes" not in caplog.text
+
+
+def test_shards_of_the_earlier_pathological_scheme_are_refused(tmp_path: Path) -> None:
+    settings = digits(tmp_path, partition="pathological")
+    prepare(settings)
+    path = tmp_path / "data" / MANIFEST
+    old = json.loads(path.read_text())
+    del old["settings"]["partition_scheme"]  # as the earlier scheme wrote it
+    path.write_text(json.dumps(old))
+    with pytest.raises(BadInput, match=r"PARTITION_SCHEME differ.*--force"):
+        prepare(settings)
+    assert prepare(settings, force=True)["settings"]["partition_scheme"] == 2
+
+
+def test_dirichlet_logs_the_skew_it_achieved_and_warns_when_it_misses(tmp_path: Path, caplog) -> None:
+    caplog.set_level("INFO", logger="flowerpot.prepare")
+    prepare(digits(tmp_path, partition="dirichlet", dirichlet_alpha=0.1, num_shards=10, min_shard_size=80))
+    assert "label skew: mean label entropy per shard" in caplog.text
+    # 10 shards of at least 80: only the milder draws pass (entropy 1.27 nats, 90% of draws 0.77..1.15)
+    assert "less skewed than DIRICHLET_ALPHA=0.1 asks" in caplog.text

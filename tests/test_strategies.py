@@ -26,7 +26,9 @@ def proxy(i: int) -> NamedClientProxy:
 
 
 def strategy(name: str, **values):
-    settings = Settings(strategy=name, min_fit_clients=2, min_available_clients=3, **values)
+    # 5 clients: enough for Krum with one malicious client and for FedTrimmedAvg to trim one
+    values = {"min_fit_clients": 5, "min_available_clients": 5, **values}
+    settings = Settings(strategy=name, **values)
     return build_strategy(settings, ndarrays_to_parameters(GLOBAL))
 
 
@@ -53,7 +55,7 @@ def test_knobs_reach_the_flower_strategy() -> None:
     assert strategy("fedprox", proximal_mu=0.7).inner.proximal_mu == 0.7
     fedadam = strategy("fedadam", server_learning_rate=0.02, beta_1=0.5, tau=0.001).inner
     assert (fedadam.eta, fedadam.beta_1, fedadam.tau) == (0.02, 0.5, 0.001)
-    assert strategy("fedyogi").inner.eta == 1e-2  # empty knob: Flower's own default
+    assert strategy("fedavgm").inner.server_learning_rate == 1.0  # empty knob: Flower's own default
     assert strategy("fedtrimmedavg", trim_fraction=0.3).inner.beta == 0.3
     assert strategy("fedavgm", server_momentum=0.5).inner.server_momentum == 0.5
     krum = strategy("krum", krum_malicious_clients=1, krum_clients_to_keep=2).inner
@@ -137,3 +139,78 @@ def test_bad_evaluations_are_refused(loss: float, count: int, metrics: dict, rea
     assert [p.name for p, _ in results] == ["client-0"] and len(failures) == 1
     assert reason in str(failures[0]) and f"refused the evaluation of client client-1: {failures[0]}" in caplog.text
     assert good.metrics == {"accuracy": 0.8, "shard": "s" * 256}  # unknown keys dropped, text capped
+
+
+@pytest.mark.parametrize(
+    ("values", "rule"),
+    [
+        ({"strategy": "krum", "min_fit_clients": 3, "krum_malicious_clients": 1}, "MIN_FIT_CLIENTS >= 2*KRUM"),
+        ({"strategy": "krum", "min_fit_clients": 2}, "MIN_FIT_CLIENTS >= 2*KRUM_MALICIOUS_CLIENTS+3 = 3"),
+        ({"strategy": "fedtrimmedavg", "min_fit_clients": 3, "trim_fraction": 0.2}, "trims nothing"),
+    ],
+)
+def test_robust_strategies_that_cannot_defend_are_refused(values: dict, rule: str) -> None:
+    from shared.errors import BadInput
+
+    with pytest.raises(BadInput, match=rule.replace("*", r"\*").replace("+", r"\+")):
+        Settings(min_available_clients=5, **values)
+
+
+def test_robust_strategies_at_their_minimum_are_accepted() -> None:
+    Settings(strategy="krum", min_fit_clients=5, min_available_clients=5, krum_malicious_clients=1)
+    Settings(strategy="fedtrimmedavg", min_fit_clients=5, min_available_clients=5, trim_fraction=0.2)
+
+
+def test_fedmedian_below_three_clients_is_warned_about() -> None:
+    from server.strategies import weak_strategy_warning
+
+    assert "median of fewer than 3" in weak_strategy_warning(Settings(strategy="fedmedian", min_fit_clients=2))
+    assert weak_strategy_warning(Settings(strategy="fedmedian", min_fit_clients=3)) is None
+    assert weak_strategy_warning(Settings(strategy="fedavg", min_fit_clients=2)) is None
+
+
+def test_a_round_below_min_completion_rate_is_not_applied(caplog) -> None:
+    """1 of 3 sampled clients answered: the lone update is neither adopted nor fed to FedAdam's moments."""
+    guarded = strategy("fedadam", min_fit_clients=2, min_available_clients=3)
+    assert guarded.min_completion_rate == 0.5
+    parameters, metrics = guarded.aggregate_fit(1, [(proxy(0), update(5.0))], [TimeoutError(), TimeoutError()])
+    assert parameters is None and metrics == {}
+    assert "only 1 of 3 sampled clients" in guarded.round_failed and "MIN_COMPLETION_RATE=0.5" in caplog.text
+    assert guarded.inner.m_t is None  # the server optimizer was not fed
+
+
+def test_refused_updates_count_against_the_completion_rate() -> None:
+    guarded = strategy("fedavg", min_fit_clients=2, min_available_clients=3)
+    results = [(proxy(0), update(1.0)), (proxy(1), update(np.nan)), (proxy(2), update(np.inf))]
+    assert guarded.aggregate_fit(1, results, [])[0] is None and guarded.round_failed is not None
+
+
+def test_a_round_at_min_completion_rate_is_applied() -> None:
+    guarded = strategy("fedavg", min_fit_clients=2, min_available_clients=3)
+    parameters, _ = guarded.aggregate_fit(1, [(proxy(0), update(1.0)), (proxy(1), update(3.0))], [TimeoutError()])
+    assert parameters is not None and guarded.round_failed is None
+    lenient = strategy("fedavg", min_fit_clients=2, min_available_clients=3, min_completion_rate=0.0)
+    assert lenient.aggregate_fit(1, [(proxy(0), update(1.0))], [TimeoutError()] * 5)[0] is not None
+
+
+def test_server_optimizers_default_to_tuned_settings_not_flowers_legacy_ones() -> None:
+    """Flower's legacy FedAdam/FedAdagrad (eta=0.1, tau=1e-9) take sign-like steps; empty knobs now
+    mean the defaults chosen by bench/server_opt_sweep.py, with tau=1e-3."""
+    from server.strategies import SERVER_OPT_DEFAULTS
+
+    for name, tuned in SERVER_OPT_DEFAULTS.items():
+        inner = strategy(name).inner
+        assert (inner.eta, inner.tau) == (tuned["eta"], tuned["tau"]) and inner.tau == 1e-3
+    assert strategy("fedadagrad", server_learning_rate=0.2, tau=1e-6).inner.eta == 0.2  # a set knob wins
+    assert strategy("fedadagrad", server_learning_rate=0.2, tau=1e-6).inner.tau == 1e-6
+
+
+def test_clip_norm_pulls_far_updates_back_to_the_bound_and_keeps_near_ones() -> None:
+    guarded = strategy("fedavg", clip_norm=2.0)
+    far, near = update(10.0), update(0.1)  # distances sqrt(8)*10 and sqrt(8)*0.1 from the zero model
+    guarded.aggregate_fit(1, [(proxy(0), far), (proxy(1), near)], [])
+    far_arrays, near_arrays = parameters_to_ndarrays(far.parameters), parameters_to_ndarrays(near.parameters)
+    assert np.linalg.norm(np.concatenate([a.ravel() for a in far_arrays])) == pytest.approx(2.0, rel=1e-5)
+    assert np.allclose(far_arrays[0], 2.0 / np.sqrt(8)) and far_arrays[0].dtype == np.float32  # same direction
+    assert np.allclose(near_arrays[0], 0.1)
+    assert strategy("fedavg").clip_norm == 0.0  # off by default

@@ -44,7 +44,11 @@ def data_settings(settings: Settings) -> dict[str, Any]:
     """The settings that decide what the shards contain (marked on the fields), leaving out those
     these settings do not use; a change means other shards."""
     names = [n for n in Settings.names_defining("data") if settings.matters_to_data(n)]
-    return settings.fingerprint(tuple(names))
+    wanted = settings.fingerprint(tuple(names))
+    version = partition.SCHEME_VERSIONS.get(settings.partition)
+    if version is not None:  # a changed scheme of the same name makes other shards
+        wanted["partition_scheme"] = version
+    return wanted
 
 
 def prepare(settings: Settings, force: bool = False) -> dict[str, Any]:
@@ -90,6 +94,7 @@ def prepare(settings: Settings, force: bool = False) -> dict[str, Any]:
              f" (downloaded into {settings.raw_dir} unless it is there)")  # fmt: skip
     source = load_source(settings)
     parts = _partition(source.y, settings)
+    log_coverage(source.y, parts, settings)
     log.info("writing %d shards (%s) of %d examples", len(parts), settings.partition, len(source.y))
     every = max(1, len(parts) // 10)  # about ten progress lines, however many shards
     rng = np.random.default_rng([settings.seed, 1])
@@ -119,6 +124,41 @@ def prepare(settings: Settings, force: bool = False) -> dict[str, Any]:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("wrote %d shards of %s (%s) to %s", len(entries), settings.dataset, settings.partition, root)
     return manifest
+
+
+def log_coverage(labels: np.ndarray, parts: list[np.ndarray], settings: Settings) -> None:
+    """What each shard covers, examples left unused, classes dropped (a warning), and for
+    Dirichlet the label skew achieved against the skew DIRICHLET_ALPHA asks for (a warning when
+    MIN_SHARD_SIZE's redraws made the shards clearly less skewed)."""
+    classes, unused, dropped = partition.coverage(labels, parts)
+    shown = len(classes) if len(classes) <= 20 else 10  # a long list: the first ten
+    for index, shard_classes in enumerate(classes[:shown]):
+        log.info("%s: %d examples, classes %s", shard_name(index), len(parts[index]), shard_classes)
+    if shown < len(classes):
+        log.info("... and %d more shards", len(classes) - shown)
+    log.info("%d of %d examples unused", unused, len(labels))
+    if dropped:
+        log.warning(
+            "PARTITION=%s drops classes %s: no shard holds them; the federation cannot learn them",
+            settings.partition, dropped,
+        )  # fmt: skip
+    if settings.partition == "dirichlet" and len(parts) > 1:
+        achieved = partition.mean_label_entropy(labels, parts)
+        expected, p5, p95 = partition.dirichlet_expected_entropy(
+            labels, len(parts), settings.dirichlet_alpha, np.random.default_rng([settings.seed, 2])
+        )
+        log.info(
+            "label skew: mean label entropy per shard %.3f nats, DIRICHLET_ALPHA=%g expects %.3f",
+            achieved, settings.dirichlet_alpha, expected,
+        )  # fmt: skip
+        if not p5 <= achieved <= p95:
+            log.warning(
+                "the shards are %s skewed than DIRICHLET_ALPHA=%g asks (mean label entropy %.3f, expected %.3f, "
+                "90%% of unconstrained draws within %.3f..%.3f): MIN_SHARD_SIZE=%d kept only some draws; lower "
+                "MIN_SHARD_SIZE or NUM_SHARDS to get the asked skew",
+                "less" if achieved > p95 else "more", settings.dirichlet_alpha, achieved, expected, p5, p95,
+                settings.min_shard_size,
+            )  # fmt: skip
 
 
 def _partition(labels: np.ndarray, settings: Settings) -> list[np.ndarray]:
