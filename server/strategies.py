@@ -31,6 +31,7 @@ from server.update_checks import (
     clean_metrics,
     count_problem,
     example_limit,
+    l2_norm,
     loss_problem,
     median_bound,
 )
@@ -242,7 +243,7 @@ class GuardedStrategy(Strategy):
             tensors = res.parameters.tensors
             flat = np.concatenate([ref.view(t).astype(np.float64).ravel() for t, ref in zip(tensors, self.reference)])
             delta = flat - center
-            norm = float(np.linalg.norm(delta))
+            norm = l2_norm(delta)
             if norm <= self.clip_norm:
                 continue
             clipped = center + delta * (self.clip_norm / norm)

@@ -113,5 +113,12 @@ class UpdateDistance:
     def of(self, arrays: list[np.ndarray]) -> float:
         assert self.flat is not None, "set_global first"
         update = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
-        with np.errstate(over="ignore", invalid="ignore"):
-            return float(np.linalg.norm(update - self.flat))
+        return l2_norm(update - self.flat)
+
+
+def l2_norm(vector: np.ndarray) -> float:
+    """sqrt(sum(x**2)) with NumPy's own loops. Not np.linalg.norm: that is BLAS, whose worker
+    threads spin on after each call and took the CPU from the clients (measured: every round of
+    a trivial federation 7 ms longer on 2 cores)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.sqrt(np.square(vector).sum()))
