@@ -135,6 +135,20 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in CLIENT_SIDE:
+            raise
+        print(
+            f"flowerpot {args.command}: error: this installation has no {exc.name} (the server image holds no "
+            f"client code and no torch): run `flowerpot {args.command}` with the client image or a full install",
+            file=sys.stderr,
+        )
+        return ExitCode.BAD_INPUT
+
+
+# What only the client side installs (the client image, or a full install): commands that need it
+# say so in one line where it is missing, e.g. `prepare` run with the server image.
+CLIENT_SIDE = {"client", "torch", "torchvision", "sklearn", "PIL"}
 
 
 def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> int:

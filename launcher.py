@@ -232,18 +232,22 @@ class LocalFederation:
         self.stop()
 
 
+class NotListening(RuntimeError):
+    """The server exited, or did not listen in time."""
+
+
 def wait_for_port(address: str, process: Process, timeout: float) -> None:
     host, port = address.rsplit(":", 1)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.returncode is not None:
-            raise RuntimeError(f"{process.name} exited with {process.returncode} before listening:\n{process.output}")
+            raise NotListening(f"{process.name} exited with {process.returncode} before listening:\n{process.output}")
         try:
             with socket.create_connection((host, int(port)), timeout=1):
                 return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"{process.name} did not listen on {address} within {timeout} s")
+    raise NotListening(f"{process.name} did not listen on {address} within {timeout} s")
 
 
 def _strings(env: Mapping[str, Any]) -> dict[str, str]:
@@ -256,6 +260,7 @@ def run_local(settings: Any, clients: int, env_file: Path | None) -> int:
     import logging
 
     from client.data.shards import prepare
+    from shared.errors import Unreachable
 
     log = logging.getLogger("flowerpot.local")
     prepare(settings)
@@ -263,7 +268,12 @@ def run_local(settings: Any, clients: int, env_file: Path | None) -> int:
     passed = {k: v for k, v in os.environ.items() if k.lower() in type(settings).model_fields}
     with LocalFederation(passed, Path.cwd(), env_file=env_file, relay=True) as federation:
         log.info("server on %s with %d clients", federation.address, clients)
-        federation.start(clients)
+        try:
+            federation.start(clients)
+        except NotListening:
+            if federation.server is not None and federation.server.returncode is not None:
+                return federation.server.returncode  # it said why in its one line (relayed above)
+            raise Unreachable(f"the server did not listen on {federation.address}: see its output above") from None
         code = federation.wait(timeout=None)  # as long as the run takes: its own waits are bounded
         failed = [f"{c.name} ({c.returncode})" for c in federation.clients if c.returncode != 0]
     if failed:

@@ -67,6 +67,17 @@ class Project:
         rows = [json.loads(line) for line in out.splitlines() if line.strip()]
         return sorted(rows, key=lambda r: r["Name"])
 
+    def wait_exited(self, service: str, timeout: float = 900) -> list[int]:
+        """Wait until every container of `service` has stopped; their exit codes. Unlike `docker
+        compose wait`, which sees running containers only, this also works after they are done."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = [c for c in self.containers() if c["Service"] == service]
+            if rows and all(c["State"] in ("exited", "dead") for c in rows):
+                return [int(c["ExitCode"]) for c in rows]
+            time.sleep(1)
+        raise AssertionError(f"{service} of {self.name} still running after {timeout} s")
+
     def exit_codes(self, service: str) -> list[int]:
         return [int(c["ExitCode"]) for c in self.containers() if c["Service"] == service]
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from flwr.compat.client.numpy_client import NumPyClient
 
 from client import task, wiring
@@ -144,7 +146,15 @@ def site_name(settings: Settings) -> str:
     name: what names this machine in the server's logs, history and metrics."""
     if settings.site_name:
         return settings.site_name
-    if settings.client_auth == "certificate":
+    if settings.client_auth == "certificate":  # the name the server knows it by: the certificate's
+        own = bundle(settings.certs_dir, f"clients/{settings.client_name}")
+        try:
+            cert = x509.load_pem_x509_certificate(read_pem(own, "client.pem"))
+            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            if names:
+                return str(names[0].value)
+        except (BadInput, ValueError):  # tls_options says what is wrong with the file
+            pass
         return settings.client_name
     return socket.gethostname()
 

@@ -55,6 +55,9 @@ def run_server(settings: Settings) -> None:
                 Federation(settings, client_manager, results, traffic, live).run()
         finally:
             grpc_server.stop(grace=1)
+    except (SystemExit, KeyboardInterrupt):  # stopped (SIGTERM, Ctrl-C): no lingering
+        live.close(linger=False)
+        raise
     finally:
         live.close()  # after the gRPC port is free: serves the final values a little longer
 

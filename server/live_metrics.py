@@ -36,6 +36,9 @@ SCRAPE_GRACE = 0.5  # seconds to finish answering the scrape that ends the linge
 OTHER = "other"  # the label of every client beyond MAX_CLIENT_SERIES
 # An update's refusal reason, from the guard's message (server/strategies.py), as a bounded label.
 REFUSAL_REASONS = (
+    ("UPDATE_NORM_LIMIT", "norm_limit"),
+    ("the data set can give", "too_many_examples"),
+    ("its metric", "bad_metric"),
     ("examples", "no_examples"),
     ("arrays, the model has", "array_count"),
     ("cannot be decoded", "undecodable"),
@@ -239,13 +242,14 @@ class LiveMetrics:
         if self._ended_at is not None:
             self._scraped_after_end.set()
 
-    def close(self) -> None:
+    def close(self, linger: bool = True) -> None:
         """Keep serving the final values until they have been scraped once, at most METRICS_LINGER
         seconds, so that the last round reaches Prometheus; then stop. A run nobody scraped is
-        not held up at all (e.g. `run-local`, or Compose without the monitoring profile)."""
+        not held up at all (e.g. `run-local`, or Compose without the monitoring profile), nor is
+        a stopped server (`linger=False`: SIGTERM must end it within seconds)."""
         if self._server is None:
             return
-        if self.linger > 0 and self._ended_at is not None and self._scraped:
+        if linger and self.linger > 0 and self._ended_at is not None and self._scraped:
             log.info("serving the final metrics until they are scraped, at most METRICS_LINGER=%g s", self.linger)
             if self._scraped_after_end.wait(self.linger):
                 time.sleep(SCRAPE_GRACE)  # the scrape's answer is still being written

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from flwr.common import Parameters
@@ -113,13 +114,13 @@ class Federation:
         """The checkpoint of an unfinished run with the same settings; otherwise a new run starts
         and the results of the earlier one are moved aside."""
         checkpoint = self.results.load_checkpoint()
-        if checkpoint is not None and not checkpoint.finished and checkpoint.run == self.fingerprint:
+        changed = changed_settings(checkpoint.run, self.fingerprint) if checkpoint is not None else []
+        if checkpoint is not None and not checkpoint.finished and not changed:
             history = self.results.resume_history(checkpoint)
             if history is not None:
                 checkpoint.history = history
                 return checkpoint
         elif checkpoint is not None and not checkpoint.finished:
-            changed = sorted(k.upper() for k in self.fingerprint if checkpoint.run.get(k) != self.fingerprint[k])
             log.warning(
                 "not resuming the unfinished run in %s: settings changed (%s)", self.results.folder, ", ".join(changed)
             )
@@ -212,6 +213,19 @@ class Federation:
             "eval_loss": record.eval_loss,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The run-defining settings (names in capitals) in which a checkpoint's run differs from
+    this one. A setting that a checkpoint of an earlier version did not know yet counts as
+    unchanged while it has its default: that version ran as if it had."""
+    fields = Settings.model_fields
+    defaults = {n: str(d) if isinstance(d := fields[n].default, Path) else d for n in current}
+    return sorted(
+        name.upper()
+        for name, value in current.items()
+        if saved.get(name, defaults[name] if value == defaults[name] else object()) != value
+    )
 
 
 def round_line(record: RoundRecord, num_rounds: int) -> str:

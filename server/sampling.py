@@ -21,7 +21,7 @@ PHASES = {"fit": 0, "evaluate": 1}
 
 def stable_key(proxy: ClientProxy) -> tuple[Any, ...]:
     """Shard first (join metadata, when the proxy has a `shard` attribute), then name, then cid."""
-    shard = getattr(proxy, "shard", None)
+    shard = getattr(proxy, "shard", None) or None  # "": a client that named no shard (plain Flower)
     shard_key = (0, f"{shard:012d}") if isinstance(shard, int) else (0, str(shard)) if shard is not None else (1, "")
     return (*shard_key, str(getattr(proxy, "name", None) or ""), proxy.cid)
 

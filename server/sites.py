@@ -67,6 +67,7 @@ class _Holder:
     shard: str
     who: str
     proxy: NamedClientProxy
+    host: str = ""  # the peer's address without its port
 
 
 class Sites:
@@ -79,7 +80,7 @@ class Sites:
         self._input_from = ""
         self._holders: dict[str, _Holder] = {}  # data checksum -> the connected client training it
 
-    def enter(self, join_text: str | None, who: str, proxy: NamedClientProxy) -> str | None:
+    def enter(self, join_text: str | None, who: str, proxy: NamedClientProxy, peer: str = "") -> str | None:
         """Check a joining client and record its shard on `proxy` (site, shard) and here; why it
         is refused, or None. Every entered proxy must `leave`."""
         if join_text is None:
@@ -105,7 +106,17 @@ class Sites:
             if refusal is not None:
                 return refusal
             holder = self._holders.get(join.shard_checksum)
-            if holder is not None and (holder.site, holder.shard) != (join.site, join.shard):
+            host = peer.rsplit(":", 1)[0]
+            # A rejoin (the same site, shard, name and machine) replaces its dead connection;
+            # anything else holding the same data is a live duplicate. Replicas sharing one
+            # certificate on two machines differ by machine, so neither evicts the other.
+            rejoin = holder is not None and (holder.site, holder.shard, holder.proxy.name, holder.host) == (
+                join.site,
+                join.shard,
+                proxy.name,
+                host,
+            )
+            if holder is not None and not rejoin:
                 return (
                     f"its shard {join.shard} of site {join.site} holds the same data (checksum "
                     f"{join.shard_checksum[:12]}) as shard {holder.shard} that client {holder.who} of site "
@@ -116,7 +127,7 @@ class Sites:
                 replaced = holder
             if self._input is None:
                 self._input, self._input_from = dict(join.input), who
-            self._holders[join.shard_checksum] = _Holder(join.site, join.shard, who, proxy)
+            self._holders[join.shard_checksum] = _Holder(join.site, join.shard, who, proxy, host)
         if replaced is not None:
             log.warning(
                 "client %s rejoined with shard %s of site %s: it replaces the old connection %s",

@@ -104,12 +104,14 @@ class NamedClientProxy(GrpcClientProxy):
         self.name = name
         self.site, self.shard = name, ""  # a Flowerpot client's site and shard (server/sites.py)
         self.refusal: str | None = None  # set by `refuse`: the stream then ends with this reason
+        self.release: Callable[[], None] | None = None  # its Seat's close, once seated
 
     def refuse(self, reason: str) -> None:
         """End this client's stream from any thread; its handler tells the client `reason` with
-        PERMISSION_DENIED (a Flowerpot client exits 4) and gives back its place."""
+        PERMISSION_DENIED (a Flowerpot client exits 4). Its place and client-manager entry are
+        given back now, not when its handler gets to run: a replacement may need the place."""
         self.refusal = reason
-        self.bridge.close()
+        (self.release or self.bridge.close)()
 
 
 class Seat:
@@ -136,6 +138,7 @@ class Seat:
                 self.admission.release()
                 return refusal
             self._placed, self.proxy = True, proxy
+            proxy.release = self.close
             self.client_manager.register(proxy)
         log.info("client %s joined (%d connected)", self.who, self.admission.connected)
         return None

@@ -124,7 +124,7 @@ class AdmittingServicer(FlowerServiceServicer):
         proxy = new_proxy(context, name)
         context.add_callback(lambda: self.sites.leave(proxy))  # the shard is free when the stream ends
         try:
-            refusal = self.sites.enter(join_metadata(context), who, proxy)  # version, input, shard
+            refusal = self.sites.enter(join_metadata(context), who, proxy, context.peer())  # version, input, shard
             if refusal is not None:
                 _refuse(context, who, grpc.StatusCode.PERMISSION_DENIED, refusal)
             refusal = seat.take(proxy)

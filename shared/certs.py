@@ -22,6 +22,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -237,13 +238,33 @@ def load_ca(folder: Path, passphrase: str = "") -> Credential:
             f"CA_PASSPHRASE does not decrypt {key_path} (or the file is not a PEM key): give the passphrase "
             "the CA was made with"
         ) from None
-    return Credential(key, x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes()))  # type: ignore[arg-type]
+    try:
+        cert = x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes())
+    except (OSError, ValueError) as exc:
+        raise BadInput(
+            f"{folder / 'ca.pem'} is missing or not a PEM certificate ({exc.__class__.__name__}): restore it "
+            f"beside {key_path}, or move {folder} aside to make a new CA"
+        ) from None
+    return Credential(key, cert)  # type: ignore[arg-type]
+
+
+def _issued(path: Path) -> list[dict[str, Any]]:
+    """ca/issued.json: what the CA issued, by name; BadInput when it is not such a list."""
+    if not path.is_file():
+        return []
+    try:
+        issued = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BadInput(f"{path} is corrupt ({exc.__class__.__name__}): restore it from a backup") from None
+    if not isinstance(issued, list) or not all(isinstance(e, dict) for e in issued):
+        raise BadInput(f"{path} is corrupt (not a list of certificates): restore it from a backup")
+    return issued
 
 
 def _record(ca_dir: Path, name: str, cert: x509.Certificate, kind: str) -> None:
     """Note an issued certificate in ca/issued.json, so that it can be revoked by name later."""
     path = ca_dir / ISSUED_FILE
-    issued = json.loads(path.read_text()) if path.is_file() else []
+    issued = _issued(path)
     issued.append(
         {
             "name": name,
@@ -329,7 +350,12 @@ def request(certs_dir: Path, name: str, owner: tuple[int, int] | None = None, re
     folder = certs_dir / "clients" / name
     key_path = folder / "client.key"
     if key_path.is_file() and not renew:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        try:
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        except (TypeError, ValueError):
+            raise BadInput(
+                f"{key_path} is encrypted or not a PEM key: move it aside, or pass --renew for a new key"
+            ) from None
         written = []
     else:
         key = new_key()
@@ -353,6 +379,8 @@ def sign(certs_dir: Path, csr_path: Path, passphrase: str = "") -> Path:
         csr = x509.load_pem_x509_csr(csr_path.read_bytes())
     except FileNotFoundError:
         raise BadInput(f"--sign {csr_path}: no such file") from None
+    except OSError as exc:
+        raise BadInput(f"--sign {csr_path} cannot be read ({exc.strerror}): pass the request file") from None
     except ValueError:
         raise BadInput(
             f"--sign {csr_path} is not a PEM certificate request: make one with `flowerpot certs --request NAME`"
@@ -362,7 +390,12 @@ def sign(certs_dir: Path, csr_path: Path, passphrase: str = "") -> Path:
     names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     name = check_name(str(names[0].value) if names else "")
     check_key(csr.public_key(), str(csr_path))
-    ca, _ = open_ca(certs_dir, passphrase)
+    if not (certs_dir / "ca" / "ca.key").is_file():
+        raise BadInput(
+            f"--sign {csr_path}: there is no CA in {certs_dir / 'ca'}: sign where the CA is (CERTS_DIR there), "
+            "or make one with `flowerpot certs` first"
+        )
+    ca = load_ca(certs_dir / "ca", passphrase)
     cert = sign_public_key(ca, name, csr.public_key(), client=True)
     _record(certs_dir / "ca", name, cert, "client")
     out = csr_path.with_suffix(".pem")
@@ -374,7 +407,7 @@ def revoke(certs_dir: Path, names: list[str]) -> tuple[Path, list[str]]:
     """Add every certificate the CA issued to each name (and clients/NAME/client.pem) to
     server/revoked.json; (the file, the serials added)."""
     issued_path = certs_dir / "ca" / ISSUED_FILE
-    issued = json.loads(issued_path.read_text()) if issued_path.is_file() else []
+    issued = _issued(issued_path)
     serials: dict[str, str] = {}
     for name in names:
         found = {e["serial"]: name for e in issued if e.get("kind") == "client" and e.get("name") == name}

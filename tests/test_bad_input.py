@@ -628,6 +628,32 @@ CASES = [
         2,
         "CLIP_NORM='-1' is not valid: use a number from 0 to 1000000",
     ),
+    Case(
+        "certs-sign-without-a-ca",
+        ["certs", "--sign", "certs/requests/site-x.csr"],
+        {},
+        2,
+        "--sign certs/requests/site-x.csr: there is no CA in certs/ca: sign where the CA is",
+        doing(lambda t: __import__("shared.certs").certs.request(t / "certs", "site-x")),
+    ),
+    Case("certs-sign-a-folder", ["certs", "--sign", "data"], {}, 2, "--sign data cannot be read (Is a directory)"),
+    Case(
+        "certs-issued-list-corrupt",
+        ["certs", "--revoke", "site-x"],
+        {},
+        2,
+        "certs/ca/issued.json is corrupt (JSONDecodeError): restore it from a backup",
+        doing(
+            lambda t: (t / "certs" / "ca").mkdir(parents=True), lambda t: (t / "certs/ca/issued.json").write_text("{")
+        ),
+    ),
+    Case(
+        "run-local-server-refuses-to-start",
+        ["run-local", "--clients", "1"],
+        {"REQUIRE_TLS": "true"},
+        2,
+        "REQUIRE_TLS=true but the server would run without TLS_ENABLED=true and CLIENT_AUTH=certificate",
+    ),
 ]
 
 

@@ -54,9 +54,7 @@ def test_two_client_sites_with_their_own_shards_train_one_model(tmp_path: Path) 
         for site in sites:  # each site prepares only its shards, in its own data volume
             assert site.compose("up", "-d", "--scale", "client=2").returncode == 0
         for site in sites:
-            waited = site.compose("wait", "client", timeout=900)
-            assert waited.returncode == 0, site.logs("client")[-3000:]
-            assert site.exit_codes("client") == [0, 0], site.logs("client")[-3000:]
+            assert site.wait_exited("client") == [0, 0], site.logs("client")[-3000:]
             prepared = site.logs("prepare")
             assert "wrote 2 shards" in prepared, prepared
         assert server.exit_codes("server") == [0], server.logs("server")
@@ -86,7 +84,7 @@ def test_a_second_site_with_the_same_shards_is_refused(tmp_path: Path) -> None:
         assert second.exit_codes("client") == [4], refused.stdout[-3000:]
         assert "its shard shard_000 of site site-b holds the same data" in second.logs("client")
         assert first.compose("up", "-d", "--scale", "client=2").returncode == 0  # the run starts
-        assert first.compose("wait", "client", timeout=900).returncode == 0
+        assert first.wait_exited("client") == [0, 0], first.logs("client")[-3000:]
         assert server.exit_codes("server") == [0], server.logs("server")
     finally:
         for project in (first, second, server):

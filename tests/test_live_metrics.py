@@ -366,3 +366,34 @@ def test_a_server_nobody_scraped_does_not_linger(tmp_path: Path) -> None:
     assert time.monotonic() - started < 5
     with pytest.raises(OSError):
         scrape(port)  # and the port is closed
+
+
+def test_every_refusal_of_the_guard_has_its_own_reason_label() -> None:
+    """The labels come from the guard's own messages: each kind of bad update is named, none is 'other'."""
+    import numpy as np
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    from server.live_metrics import refusal_reason
+    from server.strategies import build_strategy
+    from server.update_checks import clean_metrics
+    from shared.settings import Settings
+
+    model = [np.zeros((3, 2), np.float32), np.zeros(2, np.float32)]
+    strategy = build_strategy(Settings(update_norm_limit=10), ndarrays_to_parameters(model))
+
+    def fit(arrays: list, examples: int = 10, metrics: dict | None = None) -> FitRes:
+        return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), examples, metrics or {})
+
+    cases = {
+        "no_examples": fit(model, examples=0),
+        "too_many_examples": fit(model, examples=10**9),
+        "array_count": fit(model[:1]),
+        "shape_or_dtype": fit([np.zeros((2, 3), np.float32), model[1]]),
+        "not_finite": fit([np.full((3, 2), np.nan, np.float32), model[1]]),
+        "norm_limit": fit([np.full((3, 2), 100, np.float32), model[1]]),
+    }
+    for label, res in cases.items():
+        problem = strategy.problem(res)
+        assert problem is not None and refusal_reason(problem) == label, (label, problem)
+    _, _, metric_problem = clean_metrics({"accuracy": 7.0}, {"accuracy": "ratio"})
+    assert metric_problem is not None and refusal_reason(metric_problem) == "bad_metric", metric_problem

@@ -291,3 +291,26 @@ def test_a_failed_round_is_recorded_and_old_records_read_as_applied() -> None:
     failed = RoundRecord.from_json({**OLD_RECORD, "failed": "only 1 of 3 sampled clients sent a sound update"})
     assert RoundRecord.from_line(failed.to_line()) == failed
     assert "failed" in CSV_COLUMNS and "failed" not in old.to_json()  # applied rounds: written as before
+
+
+# The run-defining settings a checkpoint of the previous version recorded (server/rounds.py at
+# c11911b): settings added since must not make its unfinished run look like another one.
+PREVIOUS_RUN_SETTINGS = (
+    "num_rounds", "strategy", "fraction_fit", "fraction_evaluate", "min_fit_clients", "min_evaluate_clients",
+    "min_available_clients", "proximal_mu", "server_learning_rate", "server_momentum", "beta_1", "beta_2", "tau",
+    "trim_fraction", "krum_malicious_clients", "krum_clients_to_keep", "local_epochs", "batch_size",
+    "learning_rate", "dataset", "folder_path", "image_size", "image_channels", "partition", "dirichlet_alpha",
+    "labels_per_client", "num_shards", "min_shard_size", "test_fraction", "max_examples", "seed",
+)  # fmt: skip
+
+
+def test_a_previous_versions_run_is_the_same_run_while_new_settings_keep_their_defaults() -> None:
+    from server.rounds import RUN_SETTINGS, changed_settings
+    from shared.settings import Settings
+
+    current = Settings().fingerprint(RUN_SETTINGS)
+    saved = Settings().fingerprint(PREVIOUS_RUN_SETTINGS)
+    assert set(RUN_SETTINGS) > set(PREVIOUS_RUN_SETTINGS)  # settings were added since
+    assert changed_settings(saved, current) == []
+    assert changed_settings({**saved, "num_rounds": saved["num_rounds"] + 1}, current) == ["NUM_ROUNDS"]
+    assert changed_settings(saved, {**current, "update_norm_limit": 5.0}) == ["UPDATE_NORM_LIMIT"]

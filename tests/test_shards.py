@@ -149,3 +149,17 @@ def test_dirichlet_logs_the_skew_it_achieved_and_warns_when_it_misses(tmp_path: 
     assert "label skew: mean label entropy per shard" in caplog.text
     # 10 shards of at least 80: only the milder draws pass (entropy 1.27 nats, 90% of draws 0.77..1.15)
     assert "less skewed than DIRICHLET_ALPHA=0.1 asks" in caplog.text
+
+
+def test_shards_normalised_by_the_sites_own_pixels_are_refused_not_reused(tmp_path: Path) -> None:
+    """Earlier shards took their normalisation from the site's own pixels (e.g. of MAX_EXAMPLES
+    digits); such a manifest has no `normalisation` key and must not pass for today's."""
+    settings = digits(tmp_path, max_examples=400)
+    manifest_path = tmp_path / "data" / MANIFEST
+    assert prepare(settings)["settings"]["normalisation"] == 2
+    old = json.loads(manifest_path.read_text())
+    del old["settings"]["normalisation"]  # as the earlier version wrote it
+    manifest_path.write_text(json.dumps(old))
+    with pytest.raises(BadInput, match=r"NORMALISATION differ.*--force"):
+        prepare(settings)
+    assert "normalisation" not in prepare(digits(tmp_path / "whole"))["settings"]  # the whole set: as before

@@ -40,6 +40,9 @@ def shard_name(index: int) -> str:
     return f"shard_{index:03d}"
 
 
+NORMALISATION_VERSION = 2  # 1: from the site's pixels (no key in the manifest); 2: fixed per data set
+
+
 def data_settings(settings: Settings) -> dict[str, Any]:
     """The settings that decide what the shards contain (marked on the fields), leaving out those
     these settings do not use; a change means other shards."""
@@ -48,6 +51,10 @@ def data_settings(settings: Settings) -> dict[str, Any]:
     version = partition.SCHEME_VERSIONS.get(settings.partition)
     if version is not None:  # a changed scheme of the same name makes other shards
         wanted["partition_scheme"] = version
+    if settings.dataset != "digits" or settings.max_examples:
+        # Normalisation is a constant per data set now; earlier shards took it from the site's
+        # own pixels, which differs except for the whole digits set (the same values then)
+        wanted["normalisation"] = NORMALISATION_VERSION
     return wanted
 
 
