@@ -13,6 +13,7 @@ import pytest
 from launcher import LocalFederation, Process, clean_env, free_port
 
 REPO = Path(__file__).resolve().parent.parent
+PLAIN_CLIENT = REPO / "tests" / "plain_client.py"  # a plain Flower NumPyClient, nothing of Flowerpot's
 
 # Small and fast: what the integration tests share unless they say otherwise.
 BASE_ENV = {

@@ -6,14 +6,13 @@ import json
 import shutil
 import signal
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import BASE_ENV, REPO, federation_env, free_address, run_cli
+from conftest import BASE_ENV, PLAIN_CLIENT, REPO, federation_env, free_address, run_cli
 from launcher import clean_env
 from shared.modelfile import load_model
 
@@ -190,24 +189,6 @@ def test_strategies_that_need_starting_weights_run_end_to_end(tmp_path: Path, da
         assert all(r["fit_metrics"]["train_proximal_term"] > 0 for r in rounds[1:])
 
 
-PLAIN_FLOWER_CLIENT = """
-import sys
-import numpy as np
-from flwr.compat.client.app import start_client
-from flwr.compat.client.numpy_client import NumPyClient
-
-class Plain(NumPyClient):  # any model: here one weight matrix
-    def get_parameters(self, config):
-        return [np.ones((4, 3), np.float32)]
-    def fit(self, parameters, config):
-        return [parameters[0] * 0.5], 7, {"favourite_colour": "green", "steps": 3, "blob": b"x"}
-    def evaluate(self, parameters, config):
-        return float(parameters[0].mean()), 5, {"accuracy": 0.5, "weird": "yes"}
-
-start_client(server_address=sys.argv[1], client=Plain().to_client())
-"""
-
-
 def test_a_plain_flower_numpy_client_can_join(spawn, tmp_path: Path) -> None:
     address = free_address()
     env = {
@@ -216,13 +197,12 @@ def test_a_plain_flower_numpy_client_can_join(spawn, tmp_path: Path) -> None:
     }  # fmt: skip
     server = spawn(["server"], **env)
     server.wait_for("listening on")
-    script = tmp_path / "plain_client.py"
-    script.write_text(textwrap.dedent(PLAIN_FLOWER_CLIENT))
     import subprocess
 
     plain = subprocess.run(
-        [sys.executable, str(script), address], env=clean_env(), capture_output=True, text=True, timeout=60
-    )
+        [sys.executable, str(PLAIN_CLIENT), address, "--odd-metrics"],
+        env=clean_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
     assert plain.returncode == 0, plain.stderr
     assert server.wait() == 0, server.output
     rounds = history(tmp_path)

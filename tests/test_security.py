@@ -10,7 +10,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from conftest import BASE_ENV, free_address, run_cli
+from conftest import BASE_ENV, PLAIN_CLIENT, free_address, run_cli
 from launcher import clean_env
 from shared.certs import issue, key_pem, load_ca, new_ca, write_credential
 
@@ -410,25 +409,6 @@ def test_a_ca_issued_rsa_client_certificate_joins(spawn, data_dir: Path, tmp_pat
     assert refused_weak.returncode == 2 and "use an EC P-256 key or RSA of 2048 bits" in refused_weak.stderr
 
 
-PLAIN_TLS_CLIENT = """
-import sys
-from pathlib import Path
-import numpy as np
-from flwr.compat.client.app import start_client
-from flwr.compat.client.numpy_client import NumPyClient
-
-class Plain(NumPyClient):
-    def get_parameters(self, config):
-        return [np.ones((4, 3), np.float32)]
-    def fit(self, parameters, config):
-        return [parameters[0] * 0.5], 7, {}
-    def evaluate(self, parameters, config):
-        return float(parameters[0].mean()), 5, {"accuracy": 0.5}
-
-start_client(server_address=sys.argv[1], client=Plain().to_client(), root_certificates=Path(sys.argv[2]).read_bytes())
-"""
-
-
 @pytest.mark.parametrize("client_auth", ["none", "certificate"])
 def test_a_plain_flower_client_joins_a_tls_server_only_without_client_auth(
     spawn, tmp_path: Path, certs: Path, client_auth: str
@@ -441,10 +421,8 @@ def test_a_plain_flower_client_joins_a_tls_server_only_without_client_auth(
     }  # fmt: skip
     server = spawn(["server"], **env)
     server.wait_for("listening on")
-    script = tmp_path / "plain_client.py"
-    script.write_text(textwrap.dedent(PLAIN_TLS_CLIENT))
     plain = subprocess.Popen(
-        [sys.executable, str(script), env["SERVER_ADDRESS"], str(certs / "ca" / "ca.pem")],
+        [sys.executable, str(PLAIN_CLIENT), env["SERVER_ADDRESS"], "--ca", str(certs / "ca" / "ca.pem")],
         env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

@@ -6,13 +6,12 @@ of another Flowerpot version."""
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import BASE_ENV, REPO, free_address, run_cli
+from conftest import BASE_ENV, PLAIN_CLIENT, REPO, free_address, run_cli
 from launcher import Process, clean_env
 from shared.metadata import VERSION
 
@@ -158,31 +157,13 @@ def test_prepare_labels_folders_in_the_order_of_classes_and_a_site_may_lack_one(
     assert set(manifest["shards"][0]["label_histogram"]) == {"1", "2"}
 
 
-PLAIN_FLOWER_CLIENT = """
-import sys
-import numpy as np
-from flwr.compat.client.app import start_client
-from flwr.compat.client.numpy_client import NumPyClient
-
-class Plain(NumPyClient):
-    def get_parameters(self, config):
-        return [np.ones((4, 3), np.float32)]
-    def fit(self, parameters, config):
-        return [parameters[0] * 0.5], 7, {}
-    def evaluate(self, parameters, config):
-        return float(parameters[0].mean()), 5, {"accuracy": 0.5}
-
-start_client(server_address=sys.argv[1], client=Plain().to_client())
-"""
-
-
 def test_a_plain_flower_client_joins_unchecked_with_one_warning(spawn, tmp_path: Path) -> None:
     address = free_address()
     env = server_env(tmp_path, address, MIN_AVAILABLE_CLIENTS="1", MIN_FIT_CLIENTS="1", MIN_EVALUATE_CLIENTS="1")
     env["NUM_ROUNDS"] = "2"
     server = spawn(["server"], **env)
     server.wait_for("listening on")
-    plain = Process("plain", ["-c", textwrap.dedent(PLAIN_FLOWER_CLIENT), address], clean_env(), tmp_path)
+    plain = Process("plain", [str(PLAIN_CLIENT), address], clean_env(), tmp_path)
     try:
         assert plain.wait(timeout=180) == 0, plain.output
     finally:
