@@ -190,11 +190,12 @@ class LocalFederation:
         wait_for_port(self.address, self.server, wait_seconds)
         return self.server
 
-    def start_client(self, number: int | None = None, **env: Any) -> Process:
-        """Start client `number` (the next one by default), named client-NUMBER."""
+    def start_client(self, number: int | None = None, args: list[str] | None = None, **env: Any) -> Process:
+        """Start client `number` (the next one by default), named client-NUMBER, with the
+        federation's client command or `args`."""
         number = number or len(self.clients) + 1
         name = f"client-{number}"
-        client = self._start(name, self.client_args, {**self.env, "CLIENT_NAME": name, **_strings(env)})
+        client = self._start(name, args or self.client_args, {**self.env, "CLIENT_NAME": name, **_strings(env)})
         self.clients.append(client)
         return client
 

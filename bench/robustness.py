@@ -58,9 +58,7 @@ def run_one(workdir: Path, clients: int, attackers: int, attack: list[str], sett
     with federation:
         federation.start_server()
         for i in range(clients):
-            federation.client_args = [*ATTACKER, *attack] if i < attackers else CLIENT
-            federation.start_client(i + 1)
-        federation.client_args = CLIENT
+            federation.start_client(i + 1, args=[*ATTACKER, *attack] if i < attackers else CLIENT)
         code = federation.wait(timeout=900, client_grace=60)
     history = workdir / "results" / "history.json"
     if code != 0 or not history.is_file():
