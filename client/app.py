@@ -60,13 +60,19 @@ class FlowerpotClient(NumPyClient):
             epochs=int(config.get("local_epochs", self.settings.local_epochs)),
             batch_size=int(config.get("batch_size", self.settings.batch_size)),
             lr=float(config.get("learning_rate", self.settings.learning_rate)),
-            seed=self.settings.seed * 100_003 + server_round,
+            # Async mode numbers every fit (fit_id): two fits on one model version differ.
+            seed=self.settings.seed * 100_003 + int(config.get("fit_id", server_round)),
             proximal_mu=float(config.get("proximal_mu", 0.0)),
         )
+        slowdown = self.settings.client_slowdown
+        if slowdown > 1:  # CLIENT_SLOWDOWN, an emulated slow device: the fit takes this many times as long
+            time.sleep((slowdown - 1) * (time.perf_counter() - started))
         seconds = time.perf_counter() - started
+        version = f" on version {config['model_version']}" if "model_version" in config else ""
         log.info(
-            "round %s: trained on %d examples, loss %.4f, %.2f s",
+            "round %s: trained%s on %d examples, loss %.4f, %.2f s",
             server_round or "?",
+            version,
             outcome.examples,
             outcome.loss,
             seconds,

@@ -28,7 +28,7 @@ def run_server(settings: Settings) -> None:
     require_secure(settings)
     if (weak := weak_strategy_warning(settings)) is not None:
         log.warning(weak)  # once, at start
-    results = Results(settings.results_dir)  # fails fast when RESULTS_DIR is not writable
+    results = Results(settings.results_dir, settings.keep_all_models)  # fails fast when RESULTS_DIR is not writable
     example_limit(settings)  # fails fast when the server cannot bound the clients' example counts
     if settings.initial_model is not None:
         load_pinned(settings.initial_model)  # fails fast on an unusable INITIAL_MODEL

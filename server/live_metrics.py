@@ -193,7 +193,8 @@ class LiveMetrics:
         self.failed.labels(run).set(failed)
         self.refused.labels(run).set(refused)
         self.evaluated.labels(run).set(_get(record, "clients_evaluated") or 0)
-        for outcome, count in (("trained", trained), ("failed", failed), ("refused", refused)):
+        stale = _get(record, "updates_stale") or 0  # async mode: dropped as staler than MAX_STALENESS
+        for outcome, count in (("trained", trained), ("failed", failed), ("refused", refused), ("stale", stale)):
             self.fit_results.labels(run, outcome).inc(count)
         for problem in refusals:
             self.refusals.labels(run, refusal_reason(problem)).inc()

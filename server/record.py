@@ -77,13 +77,23 @@ class RoundRecord:
     # Why the round's result was not applied (MIN_COMPLETION_RATE, no sound update), or None.
     # Added with issue 11: history files written before it lack the key and read as None.
     failed: str | None = _csv(default=None)
+    # Async mode (issue 12): a record is one model version. The staleness of the updates it
+    # aggregated (versions between the one a client trained on and the one it was applied to),
+    # how many updates were dropped as staler than MAX_STALENESS, and which version the
+    # evaluation in this record measured (evaluations finish while training goes on). Sync
+    # records, and histories written before, lack these keys and read as None.
+    staleness_mean: float | None = field(default=None)
+    staleness_max: int | None = field(default=None)
+    updates_stale: int | None = field(default=None)
+    eval_version: int | None = field(default=None)
 
     def to_json(self) -> dict[str, Any]:
         # Shallow, not dataclasses.asdict: no deep copy of every metric, every round.
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["clients"] = [c.to_json() for c in self.clients]
-        if self.failed is None:  # an applied round is written exactly as earlier versions wrote it
-            del data["failed"]
+        for key in OPTIONAL:  # a sync round that was applied is written exactly as earlier versions wrote it
+            if data[key] is None:
+                del data[key]
         return data
 
     @classmethod
@@ -110,5 +120,5 @@ class RoundRecord:
         return cls.from_json(json.loads(line))
 
 
-OPTIONAL = frozenset({"failed"})  # keys later versions added, with their defaults
+OPTIONAL = frozenset(f.name for f in fields(RoundRecord) if f.default is None)  # keys added later, default None
 CSV_COLUMNS = tuple(f.name for f in fields(RoundRecord) if f.metadata.get("csv"))

@@ -35,6 +35,9 @@ HISTORY_LINES = "history.jsonl"  # one record appended per round: the history a 
 HISTORY_JSON = "history.json"
 HISTORY_CSV = "history.csv"
 HISTORY_PLOT = "history.png"
+# KEEP_ALL_MODELS: every round's (version's) global model, to evaluate a run afterwards at each
+# point of its history (the benchmark's accuracy against wall-clock time does).
+ALL_MODELS = "models"
 # Format 1 (no "format" key): earlier versions, which kept the whole history in the checkpoint's
 # metadata. Format 2: the history is in history.jsonl.
 CHECKPOINT_FORMAT = 2
@@ -64,8 +67,8 @@ class Checkpoint:
 
 
 class Results:
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, keep_all_models: bool = False) -> None:
+        self.folder, self.keep_all_models = folder, keep_all_models
         try:
             folder.mkdir(parents=True, exist_ok=True)
             probe = folder / ".write-test"
@@ -85,6 +88,11 @@ class Results:
             save_model(self.folder / GLOBAL_MODEL, checkpoint.parameters.tensors, meta)
             if checkpoint.finished:
                 save_model(self.folder / FINAL_MODEL, checkpoint.parameters.tensors, meta)
+            if self.keep_all_models:
+                (self.folder / ALL_MODELS).mkdir(exist_ok=True)
+                save_model(
+                    self.folder / ALL_MODELS / f"round_{record.round:06d}.npz", checkpoint.parameters.tensors, meta
+                )
             self.save_checkpoint(checkpoint)
         except OSError as exc:
             raise _unwritable(self.folder, exc) from None

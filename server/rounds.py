@@ -16,6 +16,7 @@ from flwr.common import Parameters
 from flwr.server import Server
 
 from server.admission import BoundedClientManager
+from server.buffered import BufferedRounds
 from server.initial_weights import NoAnswers, agreed_parameters, load_pinned
 from server.live_metrics import LiveMetrics
 from server.record import ClientEntry, RoundRecord
@@ -70,18 +71,18 @@ class Federation:
                 log.info("resuming the unfinished run at round %d of %d", first, s.num_rounds)
             else:
                 log.info(
-                    "starting %d rounds of %s with %d clients",
+                    "starting %d %s of %s with %d clients",
                     s.num_rounds,
+                    "rounds" if s.mode == "sync" else f"asynchronous versions (buffer {strategy_buffer(s)})",
                     s.strategy,
                     self.client_manager.num_available(),
                 )
             self.live.running(first)
-            for server_round in range(first, s.num_rounds + 1):
-                record = self.play_round(server, strategy, server_round)
+
+            def finish(record: RoundRecord, parameters: Parameters) -> None:
                 self.history.append(record)
-                finished = server_round == s.num_rounds
                 checkpoint = Checkpoint(
-                    self.fingerprint, server_round, finished, server.parameters, strategy_state(strategy)
+                    self.fingerprint, record.round, record.round == s.num_rounds, parameters, strategy_state(strategy)
                 )
                 # Written before the round is logged and before the next one starts: the
                 # checkpoint always holds the last finished round.
@@ -89,6 +90,14 @@ class Federation:
                 log.info(round_line(record, s.num_rounds))
                 log.info(clients_line(record))
                 self.live.round_done(record, [problem for _, problem in strategy.refused])
+
+            if s.mode == "async":
+                server.parameters = BufferedRounds(s, self.client_manager, strategy, self.traffic, finish).run(
+                    initial, first
+                )
+            else:
+                for server_round in range(first, s.num_rounds + 1):
+                    finish(self.play_round(server, strategy, server_round), server.parameters)
             self.results.write_history(self.history)
             completed = True
             final = self.history[-1]
@@ -228,8 +237,24 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     )
 
 
+def strategy_buffer(settings: Settings) -> str:
+    size, name = settings.updates_per_aggregation
+    return f"{name}={size}"
+
+
 def round_line(record: RoundRecord, num_rounds: int) -> str:
     failed = record.clients_failed + record.updates_refused
+    if record.staleness_mean is not None:  # async mode: one line per model version
+        evaluated = "" if record.eval_version is None else f" of version {record.eval_version}"
+        return (
+            f"version {record.round}/{num_rounds}: {record.clients_trained} updates"
+            f" (staleness mean {record.staleness_mean:.1f}, max {record.staleness_max}),"
+            f" {failed} failed, {record.updates_stale} too stale"
+            f" | train loss {_fmt(record.train_loss)}"
+            f" | eval{evaluated} loss {_fmt(record.eval_loss)}, accuracy {_fmt(record.eval_accuracy)}"
+            f" ({record.clients_evaluated} clients) | {record.seconds:.2f} s"
+            + (f" | FAILED, model kept: {record.failed}" if record.failed else "")
+        )
     return (
         f"round {record.round}/{num_rounds}: {record.clients_trained} trained, {failed} failed"
         f" | train loss {_fmt(record.train_loss)}"

@@ -124,10 +124,11 @@ def weak_strategy_warning(settings: Settings) -> str | None:
     """What the operator should know about a strategy that runs but cannot do its job at this
     client count (the ones that cannot at all are refused by Settings): the median of two
     updates is their mean."""
-    if settings.strategy == "fedmedian" and settings.min_fit_clients < 3:
+    aggregated, per_step = settings.updates_per_aggregation
+    if settings.strategy == "fedmedian" and aggregated < 3:
         return (
-            f"STRATEGY=fedmedian with MIN_FIT_CLIENTS={settings.min_fit_clients}: the median of fewer than 3 "
-            "updates is their mean, no defence against a bad client; raise MIN_FIT_CLIENTS to 3 or more"
+            f"STRATEGY=fedmedian with {per_step}={aggregated}: the median of fewer than 3 "
+            f"updates is their mean, no defence against a bad client; raise {per_step} to 3 or more"
         )
     return None
 
@@ -277,6 +278,20 @@ class GuardedStrategy(Strategy):
 
     def problem(self, res: FitRes) -> str | None:
         """Why a client update cannot be aggregated, or None when it can."""
+        layout = self.layout_problem(res)
+        if layout is not None:
+            return layout
+        distance = self.distance.of([ref.view(t) for t, ref in zip(res.parameters.tensors, self.reference)])
+        log.debug("update norm %.4f", distance)
+        return self.norm_problem(distance)
+
+    def norm_problem(self, distance: float) -> str | None:
+        if not distance <= self.norm_limit:
+            return f"it moves the model by {distance:.4g} (L2 norm), more than UPDATE_NORM_LIMIT={self.norm_limit:g}"
+        return None
+
+    def layout_problem(self, res: FitRes) -> str | None:
+        """Everything `problem` checks but the distance: counts, arrays, shapes, dtypes, finiteness."""
         wrong_count = count_problem(res.num_examples, self.max_examples, "training")
         if wrong_count is not None:
             return wrong_count
@@ -292,10 +307,6 @@ class GuardedStrategy(Strategy):
                 return f"array {i} is {array.dtype}{list(array.shape)}, expected {ref.dtype}{list(ref.shape)}"
             if not np.isfinite(ref.view(tensor)).all():
                 return f"array {i} holds NaN or Inf values"
-        distance = self.distance.of([ref.view(t) for t, ref in zip(tensors, self.reference)])
-        log.debug("update norm %.4f", distance)
-        if not distance <= self.norm_limit:
-            return f"it moves the model by {distance:.4g} (L2 norm), more than UPDATE_NORM_LIMIT={self.norm_limit:g}"
         return None
 
     def keep_known_metrics(self, proxy: ClientProxy, res: FitRes | EvaluateRes, known: dict[str, str]) -> str | None:

@@ -38,6 +38,8 @@ Dataset = Literal["digits", "mnist", "fashion-mnist", "cifar10", "folder"]
 Partition = Literal["iid", "dirichlet", "pathological"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 ClientAuth = Literal["none", "certificate"]
+Mode = Literal["sync", "async"]
+StalenessWeighting = Literal["constant", "polynomial"]
 
 DEFAULT_CLIENT_NAME = "client"
 
@@ -155,12 +157,25 @@ class Settings(BaseSettings):
     # from the global model before any strategy aggregates it; 0 clips nothing
     clip_norm: float = setting(0.0, RUN, ge=0, le=1e6, note="0: no clipping")
 
+    # Asynchronous training (issue 12; server/buffered.py): FedBuff's buffer of client updates,
+    # FedAsync's staleness weighting. NUM_ROUNDS counts aggregations (model versions) in both modes.
+    mode: Mode = setting("sync", RUN, allowed=_one_of(Mode))
+    buffer_size: int | None = setting(None, RUN, ge=1, le=10_000, note="async; empty: MIN_FIT_CLIENTS")
+    concurrency: int = setting(0, NOTHING, ge=0, le=10_000, note="async; 0: every connected client")
+    max_staleness: int = setting(10, RUN, ge=0, le=100_000, note="async")
+    staleness_weighting: StalenessWeighting = setting("polynomial", RUN, allowed=_one_of(StalenessWeighting))
+    staleness_exponent: float = setting(0.5, RUN, ge=0, le=10, note="async, polynomial: 1/(1+staleness)^this")
+    eval_every: int = setting(1, NOTHING, ge=1, le=100_000, note="async: evaluate every this many versions")
+
     # Local training
     local_epochs: int = setting(3, RUN, ge=1, le=1000)
     batch_size: int = setting(32, RUN, ge=1, le=65_536)
     learning_rate: float = setting(0.05, RUN, gt=0, le=10)
     client_restarts: int = setting(0, NOTHING, ge=0, le=100)
     torch_threads: int = setting(1, NOTHING, ge=1, le=256)
+    # An emulation knob for tests and benchmarks, not a feature: a client with CLIENT_SLOWDOWN=4
+    # waits after its real training until the fit took 4 times as long (a slow device).
+    client_slowdown: float = setting(1.0, NOTHING, ge=1, le=1000)
 
     # Data
     dataset: Dataset = setting("digits", DATA, allowed=_one_of(Dataset))
@@ -189,6 +204,9 @@ class Settings(BaseSettings):
     # rounded to a power of two; a folder data set with IMAGE_SIZE above about 64 may need more.
     max_message_mb: int = setting(16, NOTHING, ge=1, le=2047)
     metrics_port: int = setting(0, NOTHING, ge=0, le=65535, note="0: no metrics endpoint")
+    # Every round's global model in RESULTS_DIR/models/, to evaluate a run afterwards at each point
+    # of its history (the benchmark does); off: a file per round is a cost only such uses need.
+    keep_all_models: bool = setting(False, NOTHING, allowed="true or false")
     metrics_linger: float = setting(10, NOTHING, ge=0, le=3600, unit="seconds")
 
     # Waits, in seconds; none is unbounded (and none longer than a week: larger values overflow
@@ -244,7 +262,7 @@ class Settings(BaseSettings):
         allowed="comma-separated class names in label order (empty: the folders found)",
     )
 
-    @field_validator("strategy", "dataset", "partition", "client_auth", mode="before")
+    @field_validator("strategy", "dataset", "partition", "client_auth", "mode", "staleness_weighting", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
@@ -298,6 +316,14 @@ class Settings(BaseSettings):
         return tuple(self.classes.split(",")) if self.classes else ()
 
     @property
+    def updates_per_aggregation(self) -> tuple[int, str]:
+        """How many client updates one aggregation takes, and the setting that says so:
+        MIN_FIT_CLIENTS in a synchronous round, BUFFER_SIZE (empty: the same) in async mode."""
+        if self.mode == "async" and self.buffer_size is not None:
+            return self.buffer_size, "BUFFER_SIZE"
+        return self.min_fit_clients, "MIN_FIT_CLIENTS"
+
+    @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 1024 * 1024
 
@@ -318,6 +344,8 @@ class Settings(BaseSettings):
         """Rules that tie settings together, checked for every Settings however it is made;
         each failure names both variables. BadInput is not a ValueError, so pydantic lets it
         through as it is: the one line the user sees."""
+        aggregated, per_step = self.updates_per_aggregation
+        raise_it = per_step if per_step == "BUFFER_SIZE" else "MIN_FIT_CLIENTS (and MIN_AVAILABLE_CLIENTS)"
         rules = [
             (
                 self.min_fit_clients <= self.min_available_clients,
@@ -356,23 +384,24 @@ class Settings(BaseSettings):
                 "set TLS_ENABLED=true or CLIENT_AUTH=none",
             ),
             (
-                self.strategy != "krum" or self.krum_clients_to_keep <= self.min_fit_clients,
-                f"KRUM_CLIENTS_TO_KEEP={self.krum_clients_to_keep} is above MIN_FIT_CLIENTS={self.min_fit_clients}",
-                "keep at most MIN_FIT_CLIENTS updates",
+                self.strategy != "krum" or self.krum_clients_to_keep <= aggregated,
+                f"KRUM_CLIENTS_TO_KEEP={self.krum_clients_to_keep} is above {per_step}={aggregated}",
+                f"keep at most {per_step} updates",
             ),
             # Strategies that do what they promise (issue 11): a robust aggregator that cannot
-            # defend at this client count is refused rather than run as a plain average.
+            # defend at this client count is refused rather than run as a plain average. In
+            # async mode the updates aggregated at once are the buffer's.
             (
-                self.strategy != "krum" or self.min_fit_clients >= 2 * self.krum_malicious_clients + 3,
-                f"STRATEGY=krum needs MIN_FIT_CLIENTS >= 2*KRUM_MALICIOUS_CLIENTS+3 = "
-                f"{2 * self.krum_malicious_clients + 3}, but MIN_FIT_CLIENTS={self.min_fit_clients}",
-                "raise MIN_FIT_CLIENTS (and MIN_AVAILABLE_CLIENTS) or lower KRUM_MALICIOUS_CLIENTS",
+                self.strategy != "krum" or aggregated >= 2 * self.krum_malicious_clients + 3,
+                f"STRATEGY=krum needs {per_step} >= 2*KRUM_MALICIOUS_CLIENTS+3 = "
+                f"{2 * self.krum_malicious_clients + 3}, but {per_step}={aggregated}",
+                f"raise {raise_it} or lower KRUM_MALICIOUS_CLIENTS",
             ),
             (
-                self.strategy != "fedtrimmedavg" or int(self.trim_fraction * self.min_fit_clients) >= 1,
-                f"STRATEGY=fedtrimmedavg trims nothing: int(TRIM_FRACTION*MIN_FIT_CLIENTS) = "
-                f"int({self.trim_fraction:g}*{self.min_fit_clients}) = 0, it must be at least 1",
-                "raise TRIM_FRACTION or MIN_FIT_CLIENTS",
+                self.strategy != "fedtrimmedavg" or int(self.trim_fraction * aggregated) >= 1,
+                f"STRATEGY=fedtrimmedavg trims nothing: int(TRIM_FRACTION*{per_step}) = "
+                f"int({self.trim_fraction:g}*{aggregated}) = 0, it must be at least 1",
+                f"raise TRIM_FRACTION or {per_step}",
             ),
             (
                 self.metrics_port == 0 or self.metrics_port != _port(self.server_listen_address),

@@ -1,0 +1,472 @@
+"""Asynchronous training with buffered aggregation (MODE=async): FedBuff (Nguyen et al.,
+AISTATS 2022) with FedAsync's staleness weighting (Xie et al., 2019).
+
+Why: a synchronous round waits for its slowest client, so one client four times slower makes
+the whole federation about four times slower. Here every client that is free gets the current
+model and its version at once; its update (the difference from the version it trained on) waits
+in a buffer, and every BUFFER_SIZE updates the server applies the buffer and the version
+advances. A slow client's update arrives some versions later (its staleness s) and counts less,
+1/(1+s)^STALENESS_EXPONENT; one staler than MAX_STALENESS is dropped and counted.
+
+How the buffer meets Flower's strategies (a guard around them, not a re-implementation): each
+buffered update is re-based onto the current model as `current + weight * delta`. FedAvg's
+example-weighted mean of these is the current model plus the buffer's weighted mean update
+(FedBuff's step); FedMedian, FedTrimmedAvg and Krum take the median, trimmed mean or Krum's
+choice of the updates; FedAdam, FedYogi, FedAdagrad and FedAvgM take the buffer's mean update as
+their pseudo-gradient, with their moments as in sync mode. SERVER_LEARNING_RATE (empty: 1) scales
+the step of the strategies that have no server optimizer: new = w + eta * (aggregate - w). The
+guard checks every update as in sync mode, its distance measured from the model it was trained on.
+
+Evaluation never stops training: every EVAL_EVERY versions the next clients that come free
+evaluate that version (a short call before their next fit), and the result goes into the record
+of the version being written when it completes (`eval_version` says which one it measured). The
+last version is evaluated on every connected client, as the last round is in sync mode.
+
+Threads: Flower's client proxies block until their client answers, so each instruction runs in a
+pool thread; this loop (in the main thread, where SIGTERM arrives) only dispatches, collects and
+aggregates, waking at least every POLL_SECONDS to see clients that joined or left. A checkpoint is
+written at every aggregation, when the buffer has just been applied: a resumed run starts from the
+last version with an empty buffer (only the updates still in training or waiting are lost).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from flwr.common import Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedProx
+
+from server.admission import BoundedClientManager
+from server.record import ClientEntry, RoundRecord
+from server.sampling import stable_key
+from server.site_report import where
+from server.strategies import GuardedStrategy, client_label
+from server.update_checks import l2_norm
+from server.wiring import Traffic
+from shared.errors import ClientsTimeout
+from shared.settings import Settings
+
+log = logging.getLogger("flowerpot.server")
+
+POLL_SECONDS = 0.5
+# Strategies with a server optimizer of their own: SERVER_LEARNING_RATE is already their step size.
+OWN_SERVER_STEP = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
+
+
+@dataclass
+class Task:
+    """One instruction in flight."""
+
+    proxy: ClientProxy
+    kind: Literal["fit", "evaluate"]
+    version: int  # the model version it carries
+
+
+@dataclass
+class Update:
+    """A sound client update waiting in the buffer."""
+
+    proxy: ClientProxy
+    res: FitRes
+    delta: list[np.ndarray]  # trained - the version it was trained on
+    staleness: int
+
+
+@dataclass
+class Window:
+    """What happened since the last aggregation: the next record's material."""
+
+    started: float = field(default_factory=time.perf_counter)
+    started_at: float = field(default_factory=time.time)
+    buffer: list[Update] = field(default_factory=list)
+    failures: list[BaseException] = field(default_factory=list)
+    refused: list[tuple[ClientProxy, str]] = field(default_factory=list)
+    stale: int = 0
+
+
+@dataclass
+class Evaluation:
+    """One version being evaluated by the clients that come free."""
+
+    version: int
+    parameters: Parameters
+    wanted: int
+    asked: set[str] = field(default_factory=set)
+    results: list[tuple[ClientProxy, EvaluateRes]] = field(default_factory=list)
+    failures: list[BaseException] = field(default_factory=list)
+
+    def wants(self, proxy: ClientProxy) -> bool:
+        return proxy.cid not in self.asked and len(self.asked) < self.wanted
+
+    @property
+    def answered(self) -> int:
+        return len(self.results) + len(self.failures)
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    version: int
+    loss: float | None
+    metrics: dict[str, Scalar]
+    results: list[tuple[ClientProxy, EvaluateRes]]
+    failures: int
+
+
+def staleness_weight(staleness: int, weighting: str, exponent: float) -> float:
+    """FedAsync's polynomial weighting 1/(1+s)^a (FedBuff uses a = 0.5), or 1."""
+    return 1.0 if weighting == "constant" else 1.0 / (1.0 + staleness) ** exponent
+
+
+class BufferedRounds:
+    """The asynchronous loop: versions `first`..NUM_ROUNDS, each handed to `finish` as a record."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client_manager: BoundedClientManager,
+        guard: GuardedStrategy,
+        traffic: Traffic,
+        finish: Callable[[RoundRecord, Parameters], None],
+    ) -> None:
+        self.s, self.client_manager, self.guard, self.traffic, self.finish = (
+            settings,
+            client_manager,
+            guard,
+            traffic,
+            finish,
+        )
+        self.buffer_size = settings.updates_per_aggregation[0]
+        lr = settings.server_learning_rate
+        self.server_step = 1.0 if settings.strategy in OWN_SERVER_STEP or lr is None else lr
+        self.tasks: dict[Future, Task] = {}
+        self.idle_since: dict[str, float] = {}
+        self.fits_sent = 0
+        self.window = Window()
+        self.evaluation: Evaluation | None = None
+        self.evaluated: Evaluated | None = None
+        self.version = 0
+        self.parameters: Parameters | None = None
+        self.models: dict[int, list[np.ndarray]] = {}
+
+    # The loop
+
+    def run(self, parameters: Parameters, first: int) -> Parameters:
+        self.version, self.parameters = first - 1, parameters
+        self.models = {self.version: self.arrays(parameters)}
+        self.traffic.take()
+        pool = ThreadPoolExecutor(max_workers=self.s.max_clients + 1, thread_name_prefix="async")
+        try:
+            while self.version < self.s.num_rounds:
+                self.dispatch(pool)
+                self.collect(POLL_SECONDS)
+                while len(self.window.buffer) >= self.buffer_size and self.version < self.s.num_rounds:
+                    self.aggregate(pool)
+                self.keep_clients()
+            return self.parameters
+        finally:
+            # Instructions still in flight end with their streams (disconnect, SIGTERM); nothing
+            # waits for them here.
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def dispatch(self, pool: ThreadPoolExecutor, final: Evaluation | None = None) -> None:
+        """Work for every free client: an evaluation it is wanted for, else the current model to
+        train on (up to CONCURRENCY clients training at once; none during the final evaluation)."""
+        connected = self.client_manager.all()
+        busy = {task.proxy.cid for task in self.tasks.values()}
+        free = sorted(
+            (p for cid, p in connected.items() if cid not in busy),
+            key=lambda p: (self.idle_since.get(p.cid, 0.0), stable_key(p)),  # the longest idle first
+        )
+        training = sum(1 for task in self.tasks.values() if task.kind == "fit")
+        limit = self.s.concurrency or len(connected)
+        for proxy in free:
+            evaluation = final or self.evaluation
+            if evaluation is not None and evaluation.wants(proxy):
+                evaluation.asked.add(proxy.cid)
+                ins = EvaluateIns(evaluation.parameters, self.guard.evaluate_config(evaluation.version))
+                self.submit(pool, proxy, "evaluate", evaluation.version, proxy.evaluate, ins)
+            elif final is None and training < limit:
+                training += 1
+                self.submit(pool, proxy, "fit", self.version, proxy.fit, FitIns(self.parameters, self.fit_config()))
+
+    def submit(
+        self, pool: ThreadPoolExecutor, proxy: ClientProxy, kind: Any, version: int, call: Any, ins: Any
+    ) -> None:
+        future = pool.submit(call, ins, self.s.round_timeout, version + 1)
+        self.tasks[future] = Task(proxy, kind, version)
+
+    def fit_config(self) -> dict[str, Scalar]:
+        """The strategy's own fit config for the version this update will help make, plus which
+        version it trains on and a number of its own (the Flowerpot client seeds its shuffling
+        with it: two fits on one version must not be the same fit)."""
+        inner = self.guard.inner
+        make = getattr(inner, "on_fit_config_fn", None)
+        config: dict[str, Scalar] = dict(make(self.version + 1)) if make else {}
+        if isinstance(inner, FedProx):
+            config["proximal_mu"] = inner.proximal_mu
+        self.fits_sent += 1
+        config.update(model_version=self.version, fit_id=self.fits_sent)
+        return config
+
+    def collect(self, timeout: float, final: Evaluation | None = None) -> None:
+        if not self.tasks:
+            time.sleep(min(timeout, 0.05))  # no client yet: dispatch soon looks again
+            return
+        done, _ = wait(list(self.tasks), timeout=timeout, return_when=FIRST_COMPLETED)
+        for future in done:
+            task = self.tasks.pop(future)
+            self.idle_since[task.proxy.cid] = time.perf_counter()
+            try:
+                res = future.result()
+            except BaseException as exc:  # a client's failure, whatever it is, is counted
+                self.failed(task, exc, final)
+                continue
+            if res.status.code != Code.OK:
+                self.failed(task, RuntimeError(f"client status {res.status.code.name}: {res.status.message}"), final)
+            elif task.kind == "fit":
+                self.received(task, res, final is not None)
+            else:
+                self.evaluation_answer(task, res, final)
+
+    def failed(self, task: Task, exc: BaseException, final: Evaluation | None) -> None:
+        label = client_label(task.proxy)
+        if task.kind == "fit":
+            if final is None:
+                self.window.failures.append(exc)
+            log.warning("the fit of client %s on version %d failed: %s", label, task.version, _why(exc))
+            return
+        evaluation = final or self.evaluation
+        if evaluation is not None and evaluation.version == task.version:
+            evaluation.failures.append(exc)
+            self.evaluation_progress(final)
+        log.warning("the evaluation of client %s on version %d failed: %s", label, task.version, _why(exc))
+
+    def received(self, task: Task, res: FitRes, late: bool) -> None:
+        """A client's update: checked, then into the buffer as its difference from the version it
+        trained on; or dropped as too stale, or refused."""
+        label = client_label(task.proxy)
+        if late:
+            log.info("client %s finished training after the last version: its update is not used", label)
+            return
+        staleness = self.version - task.version
+        if staleness > self.s.max_staleness or task.version not in self.models:
+            self.window.stale += 1
+            log.warning(
+                "dropped the update of client %s: trained on version %d, %d versions ago, more than MAX_STALENESS=%d",
+                label, task.version, staleness, self.s.max_staleness,
+            )  # fmt: skip
+            return
+        problem = self.guard.layout_problem(res)
+        delta: list[np.ndarray] = []
+        if problem is None:
+            base = self.models[task.version]
+            delta = [t - b for t, b in zip(self.arrays(res.parameters), base)]
+            norm = l2_norm(np.concatenate([d.ravel() for d in delta]))
+            log.debug("update norm %.4f (staleness %d)", norm, staleness)
+            problem = self.guard.norm_problem(norm)
+        if problem is not None:
+            self.window.refused.append((task.proxy, problem))
+            log.warning("version %d: refused the update of client %s: %s", self.version + 1, label, problem)
+            return
+        self.window.buffer.append(Update(task.proxy, res, delta, staleness))
+
+    def aggregate(self, pool: ThreadPoolExecutor) -> None:
+        """Apply the first BUFFER_SIZE updates; the version advances (also when the guard finds
+        too few sound ones: the model then stays, as a failed round keeps it in sync mode)."""
+        window, self.window = self.window, Window()
+        taken, self.window.buffer = window.buffer[: self.buffer_size], window.buffer[self.buffer_size :]
+        current = self.models[self.version]
+        results = []
+        for update in taken:
+            weight = staleness_weight(update.staleness, self.s.staleness_weighting, self.s.staleness_exponent)
+            rebased = [
+                (c + weight * d).astype(ref.dtype) for c, d, ref in zip(current, update.delta, self.guard.reference)
+            ]
+            update.res.parameters = ndarrays_to_parameters(rebased)
+            results.append((update.proxy, update.res))
+        version = self.version + 1
+        self.guard.distance.set_global(current)  # the re-based updates are measured from here
+        failures = [*window.failures, *(ValueError(problem) for _, problem in window.refused)]
+        parameters, metrics = self.guard.aggregate_fit(version, results, failures)
+        refused_now = len(self.guard.refused)  # the guard's own refusals, of re-based updates
+        self.guard.refused = [*window.refused, *self.guard.refused]  # every refusal of this version
+        if parameters is not None:
+            parameters = self.step(current, parameters)
+            self.parameters = parameters
+        self.version = version
+        self.models[version] = self.arrays(self.parameters)
+        for old in [v for v in self.models if v < version - self.s.max_staleness]:
+            del self.models[old]
+        if version == self.s.num_rounds:
+            evaluated = self.final_evaluation(pool)
+        else:
+            evaluated, self.evaluated = self.evaluated, None
+            if version % self.s.eval_every == 0:
+                self.open_evaluation(version)
+        self.finish(self.record(version, window, taken, refused_now, metrics, evaluated), self.parameters)
+
+    def step(self, current: list[np.ndarray], aggregate: Parameters) -> Parameters:
+        """SERVER_LEARNING_RATE on the strategies without a server optimizer of their own."""
+        if self.server_step == 1.0:
+            return aggregate
+        ref = self.guard.reference
+        arrays = self.arrays(aggregate)
+        return ndarrays_to_parameters(
+            [(c + self.server_step * (a - c)).astype(r.dtype) for c, a, r in zip(current, arrays, ref)]
+        )
+
+    def arrays(self, parameters: Parameters) -> list[np.ndarray]:
+        """The model's arrays in float64, shaped (updates are summed in full precision)."""
+        layouts = self.guard.reference
+        return [ref.view(t).astype(np.float64).reshape(ref.shape) for t, ref in zip(parameters.tensors, layouts)]
+
+    # Evaluation
+
+    def open_evaluation(self, version: int) -> None:
+        """The next clients that come free evaluate `version`: MIN_EVALUATE_CLIENTS or
+        FRACTION_EVALUATE of those connected, whichever is more (none with both 0).
+
+        An evaluation still open when the next one is due closes with the answers it has when
+        they are at least MIN_EVALUATE_CLIENTS (at least 1), and the newer version is evaluated;
+        otherwise the newer version is not evaluated. So a slow client never holds evaluation
+        up, and intermediate evaluations measure the shards of the clients that came free first;
+        the final one measures every shard."""
+        connected = self.client_manager.num_available()
+        wanted = min(connected, max(self.s.min_evaluate_clients, math.ceil(self.s.fraction_evaluate * connected)))
+        if self.evaluation is not None:
+            if len(self.evaluation.results) < max(1, self.s.min_evaluate_clients):
+                log.debug("version %d is not evaluated: version %d still is", version, self.evaluation.version)
+                return
+            self.close_evaluation()
+        if wanted > 0:
+            self.evaluation = Evaluation(version, self.parameters, wanted)
+
+    def evaluation_answer(self, task: Task, res: EvaluateRes, final: Evaluation | None) -> None:
+        evaluation = final or self.evaluation
+        if evaluation is None or evaluation.version != task.version:
+            return  # an evaluation that gave way to a newer one
+        evaluation.results.append((task.proxy, res))
+        self.evaluation_progress(final)
+
+    def evaluation_progress(self, final: Evaluation | None) -> None:
+        if final is None and self.evaluation is not None and self.evaluation.answered >= self.evaluation.wanted:
+            self.close_evaluation()
+
+    def close_evaluation(self) -> None:
+        evaluation, self.evaluation = self.evaluation, None
+        if evaluation is not None and evaluation.answered:
+            self.evaluated = self.aggregate_evaluation(evaluation)
+            log.info(evaluation_line(self.evaluated))
+
+    def aggregate_evaluation(self, evaluation: Evaluation) -> Evaluated:
+        results, failures = list(evaluation.results), list(evaluation.failures)
+        loss, metrics = self.guard.aggregate_evaluate(evaluation.version, results, failures)  # type: ignore[arg-type]
+        return Evaluated(evaluation.version, loss, metrics, results, len(failures))
+
+    def final_evaluation(self, pool: ThreadPoolExecutor) -> Evaluated:
+        """The final model on every connected client, each as soon as it is free (one still
+        training finishes first; its update is not used), within ROUND_TIMEOUT."""
+        self.evaluation = None
+        final = Evaluation(self.version, self.parameters, wanted=self.client_manager.num_available())
+        deadline = time.monotonic() + self.s.round_timeout
+        while time.monotonic() < deadline:
+            connected = set(self.client_manager.all())
+            final.wanted = len(final.asked | connected)
+            self.dispatch(pool, final)
+            asked_open = any(t.kind == "evaluate" for t in self.tasks.values())
+            if final.answered >= final.wanted and not asked_open:
+                break
+            if not connected - final.asked and not asked_open:
+                break  # every client asked has answered or left
+            self.collect(POLL_SECONDS, final)
+        return self.aggregate_evaluation(final)
+
+    # Clients
+
+    def keep_clients(self) -> None:
+        """With no client connected and none working, wait (REJOIN_TIMEOUT) for one to join."""
+        if self.tasks or self.client_manager.num_available() > 0:
+            return
+        log.warning("no client connected: waiting up to %g s for one", self.client_manager.wait_timeout)
+        if not self.client_manager.wait_for(1):
+            raise ClientsTimeout(
+                f"no client connected within REJOIN_TIMEOUT={self.client_manager.wait_timeout:g} s in async mode "
+                f"(version {self.version} of {self.s.num_rounds}): restart clients, or raise REJOIN_TIMEOUT"
+            )
+
+    # The record
+
+    def record(
+        self,
+        version: int,
+        window: Window,
+        taken: list[Update],
+        refused_now: int,
+        metrics: dict[str, Scalar],
+        evaluated: Evaluated | None,
+    ) -> RoundRecord:
+        refused = len(self.guard.refused)
+        staleness = [u.staleness for u in taken]
+        sent, received = self.traffic.take()
+        seconds = time.perf_counter() - window.started
+        eval_results = evaluated.results if evaluated else []
+        clients = [
+            *(ClientEntry(client_label(u.proxy), "fit", u.res.num_examples, u.res.metrics, *where(u.proxy, u.res))
+              for u in taken),
+            *(ClientEntry(client_label(p), "evaluate", r.num_examples, {"loss": r.loss, **r.metrics}, *where(p, r))
+              for p, r in eval_results),
+        ]  # fmt: skip
+        return RoundRecord(
+            round=version,
+            clients_trained=len(taken) - refused_now,
+            clients_failed=len(window.failures),
+            updates_refused=refused,
+            clients_evaluated=len(eval_results),
+            eval_failures=evaluated.failures if evaluated else 0,
+            train_loss=_float(metrics.get("train_loss")),
+            train_accuracy=_float(metrics.get("train_accuracy")),
+            eval_loss=evaluated.loss if evaluated else None,
+            eval_accuracy=_float(evaluated.metrics.get("accuracy")) if evaluated else None,
+            seconds=seconds,
+            fit_seconds=seconds,
+            started_at=window.started_at,
+            bytes_sent=sent,
+            bytes_received=received,
+            model_bytes=sum(len(t) for t in self.parameters.tensors),
+            fit_metrics=dict(metrics),
+            eval_metrics=dict(evaluated.metrics) if evaluated else {},
+            failed=self.guard.round_failed,
+            clients=clients,
+            staleness_mean=float(np.mean(staleness)) if staleness else 0.0,
+            staleness_max=max(staleness, default=0),
+            updates_stale=window.stale,
+            eval_version=evaluated.version if evaluated else None,
+        )
+
+
+def evaluation_line(evaluated: Evaluated) -> str:
+    accuracy = evaluated.metrics.get("accuracy")
+    return (
+        f"version {evaluated.version} evaluated: loss {_fmt(evaluated.loss)}, accuracy {_fmt(_float(accuracy))} "
+        f"({len(evaluated.results)} clients)"
+    )
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _why(exc: BaseException) -> str:
+    return f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__

@@ -1,0 +1,144 @@
+"""Asynchronous training (MODE=async, FedBuff): real server and client processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import federation_env, free_address
+from launcher import LocalFederation
+from server.buffered import staleness_weight
+from shared.modelfile import FINAL_MODEL, load_model
+
+ASYNC = {"MODE": "async", "BUFFER_SIZE": "3", "LOCAL_EPOCHS": "2"}
+
+
+def history(results: Path) -> list[dict]:
+    return json.loads((results / "history.json").read_text())
+
+
+def fitted_by(record: dict) -> list[str]:
+    return [c["client"] for c in record["clients"] if c["phase"] == "fit"]
+
+
+def test_staleness_weights() -> None:
+    assert staleness_weight(3, "constant", 0.5) == 1.0
+    assert staleness_weight(0, "polynomial", 0.5) == 1.0
+    assert staleness_weight(3, "polynomial", 0.5) == pytest.approx(0.5)  # 1/sqrt(1+3)
+    assert staleness_weight(1, "polynomial", 1.0) == pytest.approx(0.5)
+
+
+def test_an_async_run_of_three_clients_reaches_095(federation, data_dir: Path, tmp_path: Path) -> None:
+    env = federation_env(data_dir, tmp_path, free_address(), **ASYNC, NUM_ROUNDS="6")
+    run = federation(env, 3)
+    assert run.server.wait(240) == 0, run.server.output
+    assert [c.wait(60) for c in run.clients] == [0, 0, 0], [c.output for c in run.clients]
+
+    rounds = history(tmp_path / "results")
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
+    assert all(r["clients_trained"] == 3 and r["staleness_max"] is not None for r in rounds)
+    final = rounds[-1]
+    assert final["eval_version"] == 6 and final["clients_evaluated"] == 3  # the final model, on every client
+    assert final["eval_accuracy"] >= 0.95
+    assert "version 6/6: 3 updates (staleness mean" in run.server.output
+    # Every client keeps the final model, as in sync mode.
+    server_arrays, _ = load_model(tmp_path / "results" / FINAL_MODEL)
+    for kept in sorted((tmp_path / "results").glob(f"client_shard_*/{FINAL_MODEL}")):
+        arrays, _ = load_model(kept)
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, server_arrays, strict=True))
+    # Two fits on one version are two different fits (fit_id seeds the client's shuffling).
+    assert "trained on version 0" in run.clients[0].output
+
+
+def test_versions_advance_while_a_slow_client_trains(data_dir: Path, tmp_path: Path) -> None:
+    """One client 4x slow, a buffer of 2: the two fast clients make versions without it, and its
+    own updates arrive late (staleness) but count."""
+    env = federation_env(
+        data_dir,
+        tmp_path,
+        free_address(),
+        MODE="async",
+        BUFFER_SIZE="2",
+        NUM_ROUNDS="24",
+        LOCAL_EPOCHS="4",
+        MAX_STALENESS="100",
+    )
+    with LocalFederation(env, cwd=tmp_path, address=env["SERVER_ADDRESS"]) as run:
+        run.start_server()
+        slow = run.start_client(CLIENT_SLOWDOWN="4")
+        run.start_client()
+        run.start_client()
+        assert run.wait(240) == 0, run.server.output
+    assert "CLIENT_SLOWDOWN" not in slow.output  # a knob, not an error
+    rounds = history(tmp_path / "results")
+    with_slow = [r["round"] for r in rounds if "client-1" in fitted_by(r)]
+    assert len(with_slow) >= 2, rounds
+    between = [r for r in rounds if with_slow[0] < r["round"] < with_slow[1]]
+    assert between and all("client-1" not in fitted_by(r) for r in between)  # versions advanced without it
+    slow_records = [r for r in rounds if r["round"] in with_slow]
+    assert all(r["staleness_max"] >= 1 for r in slow_records)
+    # The slow client's fits took about 4 times as long as its training (the emulated device).
+    seconds = {c["client"]: c["metrics"]["train_seconds"] for r in rounds for c in r["clients"] if c["phase"] == "fit"}
+    fast = statistics.median(v for k, v in seconds.items() if k != "client-1")
+    assert seconds["client-1"] > 2 * fast
+
+
+def test_an_update_staler_than_max_staleness_is_dropped_and_counted(data_dir: Path, tmp_path: Path) -> None:
+    env = federation_env(
+        data_dir,
+        tmp_path,
+        free_address(),
+        MODE="async",
+        BUFFER_SIZE="2",
+        NUM_ROUNDS="16",
+        LOCAL_EPOCHS="4",
+        MAX_STALENESS="0",
+    )
+    with LocalFederation(env, cwd=tmp_path, address=env["SERVER_ADDRESS"]) as run:
+        run.start_server()
+        run.start_client(CLIENT_SLOWDOWN="4")
+        run.start_client()
+        run.start_client()
+        assert run.wait(240) == 0, run.server.output
+    rounds = history(tmp_path / "results")
+    dropped = sum(r["updates_stale"] for r in rounds)
+    assert dropped >= 1
+    assert "dropped the update of client client-1: trained on version" in run.server.output
+    assert "more than MAX_STALENESS=0" in run.server.output
+    assert all(r["staleness_max"] == 0 for r in rounds)  # nothing staler was aggregated
+    assert f"{dropped} too stale" in run.server.output or "1 too stale" in run.server.output
+
+
+def test_a_server_killed_mid_run_in_async_mode_resumes(spawn, federation, data_dir: Path, tmp_path: Path) -> None:
+    env = federation_env(data_dir, tmp_path, free_address(), **ASYNC, NUM_ROUNDS="6", CONNECT_TIMEOUT="60")
+    interrupted = federation(env, 3)
+    first, clients = interrupted.server, interrupted.clients
+    first.wait_for(r"version 3/6")
+    first.popen.send_signal(signal.SIGKILL)
+    first.wait()
+    checkpointed = json.loads(np.load(tmp_path / "results" / "checkpoint.npz")["meta"].item())["round"]
+    assert checkpointed >= 3
+
+    second = spawn(["server"], **env)
+    assert second.wait(240) == 0, second.output
+    assert [c.wait(60) for c in clients] == [0, 0, 0]
+    assert f"resuming the unfinished run at round {checkpointed + 1} of 6" in second.output
+    rounds = history(tmp_path / "results")
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
+    assert rounds[-1]["eval_accuracy"] >= 0.9
+
+
+def test_keep_all_models_saves_every_version(federation, data_dir: Path, tmp_path: Path) -> None:
+    env = federation_env(data_dir, tmp_path, free_address(), **ASYNC, NUM_ROUNDS="3", KEEP_ALL_MODELS="true")
+    run = federation(env, 3)
+    assert run.server.wait(240) == 0, run.server.output
+    kept = sorted(p.name for p in (tmp_path / "results" / "models").glob("*.npz"))
+    assert kept == ["round_000001.npz", "round_000002.npz", "round_000003.npz"]
+    final, _ = load_model(tmp_path / "results" / FINAL_MODEL)
+    last, meta = load_model(tmp_path / "results" / "models" / "round_000003.npz")
+    assert meta["round"] == 3 and all(np.array_equal(a, b) for a, b in zip(final, last, strict=True))
