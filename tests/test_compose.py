@@ -78,6 +78,7 @@ def test_readme_command_runs_the_whole_job(project, tmp_path: Path) -> None:
     MEASUREMENTS["compose up --build --scale client=3 (images cached)"] = f"{seconds:.1f} s"
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert p.exit_codes("server") == [0] and p.exit_codes("client") == [0, 0, 0] and p.exit_codes("prepare") == [0]
+    assert p.exit_codes("client-slow") == []  # scale 0: started only when asked for
 
     server_log = p.logs("server")
     assert "round 5/5: 3 trained, 0 failed" in server_log
@@ -97,6 +98,23 @@ def test_readme_command_runs_the_whole_job(project, tmp_path: Path) -> None:
         "client_shard_001",
         "client_shard_002",
     ]
+
+
+def test_async_mode_with_a_slow_client_service_completes(project, tmp_path: Path) -> None:
+    """README's async example: two clients and one on an emulated slow device (client-slow)."""
+    p = project(MODE="async", NUM_ROUNDS="8", BUFFER_SIZE="2", LOCAL_EPOCHS="2")
+    result, _ = p.up("--scale", "client=2", "--scale", "client-slow=1", timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert p.exit_codes("server") == [0], p.logs("server")
+    assert p.exit_codes("client") == [0, 0] and p.exit_codes("client-slow") == [0]
+    slow = next(c["Name"] for c in p.containers() if c["Service"] == "client-slow")
+    environment = docker("inspect", "-f", "{{json .Config.Env}}", slow).stdout
+    assert "CLIENT_SLOWDOWN=4" in environment  # SLOW_CLIENT_SLOWDOWN's default, from .env
+    rounds = history(p, tmp_path)
+    assert [r["round"] for r in rounds] == list(range(1, 9))
+    assert all(r["staleness_max"] is not None for r in rounds)
+    assert rounds[-1]["clients_evaluated"] == 3 and rounds[-1]["eval_accuracy"] >= 0.9
+    assert "version 8/8:" in p.logs("server")
 
 
 def test_env_changes_are_honoured(project, tmp_path: Path) -> None:
