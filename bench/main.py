@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import accuracy, deployment, overhead, report, robustness, round_cost, scale
+from bench import accuracy, asynchrony, deployment, overhead, report, robustness, round_cost, scale
 from shared.errors import BadInput
 
 log = logging.getLogger("flowerpot.bench")
@@ -43,6 +43,15 @@ class Plan:
     robustness_rounds: int = 5
     robustness_epochs: int = 1
     robustness_configs: tuple[str, ...] | None = None
+    # Async against sync (issue 12): clients, how many of them 4x slow, seeds (all for accuracy
+    # without slow clients, the first async_timing_seeds for the timings with), rounds (versions),
+    # local epochs
+    async_clients: int = 5
+    async_slow: tuple[int, ...] = (0, 1, 2)
+    async_seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
+    async_timing_seeds: int = 3
+    async_rounds: int = 20
+    async_epochs: int = 1
 
 
 FULL = Plan(
@@ -77,10 +86,16 @@ QUICK = Plan(
     robustness_seeds=(1,),
     robustness_rounds=1,
     robustness_configs=("fedavg (shipped)", "fedmedian"),
+    async_clients=3,
+    async_slow=(1,),
+    async_seeds=(1,),
+    async_timing_seeds=1,
+    async_rounds=3,
+    async_epochs=1,
 )
 
 # The sections `--only` can pick, in the order they run; the Compose ones need a Docker engine.
-SECTIONS = ("accuracy", "overhead", "round-cost", "scale", "deployment", "scale-compose", "robustness")
+SECTIONS = ("accuracy", "overhead", "round-cost", "scale", "deployment", "scale-compose", "robustness", "async")
 COMPOSE_SECTIONS = ("deployment", "scale-compose")
 
 
@@ -120,6 +135,18 @@ def run(out: Path, quick: bool, compose: bool, command: str, docs: Path | None =
                 list(p.robustness_configs) if p.robustness_configs else None,
             ),
         ),
+        (
+            "async",
+            lambda: asynchrony.measure(
+                work / "async",
+                p.async_clients,
+                list(p.async_slow),
+                list(p.async_seeds),
+                p.async_timing_seeds,
+                p.async_rounds,
+                p.async_epochs,
+            ),
+        ),
     ]
     steps = [(n, step) for n, step in steps if (n == only if only else compose or n not in COMPOSE_SECTIONS)]
     for number, (name, step) in enumerate(steps, 1):
@@ -129,7 +156,7 @@ def run(out: Path, quick: bool, compose: bool, command: str, docs: Path | None =
         if name == "scale-compose":
             results.setdefault("scale", {})["compose replicas"] = value
         else:
-            results[name.replace("-", "_")] = value
+            results[name.replace("-", "_")] = value  # "async" stays "async"
         log.info("bench: %s done in %.0f s", name, time.monotonic() - t0)
     results["seconds"] = time.monotonic() - started
     results["targets"] = targets(results)
@@ -169,6 +196,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         found += round_cost.targets(results["round_cost"])
     if "robustness" in results:
         found += robustness.targets(results["robustness"])
+    if "async" in results:
+        found += asynchrony.targets(results["async"])
     ladder = results.get("scale", {}).get("local processes")
     if ladder:
         largest = max((r["clients"] for r in ladder if r["ok"]), default=0)

@@ -22,6 +22,10 @@ def write(results: dict[str, Any], out: Path) -> Path:
         from bench import robustness
 
         plots.append(robustness.plot(results["robustness"], out / "robustness.png"))
+    if "async" in results:
+        from bench import asynchrony
+
+        plots.append(asynchrony.plot(results["async"], out / "async.png"))
     markdown = out / "report.md"
     markdown.write_text(to_markdown(results, [p.name for p in plots]))
     return markdown
@@ -159,6 +163,10 @@ def to_markdown(results: dict[str, Any], plots: list[str]) -> str:
         from bench import robustness
 
         parts.append(robustness.markdown(results["robustness"]))
+    if "async" in results:
+        from bench import asynchrony
+
+        parts.append(asynchrony.markdown(results["async"]))
     parts += [f"![{p}]({p})\n" for p in plots]
     return "\n".join(parts)
 

@@ -63,7 +63,7 @@ def test_only_runs_one_section_and_refuses_an_unknown_one(tmp_path: Path) -> Non
     assert result.returncode == 2 and not (tmp_path / "bench-results").exists()
     assert result.stderr.strip().splitlines() == [
         "flowerpot bench: error: --only 'speed' is not a section of the benchmark: use one of accuracy, overhead, "
-        "round-cost, scale, deployment, scale-compose, robustness"
+        "round-cost, scale, deployment, scale-compose, robustness, async"
     ]
     result = run_cli(["bench", "--quick", "--only", "round-cost", "--out", "out"], cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -82,3 +82,19 @@ def test_quick_robustness_section_runs_attackers_and_reports_them(tmp_path: Path
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## Robustness under attack" in report and "| fedmedian |" in report
     assert (tmp_path / "out" / "robustness.png").stat().st_size > 1000
+
+
+def test_quick_async_section_compares_the_modes_on_saved_versions(tmp_path: Path) -> None:
+    result = run_cli(["bench", "--quick", "--only", "async", "--out", "out"], cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())["async"]
+    assert {(r["mode"], r["slow"]) for r in res["runs"]} == {("sync", 1), ("async", 1)}
+    for run in res["runs"]:
+        assert run["ok"] and len(run["curve"]) == res["rounds"]  # every version, evaluated afterwards
+        times = [t for t, _ in run["curve"]]
+        assert times == sorted(times) and all(0 < acc <= 1 for _, acc in run["curve"])
+        assert len(run["idle"]) == res["clients"] and all(0 <= f <= 1 for f in run["idle"])
+        assert run["updates"] == res["clients"] * res["rounds"]  # the same work in both modes
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Asynchronous training (FedBuff) against synchronous rounds" in report
+    assert (tmp_path / "out" / "async.png").stat().st_size > 1000
