@@ -142,3 +142,29 @@ def test_keep_all_models_saves_every_version(federation, data_dir: Path, tmp_pat
     final, _ = load_model(tmp_path / "results" / FINAL_MODEL)
     last, meta = load_model(tmp_path / "results" / "models" / "round_000003.npz")
     assert meta["round"] == 3 and all(np.array_equal(a, b) for a, b in zip(final, last, strict=True))
+
+
+def test_clients_leave_and_join_mid_run(data_dir: Path, tmp_path: Path) -> None:
+    """A client killed while training counts as a failed fit; a client that joins later (on the
+    shard the killed one freed) gets the current model at once and its updates count."""
+    env = federation_env(
+        data_dir, tmp_path, free_address(), MODE="async", BUFFER_SIZE="2", NUM_ROUNDS="30", LOCAL_EPOCHS="3"
+    )
+    with LocalFederation(env, cwd=tmp_path, address=env["SERVER_ADDRESS"]) as run:
+        run.start_server()
+        doomed = run.start_client(CLIENT_SLOWDOWN="3")
+        run.start_client()
+        run.start_client()
+        run.server.wait_for(r"version 3/30")
+        doomed.wait_for(r"round \d+: trained on version")  # it has trained once: kill it during a later fit
+        doomed.kill()
+        run.server.wait_for(r"the fit of client client-1 on version \d+ failed|client client-1 .* left", timeout=60)
+        late = run.start_client(4)
+        assert run.wait(240) == 0, run.server.output
+    assert late.returncode == 0, late.output
+    rounds = history(tmp_path / "results")
+    assert [r["round"] for r in rounds] == list(range(1, 31))
+    joined_at = next(r["round"] for r in rounds if "client-4" in fitted_by(r))
+    assert joined_at < 30 and any("client-4" in fitted_by(r) for r in rounds if r["round"] > joined_at)
+    assert rounds[-1]["clients_evaluated"] == 3  # the final model on the three connected clients
+    assert rounds[-1]["eval_accuracy"] >= 0.9

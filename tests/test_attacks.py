@@ -148,3 +148,14 @@ def test_pinned_initial_model_is_the_clients_own_seeded_model(honest_run, tmp_pa
     server, history = run(data, tmp_path, None, INITIAL_MODEL=str(tmp_path / "start.npz"))
     assert "initial parameters from INITIAL_MODEL=" in server.output
     assert honest_accuracy(history) == honest
+
+
+def test_in_async_mode_a_poisoned_update_is_refused_as_well(honest_run, tmp_path: Path) -> None:
+    """The update checks measure an async update from the version it was trained on."""
+    data, _ = honest_run
+    server, history = run(data, tmp_path, "weights", MODE="async", BUFFER_SIZE="2")
+    assert "moves the model by" in server.output and "refused the update of client" in server.output
+    model, _ = load_model(tmp_path / "results" / "final_model.npz")
+    assert all(np.isfinite(a).all() for a in model)
+    assert sum(r["updates_refused"] for r in history) >= 1
+    assert honest_accuracy(history) >= 0.9

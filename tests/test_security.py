@@ -157,9 +157,12 @@ def test_certs_are_ignored_by_git_and_docker() -> None:
     assert "!flowerpot.py" in (REPO / ".dockerignore").read_text()  # only code enters the images
 
 
-def test_a_tls_run_with_client_certificates_completes(spawn, data_dir: Path, tmp_path: Path, certs: Path) -> None:
-    """Mutual TLS end to end; two replicas of one site share client-2's certificate."""
-    env = tls_env(data_dir, tmp_path, free_address())
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_tls_run_with_client_certificates_completes(
+    spawn, data_dir: Path, tmp_path: Path, certs: Path, mode: str
+) -> None:
+    """Mutual TLS end to end, in both modes; two replicas of one site share client-2's certificate."""
+    env = {**tls_env(data_dir, tmp_path, free_address()), "MODE": mode}
     server = spawn(["server"], **env)
     server.wait_for("listening on")
     assert "(TLS, client certificates required)" in server.output

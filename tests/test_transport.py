@@ -132,13 +132,16 @@ def stop_within_bound(server: Process) -> float:
 ONE_CLIENT = {"MIN_AVAILABLE_CLIENTS": "1", "MIN_FIT_CLIENTS": "1", "MIN_EVALUATE_CLIENTS": "1"}
 
 
-@pytest.mark.parametrize("phase", ["waiting", "get_parameters", "fit", "evaluate", "results"])
+@pytest.mark.parametrize("phase", ["waiting", "get_parameters", "fit", "evaluate", "results", "async fit"])
 def test_sigterm_stops_the_server_within_10_s_in_every_phase(spawn, data_dir: Path, tmp_path: Path, phase: str) -> None:
     """A client that never answers holds the server in one phase; ROUND_TIMEOUT is long, so only
-    the stop can end the wait. `results`: SIGTERM as the last round ends and its files are written."""
+    the stop can end the wait. `results`: SIGTERM as the last round ends and its files are written.
+    `async fit`: MODE=async, the client hangs in its fit."""
     address = free_address()
     rounds = "1" if phase == "results" else "3"
-    env = federation_env(data_dir, tmp_path, address, **ONE_CLIENT, ROUND_TIMEOUT="600", NUM_ROUNDS=rounds)
+    mode = {"MODE": "async"} if phase.startswith("async") else {}
+    phase = phase.removeprefix("async ")
+    env = federation_env(data_dir, tmp_path, address, **ONE_CLIENT, ROUND_TIMEOUT="600", NUM_ROUNDS=rounds, **mode)
     server = spawn(["server"], **env)
     server.wait_for("listening on")
     raw = None
