@@ -28,6 +28,8 @@ from shared.modelfile import FINAL_MODEL, save_model, to_npy, write_json, write_
 
 log = logging.getLogger("flowerpot.server")
 
+ASYNC_COLUMNS = ("staleness_mean", "staleness_max", "updates_stale", "eval_version")  # history.csv, async runs
+
 CHECKPOINT = "checkpoint.npz"  # rewritten after every round: what a restarted server resumes from
 PREVIOUS = "previous"  # earlier runs' results, moved aside when a new run starts
 GLOBAL_MODEL = "global_model.npz"  # rewritten after every round
@@ -225,7 +227,9 @@ class Results:
             write_json(self.folder / HISTORY_JSON, rows)
             tmp = self.folder / f".{HISTORY_CSV}.tmp"
             with open(tmp, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+                # Async runs add their staleness columns; a sync history.csv is as it always was.
+                extra = [k for k in ASYNC_COLUMNS if any(k in row for row in rows)]
+                writer = csv.DictWriter(fh, fieldnames=[*CSV_COLUMNS, *extra], extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(rows)
             os.replace(tmp, self.folder / HISTORY_CSV)

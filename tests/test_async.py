@@ -46,6 +46,8 @@ def test_an_async_run_of_three_clients_reaches_095(federation, data_dir: Path, t
     assert final["eval_version"] == 6 and final["clients_evaluated"] == 3  # the final model, on every client
     assert final["eval_accuracy"] >= 0.95
     assert "version 6/6: 3 updates (staleness mean" in run.server.output
+    header = (tmp_path / "results" / "history.csv").read_text().splitlines()[0]
+    assert header.endswith("staleness_mean,staleness_max,updates_stale,eval_version")
     # Every client keeps the final model, as in sync mode.
     server_arrays, _ = load_model(tmp_path / "results" / FINAL_MODEL)
     for kept in sorted((tmp_path / "results").glob(f"client_shard_*/{FINAL_MODEL}")):
