@@ -335,14 +335,15 @@ class BufferedRounds:
         FRACTION_EVALUATE of those connected, whichever is more (none with both 0).
 
         An evaluation still open when the next one is due closes with the answers it has when
-        they are at least MIN_EVALUATE_CLIENTS (at least 1), and the newer version is evaluated;
-        otherwise the newer version is not evaluated. So a slow client never holds evaluation
-        up, and intermediate evaluations measure the shards of the clients that came free first;
-        the final one measures every shard."""
+        they are at least MIN_EVALUATE_CLIENTS (at least 1, at most those it asked for), and the
+        newer version is evaluated; otherwise the newer version is not evaluated. So a slow
+        client never holds evaluation up, and intermediate evaluations measure the shards of
+        the clients that came free first; the final one measures every shard."""
         connected = self.client_manager.num_available()
         wanted = min(connected, max(self.s.min_evaluate_clients, math.ceil(self.s.fraction_evaluate * connected)))
         if self.evaluation is not None:
-            if len(self.evaluation.results) < max(1, self.s.min_evaluate_clients):
+            enough = min(self.evaluation.wanted, max(1, self.s.min_evaluate_clients))
+            if len(self.evaluation.results) < enough:
                 log.debug("version %d is not evaluated: version %d still is", version, self.evaluation.version)
                 return
             self.close_evaluation()
