@@ -1,15 +1,15 @@
 """Asynchronous (FedBuff, MODE=async) against synchronous (FedAvg) training with slow clients.
 
-Both modes are measured the same way: every model version is saved during the run
-(KEEP_ALL_MODELS) with its wall-clock time (the record's start plus its seconds, from the start
+Both modes are measured the same way: every model version is saved during the run (KEEP_ALL_MODELS)
+with its wall-clock time (when it was made: the record's start plus its fit_seconds, from the start
 of the first round or version), and evaluated afterwards, here, on the union of all clients' test
 splits. So neither mode pays for evaluation during the run (FRACTION_EVALUATE=0; the last version
 is evaluated on every client in both, as always), and the curves are comparable point by point.
 
 Same work: sync rounds of all N clients against an async buffer of N updates, NUM_ROUNDS each, so
 both aggregate the same number of client updates (async also starts fits that finish after the
-last version; they are wasted, and count as busy time). Slow clients run with CLIENT_SLOWDOWN=4
-(each fit takes 4 times its real training time). A client's idle time is the run's wall time
+last version; they are wasted, and count as busy time). A slow client's fits take SLOWDOWN=4 times
+as long as a fast one's (CLIENT_SLOWDOWN, on the training's CPU time). A client's idle time is the run's wall time
 minus the seconds its own fits took (from its log), over the run's wall time.
 
 On this machine N client processes share 2 cores: clients that train at the same time would slow
@@ -68,7 +68,7 @@ def curve(results: Path, x: np.ndarray, y: np.ndarray, spec: Any, seed: int) -> 
     for record in history:
         arrays, _ = load_model(results / "models" / f"round_{record['round']:06d}.npz")
         set_weights(model, arrays)
-        at = record["started_at"] + record["seconds"] - start
+        at = record["started_at"] + record["fit_seconds"] - start  # when the version was made
         points.append((at, evaluate(model, x, y, spec).accuracy))
     return points
 

@@ -51,7 +51,7 @@ class FlowerpotClient(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         self.set_parameters(parameters)
         server_round = int(config.get("server_round", 0))
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         outcome = task.train(
             self.model,
             self.shard.x_train,
@@ -65,8 +65,12 @@ class FlowerpotClient(NumPyClient):
             proximal_mu=float(config.get("proximal_mu", 0.0)),
         )
         slowdown = self.settings.client_slowdown
-        if slowdown > 1:  # CLIENT_SLOWDOWN, an emulated slow device: the fit takes this many times as long
-            time.sleep((slowdown - 1) * (time.perf_counter() - started))
+        if slowdown > 1:
+            # CLIENT_SLOWDOWN, an emulated slow device: the fit takes this many times its training's
+            # CPU time. CPU time, not wall time: processes sharing the machine's cores would
+            # otherwise stretch each other's emulated devices as well.
+            cpu = time.process_time() - cpu_started
+            time.sleep(max(0.0, slowdown * cpu - (time.perf_counter() - started)))
         seconds = time.perf_counter() - started
         version = f" on version {config['model_version']}" if "model_version" in config else ""
         log.info(

@@ -59,6 +59,9 @@ log = logging.getLogger("flowerpot.server")
 POLL_SECONDS = 0.5
 # Strategies with a server optimizer of their own: SERVER_LEARNING_RATE is already their step size.
 OWN_SERVER_STEP = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
+# Robust aggregators count updates against an assumed minority of bad ones: a buffer holds at most
+# one update per client for them. FedAvg's buffer may hold several of a fast client (FedBuff's).
+ONE_UPDATE_PER_CLIENT = ("fedmedian", "fedtrimmedavg", "krum")
 
 
 @dataclass
@@ -87,8 +90,12 @@ class Window:
     started: float = field(default_factory=time.perf_counter)
     started_at: float = field(default_factory=time.time)
     buffer: list[Update] = field(default_factory=list)
-    failures: list[BaseException] = field(default_factory=list)
-    refused: list[tuple[ClientProxy, str]] = field(default_factory=list)
+    # One failure and one refusal per client at most: a client whose fit failed or was refused
+    # is held back until the next version (`held`), so a fast bad client can neither flood the
+    # log nor outvote the sound updates in MIN_COMPLETION_RATE.
+    failures: dict[str, BaseException] = field(default_factory=dict)
+    refused: dict[str, tuple[ClientProxy, str]] = field(default_factory=dict)
+    held: set[str] = field(default_factory=set)
     stale: int = 0
 
 
@@ -144,6 +151,7 @@ class BufferedRounds:
             finish,
         )
         self.buffer_size = settings.updates_per_aggregation[0]
+        self.one_update_per_client = settings.strategy in ONE_UPDATE_PER_CLIENT
         lr = settings.server_learning_rate
         self.server_step = 1.0 if settings.strategy in OWN_SERVER_STEP or lr is None else lr
         self.tasks: dict[Future, Task] = {}
@@ -166,9 +174,9 @@ class BufferedRounds:
         try:
             while self.version < self.s.num_rounds:
                 self.dispatch(pool)
-                self.collect(POLL_SECONDS)
-                while len(self.window.buffer) >= self.buffer_size and self.version < self.s.num_rounds:
-                    self.aggregate(pool)
+                self.collect(POLL_SECONDS, pool)
+                if self.version < self.s.num_rounds and self.stalled():
+                    self.aggregate(pool)  # with what the window has: the guard may fail the version
                 self.keep_clients()
             return self.parameters
         finally:
@@ -193,9 +201,18 @@ class BufferedRounds:
                 evaluation.asked.add(proxy.cid)
                 ins = EvaluateIns(evaluation.parameters, self.guard.evaluate_config(evaluation.version))
                 self.submit(pool, proxy, "evaluate", evaluation.version, proxy.evaluate, ins)
-            elif final is None and training < limit:
+            elif final is None and training < limit and proxy.cid not in self.window.held:
                 training += 1
                 self.submit(pool, proxy, "fit", self.version, proxy.fit, FitIns(self.parameters, self.fit_config()))
+
+    def stalled(self) -> bool:
+        """True when the buffer cannot fill in this version: no fit is in flight and every
+        connected client is held back (its fit failed, its update was refused, or, with a robust
+        strategy, its update is in the buffer). The version is then made from what there is, so
+        that NUM_ROUNDS bounds the run even when no update is ever sound."""
+        connected = set(self.client_manager.all())
+        training = any(task.kind == "fit" for task in self.tasks.values())
+        return bool(connected) and not training and connected <= self.window.held
 
     def submit(
         self, pool: ThreadPoolExecutor, proxy: ClientProxy, kind: Any, version: int, call: Any, ins: Any
@@ -216,13 +233,18 @@ class BufferedRounds:
         config.update(model_version=self.version, fit_id=self.fits_sent)
         return config
 
-    def collect(self, timeout: float, final: Evaluation | None = None) -> None:
+    def collect(self, timeout: float, pool: ThreadPoolExecutor, final: Evaluation | None = None) -> None:
+        """Handle what finished within `timeout`, one answer at a time: the buffer is applied the
+        moment it holds BUFFER_SIZE updates, so it never holds more, and it is empty whenever a
+        checkpoint is written."""
         if not self.tasks:
             time.sleep(min(timeout, 0.05))  # no client yet: dispatch soon looks again
             return
         done, _ = wait(list(self.tasks), timeout=timeout, return_when=FIRST_COMPLETED)
         for future in done:
-            task = self.tasks.pop(future)
+            task = self.tasks.pop(future, None)
+            if task is None:  # handled already, by the final evaluation's own collecting
+                continue
             self.idle_since[task.proxy.cid] = time.perf_counter()
             try:
                 res = future.result()
@@ -232,15 +254,18 @@ class BufferedRounds:
             if res.status.code != Code.OK:
                 self.failed(task, RuntimeError(f"client status {res.status.code.name}: {res.status.message}"), final)
             elif task.kind == "fit":
-                self.received(task, res, final is not None)
+                self.received(task, res)
+                if len(self.window.buffer) >= self.buffer_size and self.version < self.s.num_rounds:
+                    self.aggregate(pool)
             else:
                 self.evaluation_answer(task, res, final)
 
     def failed(self, task: Task, exc: BaseException, final: Evaluation | None) -> None:
         label = client_label(task.proxy)
         if task.kind == "fit":
-            if final is None:
-                self.window.failures.append(exc)
+            if self.version < self.s.num_rounds:
+                self.window.failures.setdefault(task.proxy.cid, exc)
+                self.window.held.add(task.proxy.cid)
             log.warning("the fit of client %s on version %d failed: %s", label, task.version, _why(exc))
             return
         evaluation = final or self.evaluation
@@ -249,11 +274,12 @@ class BufferedRounds:
             self.evaluation_progress(final)
         log.warning("the evaluation of client %s on version %d failed: %s", label, task.version, _why(exc))
 
-    def received(self, task: Task, res: FitRes, late: bool) -> None:
+    def received(self, task: Task, res: FitRes) -> None:
         """A client's update: checked, then into the buffer as its difference from the version it
-        trained on; or dropped as too stale, or refused."""
+        trained on; or dropped as too stale, or refused (the client is then held back until the
+        next version)."""
         label = client_label(task.proxy)
-        if late:
+        if self.version >= self.s.num_rounds:
             log.info("client %s finished training after the last version: its update is not used", label)
             return
         staleness = self.version - task.version
@@ -273,10 +299,15 @@ class BufferedRounds:
             log.debug("update norm %.4f (staleness %d)", norm, staleness)
             problem = self.guard.norm_problem(norm)
         if problem is not None:
-            self.window.refused.append((task.proxy, problem))
+            self.window.refused.setdefault(task.proxy.cid, (task.proxy, problem))
+            self.window.held.add(task.proxy.cid)
             log.warning("version %d: refused the update of client %s: %s", self.version + 1, label, problem)
             return
         self.window.buffer.append(Update(task.proxy, res, delta, staleness))
+        if self.one_update_per_client:
+            # The median, trimmed mean and Krum defend against a minority of the updates: one
+            # fast client may not fill the buffer with its own.
+            self.window.held.add(task.proxy.cid)
 
     def aggregate(self, pool: ThreadPoolExecutor) -> None:
         """Apply the first BUFFER_SIZE updates; the version advances (also when the guard finds
@@ -294,24 +325,29 @@ class BufferedRounds:
             results.append((update.proxy, update.res))
         version = self.version + 1
         self.guard.distance.set_global(current)  # the re-based updates are measured from here
-        failures = [*window.failures, *(ValueError(problem) for _, problem in window.refused)]
+        refusals = list(window.refused.values())
+        failures = [*window.failures.values(), *(ValueError(problem) for _, problem in refusals)]
         parameters, metrics = self.guard.aggregate_fit(version, results, failures)
         refused_now = len(self.guard.refused)  # the guard's own refusals, of re-based updates
-        self.guard.refused = [*window.refused, *self.guard.refused]  # every refusal of this version
+        self.guard.refused = [*refusals, *self.guard.refused]  # every refusal of this version
         if parameters is not None:
             parameters = self.step(current, parameters)
             self.parameters = parameters
         self.version = version
+        aggregated = time.perf_counter()
         self.models[version] = self.arrays(self.parameters)
-        for old in [v for v in self.models if v < version - self.s.max_staleness]:
+        # Only the versions that fits still in flight were sent: their updates are deltas from them.
+        needed = {version, *(task.version for task in self.tasks.values() if task.kind == "fit")}
+        for old in [v for v in self.models if v not in needed]:
             del self.models[old]
         if version == self.s.num_rounds:
-            evaluated = self.final_evaluation(pool)
+            evaluated: Evaluated | None = self.final_evaluation(pool)
         else:
-            evaluated, self.evaluated = self.evaluated, None
             if version % self.s.eval_every == 0:
-                self.open_evaluation(version)
-        self.finish(self.record(version, window, taken, refused_now, metrics, evaluated), self.parameters)
+                self.open_evaluation(version)  # may close the open one first
+            evaluated, self.evaluated = self.evaluated, None
+        record = self.record(version, window, taken, refused_now, metrics, evaluated, aggregated - window.started)
+        self.finish(record, self.parameters)
 
     def step(self, current: list[np.ndarray], aggregate: Parameters) -> Parameters:
         """SERVER_LEARNING_RATE on the strategies without a server optimizer of their own."""
@@ -342,9 +378,12 @@ class BufferedRounds:
         connected = self.client_manager.num_available()
         wanted = min(connected, max(self.s.min_evaluate_clients, math.ceil(self.s.fraction_evaluate * connected)))
         if self.evaluation is not None:
-            enough = min(self.evaluation.wanted, max(1, self.s.min_evaluate_clients))
-            if len(self.evaluation.results) < enough:
-                log.debug("version %d is not evaluated: version %d still is", version, self.evaluation.version)
+            open_one = self.evaluation
+            enough = min(open_one.wanted, max(1, self.s.min_evaluate_clients))
+            asking = any(task.kind == "evaluate" for task in self.tasks.values())
+            exhausted = not asking and not set(self.client_manager.all()) - open_one.asked  # the rest left
+            if len(open_one.results) < enough and not exhausted:
+                log.debug("version %d is not evaluated: version %d still is", version, open_one.version)
                 return
             self.close_evaluation()
         if wanted > 0:
@@ -387,7 +426,7 @@ class BufferedRounds:
                 break
             if not connected - final.asked and not asked_open:
                 break  # every client asked has answered or left
-            self.collect(POLL_SECONDS, final)
+            self.collect(POLL_SECONDS, pool, final)
         return self.aggregate_evaluation(final)
 
     # Clients
@@ -413,6 +452,7 @@ class BufferedRounds:
         refused_now: int,
         metrics: dict[str, Scalar],
         evaluated: Evaluated | None,
+        until_aggregated: float,
     ) -> RoundRecord:
         refused = len(self.guard.refused)
         staleness = [u.staleness for u in taken]
@@ -428,7 +468,7 @@ class BufferedRounds:
         return RoundRecord(
             round=version,
             clients_trained=len(taken) - refused_now,
-            clients_failed=len(window.failures),
+            clients_failed=len(window.failures),  # clients whose fit failed (one count each)
             updates_refused=refused,
             clients_evaluated=len(eval_results),
             eval_failures=evaluated.failures if evaluated else 0,
@@ -437,7 +477,7 @@ class BufferedRounds:
             eval_loss=evaluated.loss if evaluated else None,
             eval_accuracy=_float(evaluated.metrics.get("accuracy")) if evaluated else None,
             seconds=seconds,
-            fit_seconds=seconds,
+            fit_seconds=until_aggregated,  # when the version existed (the final evaluation comes after)
             started_at=window.started_at,
             bytes_sent=sent,
             bytes_received=received,

@@ -244,13 +244,16 @@ class Results:
         import matplotlib.pyplot as plt
 
         rounds = [h.round for h in history]
+        # Async records carry the evaluation of an earlier version (eval_version): plotted there.
+        evaluated = [h.round if h.eval_version is None else h.eval_version for h in history]
+        at = {"train_loss": rounds, "eval_loss": evaluated, "train_accuracy": rounds, "eval_accuracy": evaluated}
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
         for key, label in (("train_loss", "train"), ("eval_loss", "evaluation")):
-            ax_loss.plot(rounds, _series(history, key), marker="o", label=label)
+            ax_loss.plot(at[key], _series(history, key), marker="o", label=label)
         ax_loss.set(title="Loss per round", xlabel="round", ylabel="loss")
         ax_loss.legend()
         for key, label in (("train_accuracy", "train"), ("eval_accuracy", "evaluation")):
-            ax_acc.plot(rounds, _series(history, key), marker="o", label=label)
+            ax_acc.plot(at[key], _series(history, key), marker="o", label=label)
         ax_acc.set(title="Accuracy per round", xlabel="round", ylabel="accuracy", ylim=(0, 1.02))
         ax_acc.legend()
         for ax in (ax_loss, ax_acc):

@@ -117,7 +117,8 @@ class Federation:
 
     @property
     def fingerprint(self) -> dict[str, Any]:
-        return self.settings.fingerprint(RUN_SETTINGS)
+        """The run-defining settings that apply (BUFFER_SIZE does not define a sync run)."""
+        return self.settings.fingerprint(tuple(n for n in RUN_SETTINGS if self.settings.applies(n)))
 
     def resumable(self) -> Checkpoint | None:
         """The checkpoint of an unfinished run with the same settings; otherwise a new run starts

@@ -160,11 +160,17 @@ class Settings(BaseSettings):
     # Asynchronous training (issue 12; server/buffered.py): FedBuff's buffer of client updates,
     # FedAsync's staleness weighting. NUM_ROUNDS counts aggregations (model versions) in both modes.
     mode: Mode = setting("sync", RUN, allowed=_one_of(Mode))
-    buffer_size: int | None = setting(None, RUN, ge=1, le=10_000, note="async; empty: MIN_FIT_CLIENTS")
+    buffer_size: int | None = setting(
+        None, RUN, when=("mode", "async"), ge=1, le=10_000, note="async; empty: MIN_FIT_CLIENTS"
+    )
     concurrency: int = setting(0, NOTHING, ge=0, le=10_000, note="async; 0: every connected client")
-    max_staleness: int = setting(10, RUN, ge=0, le=100_000, note="async")
-    staleness_weighting: StalenessWeighting = setting("polynomial", RUN, allowed=_one_of(StalenessWeighting))
-    staleness_exponent: float = setting(0.5, RUN, ge=0, le=10, note="async, polynomial: 1/(1+staleness)^this")
+    max_staleness: int = setting(10, RUN, when=("mode", "async"), ge=0, le=100_000, note="async")
+    staleness_weighting: StalenessWeighting = setting(
+        "polynomial", RUN, when=("mode", "async"), allowed=_one_of(StalenessWeighting)
+    )
+    staleness_exponent: float = setting(
+        0.5, RUN, when=("mode", "async"), ge=0, le=10, note="async, polynomial: 1/(1+staleness)^this"
+    )
     eval_every: int = setting(1, NOTHING, ge=1, le=100_000, note="async: evaluate every this many versions")
 
     # Local training
@@ -345,7 +351,7 @@ class Settings(BaseSettings):
         each failure names both variables. BadInput is not a ValueError, so pydantic lets it
         through as it is: the one line the user sees."""
         aggregated, per_step = self.updates_per_aggregation
-        raise_it = per_step if per_step == "BUFFER_SIZE" else "MIN_FIT_CLIENTS (and MIN_AVAILABLE_CLIENTS)"
+        raise_it = "BUFFER_SIZE" if self.mode == "async" else "MIN_FIT_CLIENTS (and MIN_AVAILABLE_CLIENTS)"
         rules = [
             (
                 self.min_fit_clients <= self.min_available_clients,
@@ -419,9 +425,10 @@ class Settings(BaseSettings):
         """The fields marked as defining the run, or the data, in declaration order."""
         return tuple(name for name, field in cls.model_fields.items() if kind in _marks(field).get("defines", ()))
 
-    def matters_to_data(self, name: str) -> bool:
-        """False for a data setting that these settings do not use (DIRICHLET_ALPHA without
-        PARTITION=dirichlet), so that changing it does not make other shards."""
+    def applies(self, name: str) -> bool:
+        """False for a setting that these settings do not use (DIRICHLET_ALPHA without
+        PARTITION=dirichlet, BUFFER_SIZE without MODE=async), so that changing it makes neither
+        other shards nor another run."""
         when = _marks(type(self).model_fields[name]).get("when")
         return when is None or getattr(self, when[0]) == when[1]
 

@@ -46,7 +46,7 @@ NORMALISATION_VERSION = 2  # 1: from the site's pixels (no key in the manifest);
 def data_settings(settings: Settings) -> dict[str, Any]:
     """The settings that decide what the shards contain (marked on the fields), leaving out those
     these settings do not use; a change means other shards."""
-    names = [n for n in Settings.names_defining("data") if settings.matters_to_data(n)]
+    names = [n for n in Settings.names_defining("data") if settings.applies(n)]
     wanted = settings.fingerprint(tuple(names))
     version = partition.SCHEME_VERSIONS.get(settings.partition)
     if version is not None:  # a changed scheme of the same name makes other shards
