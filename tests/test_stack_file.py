@@ -38,9 +38,19 @@ def mounts(service: dict[str, Any]) -> dict[str, bool]:
 
 
 def test_every_service_of_a_compose_run_is_in_the_stack(services) -> None:
+    """client-slow (scale 0, an emulation for tests and benchmarks) is not needed on a swarm."""
     compose, stack = services
-    assert {name for name, s in compose.items() if "profiles" not in s} == set(SHARED)
+    assert {name for name, s in compose.items() if "profiles" not in s and s.get("scale") != 0} == set(SHARED)
     assert set(SHARED) <= set(stack)
+
+
+def test_the_slow_client_is_the_client_with_a_slowdown(services) -> None:
+    client, slow = services[0]["client"], services[0]["client-slow"]
+    assert {k: v for k, v in slow.items() if k not in ("environment", "scale")} == {
+        k: v for k, v in client.items() if k != "environment"
+    }
+    assert slow["environment"] == {**client["environment"], "CLIENT_SLOWDOWN": "${SLOW_CLIENT_SLOWDOWN:-4}"}
+    assert slow["scale"] == 0
 
 
 @pytest.mark.parametrize("name", SHARED)
