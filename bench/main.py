@@ -259,7 +259,7 @@ def publish(out: Path, markdown: Path, docs: Path) -> None:
     """docs/benchmarks.md: the report, with its plots beside it."""
     docs.parent.mkdir(parents=True, exist_ok=True)
     text = markdown.read_text()
-    for plot in ("accuracy.png", "overhead.png"):
+    for plot in ("accuracy.png", "overhead.png", "robustness.png"):
         if (out / plot).is_file():
             shutil.copy(out / plot, docs.parent / f"benchmark-{plot}")
             text = text.replace(f"]({plot})", f"](benchmark-{plot})")

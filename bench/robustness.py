@@ -5,7 +5,9 @@ clients on digits IID shards, the first `attackers` of them running bench/attack
 configurations are Flowerpot as shipped, each robust aggregator set for the largest number of
 attackers measured (not for the row): FedAvg with the update checks (UPDATE_NORM_LIMIT) as
 shipped and with them off, FedMedian, FedTrimmedAvg trimming that many from each end,
-multi-Krum assuming that many, and FedAvg with norm clipping (CLIP_NORM).
+multi-Krum assuming that many, and FedAvg with norm clipping (CLIP_NORM). The attacks are
+bench/attacker.py's, as the literature defines them. Clients are forked warm (launcher.WarmPopen):
+a federation starts in about a fifth of the time, and what is measured is accuracy, not start-up.
 """
 
 from __future__ import annotations
