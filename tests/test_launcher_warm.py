@@ -21,6 +21,11 @@ def parent_of(pid: int) -> int:
         return int(fh.read().rsplit(")", 1)[1].split()[1])
 
 
+def waiting_env(tmp_path: Path) -> dict[str, str]:
+    """A client that waits (up to a minute) for shards that never come."""
+    return clean_env(SERVER_ADDRESS=free_address(), DATA_DIR=tmp_path / "none", SHARDS_TIMEOUT=60)
+
+
 def threads_of(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
@@ -41,10 +46,16 @@ def test_warm_clients_complete_a_run_with_a_plain_server(data_dir: Path, tmp_pat
 
 
 def test_a_warm_client_is_stopped_by_sigterm_and_its_output_is_kept(tmp_path: Path) -> None:
-    env = clean_env(SERVER_ADDRESS=free_address(), DATA_DIR=tmp_path / "none", CONNECT_TIMEOUT=60)
-    client = Process("client-1", ["-m", "flowerpot", "client"], env, tmp_path, warm=True, log_file=tmp_path / "c.log")
+    client = Process(
+        "client-1",
+        ["-m", "flowerpot", "client"],
+        waiting_env(tmp_path),
+        tmp_path,
+        warm=True,
+        log_file=tmp_path / "c.log",
+    )
     try:
-        time.sleep(1)  # it is waiting for shards that never come
+        client.wait_for("SHARDS_TIMEOUT", timeout=30)  # it waits for shards that never come
         assert client.returncode is None
         started = time.monotonic()
         client.stop()
@@ -72,8 +83,9 @@ def test_only_module_commands_start_warm(tmp_path: Path) -> None:
 def test_the_forkserver_is_preloaded_and_runs_one_thread(tmp_path: Path) -> None:
     """Fork safety: the parent the clients are forked from holds no threads (OpenBLAS's worker,
     started by importing numpy, is stopped by OpenBLAS before every fork) and no gRPC channel."""
-    child = Process("client", ["-m", "flowerpot", "client"], clean_env(DATA_DIR=tmp_path / "none"), tmp_path, warm=True)
+    child = Process("client", ["-m", "flowerpot", "client"], waiting_env(tmp_path), tmp_path, warm=True)
     try:
+        child.wait_for("SHARDS_TIMEOUT", timeout=30)
         forkserver = parent_of(child.pid)
         assert forkserver != os.getpid()
         with open(f"/proc/{forkserver}/maps") as fh:
