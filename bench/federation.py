@@ -75,9 +75,12 @@ def run_federation(
     reference: bool = False,
     timeout: float = 900,
     client_args: list[str] = CLIENT,
+    warm: bool = False,
 ) -> BenchRun:
     """A server (ours, or bare Flower with `reference`) and `clients` clients (Flowerpot's, or
-    `client_args`); logs go to files in `workdir`."""
+    `client_args`); logs go to files in `workdir`. `warm` forks the clients from the launcher's
+    warm forkserver: for accuracy only, never where start-up or memory is measured (their PSS
+    here would be the forkserver's shared pages, not a client's)."""
     workdir.mkdir(parents=True, exist_ok=True)
     defaults = {"RESULTS_DIR": workdir / "results", "MIN_AVAILABLE_CLIENTS": clients, "MAX_CLIENTS": max(clients, 10)}
     federation = LocalFederation(
@@ -86,6 +89,7 @@ def run_federation(
         server_args=REFERENCE_SERVER if reference else SERVER,
         client_args=client_args,
         log_dir=workdir,
+        warm=warm,
     )
     started = time.monotonic()
     with PeakPss() as memory, federation:
