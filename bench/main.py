@@ -183,6 +183,7 @@ def run(out: Path, quick: bool, compose: bool, command: str, docs: Path | None =
             results.setdefault("scale", {})["compose replicas"] = value
         else:
             results[name.replace("-", "_")] = value  # "async" stays "async"
+        results.setdefault("section_seconds", {})[name] = time.monotonic() - t0
         log.info("bench: %s done in %.0f s", name, time.monotonic() - t0)
     results["seconds"] = time.monotonic() - started
     results["targets"] = targets(results)
@@ -289,7 +290,7 @@ def publish(out: Path, markdown: Path, docs: Path) -> None:
     """docs/benchmarks.md: the report, with its plots beside it."""
     docs.parent.mkdir(parents=True, exist_ok=True)
     text = markdown.read_text()
-    for plot in ("accuracy.png", "overhead.png", "robustness.png"):
+    for plot in ("accuracy.png", "overhead.png", "robustness.png", "async.png"):
         if (out / plot).is_file():
             shutil.copy(out / plot, docs.parent / f"benchmark-{plot}")
             text = text.replace(f"]({plot})", f"](benchmark-{plot})")

@@ -90,6 +90,9 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 def to_markdown(results: dict[str, Any], plots: list[str]) -> str:
     parts = [f"Machine: {results['machine']['summary']}  \nCommand: `{results['command']}`\n"]
+    if results.get("section_seconds"):
+        took = ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in results["section_seconds"].items())
+        parts.append(f"Took {results['seconds'] / 60:.1f} minutes in all (sections, minutes: {took}).\n")
     if results.get("quick"):
         parts.append(
             "Quick mode: a small version of every measurement, to check that the benchmark runs; "

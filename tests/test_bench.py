@@ -97,4 +97,5 @@ def test_quick_async_section_compares_the_modes_on_saved_versions(tmp_path: Path
         assert run["updates"] == res["clients"] * res["rounds"]  # the same work in both modes
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## Asynchronous training (FedBuff) against synchronous rounds" in report
+    assert "Took " in report and "(sections, minutes: async " in report  # how long the bench took
     assert (tmp_path / "out" / "async.png").stat().st_size > 1000
