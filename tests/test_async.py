@@ -109,6 +109,18 @@ def test_a_server_killed_mid_run_in_async_mode_resumes(spawn, federation, data_d
     assert rounds[-1]["eval_accuracy"] >= 0.9
 
 
+def test_a_server_optimizer_takes_the_buffers_mean_update(federation, data_dir: Path, tmp_path: Path) -> None:
+    """FedAdam in async mode: its moments are fed with the buffer's mean update, version by version."""
+    env = federation_env(data_dir, tmp_path, free_address(), **ASYNC, STRATEGY="fedadam", NUM_ROUNDS="6")
+    run = federation(env, 3)
+    assert run.server.wait(240) == 0, run.server.output
+    rounds = history(tmp_path / "results")
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6] and "failed" not in rounds[-1]
+    assert rounds[-1]["eval_accuracy"] >= 0.9
+    with np.load(tmp_path / "results" / "checkpoint.npz") as checkpoint:
+        assert {"state_m_t_0", "state_v_t_0"} <= set(checkpoint.files)
+
+
 def test_keep_all_models_saves_every_version(federation, data_dir: Path, tmp_path: Path) -> None:
     env = federation_env(data_dir, tmp_path, free_address(), **ASYNC, NUM_ROUNDS="3", KEEP_ALL_MODELS="true")
     run = federation(env, 3)

@@ -129,6 +129,23 @@ def test_every_setting_says_whether_it_defines_the_run_or_the_data() -> None:
     assert not {"data_dir", "results_dir", "server_address", "connect_timeout", "log_level"} & run
 
 
+def test_async_settings_define_only_an_async_run(tmp_path: Path) -> None:
+    """Changing BUFFER_SIZE does not keep an unfinished sync run from resuming; in async it does."""
+    from server.admission import BoundedClientManager
+    from server.results import Results
+    from server.rounds import Federation, changed_settings
+    from server.wiring import Traffic
+
+    def fingerprint(**values: object) -> dict:
+        settings = Settings(**values)
+        return Federation(settings, BoundedClientManager(1.0), Results(tmp_path), Traffic()).fingerprint
+
+    assert changed_settings(fingerprint(), fingerprint(buffer_size=7, max_staleness=2)) == []
+    assert "mode" in fingerprint() and "buffer_size" not in fingerprint()
+    assert changed_settings(fingerprint(mode="async"), fingerprint(mode="async", buffer_size=7)) == ["BUFFER_SIZE"]
+    assert changed_settings(fingerprint(), fingerprint(mode="async")) == ["MODE"]
+
+
 def test_the_run_and_data_fingerprints_come_from_the_marks() -> None:
     from client.data.shards import data_settings
     from server.rounds import RUN_SETTINGS
