@@ -22,10 +22,12 @@ def round_overheads(history: list[dict[str, Any]]) -> list[float]:
     The first round (start-up costs) and the last (no next start) are left out."""
     overheads = []
     for this, following in itertools.pairwise(history):
-        own: dict[str, float] = {}
+        own: dict[tuple[str, str, str], float] = {}
         for record in this["clients"]:
             seconds = record["metrics"].get("train_seconds" if record["phase"] == "fit" else "eval_seconds", 0.0)
-            own[record["client"]] = own.get(record["client"], 0.0) + float(seconds)
+            # Compose replicas share one name ("client"): their site (host) and shard tell them apart.
+            who = (record["client"], record.get("site", ""), record.get("shard", ""))
+            own[who] = own.get(who, 0.0) + float(seconds)
         overheads.append(following["started_at"] - this["started_at"] - max(own.values(), default=0.0))
     return overheads[1:]
 

@@ -3,6 +3,8 @@ numbers differ by less than the noise. No federation is run here: the plan and t
 
 from __future__ import annotations
 
+import pytest
+
 from bench import robustness
 from bench.attacker import ATTACKS
 from bench.main import FULL, QUICK
@@ -97,3 +99,19 @@ def test_the_robustness_report_marks_cells_within_noise_of_clean_fedavg() -> Non
     assert "shared by every attack" in text
     (target,) = robustness.targets(rob)
     assert target["met"] and "fedmedian: 96.6 vs clean FedAvg 97.2" in target["measured"]
+
+
+def test_round_overheads_tell_replicas_of_one_name_apart() -> None:
+    """Compose replicas all join as "client": the slowest one's seconds count, not their sum."""
+    from bench.overhead import round_overheads
+
+    def record(start: float, seconds: list[float]) -> dict:
+        clients = [
+            {"client": "client", "site": f"host{i}", "shard": f"shard_00{i}", "phase": "fit",
+             "metrics": {"train_seconds": s}}
+            for i, s in enumerate(seconds)
+        ]  # fmt: skip
+        return {"started_at": start, "clients": clients}
+
+    history = [record(0.0, [0.1, 0.1]), record(1.0, [0.5, 0.9]), record(2.0, [0.5, 0.9]), record(3.0, [0.1])]
+    assert round_overheads(history) == pytest.approx([0.1, 0.1])
