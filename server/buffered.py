@@ -46,9 +46,9 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedProx
 
 from server.admission import BoundedClientManager
-from server.record import ClientEntry, RoundRecord
+from server.record import RoundRecord
 from server.sampling import stable_key
-from server.site_report import where
+from server.site_report import client_entries
 from server.strategies import GuardedStrategy, client_label
 from server.update_checks import l2_norm
 from server.wiring import Traffic
@@ -324,10 +324,11 @@ class BufferedRounds:
             self.window.held.add(task.proxy.cid)
 
     def aggregate(self, pool: ThreadPoolExecutor) -> None:
-        """Apply the first BUFFER_SIZE updates; the version advances (also when the guard finds
-        too few sound ones: the model then stays, as a failed round keeps it in sync mode)."""
+        """Apply the buffer (BUFFER_SIZE updates, fewer when it cannot fill); the version advances
+        (also when the guard finds too few sound ones: the model then stays, as a failed round
+        keeps it in sync mode)."""
         window, self.window = self.window, Window()
-        taken, self.window.buffer = window.buffer[: self.buffer_size], window.buffer[self.buffer_size :]
+        taken = window.buffer  # never more than BUFFER_SIZE: `collect` applies it the moment it is full
         current = self.models[self.version]
         results = []
         weights = relative_weights(
@@ -476,12 +477,6 @@ class BufferedRounds:
         sent, received = self.traffic.take()
         seconds = time.perf_counter() - window.started
         eval_results = evaluated.results if evaluated else []
-        clients = [
-            *(ClientEntry(client_label(u.proxy), "fit", u.res.num_examples, u.res.metrics, *where(u.proxy, u.res))
-              for u in taken),
-            *(ClientEntry(client_label(p), "evaluate", r.num_examples, {"loss": r.loss, **r.metrics}, *where(p, r))
-              for p, r in eval_results),
-        ]  # fmt: skip
         return RoundRecord(
             round=version,
             clients_trained=len(taken) - refused_now,
@@ -502,7 +497,7 @@ class BufferedRounds:
             fit_metrics=dict(metrics),
             eval_metrics=dict(evaluated.metrics) if evaluated else {},
             failed=self.guard.round_failed,
-            clients=clients,
+            clients=client_entries([(u.proxy, u.res) for u in taken], eval_results),
             staleness_mean=float(np.mean(staleness)) if staleness else 0.0,
             staleness_max=max(staleness, default=0),
             updates_stale=window.stale,

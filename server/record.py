@@ -46,6 +46,11 @@ class ClientEntry:
         )
 
 
+def _async_only() -> Any:
+    """A field only async records have (None in sync ones): a column of an async run's history.csv."""
+    return field(default=None, metadata={"async": True})
+
+
 def _csv(**kwargs: Any) -> Any:
     """A field that is also a column of history.csv."""
     return field(metadata={"csv": True}, **kwargs)
@@ -82,10 +87,10 @@ class RoundRecord:
     # how many updates were dropped as staler than MAX_STALENESS, and which version the
     # evaluation in this record measured (evaluations finish while training goes on). Sync
     # records, and histories written before, lack these keys and read as None.
-    staleness_mean: float | None = field(default=None)
-    staleness_max: int | None = field(default=None)
-    updates_stale: int | None = field(default=None)
-    eval_version: int | None = field(default=None)
+    staleness_mean: float | None = _async_only()
+    staleness_max: int | None = _async_only()
+    updates_stale: int | None = _async_only()
+    eval_version: int | None = _async_only()
 
     def to_json(self) -> dict[str, Any]:
         # Shallow, not dataclasses.asdict: no deep copy of every metric, every round.
@@ -122,3 +127,4 @@ class RoundRecord:
 
 OPTIONAL = frozenset(f.name for f in fields(RoundRecord) if f.default is None)  # keys added later, default None
 CSV_COLUMNS = tuple(f.name for f in fields(RoundRecord) if f.metadata.get("csv"))
+ASYNC_COLUMNS = tuple(f.name for f in fields(RoundRecord) if f.metadata.get("async"))

@@ -22,13 +22,12 @@ from typing import Any
 import numpy as np
 from flwr.common import Parameters, ndarrays_to_parameters
 
-from server.record import CSV_COLUMNS, RoundRecord
+from server.record import ASYNC_COLUMNS, CSV_COLUMNS, RoundRecord
 from shared.errors import BadInput
 from shared.modelfile import FINAL_MODEL, save_model, to_npy, write_json, write_npz
 
 log = logging.getLogger("flowerpot.server")
 
-ASYNC_COLUMNS = ("staleness_mean", "staleness_max", "updates_stale", "eval_version")  # history.csv, async runs
 
 CHECKPOINT = "checkpoint.npz"  # rewritten after every round: what a restarted server resumes from
 PREVIOUS = "previous"  # earlier runs' results, moved aside when a new run starts

@@ -19,10 +19,10 @@ from server.admission import BoundedClientManager
 from server.buffered import BufferedRounds
 from server.initial_weights import NoAnswers, agreed_parameters, load_pinned
 from server.live_metrics import LiveMetrics
-from server.record import ClientEntry, RoundRecord
+from server.record import RoundRecord
 from server.results import Checkpoint, Results
-from server.site_report import clients_line, report_sites, where
-from server.strategies import GuardedStrategy, build_strategy, client_label, restore_strategy_state, strategy_state
+from server.site_report import client_entries, clients_line, report_sites
+from server.strategies import GuardedStrategy, build_strategy, restore_strategy_state, strategy_state
 from server.wiring import Traffic
 from shared.errors import ClientsTimeout
 from shared.settings import Settings
@@ -201,15 +201,7 @@ class Federation:
             fit_metrics=fit_metrics,
             eval_metrics=eval_metrics,
             failed=strategy.round_failed,
-            clients=[
-                *(ClientEntry(client_label(p), "fit", r.num_examples, r.metrics, *where(p, r)) for p, r in fit_results),
-                *(
-                    ClientEntry(
-                        client_label(p), "evaluate", r.num_examples, {"loss": r.loss, **r.metrics}, *where(p, r)
-                    )
-                    for p, r in eval_results
-                ),
-            ],
+            clients=client_entries(fit_results, eval_results),
         )
 
     def model_meta(self, record: RoundRecord) -> dict[str, Any]:
@@ -245,21 +237,18 @@ def strategy_buffer(settings: Settings) -> str:
 
 def round_line(record: RoundRecord, num_rounds: int) -> str:
     failed = record.clients_failed + record.updates_refused
-    if record.staleness_mean is not None:  # async mode: one line per model version
-        evaluated = "" if record.eval_version is None else f" of version {record.eval_version}"
-        return (
+    if record.staleness_mean is None:
+        head, measured = f"round {record.round}/{num_rounds}: {record.clients_trained} trained, {failed} failed", ""
+    else:  # async mode: one line per model version, whose evaluation may be of an earlier one
+        head = (
             f"version {record.round}/{num_rounds}: {record.clients_trained} updates"
             f" (staleness mean {record.staleness_mean:.1f}, max {record.staleness_max}),"
             f" {failed} failed, {record.updates_stale} too stale"
-            f" | train loss {_fmt(record.train_loss)}"
-            f" | eval{evaluated} loss {_fmt(record.eval_loss)}, accuracy {_fmt(record.eval_accuracy)}"
-            f" ({record.clients_evaluated} clients) | {record.seconds:.2f} s"
-            + (f" | FAILED, model kept: {record.failed}" if record.failed else "")
         )
+        measured = "" if record.eval_version is None else f" of version {record.eval_version}"
     return (
-        f"round {record.round}/{num_rounds}: {record.clients_trained} trained, {failed} failed"
-        f" | train loss {_fmt(record.train_loss)}"
-        f" | eval loss {_fmt(record.eval_loss)}, accuracy {_fmt(record.eval_accuracy)}"
+        f"{head} | train loss {_fmt(record.train_loss)}"
+        f" | eval{measured} loss {_fmt(record.eval_loss)}, accuracy {_fmt(record.eval_accuracy)}"
         f" ({record.clients_evaluated} clients) | {record.seconds:.2f} s"
         + (f" | FAILED, model kept: {record.failed}" if record.failed else "")
     )

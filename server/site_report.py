@@ -9,7 +9,7 @@ from typing import Any
 
 from flwr.server.client_proxy import ClientProxy
 
-from server.record import RoundRecord
+from server.record import ClientEntry, RoundRecord
 from server.strategies import client_label
 from shared.modelfile import write_json
 
@@ -24,6 +24,20 @@ def where(proxy: ClientProxy, result: Any) -> tuple[str, str]:
     site = getattr(proxy, "site", "") or client_label(proxy)
     shard = getattr(proxy, "shard", "") or str(metrics.get("shard", ""))
     return site, shard
+
+
+def client_entries(
+    fit_results: list[tuple[ClientProxy, Any]], eval_results: list[tuple[ClientProxy, Any]]
+) -> list[ClientEntry]:
+    """What each client reported in a round (or an async version): its fit, then its evaluation
+    (with its loss among the metrics), each with its site and shard."""
+    return [
+        *(ClientEntry(client_label(p), "fit", r.num_examples, r.metrics, *where(p, r)) for p, r in fit_results),
+        *(
+            ClientEntry(client_label(p), "evaluate", r.num_examples, {"loss": r.loss, **r.metrics}, *where(p, r))
+            for p, r in eval_results
+        ),
+    ]
 
 
 def _label(entry: Any) -> str:
