@@ -56,18 +56,25 @@ def test_an_async_run_of_three_clients_reaches_095(federation, data_dir: Path, t
     assert "trained on version 0" in run.clients[0].output
 
 
-def with_a_slow_client(data_dir: Path, tmp_path: Path, **settings: str) -> tuple[str, list[dict]]:
-    """An async run, buffer of 2, of client-1 four times slower than client-2 and client-3, each an
-    emulated device of its own (12 x and 3 x their training's CPU time: on a loaded machine,
-    sharing the cores stretches every client alike); the server's output and the history."""
-    env = federation_env(data_dir, tmp_path, free_address(), MODE="async", BUFFER_SIZE="2", **settings)
+def local_run(data_dir: Path, tmp_path: Path, slowdowns: tuple[str, ...], **settings: str) -> tuple[str, list[dict]]:
+    """A run with results in tmp_path/results and one client per CLIENT_SLOWDOWN in `slowdowns`
+    (client-1, client-2, ...), all of which must exit 0; the server's output and the history."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    env = federation_env(data_dir, tmp_path, free_address(), **settings)
     with LocalFederation(env, cwd=tmp_path, address=env["SERVER_ADDRESS"]) as run:
         run.start_server()
-        for slowdown in ("12", "3", "3"):
+        for slowdown in slowdowns:
             run.start_client(CLIENT_SLOWDOWN=slowdown)
         assert run.wait(240) == 0, run.server.output
         assert all(c.returncode == 0 for c in run.clients), [c.output for c in run.clients]
     return run.server.output, history(tmp_path / "results")
+
+
+def with_a_slow_client(data_dir: Path, tmp_path: Path, **settings: str) -> tuple[str, list[dict]]:
+    """An async run, buffer of 2, of client-1 four times slower than client-2 and client-3, each an
+    emulated device of its own (12 x and 3 x their training's CPU time: on a loaded machine,
+    sharing the cores stretches every client alike)."""
+    return local_run(data_dir, tmp_path, ("12", "3", "3"), MODE="async", BUFFER_SIZE="2", **settings)
 
 
 def test_versions_advance_while_a_slow_client_trains(data_dir: Path, tmp_path: Path) -> None:
@@ -114,23 +121,9 @@ def test_a_server_optimizer_in_async_mode_with_one_update_per_version_is_sync(da
     of one there is no staleness, and async mode must end bit for bit where sync mode does."""
     final = {}
     for mode in ("sync", "async"):
-        env = federation_env(
-            data_dir,
-            tmp_path / mode,
-            free_address(),
-            MODE=mode,
-            BUFFER_SIZE="1",
-            CONCURRENCY="1",
-            STRATEGY="fedadam",
-            NUM_ROUNDS="4",
-            LOCAL_EPOCHS="1",
-            MIN_AVAILABLE_CLIENTS="1",
-            MIN_FIT_CLIENTS="1",
-            MIN_EVALUATE_CLIENTS="1",
-        )
-        with LocalFederation(env, cwd=tmp_path, address=env["SERVER_ADDRESS"]) as run:
-            run.start(1)
-            assert run.wait(240) == 0, run.server.output
+        one = {"MIN_AVAILABLE_CLIENTS": "1", "MIN_FIT_CLIENTS": "1", "MIN_EVALUATE_CLIENTS": "1"}
+        local_run(data_dir, tmp_path / mode, ("1",), MODE=mode, BUFFER_SIZE="1", CONCURRENCY="1",
+                  STRATEGY="fedadam", NUM_ROUNDS="4", LOCAL_EPOCHS="1", **one)  # fmt: skip
         final[mode], _ = load_model(tmp_path / mode / "results" / FINAL_MODEL)
         with np.load(tmp_path / mode / "results" / "checkpoint.npz") as checkpoint:
             assert {"state_m_t_0", "state_v_t_0"} <= set(checkpoint.files)  # its moments are kept
@@ -176,24 +169,9 @@ def test_clients_leave_and_join_mid_run(data_dir: Path, tmp_path: Path) -> None:
 
 def test_a_robust_buffer_holds_one_update_per_client(data_dir: Path, tmp_path: Path) -> None:
     """FedMedian of a buffer of 3: one fast client must not fill it with its own updates."""
-    env = federation_env(
-        data_dir,
-        tmp_path,
-        free_address(),
-        MODE="async",
-        STRATEGY="fedmedian",
-        BUFFER_SIZE="3",
-        MIN_FIT_CLIENTS="3",
-        NUM_ROUNDS="4",
-        LOCAL_EPOCHS="2",
-    )
-    with LocalFederation(env, cwd=tmp_path, address=env["SERVER_ADDRESS"]) as run:
-        run.start_server()
-        run.start_client()
-        run.start_client(CLIENT_SLOWDOWN="4")
-        run.start_client(CLIENT_SLOWDOWN="4")
-        assert run.wait(240) == 0, run.server.output
-    for record in history(tmp_path / "results"):
+    _, rounds = local_run(data_dir, tmp_path, ("1", "4", "4"), MODE="async", STRATEGY="fedmedian", BUFFER_SIZE="3",
+                          MIN_FIT_CLIENTS="3", NUM_ROUNDS="4", LOCAL_EPOCHS="2")  # fmt: skip
+    for record in rounds:
         assert sorted(fitted_by(record)) == ["client-1", "client-2", "client-3"], record["round"]
 
 
