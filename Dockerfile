@@ -25,7 +25,7 @@ FROM base AS server
 # Dependencies first: a code change does not reinstall them.
 COPY server/requirements.txt /tmp/requirements/server/requirements.txt
 RUN pip install -r /tmp/requirements/server/requirements.txt
-COPY flowerpot.py ./
+COPY flowerpot/ flowerpot/
 COPY shared/ shared/
 COPY server/ server/
 USER flowerpot
@@ -47,7 +47,7 @@ RUN --mount=type=bind,source=client/wheels,target=/wheels \
 COPY server/requirements.txt /tmp/requirements/server/requirements.txt
 COPY client/requirements.txt /tmp/requirements/client/requirements.txt
 RUN pip install -r /tmp/requirements/client/requirements.txt
-COPY flowerpot.py ./
+COPY flowerpot/ flowerpot/
 COPY shared/ shared/
 # The code only: client/wheels/ is in the build context for the torch layer, not for the image.
 COPY client/*.py client/

@@ -4,7 +4,7 @@ several partitions and strategies, and each client alone on its own shard.
 
 Strategies are compared each at its own tuned default (README, "Server-optimizer defaults") over
 at least five seeds; the report marks differences within noise. The federations' clients are
-forked warm (launcher.WarmPopen): they train and are measured exactly as plain ones, only their
+forked warm (bench.warm.WarmPopen): they train and are measured exactly as plain ones, only their
 2.3 s of imports each are done once; what is measured here is accuracy, not start-up.
 """
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from bench.federation import prepare
-from launcher import LocalFederation
+from flowerpot.launcher import LocalFederation
 
 log = logging.getLogger("flowerpot.bench")
 

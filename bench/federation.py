@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher import CLIENT, SERVER, LocalFederation, clean_env, descendants
+from bench.warm import WarmPopen
+from flowerpot.launcher import CLIENT, SERVER, LocalFederation, clean_env, descendants
 
 REFERENCE_SERVER = ["-m", "bench.reference_server"]
 
@@ -89,7 +90,7 @@ def run_federation(
         server_args=REFERENCE_SERVER if reference else SERVER,
         client_args=client_args,
         log_dir=workdir,
-        warm=warm,
+        popen=WarmPopen if warm else None,
     )
     started = time.monotonic()
     with PeakPss() as memory, federation:

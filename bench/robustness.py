@@ -6,7 +6,7 @@ configurations are Flowerpot as shipped, each robust aggregator set for the larg
 attackers measured (not for the row): FedAvg with the update checks (UPDATE_NORM_LIMIT) as
 shipped and with them off, FedMedian, FedTrimmedAvg trimming that many from each end,
 multi-Krum assuming that many, and FedAvg with norm clipping (CLIP_NORM). The attacks are
-bench/attacker.py's, as the literature defines them. Clients are forked warm (launcher.WarmPopen):
+bench/attacker.py's, as the literature defines them. Clients are forked warm (bench.warm.WarmPopen):
 a federation starts in about a fifth of the time, and what is measured is accuracy, not start-up.
 """
 
@@ -19,7 +19,8 @@ from typing import Any
 
 from bench.federation import prepare
 from bench.report import noise, noise_sentence, within_noise
-from launcher import CLIENT, LocalFederation
+from bench.warm import WarmPopen
+from flowerpot.launcher import CLIENT, LocalFederation
 
 log = logging.getLogger("flowerpot.bench")
 
@@ -48,7 +49,7 @@ def configurations(clients: int, most_attackers: int) -> dict[str, dict[str, Any
 def run_one(
     workdir: Path, clients: int, attackers: int, attack: list[str], settings: dict[str, Any], warm: bool = True
 ) -> float | None:
-    """Final accuracy of one run (None when it failed); clients forked warm (launcher.WarmPopen)
+    """Final accuracy of one run (None when it failed); clients forked warm (bench.warm.WarmPopen)
     unless `warm` is off."""
     import json
 
@@ -61,7 +62,7 @@ def run_one(
         "MAX_CLIENTS": max(clients, 10),
         **settings,
     }
-    federation = LocalFederation(env, cwd=workdir, log_dir=workdir, warm=warm)
+    federation = LocalFederation(env, cwd=workdir, log_dir=workdir, popen=WarmPopen if warm else None)
     with federation:
         federation.start_server()
         for i in range(clients):

@@ -21,8 +21,8 @@ from client.model import build_model, get_weights, set_weights
 from client.shards_wait import wait_for_shards
 from shared.errors import BadInput
 from shared.logs import tame_flower
-from shared.metadata import join_value
 from shared.modelfile import FINAL_MODEL, save_model
+from shared.protocol import join_value
 from shared.settings import Settings
 from shared.tls_files import bundle, check_pair, read_pem
 

@@ -27,7 +27,7 @@ from flwr.proto.transport_pb2_grpc import FlowerServiceStub
 from client.retry import Backoff
 from shared.errors import BadInput, Refused, Unreachable
 from shared.keepalive import keepalive_options
-from shared.metadata import CLIENT_NAME_KEY, JOIN_KEY
+from shared.protocol import CLIENT_NAME_KEY, JOIN_KEY
 from shared.tls_files import client_certificate_problems
 
 log = logging.getLogger("flowerpot.client")
@@ -75,7 +75,7 @@ class Endpoint:
     private_key: bytes | None = None  # mutual TLS: this client's key and certificate (PEM)
     certificate_chain: bytes | None = None
     keepalive_seconds: float = 20  # ping the server this often; a silent server is dropped after 2x
-    join: str = ""  # the JOIN_KEY metadata (shared/metadata.py): site, shard, version, input
+    join: str = ""  # the JOIN_KEY metadata (shared/protocol.py): site, shard, version, input
 
     @property
     def tls(self) -> bool:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 
-from server.admission import Admission, BoundedClientManager
-from server.initial_weights import load_pinned
-from server.live_metrics import LiveMetrics, metrics_host
-from server.results import Results
-from server.rounds import Federation
+from server.reporting.live_metrics import LiveMetrics, metrics_host
+from server.reporting.results import Results
 from server.shutdown import stop_on_signal
-from server.sites import Sites
-from server.strategies import weak_strategy_warning
-from server.update_checks import example_limit
-from server.wiring import TlsFiles, Traffic, start_grpc_server
+from server.training.initial_weights import load_pinned
+from server.training.rounds import Federation
+from server.training.strategies import weak_strategy_warning
+from server.training.update_checks import example_limit
+from server.transport.admission import Admission, BoundedClientManager
+from server.transport.sites import Sites
+from server.transport.wiring import TlsFiles, Traffic, start_grpc_server
 from shared.errors import BadInput
 from shared.logs import tame_flower
 from shared.revocation import REVOKED_FILE, RevocationList

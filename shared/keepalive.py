@@ -1,4 +1,4 @@
-"""gRPC keepalive, the same on both sides (server/wiring.py and client/wiring.py)."""
+"""gRPC keepalive, the same on both sides (server/transport/wiring.py and client/wiring.py)."""
 
 from __future__ import annotations
 

@@ -157,7 +157,7 @@ class Settings(BaseSettings):
     # from the global model before any strategy aggregates it; 0 clips nothing
     clip_norm: float = setting(0.0, RUN, ge=0, le=1e6, note="0: no clipping")
 
-    # Asynchronous training (issue 12; server/buffered.py): FedBuff's buffer of client updates,
+    # Asynchronous training (issue 12; server/training/buffered.py): FedBuff's buffer of client updates,
     # FedAsync's staleness weighting. NUM_ROUNDS counts aggregations (model versions) in both modes.
     mode: Mode = setting("sync", RUN, allowed=_one_of(Mode))
     buffer_size: int | None = setting(
@@ -243,7 +243,7 @@ class Settings(BaseSettings):
     allow_insecure: bool = setting(False, NOTHING, allowed="true or false")
     ca_passphrase: str = setting("", NOTHING, allowed="the CA key's passphrase (empty: not encrypted)")
 
-    # What one client may send (server/update_checks.py); other bounds are another run
+    # What one client may send (server/training/update_checks.py); other bounds are another run
     max_client_examples: int = setting(
         0, RUN, ge=0, le=10**12, note="0: the size of the data set, when the server knows it"
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import LocalFederation, Process, clean_env, free_port
+from flowerpot.launcher import LocalFederation, Process, clean_env, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PLAIN_CLIENT = REPO / "tests" / "plain_client.py"  # a plain Flower NumPyClient, nothing of Flowerpot's

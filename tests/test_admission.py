@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from server.admission import Admission
+from server.transport.admission import Admission
 
 
 def test_places_up_to_the_capacity_then_a_reason_that_names_max_clients() -> None:

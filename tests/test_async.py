@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import federation_env, free_address
-from launcher import LocalFederation
-from server.buffered import staleness_weight
+from flowerpot.launcher import LocalFederation
+from server.training.buffered import staleness_weight
 from shared.modelfile import FINAL_MODEL, load_model
 
 ASYNC = {"MODE": "async", "BUFFER_SIZE": "3", "LOCAL_EPOCHS": "2"}

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import federation_env, free_address
-from launcher import Process, clean_env
+from flowerpot.launcher import Process, clean_env
 from shared.modelfile import load_model
 
 ATTACKER = """

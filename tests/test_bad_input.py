@@ -74,7 +74,7 @@ def occupied_metrics_port(tmp: Path, held: ExitStack) -> dict[str, str]:
 
 def ca_with_passphrase(passphrase: str) -> Setup:
     def setup(tmp: Path, _held: ExitStack) -> dict[str, str]:
-        from shared.certs import open_ca
+        from flowerpot.certs import open_ca
 
         open_ca(tmp / "certs", passphrase)
         return {}
@@ -664,7 +664,7 @@ CASES = [
         {},
         2,
         "--sign certs/requests/site-x.csr: there is no CA in certs/ca: sign where the CA is",
-        doing(lambda t: __import__("shared.certs").certs.request(t / "certs", "site-x")),
+        doing(lambda t: __import__("flowerpot.certs").certs.request(t / "certs", "site-x")),
     ),
     Case("certs-sign-a-folder", ["certs", "--sign", "data"], {}, 2, "--sign data cannot be read (Is a directory)"),
     Case(

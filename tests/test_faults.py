@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from conftest import federation_env, free_address
-from launcher import LocalFederation, Process, clean_env, descendants
+from flowerpot.launcher import LocalFederation, Process, clean_env, descendants
 from shared.modelfile import load_model
 
 

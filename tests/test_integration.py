@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import BASE_ENV, PLAIN_CLIENT, REPO, federation_env, free_address, run_cli
-from launcher import clean_env
+from flowerpot.launcher import clean_env
 from shared.modelfile import load_model
 
 

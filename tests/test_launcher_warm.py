@@ -1,4 +1,4 @@
-"""Warm clients (launcher.WarmPopen): real, separate processes forked from a forkserver that has
+"""Warm clients (bench.warm.WarmPopen): real, separate processes forked from a forkserver that has
 imported torch and Flower once; they must behave as plain clients do towards a normal server and
 the launcher (output, exit status, stop), and the forkserver must be safe to fork."""
 
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.warm import WarmPopen
 from conftest import federation_env, free_address
-from launcher import STOP_SECONDS, LocalFederation, Process, clean_env
+from flowerpot.launcher import STOP_SECONDS, LocalFederation, Process, clean_env
 
 
 def parent_of(pid: int) -> int:
@@ -32,9 +33,10 @@ def threads_of(pid: int) -> int:
 
 def test_warm_clients_complete_a_run_with_a_plain_server(data_dir: Path, tmp_path: Path) -> None:
     env = federation_env(data_dir, tmp_path, free_address(), MIN_FIT_CLIENTS="3", MIN_EVALUATE_CLIENTS="3")
-    with LocalFederation(env, cwd=tmp_path, address=env["SERVER_ADDRESS"], warm=True) as federation:
+    with LocalFederation(env, cwd=tmp_path, address=env["SERVER_ADDRESS"], popen=WarmPopen) as federation:
         federation.start(3)
-        assert not federation.server.warm and all(c.warm for c in federation.clients)
+        assert not isinstance(federation.server.popen, WarmPopen)
+        assert all(isinstance(c.popen, WarmPopen) for c in federation.clients)
         code = federation.wait(timeout=120)
         assert code == 0, federation.server.output
         assert federation.client_codes == [0, 0, 0], [c.output for c in federation.clients]
@@ -51,7 +53,7 @@ def test_a_warm_client_is_stopped_by_sigterm_and_its_output_is_kept(tmp_path: Pa
         ["-m", "flowerpot", "client"],
         waiting_env(tmp_path),
         tmp_path,
-        warm=True,
+        popen=WarmPopen,
         log_file=tmp_path / "c.log",
     )
     try:
@@ -67,23 +69,23 @@ def test_a_warm_client_is_stopped_by_sigterm_and_its_output_is_kept(tmp_path: Pa
 
 
 def test_a_warm_process_reports_its_exit_status_and_error_output(tmp_path: Path) -> None:
-    bad = Process("attacker", ["-m", "bench.attacker", "--attack", "nope"], clean_env(), tmp_path, warm=True)
+    bad = Process("attacker", ["-m", "bench.attacker", "--attack", "nope"], clean_env(), tmp_path, popen=WarmPopen)
     assert bad.wait(timeout=60) == 2
     assert "invalid choice: 'nope'" in bad.output and "RuntimeWarning" not in bad.output
-    killed = Process("client", ["-m", "flowerpot", "client"], clean_env(DATA_DIR=tmp_path), tmp_path, warm=True)
+    killed = Process("client", ["-m", "flowerpot", "client"], clean_env(DATA_DIR=tmp_path), tmp_path, popen=WarmPopen)
     killed.kill()
     assert killed.wait(timeout=10) == -signal.SIGKILL
 
 
 def test_only_module_commands_start_warm(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="must start with -m MODULE"):
-        Process("script", ["tests/plain_client.py"], clean_env(), tmp_path, warm=True)
+        Process("script", ["tests/plain_client.py"], clean_env(), tmp_path, popen=WarmPopen)
 
 
 def test_the_forkserver_is_preloaded_and_runs_one_thread(tmp_path: Path) -> None:
     """Fork safety: the parent the clients are forked from holds no threads (OpenBLAS's worker,
     started by importing numpy, is stopped by OpenBLAS before every fork) and no gRPC channel."""
-    child = Process("client", ["-m", "flowerpot", "client"], waiting_env(tmp_path), tmp_path, warm=True)
+    child = Process("client", ["-m", "flowerpot", "client"], waiting_env(tmp_path), tmp_path, popen=WarmPopen)
     try:
         child.wait_for("SHARDS_TIMEOUT", timeout=30)
         forkserver = parent_of(child.pid)

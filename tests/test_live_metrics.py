@@ -22,8 +22,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO, federation_env, free_address
-from launcher import free_port
-from server.live_metrics import MAX_CLIENT_SERIES, OTHER, RUN_FILE, LiveMetrics, refusal_reason, run_identity
+from flowerpot.launcher import free_port
+from server.reporting.live_metrics import MAX_CLIENT_SERIES, OTHER, RUN_FILE, LiveMetrics, refusal_reason, run_identity
 
 MONITORING = REPO / "monitoring"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "flowerpot.json"
@@ -373,9 +373,9 @@ def test_every_refusal_of_the_guard_has_its_own_reason_label() -> None:
     import numpy as np
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
-    from server.live_metrics import refusal_reason
-    from server.strategies import build_strategy
-    from server.update_checks import clean_metrics
+    from server.reporting.live_metrics import refusal_reason
+    from server.training.strategies import build_strategy
+    from server.training.update_checks import clean_metrics
     from shared.settings import Settings
 
     model = [np.zeros((3, 2), np.float32), np.zeros(2, np.float32)]

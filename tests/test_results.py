@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
-from server.admission import BoundedClientManager
-from server.record import CSV_COLUMNS, ClientEntry, RoundRecord
-from server.results import CHECKPOINT, HISTORY_LINES, Checkpoint, Results
-from server.rounds import Federation
-from server.wiring import Traffic
+from server.reporting.record import CSV_COLUMNS, ClientEntry, RoundRecord
+from server.reporting.results import CHECKPOINT, HISTORY_LINES, Checkpoint, Results
+from server.training.rounds import Federation
+from server.transport.admission import BoundedClientManager
+from server.transport.wiring import Traffic
 from shared.modelfile import load_model, to_npy, write_json, write_npz
 from shared.settings import Settings
 
@@ -24,7 +24,7 @@ ARRAYS = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(4, dtype=np.floa
 STATE = {"m_t": [np.full((2, 3), 0.5), np.zeros(4)], "v_t": [np.full((2, 3), 0.25), np.ones(4)]}
 RUN = {"num_rounds": 5, "strategy": "fedadam", "learning_rate": 0.05}
 
-# A round as the previous version built it in server/rounds.py (an untyped dict) and wrote it
+# A round as the previous version built it in server/training/rounds.py (an untyped dict) and wrote it
 # into history.json and into the checkpoint's metadata.
 OLD_RECORD = {
     "round": 1, "clients_trained": 3, "clients_failed": 0, "updates_refused": 0, "clients_evaluated": 3,
@@ -275,9 +275,9 @@ def test_other_settings_start_a_new_run_and_the_changes_are_named(
 
 def test_durable_writes_give_the_same_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """DURABLE (fsync every round, off by default for its cost) changes when, not what, is written."""
-    import server.results
+    import server.reporting.results
 
-    monkeypatch.setattr(server.results, "DURABLE", True)
+    monkeypatch.setattr(server.reporting.results, "DURABLE", True)
     results = Results(tmp_path)
     play(results, 2)
     loaded = results.load_checkpoint()
@@ -293,7 +293,7 @@ def test_a_failed_round_is_recorded_and_old_records_read_as_applied() -> None:
     assert "failed" in CSV_COLUMNS and "failed" not in old.to_json()  # applied rounds: written as before
 
 
-# The run-defining settings a checkpoint of the previous version recorded (server/rounds.py at
+# The run-defining settings a checkpoint of the previous version recorded (server/training/rounds.py at
 # c11911b): settings added since must not make its unfinished run look like another one.
 PREVIOUS_RUN_SETTINGS = (
     "num_rounds", "strategy", "fraction_fit", "fraction_evaluate", "min_fit_clients", "min_evaluate_clients",
@@ -305,7 +305,7 @@ PREVIOUS_RUN_SETTINGS = (
 
 
 def test_a_previous_versions_run_is_the_same_run_while_new_settings_keep_their_defaults() -> None:
-    from server.rounds import RUN_SETTINGS, changed_settings
+    from server.training.rounds import RUN_SETTINGS, changed_settings
     from shared.settings import Settings
 
     current = Settings().fingerprint(RUN_SETTINGS)

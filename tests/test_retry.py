@@ -14,8 +14,8 @@ from flwr.compat.client.numpy_client import NumPyClient
 from client import wiring
 from client.retry import FIRST_DELAY, MAX_BACKOFF, Backoff
 from conftest import free_address
-from server.admission import Admission, BoundedClientManager
-from server.wiring import Traffic, start_grpc_server
+from server.transport.admission import Admission, BoundedClientManager
+from server.transport.wiring import Traffic, start_grpc_server
 from shared.errors import Refused
 
 

@@ -11,9 +11,9 @@ import numpy as np
 from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import GrpcBridge
 
 from conftest import federation_env, free_address
-from server.admission import BoundedClientManager
-from server.sampling import seeded_sample
-from server.wiring import NamedClientProxy
+from server.training.sampling import seeded_sample
+from server.transport.admission import BoundedClientManager
+from server.transport.wiring import NamedClientProxy
 from shared.modelfile import load_model
 
 

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from conftest import BASE_ENV, PLAIN_CLIENT, free_address, run_cli
-from launcher import clean_env
-from shared.certs import issue, key_pem, load_ca, new_ca, write_credential
+from flowerpot.certs import issue, key_pem, load_ca, new_ca, write_credential
+from flowerpot.launcher import clean_env
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_certificates_live_a_year_and_the_ca_ten(certs: Path) -> None:
 
 def test_keys_are_private_from_their_first_byte_whatever_the_umask(tmp_path: Path) -> None:
     """With umask 0 a file written then chmod-ed would be world-readable for a moment; keys are
-    created with mode 0600 (the test sees the end state; shared.certs.write_private the means)."""
+    created with mode 0600 (the test sees the end state; flowerpot.certs.write_private the means)."""
     result = subprocess.run(
         [sys.executable, "-m", "flowerpot", "certs", "--client", "a"],
         env=clean_env(CERTS_DIR="certs"), cwd=tmp_path, capture_output=True, text=True, timeout=60,

@@ -131,10 +131,10 @@ def test_every_setting_says_whether_it_defines_the_run_or_the_data() -> None:
 
 def test_async_settings_define_only_an_async_run(tmp_path: Path) -> None:
     """Changing BUFFER_SIZE does not keep an unfinished sync run from resuming; in async it does."""
-    from server.admission import BoundedClientManager
-    from server.results import Results
-    from server.rounds import Federation, changed_settings
-    from server.wiring import Traffic
+    from server.reporting.results import Results
+    from server.training.rounds import Federation, changed_settings
+    from server.transport.admission import BoundedClientManager
+    from server.transport.wiring import Traffic
 
     def fingerprint(**values: object) -> dict:
         settings = Settings(**values)
@@ -148,7 +148,7 @@ def test_async_settings_define_only_an_async_run(tmp_path: Path) -> None:
 
 def test_the_run_and_data_fingerprints_come_from_the_marks() -> None:
     from client.data.shards import data_settings
-    from server.rounds import RUN_SETTINGS
+    from server.training.rounds import RUN_SETTINGS
 
     assert Settings.names_defining("run") == RUN_SETTINGS
     iid = data_settings(Settings())

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import BASE_ENV, PLAIN_CLIENT, REPO, free_address, run_cli
-from launcher import Process, clean_env
-from shared.metadata import VERSION
+from flowerpot.launcher import Process, clean_env
+from shared.protocol import VERSION
 
 
 def prepare_site(tmp_path: Path, name: str, **env: str) -> Path:
@@ -176,9 +176,9 @@ def test_a_plain_flower_client_joins_unchecked_with_one_warning(spawn, tmp_path:
 # A real Flowerpot client whose version says 9.9.0: what an old or new client looks like.
 OTHER_VERSION_CLIENT = """
 import sys
-import shared.metadata
-shared.metadata.VERSION = "9.9.0"
-from flowerpot import main
+import shared.protocol
+shared.protocol.VERSION = "9.9.0"
+from flowerpot.cli import main
 sys.exit(main(["client"]))
 """
 
@@ -211,7 +211,7 @@ def test_a_client_that_died_rejoins_with_its_own_shard(federation, data_dir: Pat
     import signal
 
     from conftest import federation_env
-    from launcher import descendants
+    from flowerpot.launcher import descendants
 
     env = federation_env(data_dir, tmp_path, free_address(), NUM_ROUNDS="4", CLIENT_RESTARTS="1")
     env.update(MIN_AVAILABLE_CLIENTS="2", MIN_FIT_CLIENTS="2", MIN_EVALUATE_CLIENTS="2")

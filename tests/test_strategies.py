@@ -7,9 +7,9 @@ import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import GrpcBridge
 
-from server.metrics import weighted_average
-from server.strategies import build_strategy
-from server.wiring import NamedClientProxy
+from server.training.aggregate_metrics import weighted_average
+from server.training.strategies import build_strategy
+from server.transport.wiring import NamedClientProxy
 from shared.settings import Settings, Strategy
 
 GLOBAL = [np.zeros((3, 2), np.float32), np.zeros(2, np.float32)]
@@ -162,7 +162,7 @@ def test_robust_strategies_at_their_minimum_are_accepted() -> None:
 
 
 def test_fedmedian_below_three_clients_is_warned_about() -> None:
-    from server.strategies import weak_strategy_warning
+    from server.training.strategies import weak_strategy_warning
 
     assert "median of fewer than 3" in weak_strategy_warning(Settings(strategy="fedmedian", min_fit_clients=2))
     assert weak_strategy_warning(Settings(strategy="fedmedian", min_fit_clients=3)) is None
@@ -196,7 +196,7 @@ def test_a_round_at_min_completion_rate_is_applied() -> None:
 def test_server_optimizers_default_to_tuned_settings_not_flowers_legacy_ones() -> None:
     """Flower's legacy FedAdam/FedAdagrad (eta=0.1, tau=1e-9) take sign-like steps; empty knobs now
     mean the defaults chosen by bench/server_opt_sweep.py, with tau=1e-3."""
-    from server.strategies import SERVER_OPT_DEFAULTS
+    from server.training.strategies import SERVER_OPT_DEFAULTS
 
     for name, tuned in SERVER_OPT_DEFAULTS.items():
         inner = strategy(name).inner

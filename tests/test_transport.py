@@ -19,8 +19,8 @@ import pytest
 from flwr.proto.transport_pb2_grpc import FlowerServiceStub
 
 from conftest import federation_env, free_address
-from launcher import Process, clean_env
-from shared.metadata import CLIENT_NAME_KEY
+from flowerpot.launcher import Process, clean_env
+from shared.protocol import CLIENT_NAME_KEY
 
 STOP_BOUND = 10.0  # seconds: SIGTERM stops the server within this, in every phase
 
@@ -225,7 +225,7 @@ def test_the_default_max_message_fits_every_shipped_model_with_headroom() -> Non
 
     from client.data.images import ImageSpec
     from client.model import build_model, get_weights
-    from server.wiring import METADATA_BYTES, UPDATE_SIZE_FACTOR
+    from server.transport.wiring import METADATA_BYTES, UPDATE_SIZE_FACTOR
     from shared.settings import Settings
 
     ten = tuple("0123456789")

@@ -45,13 +45,13 @@ from flwr.common import Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Paramete
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedProx
 
-from server.admission import BoundedClientManager
-from server.record import RoundRecord
-from server.sampling import stable_key
-from server.site_report import client_entries
-from server.strategies import GuardedStrategy, client_label
-from server.update_checks import l2_norm
-from server.wiring import Traffic
+from server.reporting.record import RoundRecord
+from server.reporting.site_report import client_entries
+from server.training.sampling import stable_key
+from server.training.strategies import GuardedStrategy, client_label
+from server.training.update_checks import l2_norm
+from server.transport.admission import BoundedClientManager
+from server.transport.wiring import Traffic
 from shared.errors import ClientsTimeout
 from shared.settings import Settings
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from flwr.common import Parameters, ndarrays_to_parameters
 
-from server.record import ASYNC_COLUMNS, CSV_COLUMNS, RoundRecord
+from server.reporting.record import ASYNC_COLUMNS, CSV_COLUMNS, RoundRecord
 from shared.errors import BadInput
 from shared.modelfile import FINAL_MODEL, save_model, to_npy, write_json, write_npz
 

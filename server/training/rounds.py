@@ -15,15 +15,15 @@ from typing import Any
 from flwr.common import Parameters
 from flwr.server import Server
 
-from server.admission import BoundedClientManager
-from server.buffered import BufferedRounds
-from server.initial_weights import NoAnswers, agreed_parameters, load_pinned
-from server.live_metrics import LiveMetrics
-from server.record import RoundRecord
-from server.results import Checkpoint, Results
-from server.site_report import client_entries, clients_line, report_sites
-from server.strategies import GuardedStrategy, build_strategy, restore_strategy_state, strategy_state
-from server.wiring import Traffic
+from server.reporting.live_metrics import LiveMetrics
+from server.reporting.record import RoundRecord
+from server.reporting.results import Checkpoint, Results
+from server.reporting.site_report import client_entries, clients_line, report_sites
+from server.training.buffered import BufferedRounds
+from server.training.initial_weights import NoAnswers, agreed_parameters, load_pinned
+from server.training.strategies import GuardedStrategy, build_strategy, restore_strategy_state, strategy_state
+from server.transport.admission import BoundedClientManager
+from server.transport.wiring import Traffic
 from shared.errors import ClientsTimeout
 from shared.settings import Settings
 

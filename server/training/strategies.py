@@ -23,8 +23,8 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from server.metrics import weighted_average
-from server.update_checks import (
+from server.training.aggregate_metrics import weighted_average
+from server.training.update_checks import (
     EVALUATE_METRICS,
     FIT_METRICS,
     UpdateDistance,
@@ -65,7 +65,7 @@ def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
         "fraction_evaluate": s.fraction_evaluate,
         "min_fit_clients": s.min_fit_clients,
         "min_evaluate_clients": s.min_evaluate_clients,
-        # MIN_AVAILABLE_CLIENTS gates the start (Federation.wait_for_start in server/rounds.py);
+        # MIN_AVAILABLE_CLIENTS gates the start (Federation.wait_for_start in server/training/rounds.py);
         # within the run a round goes ahead as soon as MIN_FIT_CLIENTS are there.
         "min_available_clients": s.min_fit_clients,
         "on_fit_config_fn": fit_config,
@@ -168,7 +168,7 @@ class GuardedStrategy(Strategy):
     - Evaluate results are checked the same way (count, finite loss and metrics, accuracy in
       [0, 1]); refused ones leave the results and count as evaluate failures.
     - Counts far above the round's median are clipped, and only known metrics are kept
-      (server/update_checks.py), so that no single client owns an average or bloats the history.
+      (server/training/update_checks.py), so that no single client owns an average or bloats the history.
     - The last round evaluates on every connected client, so the final accuracy covers all
       shards and every client receives (and keeps) the final global model.
     - Results are aggregated in a stable order, so that runs with the same SEED agree.
@@ -376,7 +376,7 @@ class GuardedStrategy(Strategy):
 
 def _tell_round(client_manager: ClientManager, server_round: int, phase: str) -> None:
     """Flower's strategies call client_manager.sample() without the round: a client manager
-    that samples reproducibly (server/admission.py) is told it here, before they do."""
+    that samples reproducibly (server/transport/admission.py) is told it here, before they do."""
     for_round = getattr(client_manager, "for_round", None)
     if for_round is not None:
         for_round(server_round, phase)

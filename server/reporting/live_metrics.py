@@ -34,7 +34,7 @@ ROUND_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 MAX_CLIENT_SERIES = 64
 SCRAPE_GRACE = 0.5  # seconds to finish answering the scrape that ends the linger
 OTHER = "other"  # the label of every client beyond MAX_CLIENT_SERIES
-# An update's refusal reason, from the guard's message (server/strategies.py), as a bounded label.
+# An update's refusal reason, from the guard's message (server/training/strategies.py), as a bounded label.
 REFUSAL_REASONS = (
     ("UPDATE_NORM_LIMIT", "norm_limit"),
     ("the data set can give", "too_many_examples"),
@@ -182,7 +182,7 @@ class LiveMetrics:
         self.round.labels(self.run_id).set(first_round - 1)
 
     def round_done(self, record: Any, refusals: Iterable[str] = ()) -> None:
-        """One round's record (see server/rounds.py) and the guard's refusal messages: in-memory
+        """One round's record (see server/training/rounds.py) and the guard's refusal messages: in-memory
         updates only."""
         run = self.run_id
         trained, failed, refused = (

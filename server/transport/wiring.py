@@ -21,13 +21,13 @@ from flwr.proto.transport_pb2 import ClientMessage, ServerMessage
 from flwr.server.client_manager import ClientManager
 from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import FlowerServiceServicer
 
-from server.admission import Admission
-from server.sites import Sites
-from server.stream import NamedClientProxy as NamedClientProxy  # re-exported: the strategies' tests use it
-from server.stream import Oversized, new_proxy, open_seat, relay
+from server.transport.admission import Admission
+from server.transport.sites import Sites
+from server.transport.stream import NamedClientProxy as NamedClientProxy  # re-exported: the strategies' tests use it
+from server.transport.stream import Oversized, new_proxy, open_seat, relay
 from shared.errors import BadInput
 from shared.keepalive import keepalive_options
-from shared.metadata import CLIENT_NAME_KEY, JOIN_KEY
+from shared.protocol import CLIENT_NAME_KEY, JOIN_KEY
 from shared.revocation import RevocationList
 
 log = logging.getLogger("flowerpot.server")
@@ -164,7 +164,7 @@ def identify(context: grpc.ServicerContext) -> tuple[str, str]:
 
 
 def join_metadata(context: grpc.ServicerContext) -> str | None:
-    """The JOIN_KEY value a Flowerpot client sends (shared/metadata.py); None from a plain Flower client."""
+    """The JOIN_KEY value a Flowerpot client sends (shared/protocol.py); None from a plain Flower client."""
     value = dict(context.invocation_metadata() or ()).get(JOIN_KEY)
     return None if value is None else str(value)
 
@@ -196,7 +196,7 @@ def start_grpc_server(
 ) -> grpc.Server:
     """Bind and start; BadInput when the address cannot be bound (e.g. the port is in use).
     With `tls.client_ca` (mutual TLS) pass `revocations`: the servicer then names clients by
-    their certificates. `sites` checks Flowerpot clients' version, input and shard (server/sites.py)."""
+    their certificates. `sites` checks Flowerpot clients' version, input and shard (server/transport/sites.py)."""
     if (tls is not None and tls.client_ca is not None) != (revocations is not None):
         raise ValueError("client certificates and a revocation list go together")
     # Every connected client holds one worker for its stream; refused ones only briefly. Calls

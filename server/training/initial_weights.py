@@ -20,7 +20,7 @@ from flwr.common import Code, GetParametersIns, Parameters, ndarrays_to_paramete
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 
-from server.strategies import client_label
+from server.training.strategies import client_label
 from shared.errors import BadInput, ClientsTimeout
 from shared.modelfile import load_model
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from flwr.server.client_proxy import ClientProxy
 
-from server.record import ClientEntry, RoundRecord
-from server.strategies import client_label
+from server.reporting.record import ClientEntry, RoundRecord
+from server.training.strategies import client_label
 from shared.modelfile import write_json
 
 SITES_JSON = "sites.json"  # the final round's per-client accuracies, beside history.json
@@ -18,7 +18,7 @@ MAX_LISTED = 20  # clients named in one round's log line; the rest are counted
 
 
 def where(proxy: ClientProxy, result: Any) -> tuple[str, str]:
-    """(site, shard) of a client: what it said when it joined (server/sites.py), else its name
+    """(site, shard) of a client: what it said when it joined (server/transport/sites.py), else its name
     and the shard it reported in its metrics (a plain Flower client reports none)."""
     metrics = getattr(result, "metrics", None) or {}
     site = getattr(proxy, "site", "") or client_label(proxy)

@@ -136,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] == "bench":
+            print(
+                f"flowerpot {args.command}: error: the benchmark is a tool of the repository, not part of the images: "
+                "run `flowerpot bench` from a checkout (pip install -r requirements-dev.txt -e .)",
+                file=sys.stderr,
+            )
+            return ExitCode.BAD_INPUT
         if (exc.name or "").split(".")[0] not in CLIENT_SIDE:
             raise
         print(
@@ -196,7 +203,7 @@ def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> 
         )
         print(f"benchmark report: {report}")
     elif args.command == "run-local":
-        from launcher import run_local
+        from flowerpot.launcher import run_local
 
         if args.clients is not None and args.clients < 1:
             raise BadInput(f"--clients {args.clients}: run at least 1 client (default: NUM_SHARDS)")
@@ -206,7 +213,7 @@ def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> 
 
 def run_certs(args: argparse.Namespace, settings: Settings) -> None:
     """`certs`: every input is checked before the first file is written."""
-    from shared import certs
+    from flowerpot import certs
 
     owner = certs.parse_owner(args.owner)
     hosts = certs.parse_hosts(settings.cert_hosts)

@@ -34,7 +34,7 @@ from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import (
 from flwr.server.superlink.fleet.grpc_bidi.grpc_client_proxy import GrpcClientProxy
 from iterators import TimeoutIterator
 
-from server.admission import Admission
+from server.transport.admission import Admission
 
 log = logging.getLogger("flowerpot.server")
 
@@ -102,7 +102,7 @@ class NamedClientProxy(GrpcClientProxy):
     def __init__(self, cid: str, bridge: GrpcBridge, name: str) -> None:
         super().__init__(cid=cid, bridge=bridge)
         self.name = name
-        self.site, self.shard = name, ""  # a Flowerpot client's site and shard (server/sites.py)
+        self.site, self.shard = name, ""  # a Flowerpot client's site and shard (server/transport/sites.py)
         self.refusal: str | None = None  # set by `refuse`: the stream then ends with this reason
         self.release: Callable[[], None] | None = None  # its Seat's close, once seated
 

@@ -2,7 +2,7 @@
 
 A Flowerpot client sends, when it joins, its version, its site (SITE_NAME), its shard with the
 checksum of the shard's data, and what defines its input (classes, image size, channels,
-normalisation): shared/metadata.py. Before the client is seated the server refuses it, naming
+normalisation): shared/protocol.py. Before the client is seated the server refuses it, naming
 the reason, when
 - its major.minor version is not the server's;
 - its input differs from the run's (CLASSES on the server, else the first Flowerpot client's):
@@ -24,8 +24,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from server.stream import NamedClientProxy
-from shared.metadata import VERSION, compatible
+from server.transport.stream import NamedClientProxy
+from shared.protocol import VERSION, compatible
 
 log = logging.getLogger("flowerpot.server")
 
@@ -52,7 +52,7 @@ class Join:
 
     @classmethod
     def parse(cls, text: str) -> Join:
-        """ValueError when `text` is not a join value of shared/metadata.py."""
+        """ValueError when `text` is not a join value of shared/protocol.py."""
         data = json.loads(text)
         if not isinstance(data, dict) or not isinstance(data.get("input"), dict):
             raise ValueError("not a JSON object with an input")

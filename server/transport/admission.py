@@ -14,7 +14,7 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 
-from server.sampling import seeded_sample
+from server.training.sampling import seeded_sample
 from shared.errors import ClientsTimeout
 
 log = logging.getLogger("flowerpot.server")
@@ -81,7 +81,7 @@ class Admission:
 
 class BoundedClientManager(SimpleClientManager):
     """Flower's client manager, but every wait ends after `wait_timeout` seconds, and sampling is
-    reproducible: seeded from SEED and the round (server/sampling.py), which the strategy sets
+    reproducible: seeded from SEED and the round (server/training/sampling.py), which the strategy sets
     with `for_round` before it samples (Flower's strategies do not pass the round)."""
 
     def __init__(self, wait_timeout: float, seed: int = 0) -> None:

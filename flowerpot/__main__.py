@@ -1,0 +1,5 @@
+import sys
+
+from flowerpot.cli import main
+
+sys.exit(main())
