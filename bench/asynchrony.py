@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from bench.federation import prepare
+from bench.warm import WarmPopen
 from flowerpot.launcher import LocalFederation
 
 log = logging.getLogger("flowerpot.bench")
@@ -102,8 +103,7 @@ def run_one(run_dir: Path, data: Path, mode: str, clients: int, slow: int, seed:
         "MODE": mode,
         "BUFFER_SIZE": clients,
     }
-    options = {"warm": True} if warm else {}
-    with LocalFederation(env, cwd=run_dir, log_dir=run_dir, **options) as federation:
+    with LocalFederation(env, cwd=run_dir, log_dir=run_dir, popen=WarmPopen if warm else None) as federation:
         federation.start_server()
         for i in range(clients):
             federation.start_client(CLIENT_SLOWDOWN=BASE_SLOWDOWN * (SLOWDOWN if i < slow else 1))
