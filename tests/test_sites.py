@@ -13,7 +13,7 @@ import pytest
 
 from conftest import BASE_ENV, PLAIN_CLIENT, REPO, free_address, run_cli
 from flowerpot.launcher import Process, clean_env
-from shared.protocol import VERSION
+from shared.protocol import FLOWERPOT_VERSION, VERSION
 
 
 def prepare_site(tmp_path: Path, name: str, **env: str) -> Path:
@@ -173,11 +173,11 @@ def test_a_plain_flower_client_joins_unchecked_with_one_warning(spawn, tmp_path:
     assert "per-client accuracy, round 2: worst 0.5000" in server.output
 
 
-# A real Flowerpot client whose version says 9.9.0: what an old or new client looks like.
+# A real Flowerpot client of protocol 99: what an old or new client looks like.
 OTHER_VERSION_CLIENT = """
 import sys
 import shared.protocol
-shared.protocol.VERSION = "9.9.0"
+shared.protocol.VERSION = 99
 from flowerpot.cli import main
 sys.exit(main(["client"]))
 """
@@ -193,7 +193,10 @@ def test_a_client_of_another_version_is_refused(spawn, data_dir: Path, tmp_path:
         assert other.wait(timeout=180) == 4, other.output
     finally:
         other.stop()
-    assert f"it runs Flowerpot 9.9.0, this server {VERSION}: run the same major.minor version" in other.output
+    assert (
+        f"it speaks protocol 99 (Flowerpot {FLOWERPOT_VERSION}), this server protocol {VERSION} "
+        f"(Flowerpot {FLOWERPOT_VERSION}): run the same Flowerpot version" in other.output
+    )
     assert "Traceback" not in other.output
     server.stop()
 
@@ -201,7 +204,7 @@ def test_a_client_of_another_version_is_refused(spawn, data_dir: Path, tmp_path:
 def test_the_version_constant_is_the_package_version() -> None:
     import tomllib
 
-    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"] == VERSION
+    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"] == FLOWERPOT_VERSION
 
 
 def test_a_client_that_died_rejoins_with_its_own_shard(federation, data_dir: Path, tmp_path: Path) -> None:

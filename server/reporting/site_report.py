@@ -11,6 +11,7 @@ from flwr.server.client_proxy import ClientProxy
 
 from server.reporting.record import ClientEntry, RoundRecord
 from server.training.strategies import client_label
+from shared import protocol
 from shared.modelfile import write_json
 
 SITES_JSON = "sites.json"  # the final round's per-client accuracies, beside history.json
@@ -22,7 +23,7 @@ def where(proxy: ClientProxy, result: Any) -> tuple[str, str]:
     and the shard it reported in its metrics (a plain Flower client reports none)."""
     metrics = getattr(result, "metrics", None) or {}
     site = getattr(proxy, "site", "") or client_label(proxy)
-    shard = getattr(proxy, "shard", "") or str(metrics.get("shard", ""))
+    shard = getattr(proxy, "shard", "") or str(metrics.get(protocol.SHARD, ""))
     return site, shard
 
 
@@ -49,10 +50,11 @@ def clients_line(record: RoundRecord) -> str:
     its training loss when nobody evaluated)."""
     evaluated = [c for c in record.clients if c.phase == "evaluate"]
     if evaluated:
-        parts = [f"{_label(c)} {_number(c.metrics.get('accuracy'))}" for c in evaluated]
+        parts = [f"{_label(c)} {_number(c.metrics.get(protocol.ACCURACY))}" for c in evaluated]
         what = "accuracy"
     else:
-        parts = [f"{_label(c)} {_number(c.metrics.get('train_loss'))}" for c in record.clients if c.phase == "fit"]
+        fits = [c for c in record.clients if c.phase == "fit"]
+        parts = [f"{_label(c)} {_number(c.metrics.get(protocol.TRAIN_LOSS))}" for c in fits]
         what = "train loss"
     listed = ", ".join(parts[:MAX_LISTED]) + (
         f", and {len(parts) - MAX_LISTED} more" if len(parts) > MAX_LISTED else ""
@@ -64,9 +66,9 @@ def site_summary(record: RoundRecord) -> dict[str, Any]:
     """Per-client accuracy of a round (worst, best, spread) and the weighted mean."""
     clients = [
         {"site": c.site or c.client, "shard": c.shard, "client": c.client, "examples": c.num_examples,
-         "accuracy": float(c.metrics["accuracy"])}
+         "accuracy": float(c.metrics[protocol.ACCURACY])}
         for c in record.clients
-        if c.phase == "evaluate" and isinstance(c.metrics.get("accuracy"), int | float)
+        if c.phase == "evaluate" and isinstance(c.metrics.get(protocol.ACCURACY), int | float)
     ]  # fmt: skip
     summary: dict[str, Any] = {"round": record.round, "weighted_accuracy": record.eval_accuracy, "clients": clients}
     if clients:

@@ -52,6 +52,7 @@ from server.training.strategies import GuardedStrategy, client_label
 from server.training.update_checks import l2_norm
 from server.transport.admission import BoundedClientManager
 from server.transport.wiring import Traffic
+from shared import protocol
 from shared.errors import ClientsTimeout
 from shared.settings import Settings
 
@@ -242,9 +243,9 @@ class BufferedRounds:
         make = getattr(inner, "on_fit_config_fn", None)
         config: dict[str, Scalar] = dict(make(self.version + 1)) if make else {}
         if isinstance(inner, FedProx):
-            config["proximal_mu"] = inner.proximal_mu
+            config[protocol.PROXIMAL_MU] = inner.proximal_mu
         self.fits_sent += 1
-        config.update(model_version=self.version, fit_id=self.fits_sent)
+        config.update({protocol.MODEL_VERSION: self.version, protocol.FIT_ID: self.fits_sent})
         return config
 
     def collect(self, timeout: float, pool: ThreadPoolExecutor, final: Evaluation | None = None) -> None:
@@ -484,10 +485,10 @@ class BufferedRounds:
             updates_refused=refused,
             clients_evaluated=len(eval_results),
             eval_failures=evaluated.failures if evaluated else 0,
-            train_loss=_float(metrics.get("train_loss")),
-            train_accuracy=_float(metrics.get("train_accuracy")),
+            train_loss=_float(metrics.get(protocol.TRAIN_LOSS)),
+            train_accuracy=_float(metrics.get(protocol.TRAIN_ACCURACY)),
             eval_loss=evaluated.loss if evaluated else None,
-            eval_accuracy=_float(evaluated.metrics.get("accuracy")) if evaluated else None,
+            eval_accuracy=_float(evaluated.metrics.get(protocol.ACCURACY)) if evaluated else None,
             seconds=seconds,
             fit_seconds=until_aggregated,  # when the version existed (the final evaluation comes after)
             started_at=window.started_at,
@@ -506,7 +507,7 @@ class BufferedRounds:
 
 
 def evaluation_line(evaluated: Evaluated) -> str:
-    accuracy = evaluated.metrics.get("accuracy")
+    accuracy = evaluated.metrics.get(protocol.ACCURACY)
     return (
         f"version {evaluated.version} evaluated: loss {_fmt(evaluated.loss)}, accuracy {_fmt(_float(accuracy))} "
         f"({len(evaluated.results)} clients)"

@@ -24,6 +24,7 @@ from server.training.initial_weights import NoAnswers, agreed_parameters, load_p
 from server.training.strategies import GuardedStrategy, build_strategy, restore_strategy_state, strategy_state
 from server.transport.admission import BoundedClientManager
 from server.transport.wiring import Traffic
+from shared import protocol
 from shared.errors import ClientsTimeout
 from shared.settings import Settings
 
@@ -188,10 +189,10 @@ class Federation:
             updates_refused=refused,
             clients_evaluated=len(eval_results),
             eval_failures=len(eval_failures),
-            train_loss=fit_metrics.get("train_loss"),
-            train_accuracy=fit_metrics.get("train_accuracy"),
+            train_loss=fit_metrics.get(protocol.TRAIN_LOSS),
+            train_accuracy=fit_metrics.get(protocol.TRAIN_ACCURACY),
             eval_loss=eval_loss,
-            eval_accuracy=eval_metrics.get("accuracy"),
+            eval_accuracy=eval_metrics.get(protocol.ACCURACY),
             seconds=time.perf_counter() - started,
             fit_seconds=fit_seconds,
             started_at=started_at,

@@ -25,8 +25,6 @@ from flwr.server.strategy import Strategy
 
 from server.training.aggregate_metrics import weighted_average
 from server.training.update_checks import (
-    EVALUATE_METRICS,
-    FIT_METRICS,
     UpdateDistance,
     clean_metrics,
     count_problem,
@@ -35,7 +33,9 @@ from server.training.update_checks import (
     loss_problem,
     median_bound,
 )
+from shared import protocol
 from shared.modelfile import npy_view
+from shared.protocol import EVALUATE_METRICS, FIT_METRICS
 from shared.settings import Settings
 
 log = logging.getLogger("flowerpot.server")
@@ -50,15 +50,15 @@ def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
 
     def fit_config(server_round: int) -> dict[str, Scalar]:
         return {
-            "server_round": server_round,
-            "num_rounds": s.num_rounds,
-            "local_epochs": s.local_epochs,
-            "batch_size": s.batch_size,
-            "learning_rate": s.learning_rate,
+            protocol.SERVER_ROUND: server_round,
+            protocol.NUM_ROUNDS: s.num_rounds,
+            protocol.LOCAL_EPOCHS: s.local_epochs,
+            protocol.BATCH_SIZE: s.batch_size,
+            protocol.LEARNING_RATE: s.learning_rate,
         }
 
     def evaluate_config(server_round: int) -> dict[str, Scalar]:
-        return {"server_round": server_round, "num_rounds": s.num_rounds}
+        return {protocol.SERVER_ROUND: server_round, protocol.NUM_ROUNDS: s.num_rounds}
 
     common: dict[str, Any] = {
         "fraction_fit": s.fraction_fit,
@@ -386,7 +386,7 @@ def _stable_order(result: tuple[ClientProxy, FitRes | EvaluateRes]) -> tuple[str
     """Results arrive in any order, and float sums depend on it: sorting by shard (which
     Flowerpot clients report) makes a rerun, or a resumed run, aggregate exactly the same."""
     proxy, res = result
-    return str(res.metrics.get("shard", "")), proxy.cid
+    return str(res.metrics.get(protocol.SHARD, "")), proxy.cid
 
 
 def client_label(proxy: ClientProxy) -> str:

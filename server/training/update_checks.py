@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from shared.errors import BadInput
+from shared.protocol import NUMBER, RATIO, TEXT
 from shared.settings import Settings
 
 log = logging.getLogger("flowerpot.server")
@@ -33,12 +34,6 @@ DATASET_SIZES = {"digits": 1_797, "mnist": 70_000, "fashion-mnist": 70_000, "cif
 MEDIAN_MULTIPLE = 10  # a count above this many times the round's median report is clipped
 MEDIAN_MIN_REPORTS = 3  # below this, a median says nothing about who is lying
 MAX_TEXT = 256  # characters of a text metric that are kept
-
-# The metrics Flowerpot clients report, with their types; anything else is dropped.
-RATIO, NUMBER, TEXT = "ratio", "number", "text"
-FIT_METRICS = {"train_loss": NUMBER, "train_accuracy": RATIO, "train_seconds": NUMBER, "shard": TEXT,
-               "train_proximal_term": NUMBER}  # fmt: skip
-EVALUATE_METRICS = {"accuracy": RATIO, "eval_seconds": NUMBER, "shard": TEXT}
 
 
 def example_limit(settings: Settings) -> int:
@@ -74,7 +69,8 @@ def median_bound(counts: list[int]) -> int | None:
 
 
 def clean_metrics(metrics: dict[str, Any], known: dict[str, str]) -> tuple[dict[str, Any], list[str], str | None]:
-    """(the metrics kept, the keys dropped, a problem that refuses the answer or None).
+    """(the metrics kept, the keys dropped, a problem that refuses the answer or None); `known`
+    is shared/protocol.py's FIT_METRICS or EVALUATE_METRICS.
     Texts are cut to MAX_TEXT characters; a known number that is not finite, or a ratio outside
     [0, 1], is a problem."""
     kept: dict[str, Any] = {}
