@@ -48,7 +48,7 @@ from flwr.server.strategy import FedProx
 from server.reporting.record import RoundRecord
 from server.reporting.site_report import client_entries
 from server.training.sampling import stable_key
-from server.training.strategies import GuardedStrategy, client_label
+from server.training.strategies import Failures, FitReport, GuardedStrategy, client_label
 from server.training.update_checks import l2_norm
 from server.transport.admission import BoundedClientManager
 from server.transport.wiring import Traffic
@@ -156,7 +156,7 @@ class BufferedRounds:
         client_manager: BoundedClientManager,
         guard: GuardedStrategy,
         traffic: Traffic,
-        finish: Callable[[RoundRecord, Parameters], None],
+        finish: Callable[[RoundRecord, Parameters, list[str]], None],
     ) -> None:
         self.s, self.client_manager, self.guard, self.traffic, self.finish = (
             settings,
@@ -345,13 +345,11 @@ class BufferedRounds:
         version = self.version + 1
         self.guard.distance.set_global(current)  # the re-based updates are measured from here
         refusals = list(window.refused.values())
-        failures = [*window.failures.values(), *(ValueError(problem) for _, problem in refusals)]
-        parameters, metrics = self.guard.aggregate_fit(version, results, failures)
-        refused_now = len(self.guard.refused)  # the guard's own refusals, of re-based updates
-        self.guard.refused = [*refusals, *self.guard.refused]  # every refusal of this version
-        if parameters is not None:
-            parameters = self.step(current, parameters)
-            self.parameters = parameters
+        failures: Failures = [*window.failures.values(), *(ValueError(problem) for _, problem in refusals)]
+        report = self.guard.aggregate(version, results, failures)
+        refusals = [*refusals, *report.refused]  # every refusal of this version, the guard's (of re-based updates) last
+        if report.parameters is not None:
+            self.parameters = self.step(current, report.parameters)
         self.version = version
         aggregated = time.perf_counter()
         self.models[version] = self.arrays(self.parameters)
@@ -365,8 +363,8 @@ class BufferedRounds:
             if version % self.s.eval_every == 0:
                 self.open_evaluation(version)  # may close the open one first
             evaluated, self.evaluated = self.evaluated, None
-        record = self.record(version, window, taken, refused_now, metrics, evaluated, aggregated - window.started)
-        self.finish(record, self.parameters)
+        record = self.record(version, window, taken, report, len(refusals), evaluated, aggregated - window.started)
+        self.finish(record, self.parameters, [problem for _, problem in refusals])
 
     def step(self, current: list[np.ndarray], aggregate: Parameters) -> Parameters:
         """SERVER_LEARNING_RATE on the strategies without a server optimizer of their own."""
@@ -468,19 +466,20 @@ class BufferedRounds:
         version: int,
         window: Window,
         taken: list[Update],
-        refused_now: int,
-        metrics: dict[str, Scalar],
+        report: FitReport,
+        refused: int,
         evaluated: Evaluated | None,
         until_aggregated: float,
     ) -> RoundRecord:
-        refused = len(self.guard.refused)
+        """`refused`: every update refused in this version (on arrival and by the guard)."""
+        metrics = report.metrics
         staleness = [u.staleness for u in taken]
         sent, received = self.traffic.take()
         seconds = time.perf_counter() - window.started
         eval_results = evaluated.results if evaluated else []
         return RoundRecord(
             round=version,
-            clients_trained=len(taken) - refused_now,
+            clients_trained=len(taken) - len(report.refused),
             clients_failed=len(window.failures),  # clients whose fit failed (one count each)
             updates_refused=refused,
             clients_evaluated=len(eval_results),
@@ -497,7 +496,7 @@ class BufferedRounds:
             model_bytes=sum(len(t) for t in self.parameters.tensors),
             fit_metrics=dict(metrics),
             eval_metrics=dict(evaluated.metrics) if evaluated else {},
-            failed=self.guard.round_failed,
+            failed=report.failed,
             clients=client_entries([(u.proxy, u.res) for u in taken], eval_results),
             staleness_mean=float(np.mean(staleness)) if staleness else 0.0,
             staleness_max=max(staleness, default=0),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -159,6 +159,20 @@ class TensorLayout:
         return np.frombuffer(tensor, dtype=self.dtype, offset=len(self.header))
 
 
+@dataclass
+class FitReport:
+    """What the guard made of one round's updates (or one async version's buffer)."""
+
+    parameters: Parameters | None  # the aggregate; None when the round failed (the model stays)
+    metrics: dict[str, Scalar]
+    refused: list[tuple[ClientProxy, str]] = field(default_factory=list)  # the updates refused, and why
+    failed: str | None = None  # why the round's result is not applied, or None
+
+    @property
+    def reasons(self) -> list[str]:
+        return [problem for _, problem in self.refused]
+
+
 class GuardedStrategy(Strategy):
     """Delegates to a Flower strategy, with these additions.
 
@@ -188,10 +202,8 @@ class GuardedStrategy(Strategy):
         self.clip_norm = clip_norm
         self.inner, self.num_rounds, self.evaluate_config = inner, num_rounds, evaluate_config
         self.min_completion_rate = min_completion_rate
-        self.round_failed: str | None = None  # why the latest round's result was not applied
         self.max_examples, self.norm_limit = max_examples, norm_limit
         self.reference = [TensorLayout.of(t) for t in initial.tensors]
-        self.refused: list[tuple[ClientProxy, str]] = []  # of the latest round
         self.distance = UpdateDistance()
         self.distance.set_global([ref.view(t) for t, ref in zip(initial.tensors, self.reference)])
         self.warned: set[str] = set()  # clients already told about dropped metrics
@@ -213,7 +225,14 @@ class GuardedStrategy(Strategy):
     def aggregate_fit(
         self, server_round: int, results: FitResults, failures: Failures
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        self.refused, self.round_failed = [], None
+        """Flower's interface; the loops call `aggregate`, which also says what it refused."""
+        report = self.aggregate(server_round, results, failures)
+        return report.parameters, report.metrics
+
+    def aggregate(self, server_round: int, results: FitResults, failures: Failures) -> FitReport:
+        """The sound updates aggregated by the Flower strategy; the others refused (as failures to
+        it), and the round failed when too few are sound."""
+        refused: list[tuple[ClientProxy, str]] = []
         sound: FitResults = []
         for proxy, res in results:
             bad_metric = self.keep_known_metrics(proxy, res, FIT_METRICS)  # always: the history keeps them
@@ -221,19 +240,20 @@ class GuardedStrategy(Strategy):
             if problem is None:
                 sound.append((proxy, res))
             else:
-                self.refused.append((proxy, problem))
+                refused.append((proxy, problem))
                 log.warning("round %d: refused the update of client %s: %s", server_round, client_label(proxy), problem)
-        self.round_failed = self.too_few(len(sound), len(results) + len(failures))
-        if self.round_failed is not None:
+        failed = self.too_few(len(sound), len(results) + len(failures))
+        if failed is not None:
             # The model stays and a server optimizer's moments are not fed with a lone update.
-            log.warning("round %d failed, its result is not applied: %s", server_round, self.round_failed)
-            return None, {}
+            log.warning("round %d failed, its result is not applied: %s", server_round, failed)
+            return FitReport(None, {}, refused, failed)
         self.clip_counts(server_round, sound, "training")
         if self.clip_norm > 0:
             self.clip_updates(sound)
         sound.sort(key=_stable_order)
-        parameters, metrics = self.inner.aggregate_fit(server_round, sound, [*failures, *self.refused_as_failures()])
-        return (self.as_reference_dtypes(parameters) if parameters is not None else None), metrics
+        as_failures = [ValueError(problem) for _, problem in refused]
+        parameters, metrics = self.inner.aggregate_fit(server_round, sound, [*failures, *as_failures])
+        return FitReport(self.as_reference_dtypes(parameters) if parameters is not None else None, metrics, refused)
 
     def clip_updates(self, results: FitResults) -> None:
         """CLIP_NORM: an update further than it from the global model is pulled back along its own
@@ -272,9 +292,6 @@ class GuardedStrategy(Strategy):
             return parameters
         arrays = [npy_view(t) for t in parameters.tensors]
         return ndarrays_to_parameters([a.astype(ref.dtype) for a, ref in zip(arrays, self.reference)])
-
-    def refused_as_failures(self) -> list[BaseException]:
-        return [ValueError(problem) for _, problem in self.refused]
 
     def problem(self, res: FitRes) -> str | None:
         """Why a client update cannot be aggregated, or None when it can."""
