@@ -10,10 +10,11 @@ from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import GrpcBridge
 from server.training.aggregate_metrics import weighted_average
 from server.training.strategies import build_strategy
 from server.transport.wiring import NamedClientProxy
-from shared.settings import Settings, Strategy
+from shared.settings import Settings
+from shared.strategy_table import STRATEGIES
 
 GLOBAL = [np.zeros((3, 2), np.float32), np.zeros(2, np.float32)]
-ALL_STRATEGIES = Strategy.__args__
+ALL_STRATEGIES = tuple(STRATEGIES)
 
 
 def update(value: float, num_examples: int = 10, arrays: list[np.ndarray] | None = None) -> FitRes:
@@ -198,9 +199,9 @@ def test_a_round_at_min_completion_rate_is_applied() -> None:
 def test_server_optimizers_default_to_tuned_settings_not_flowers_legacy_ones() -> None:
     """Flower's legacy FedAdam/FedAdagrad (eta=0.1, tau=1e-9) take sign-like steps; empty knobs now
     mean the defaults chosen by bench/server_opt_sweep.py, with tau=1e-3."""
-    from server.training.strategies import SERVER_OPT_DEFAULTS
-
-    for name, tuned in SERVER_OPT_DEFAULTS.items():
+    tuned_ones = {name: kind.tuned for name, kind in STRATEGIES.items() if kind.tuned}
+    assert set(tuned_ones) == {"fedadam", "fedyogi", "fedadagrad"}
+    for name, tuned in tuned_ones.items():
         inner = strategy(name).inner
         assert (inner.eta, inner.tau) == (tuned["eta"], tuned["tau"]) and inner.tau == 1e-3
     assert strategy("fedadagrad", server_learning_rate=0.2, tau=1e-6).inner.eta == 0.2  # a set knob wins

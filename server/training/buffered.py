@@ -55,15 +55,11 @@ from server.transport.wiring import Traffic
 from shared import protocol
 from shared.errors import ClientsTimeout
 from shared.settings import Settings
+from shared.strategy_table import STRATEGIES
 
 log = logging.getLogger("flowerpot.server")
 
 POLL_SECONDS = 0.5
-# Strategies with a server optimizer of their own: SERVER_LEARNING_RATE is already their step size.
-OWN_SERVER_STEP = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
-# Robust aggregators count updates against an assumed minority of bad ones: a buffer holds at most
-# one update per client for them. FedAvg's buffer may hold several of a fast client (FedBuff's).
-ONE_UPDATE_PER_CLIENT = ("fedmedian", "fedtrimmedavg", "krum")
 
 
 @dataclass
@@ -166,9 +162,12 @@ class BufferedRounds:
             finish,
         )
         self.buffer_size = settings.updates_per_aggregation[0]
-        self.one_update_per_client = settings.strategy in ONE_UPDATE_PER_CLIENT
+        kind = STRATEGIES[settings.strategy]
+        # A robust strategy's buffer holds one update per client; FedAvg's may hold several of a
+        # fast client (FedBuff's).
+        self.one_update_per_client = kind.robust
         lr = settings.server_learning_rate
-        self.server_step = 1.0 if settings.strategy in OWN_SERVER_STEP or lr is None else lr
+        self.server_step = 1.0 if kind.own_server_step or lr is None else lr
         self.tasks: dict[Future, Task] = {}
         self.idle_since: dict[str, float] = {}
         self.fits_sent = 0

@@ -37,6 +37,7 @@ from shared import protocol
 from shared.modelfile import npy_view
 from shared.protocol import EVALUATE_METRICS, FIT_METRICS
 from shared.settings import Settings
+from shared.strategy_table import STRATEGIES
 
 log = logging.getLogger("flowerpot.server")
 
@@ -45,7 +46,8 @@ Failures = list[tuple[ClientProxy, FitRes] | BaseException]
 
 
 def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
-    """The Flower strategy named by STRATEGY, with its knobs; empty knobs keep Flower's defaults."""
+    """The Flower strategy named by STRATEGY (shared/strategy_table.py), with its knobs; empty
+    knobs keep Flower's defaults."""
     s = settings
 
     def fit_config(server_round: int) -> dict[str, Scalar]:
@@ -75,29 +77,11 @@ def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
         "fit_metrics_aggregation_fn": weighted_average,
         "evaluate_metrics_aggregation_fn": weighted_average,
     }
-    tuned = SERVER_OPT_DEFAULTS.get(s.strategy, {})
-    eta = s.server_learning_rate if s.server_learning_rate is not None else tuned.get("eta")
-    tau = s.tau if s.tau is not None else tuned.get("tau")
-    fedopt = _given(eta=eta, beta_1=s.beta_1, beta_2=s.beta_2, tau=tau, eta_l=s.learning_rate)
-    builders = {
-        "fedavg": lambda: flwr_strategies.FedAvg(**common),
-        "fedprox": lambda: flwr_strategies.FedProx(**common, proximal_mu=s.proximal_mu),
-        "fedadam": lambda: flwr_strategies.FedAdam(**common, **fedopt),
-        "fedyogi": lambda: flwr_strategies.FedYogi(**common, **fedopt),
-        "fedadagrad": lambda: flwr_strategies.FedAdagrad(**common, **_given(eta=eta, tau=tau, eta_l=s.learning_rate)),
-        "fedavgm": lambda: flwr_strategies.FedAvgM(
-            **common, server_momentum=s.server_momentum, **_given(server_learning_rate=s.server_learning_rate)
-        ),
-        "fedmedian": lambda: flwr_strategies.FedMedian(**common),
-        "fedtrimmedavg": lambda: flwr_strategies.FedTrimmedAvg(**common, beta=s.trim_fraction),
-        "krum": lambda: flwr_strategies.Krum(
-            **common,
-            num_malicious_clients=s.krum_malicious_clients,
-            num_clients_to_keep=s.krum_clients_to_keep,
-        ),
-    }
+    kind = STRATEGIES[s.strategy]
+    knobs = {k: v for k, v in kind.knobs(s).items() if v is not None}
+    inner = getattr(flwr_strategies, kind.flower)(**common, **knobs)
     return GuardedStrategy(
-        builders[s.strategy](),
+        inner,
         initial,
         s.num_rounds,
         evaluate_config,
@@ -108,33 +92,10 @@ def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
     )
 
 
-# Server-optimizer defaults, used when SERVER_LEARNING_RATE / TAU are empty. Flower's legacy ones
-# (eta=0.1, tau=1e-9 for FedAdam and FedAdagrad) make FedAdam's steps sign-like and FedAdagrad
-# oscillate. tau=1e-3 as in Reddi et al. 2021 and Flower's newer strategies; eta chosen by
-# `python -m bench.server_opt_sweep` (digits, Dirichlet 0.5, 3 clients, 5 rounds, seeds 1 and 2,
-# final accuracy; README "Server-optimizer defaults" has the table).
-SERVER_OPT_DEFAULTS: dict[str, dict[str, float]] = {
-    "fedadam": {"eta": 0.1, "tau": 1e-3},
-    "fedyogi": {"eta": 0.03, "tau": 1e-3},
-    "fedadagrad": {"eta": 0.03, "tau": 1e-3},
-}
-
-
 def weak_strategy_warning(settings: Settings) -> str | None:
     """What the operator should know about a strategy that runs but cannot do its job at this
-    client count (the ones that cannot at all are refused by Settings): the median of two
-    updates is their mean."""
-    aggregated, per_step = settings.updates_per_aggregation
-    if settings.strategy == "fedmedian" and aggregated < 3:
-        return (
-            f"STRATEGY=fedmedian with {per_step}={aggregated}: the median of fewer than 3 "
-            f"updates is their mean, no defence against a bad client; raise {per_step} to 3 or more"
-        )
-    return None
-
-
-def _given(**knobs: float | None) -> dict[str, float]:
-    return {k: v for k, v in knobs.items() if v is not None}
+    client count (the ones that cannot at all are refused by Settings)."""
+    return STRATEGIES[settings.strategy].weakness(settings)
 
 
 @dataclass(frozen=True)
