@@ -173,6 +173,9 @@ class BufferedRounds:
         self.fits_sent = 0
         self.window = Window()
         self.evaluation: Evaluation | None = None
+        # The last version's evaluation on every client: once it starts, nothing trains and every
+        # answer is for it.
+        self.final: Evaluation | None = None
         self.evaluated: Evaluated | None = None
         self.version = 0
         self.parameters: Parameters | None = None
@@ -198,7 +201,7 @@ class BufferedRounds:
             # waits for them here.
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def dispatch(self, pool: ThreadPoolExecutor, final: Evaluation | None = None) -> None:
+    def dispatch(self, pool: ThreadPoolExecutor) -> None:
         """Work for every free client: an evaluation it is wanted for, else the current model to
         train on (up to CONCURRENCY clients training at once; none during the final evaluation)."""
         connected = self.client_manager.all()
@@ -209,13 +212,13 @@ class BufferedRounds:
         )
         training = sum(1 for task in self.tasks.values() if task.kind == "fit")
         limit = self.s.concurrency or len(connected)
+        evaluation = self.open_one
         for proxy in free:
-            evaluation = final or self.evaluation
             if evaluation is not None and evaluation.wants(proxy):
                 evaluation.asked.add(proxy.cid)
                 ins = EvaluateIns(evaluation.parameters, self.guard.evaluate_config(evaluation.version))
                 self.submit(pool, proxy, "evaluate", evaluation.version, proxy.evaluate, ins)
-            elif final is None and training < limit and proxy.cid not in self.window.held:
+            elif self.final is None and training < limit and proxy.cid not in self.window.held:
                 training += 1
                 self.submit(pool, proxy, "fit", self.version, proxy.fit, FitIns(self.parameters, self.fit_config()))
 
@@ -247,7 +250,7 @@ class BufferedRounds:
         config.update({protocol.MODEL_VERSION: self.version, protocol.FIT_ID: self.fits_sent})
         return config
 
-    def collect(self, timeout: float, pool: ThreadPoolExecutor, final: Evaluation | None = None) -> None:
+    def collect(self, timeout: float, pool: ThreadPoolExecutor) -> None:
         """Handle what finished within `timeout`, one answer at a time: the buffer is applied the
         moment it holds BUFFER_SIZE updates, so it never holds more, and it is empty whenever a
         checkpoint is written."""
@@ -263,18 +266,18 @@ class BufferedRounds:
             try:
                 res = future.result()
             except BaseException as exc:  # a client's failure, whatever it is, is counted
-                self.failed(task, exc, final)
+                self.failed(task, exc)
                 continue
             if res.status.code != Code.OK:
-                self.failed(task, RuntimeError(f"client status {res.status.code.name}: {res.status.message}"), final)
+                self.failed(task, RuntimeError(f"client status {res.status.code.name}: {res.status.message}"))
             elif task.kind == "fit":
                 self.received(task, res)
                 if len(self.window.buffer) >= self.buffer_size and self.version < self.s.num_rounds:
                     self.aggregate(pool)
             else:
-                self.evaluation_answer(task, res, final)
+                self.evaluation_answer(task, res)
 
-    def failed(self, task: Task, exc: BaseException, final: Evaluation | None) -> None:
+    def failed(self, task: Task, exc: BaseException) -> None:
         label = client_label(task.proxy)
         if task.kind == "fit":
             if self.version < self.s.num_rounds:
@@ -282,10 +285,10 @@ class BufferedRounds:
                 self.window.held.add(task.proxy.cid)
             log.warning("the fit of client %s on version %d failed: %s", label, task.version, _why(exc))
             return
-        evaluation = final or self.evaluation
+        evaluation = self.open_one
         if evaluation is not None and evaluation.version == task.version:
             evaluation.failures.append(exc)
-            self.evaluation_progress(final)
+            self.evaluation_progress()
         log.warning("the evaluation of client %s on version %d failed: %s", label, task.version, _why(exc))
 
     def received(self, task: Task, res: FitRes) -> None:
@@ -405,15 +408,21 @@ class BufferedRounds:
         if wanted > 0:
             self.evaluation = Evaluation(version, self.parameters, wanted)
 
-    def evaluation_answer(self, task: Task, res: EvaluateRes, final: Evaluation | None) -> None:
-        evaluation = final or self.evaluation
+    @property
+    def open_one(self) -> Evaluation | None:
+        """The evaluation that free clients are asked for and answers go to: the final one once
+        it has started."""
+        return self.final or self.evaluation
+
+    def evaluation_answer(self, task: Task, res: EvaluateRes) -> None:
+        evaluation = self.open_one
         if evaluation is None or evaluation.version != task.version:
             return  # an evaluation that gave way to a newer one
         evaluation.results.append((task.proxy, res))
-        self.evaluation_progress(final)
+        self.evaluation_progress()
 
-    def evaluation_progress(self, final: Evaluation | None) -> None:
-        if final is None and self.evaluation is not None and self.evaluation.answered >= self.evaluation.wanted:
+    def evaluation_progress(self) -> None:
+        if self.final is None and self.evaluation is not None and self.evaluation.answered >= self.evaluation.wanted:
             self.close_evaluation()
 
     def close_evaluation(self) -> None:
@@ -431,18 +440,18 @@ class BufferedRounds:
         """The final model on every connected client, each as soon as it is free (one still
         training finishes first; its update is not used), within ROUND_TIMEOUT."""
         self.evaluation = None
-        final = Evaluation(self.version, self.parameters, wanted=self.client_manager.num_available())
+        final = self.final = Evaluation(self.version, self.parameters, wanted=self.client_manager.num_available())
         deadline = time.monotonic() + self.s.round_timeout
         while time.monotonic() < deadline:
             connected = set(self.client_manager.all())
             final.wanted = len(final.asked | connected)
-            self.dispatch(pool, final)
+            self.dispatch(pool)
             asked_open = any(t.kind == "evaluate" for t in self.tasks.values())
             if final.answered >= final.wanted and not asked_open:
                 break
             if not connected - final.asked and not asked_open:
                 break  # every client asked has answered or left
-            self.collect(POLL_SECONDS, pool, final)
+            self.collect(POLL_SECONDS, pool)
         return self.aggregate_evaluation(final)
 
     # Clients
