@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from cryptography import x509
-from cryptography.x509.oid import NameOID
 from flwr.compat.client.numpy_client import NumPyClient
 
 from client import task, wiring
@@ -25,7 +24,7 @@ from shared.logs import tame_flower
 from shared.modelfile import FINAL_MODEL, save_model
 from shared.protocol import join_value
 from shared.settings import Settings
-from shared.tls_files import bundle, check_pair, read_pem
+from shared.tls_files import bundle, check_pair, common_name, read_pem
 
 log = logging.getLogger("flowerpot.client")
 
@@ -161,9 +160,8 @@ def site_name(settings: Settings) -> str:
         own = bundle(settings.certs_dir, f"clients/{settings.client_name}")
         try:
             cert = x509.load_pem_x509_certificate(read_pem(own, "client.pem"))
-            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-            if names:
-                return str(names[0].value)
+            if name := common_name(cert.subject):
+                return name
         except (BadInput, ValueError):  # tls_options says what is wrong with the file
             pass
         return settings.client_name

@@ -4,6 +4,7 @@ only by the weighted mean, which a few large sites dominate."""
 
 from __future__ import annotations
 
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,11 @@ def clients_line(record: RoundRecord) -> str:
     its training loss when nobody evaluated)."""
     evaluated = [c for c in record.clients if c.phase == "evaluate"]
     if evaluated:
-        parts = [f"{_label(c)} {_number(c.metrics.get(protocol.ACCURACY))}" for c in evaluated]
+        parts = [f"{_label(c)} {fmt(c.metrics.get(protocol.ACCURACY))}" for c in evaluated]
         what = "accuracy"
     else:
         fits = [c for c in record.clients if c.phase == "fit"]
-        parts = [f"{_label(c)} {_number(c.metrics.get(protocol.TRAIN_LOSS))}" for c in fits]
+        parts = [f"{_label(c)} {fmt(c.metrics.get(protocol.TRAIN_LOSS))}" for c in fits]
         what = "train loss"
     listed = ", ".join(parts[:MAX_LISTED]) + (
         f", and {len(parts) - MAX_LISTED} more" if len(parts) > MAX_LISTED else ""
@@ -88,9 +89,10 @@ def report_sites(final: RoundRecord, folder: Path) -> list[str]:
     return [
         f"per-client accuracy, round {final.round}: worst {worst['accuracy']:.4f} ({worst['site']}/{worst['shard']}), "
         f"best {best['accuracy']:.4f} ({best['site']}/{best['shard']}), spread {summary['spread']:.4f}, "
-        f"weighted mean {_number(final.eval_accuracy)} over {len(summary['clients'])} clients; in {folder / SITES_JSON}"
+        f"weighted mean {fmt(final.eval_accuracy)} over {len(summary['clients'])} clients; in {folder / SITES_JSON}"
     ]
 
 
-def _number(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, int | float) and not isinstance(value, bool) else "n/a"
+def fmt(value: Any) -> str:
+    """A loss or an accuracy in a log line: four decimals, or n/a when there is no number."""
+    return f"{value:.4f}" if isinstance(value, Real) and not isinstance(value, bool) else "n/a"

@@ -46,7 +46,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedProx
 
 from server.reporting.record import RoundRecord
-from server.reporting.site_report import client_entries
+from server.reporting.site_report import client_entries, fmt
 from server.training.sampling import stable_key
 from server.training.strategies import Failures, FitReport, GuardedStrategy, client_label
 from server.training.update_checks import l2_norm
@@ -516,17 +516,13 @@ class BufferedRounds:
 def evaluation_line(evaluated: Evaluated) -> str:
     accuracy = evaluated.metrics.get(protocol.ACCURACY)
     return (
-        f"version {evaluated.version} evaluated: loss {_fmt(evaluated.loss)}, accuracy {_fmt(_float(accuracy))} "
+        f"version {evaluated.version} evaluated: loss {fmt(evaluated.loss)}, accuracy {fmt(_float(accuracy))} "
         f"({len(evaluated.results)} clients)"
     )
 
 
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _why(exc: BaseException) -> str:

@@ -20,7 +20,7 @@ from flwr.server.server import fit_clients
 from server.reporting.live_metrics import LiveMetrics
 from server.reporting.record import RoundRecord
 from server.reporting.results import Checkpoint, Results
-from server.reporting.site_report import client_entries, clients_line, report_sites
+from server.reporting.site_report import client_entries, clients_line, fmt, report_sites
 from server.training.buffered import BufferedRounds
 from server.training.initial_weights import NoAnswers, agreed_parameters, load_pinned
 from server.training.strategies import (
@@ -113,7 +113,7 @@ class Federation:
             final = self.history[-1]
             log.info(
                 "finished %d rounds: final accuracy %s, loss %s over %d clients; results in %s",
-                s.num_rounds, _fmt(final.eval_accuracy), _fmt(final.eval_loss),
+                s.num_rounds, fmt(final.eval_accuracy), fmt(final.eval_loss),
                 final.clients_evaluated, self.results.folder,
             )  # fmt: skip
             for line in report_sites(final, self.results.folder):
@@ -262,12 +262,8 @@ def round_line(record: RoundRecord, num_rounds: int) -> str:
         )
         measured = "" if record.eval_version is None else f" of version {record.eval_version}"
     return (
-        f"{head} | train loss {_fmt(record.train_loss)}"
-        f" | eval{measured} loss {_fmt(record.eval_loss)}, accuracy {_fmt(record.eval_accuracy)}"
+        f"{head} | train loss {fmt(record.train_loss)}"
+        f" | eval{measured} loss {fmt(record.eval_loss)}, accuracy {fmt(record.eval_accuracy)}"
         f" ({record.clients_evaluated} clients) | {record.seconds:.2f} s"
         + (f" | FAILED, model kept: {record.failed}" if record.failed else "")
     )
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"

@@ -23,14 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from shared.datasets import SIZES
 from shared.errors import BadInput
 from shared.protocol import NUMBER, RATIO, TEXT
 from shared.settings import Settings
 
 log = logging.getLogger("flowerpot.server")
 
-# The size of each built-in data set (train + test), known without loading it (no torch here).
-DATASET_SIZES = {"digits": 1_797, "mnist": 70_000, "fashion-mnist": 70_000, "cifar10": 60_000}
 MEDIAN_MULTIPLE = 10  # a count above this many times the round's median report is clipped
 MEDIAN_MIN_REPORTS = 3  # below this, a median says nothing about who is lying
 MAX_TEXT = 256  # characters of a text metric that are kept
@@ -43,8 +42,8 @@ def example_limit(settings: Settings) -> int:
         return settings.max_client_examples
     if settings.max_examples:
         return settings.max_examples
-    if settings.dataset in DATASET_SIZES:
-        return DATASET_SIZES[settings.dataset]
+    if settings.dataset in SIZES:
+        return SIZES[settings.dataset]
     raise BadInput(
         f"DATASET={settings.dataset} has no size the server knows, so it cannot bound the example counts "
         "clients claim: set MAX_CLIENT_EXAMPLES to the largest shard a client may have (or MAX_EXAMPLES) "
