@@ -140,15 +140,16 @@ class Settings(BaseSettings):
     trim_fraction: float = setting(0.2, RUN, ge=0, lt=0.5)
     krum_malicious_clients: int = setting(0, RUN, ge=0)
     krum_clients_to_keep: int = setting(0, RUN, ge=0)
-    # Strategies that do what they promise (issue 11): a round in which fewer than this fraction
-    # of the sampled clients sent a sound update is not applied (Flower's FaultTolerantFedAvg: 0.5)
+    # A strategy must not adopt what a few clients sent as if all had: a round in which fewer than
+    # this fraction of the sampled clients sent a sound update is not applied (Flower's FaultTolerantFedAvg: 0.5)
     min_completion_rate: float = setting(0.5, RUN, ge=0, le=1)
     # Norm clipping (Sun et al. 2019): each sound update is scaled to at most this L2 distance
     # from the global model before any strategy aggregates it; 0 clips nothing
     clip_norm: float = setting(0.0, RUN, ge=0, le=1e6, note="0: no clipping")
 
-    # Asynchronous training (issue 12; server/training/buffered.py): FedBuff's buffer of client updates,
-    # FedAsync's staleness weighting. NUM_ROUNDS counts aggregations (model versions) in both modes.
+    # Asynchronous training (server/training/buffered.py), so that a slow client does not hold up
+    # the rest: FedBuff's buffer of client updates, FedAsync's staleness weighting. NUM_ROUNDS
+    # counts aggregations (model versions) in both modes.
     mode: Mode = setting("sync", RUN, allowed=_one_of(Mode))
     buffer_size: int | None = setting(
         None, RUN, when=("mode", "async"), ge=1, le=10_000, note="async; empty: MIN_FIT_CLIENTS"
@@ -212,10 +213,10 @@ class Settings(BaseSettings):
     round_timeout: float = setting(600, NOTHING, gt=0, le=604_800, unit="seconds", note="a week at most")
     connect_timeout: float = setting(60, NOTHING, gt=0, le=604_800, unit="seconds", note="a week at most")
 
-    # Transport (issue 9): how soon a peer that vanished without closing its connection is noticed
+    # Transport: how soon a peer that vanished without closing its connection is noticed
     keepalive_seconds: int = setting(20, NOTHING, ge=5, le=3600)
 
-    # Docker Swarm (issue 10): nothing starts a node's prepare step before its clients, so a client
+    # Docker Swarm: nothing starts a node's prepare step before its clients, so a client
     # may wait for the shards (0: it does not, and a DATA_DIR without shards is refused at once)
     shards_timeout: float = setting(0, NOTHING, ge=0, le=604_800, unit="seconds", note="a week at most")
 
@@ -244,7 +245,7 @@ class Settings(BaseSettings):
 
     log_level: LogLevel = setting("INFO", NOTHING, allowed=_one_of(LogLevel))
 
-    # Sites (issue 10): a federation of machines, each with its own disjoint shards
+    # Sites: a federation of machines, each with its own disjoint shards
     site_name: str = setting(
         "", NOTHING, allowed="a site name (empty: the client certificate's name, else the host name)"
     )

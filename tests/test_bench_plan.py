@@ -1,4 +1,4 @@
-"""The full benchmark's plan measures what issue 11 asks for, and its report says when two
+"""The full benchmark's plan measures robustness on the grid its report needs, and its report says when two
 numbers differ by less than the noise. No federation is run here: the plan and the report text."""
 
 from __future__ import annotations

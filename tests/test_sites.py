@@ -1,4 +1,4 @@
-"""A federation of sites (issue 10) as real processes on loopback: each site prepares its own
+"""A federation of sites as real processes on loopback: each site prepares its own
 DATA_DIR with its own SITE_SHARDS, and the server refuses, by name, what would silently spoil
 the run: two clients training the same data, clients that disagree on their input, and clients
 of another Flowerpot version."""

@@ -211,7 +211,7 @@ class LiveMetrics:
 
     def _client_round(self, client: Any) -> None:
         metrics = _get(client, "metrics") or {}
-        site = _get(client, "site") or _get(client, "client") or ""  # the site it joined with (issue 10)
+        site = _get(client, "site") or _get(client, "client") or ""  # the site it joined with (SITE_NAME)
         shard = _get(client, "shard") or metrics.get(protocol.SHARD, "")
         site, shard = self._labels(str(site), str(shard))
         values = self.client_values

@@ -33,7 +33,7 @@ from shared.tls_files import common_name
 log = logging.getLogger("flowerpot.server")
 
 FLOWER_SERVICE = "flwr.proto.FlowerService"  # the gRPC service name in Flower's transport.proto
-# Transport limits (issue 9). Keepalive: the server pings every KEEPALIVE_SECONDS and drops a
+# Transport limits. Keepalive: the server pings every KEEPALIVE_SECONDS and drops a
 # peer that does not answer within as long again, so a client that vanished without closing its
 # connection frees its place within 2 x KEEPALIVE_SECONDS. It accepts clients' pings down to
 # MIN_PING_SECONDS apart (the lowest KEEPALIVE_SECONDS allows), else gRPC would cut them off.
