@@ -599,7 +599,7 @@ CASES = [
         "DATA_DIR=empty holds no prepared shards after SHARDS_TIMEOUT=1 s: run the prepare step on this machine",
         doing(lambda t: (t / "empty").mkdir()),
     ),
-    # Issue 11: robust strategies refused where they cannot defend, and the settings it adds
+    # Robust strategies refused where they cannot defend, MIN_COMPLETION_RATE and CLIP_NORM
     Case(
         "krum-too-few-clients",
         ["server"],
@@ -628,7 +628,7 @@ CASES = [
         2,
         "CLIP_NORM='-1' is not valid: use a number from 0 to 1000000",
     ),
-    # Issue 12: asynchronous training's settings, and the robust strategies' rules on the buffer
+    # Asynchronous training's settings, and the robust strategies' rules on the buffer
     Case("unknown-mode", ["server"], {"MODE": "parallel"}, 2, "MODE='parallel' is not valid: use one of sync, async"),
     Case("buffer-size-zero", ["server"], {"BUFFER_SIZE": "0"}, 2, "BUFFER_SIZE='0' is not valid: use a whole number"),
     Case("negative-concurrency", ["server"], {"CONCURRENCY": "-1"}, 2, "CONCURRENCY='-1' is not valid"),
