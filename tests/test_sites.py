@@ -1,7 +1,7 @@
 """A federation of sites as real processes on loopback: each site prepares its own
 DATA_DIR with its own SITE_SHARDS, and the server refuses, by name, what would silently spoil
 the run: two clients training the same data, clients that disagree on their input, and clients
-of another Flowerpot version."""
+of another protocol version."""
 
 from __future__ import annotations
 
@@ -205,6 +205,25 @@ def test_the_version_constant_is_the_package_version() -> None:
     import tomllib
 
     assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"] == FLOWERPOT_VERSION
+
+
+def test_a_join_without_a_protocol_version_is_protocol_1_and_refused() -> None:
+    """Flowerpot 0.1.0's clients sent no protocol key: their fit config is not this server's."""
+    from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import GrpcBridge
+
+    from server.transport.sites import Sites
+    from server.transport.wiring import NamedClientProxy
+    from shared.protocol import join_value
+
+    fields = json.loads(join_value("site-a", "shard_000", "abc", {"dataset": "digits"}))
+    assert fields["protocol"] == VERSION == 2
+    del fields["protocol"]
+    proxy = NamedClientProxy(cid="cid0", bridge=GrpcBridge(), name="client-0")
+    refusal = Sites().enter(json.dumps(fields), "client-0", proxy)
+    assert refusal is not None and refusal.startswith(
+        f"it speaks protocol 1 (Flowerpot {FLOWERPOT_VERSION}), this server protocol 2"
+    )
+    assert Sites().enter(join_value("site-a", "shard_000", "abc", {"dataset": "digits"}), "client-0", proxy) is None
 
 
 def test_a_client_that_died_rejoins_with_its_own_shard(federation, data_dir: Path, tmp_path: Path) -> None:
