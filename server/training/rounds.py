@@ -1,9 +1,9 @@
 """The federated run: wait for clients, get starting weights, play the rounds, record everything.
 
-Uses Flower's `Server` and `fit_clients` for what a round is (the guard's configure_fit, Flower's
-fit_clients, the guard's aggregate, which says what it refused; evaluate_round;
-disconnect_all_clients) and keeps the loop itself here, so that every wait is bounded, every round is logged in one
-line and checkpointed before the next one starts, and the run can start from a checkpoint.
+Uses Flower's `Server` for what a round is (evaluate_round / disconnect_all_clients), and for its
+fit phase Flower's `fit_clients` between the guard's configure_fit and aggregate (which says what
+it refused), and keeps the loop itself here, so that every wait is bounded, every round is logged
+in one line and checkpointed before the next one starts, and the run can start from a checkpoint.
 """
 
 from __future__ import annotations
