@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prepare_flower_environment()  # before flwr is imported
     from client import app
+    from shared import protocol
     from shared.errors import FlowerpotError
     from shared.logs import setup_logging
     from shared.settings import Settings
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
             trained, examples, metrics = super().fit(parameters, config)
-            seed = self.settings.seed * 100_003 + int(config.get("server_round", 0))
+            seed = self.settings.seed * 100_003 + int(config.get(protocol.SERVER_ROUND, 0))
             return attacked_update(args.attack, parameters, trained, args.scale, args.sigma, seed), examples, metrics
 
     try:

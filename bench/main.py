@@ -34,8 +34,8 @@ class Plan:
     compose_ladder: list[int]
     round_cost_rounds: int
     round_cost_repeats: int
-    # Robustness under attack (issue 11): clients; attacking clients for the attacks on the full
-    # grid (`robustness_grid`) and for the others (`robustness_target`, the issue's 2 of 10);
+    # Robustness under attack: clients; attacking clients for the attacks on the full
+    # grid (`robustness_grid`) and for the others (`robustness_target`, 2 of 10, a fifth of the federation);
     # attacks, seeds, rounds, local epochs, and the configurations measured (None: all). The
     # 0-attacker row is run once and shared by every attack.
     robustness_clients: int = 10
@@ -47,7 +47,7 @@ class Plan:
     robustness_rounds: int = 10
     robustness_epochs: int = 2
     robustness_configs: tuple[str, ...] | None = None
-    # Async against sync (issue 12): clients, how many of them 4x slow, seeds (all for accuracy
+    # Async against sync: clients, how many of them 4x slow, seeds (all for accuracy
     # without slow clients, the first async_timing_seeds for the timings with), rounds (versions),
     # local epochs
     async_clients: int = 5

@@ -132,10 +132,6 @@ def summary(finals: list[float | None]) -> dict[str, Any]:
     }
 
 
-# Standard error of one accuracy on digits' ~360 test images: sqrt(p(1-p)/n), about 0.7-1 points.
-NOISE_POINTS = 1.0
-
-
 def markdown(rob: dict[str, Any]) -> str:
     """One table per attack: configurations by attackers, mean ± std over seeds, in points."""
     text = [

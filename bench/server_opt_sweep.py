@@ -1,4 +1,4 @@
-"""The sweep that chose the server-optimizer defaults (server/training/strategies.py SERVER_OPT_DEFAULTS).
+"""The sweep that chose the server-optimizer defaults (shared/strategy_table.py, the `tuned` values).
 
 FedAdam, FedYogi and FedAdagrad at a few server learning rates (eta) with tau=1e-3 (Reddi et al.
 2021, "Adaptive Federated Optimization", tune eta around 1e-2..1e-1 with tau 1e-3), against

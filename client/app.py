@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from cryptography import x509
-from cryptography.x509.oid import NameOID
 from flwr.compat.client.numpy_client import NumPyClient
 
 from client import task, wiring
@@ -19,12 +18,13 @@ from client.data.images import ImageSpec
 from client.data.shards import Shard, load_shard
 from client.model import build_model, get_weights, set_weights
 from client.shards_wait import wait_for_shards
+from shared import protocol
 from shared.errors import BadInput
 from shared.logs import tame_flower
 from shared.modelfile import FINAL_MODEL, save_model
 from shared.protocol import join_value
 from shared.settings import Settings
-from shared.tls_files import bundle, check_pair, read_pem
+from shared.tls_files import bundle, check_pair, common_name, read_pem
 
 log = logging.getLogger("flowerpot.client")
 
@@ -50,19 +50,19 @@ class FlowerpotClient(NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         self.set_parameters(parameters)
-        server_round = int(config.get("server_round", 0))
+        server_round = int(config.get(protocol.SERVER_ROUND, 0))
         started, cpu_started = time.perf_counter(), time.process_time()
         outcome = task.train(
             self.model,
             self.shard.x_train,
             self.shard.y_train,
             self.shard.spec,
-            epochs=int(config.get("local_epochs", self.settings.local_epochs)),
-            batch_size=int(config.get("batch_size", self.settings.batch_size)),
-            lr=float(config.get("learning_rate", self.settings.learning_rate)),
+            epochs=int(config.get(protocol.LOCAL_EPOCHS, self.settings.local_epochs)),
+            batch_size=int(config.get(protocol.BATCH_SIZE, self.settings.batch_size)),
+            lr=float(config.get(protocol.LEARNING_RATE, self.settings.learning_rate)),
             # Async mode numbers every fit (fit_id): two fits on one model version differ.
-            seed=self.settings.seed * 100_003 + int(config.get("fit_id", server_round)),
-            proximal_mu=float(config.get("proximal_mu", 0.0)),
+            seed=self.settings.seed * 100_003 + int(config.get(protocol.FIT_ID, server_round)),
+            proximal_mu=float(config.get(protocol.PROXIMAL_MU, 0.0)),
         )
         slowdown = self.settings.client_slowdown
         if slowdown > 1:
@@ -72,7 +72,7 @@ class FlowerpotClient(NumPyClient):
             cpu = time.process_time() - cpu_started
             time.sleep(max(0.0, slowdown * cpu - (time.perf_counter() - started)))
         seconds = time.perf_counter() - started
-        version = f" on version {config['model_version']}" if "model_version" in config else ""
+        version = f" on version {config[protocol.MODEL_VERSION]}" if protocol.MODEL_VERSION in config else ""
         log.info(
             "round %s: trained%s on %d examples, loss %.4f, %.2f s",
             server_round or "?",
@@ -82,13 +82,13 @@ class FlowerpotClient(NumPyClient):
             seconds,
         )
         metrics = {
-            "train_loss": outcome.loss,
-            "train_accuracy": outcome.accuracy,
-            "train_seconds": seconds,
-            "shard": self.shard.name,
+            protocol.TRAIN_LOSS: outcome.loss,
+            protocol.TRAIN_ACCURACY: outcome.accuracy,
+            protocol.TRAIN_SECONDS: seconds,
+            protocol.SHARD: self.shard.name,
         }
-        if float(config.get("proximal_mu", 0.0)) > 0:  # FedProx: its term on its own, not in train_loss
-            metrics["train_proximal_term"] = outcome.proximal
+        if float(config.get(protocol.PROXIMAL_MU, 0.0)) > 0:  # FedProx: its term on its own, not in train_loss
+            metrics[protocol.TRAIN_PROXIMAL_TERM] = outcome.proximal
         return self.get_parameters({}), outcome.examples, metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
@@ -96,7 +96,7 @@ class FlowerpotClient(NumPyClient):
         started = time.perf_counter()
         outcome = task.evaluate(self.model, self.shard.x_test, self.shard.y_test, self.shard.spec)
         seconds = time.perf_counter() - started
-        server_round, num_rounds = int(config.get("server_round", 0)), int(config.get("num_rounds", -1))
+        server_round, num_rounds = int(config.get(protocol.SERVER_ROUND, 0)), int(config.get(protocol.NUM_ROUNDS, -1))
         log.info(
             "round %s: evaluated on %d examples, accuracy %.4f", server_round or "?", outcome.examples, outcome.accuracy
         )
@@ -105,7 +105,7 @@ class FlowerpotClient(NumPyClient):
         return (
             outcome.loss,
             outcome.examples,
-            {"accuracy": outcome.accuracy, "eval_seconds": seconds, "shard": self.shard.name},
+            {protocol.ACCURACY: outcome.accuracy, protocol.EVAL_SECONDS: seconds, protocol.SHARD: self.shard.name},
         )
 
     def keep_final_model(self, server_round: int, outcome: task.Outcome) -> None:
@@ -160,9 +160,8 @@ def site_name(settings: Settings) -> str:
         own = bundle(settings.certs_dir, f"clients/{settings.client_name}")
         try:
             cert = x509.load_pem_x509_certificate(read_pem(own, "client.pem"))
-            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-            if names:
-                return str(names[0].value)
+            if name := common_name(cert.subject):
+                return name
         except (BadInput, ValueError):  # tls_options says what is wrong with the file
             pass
         return settings.client_name

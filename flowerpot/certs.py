@@ -32,7 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.errors import BadInput
 from shared.revocation import REVOKED_FILE, add_revoked
-from shared.tls_files import check_key
+from shared.tls_files import check_key, common_name
 
 log = logging.getLogger("flowerpot.certs")
 
@@ -387,8 +387,7 @@ def sign(certs_dir: Path, csr_path: Path, passphrase: str = "") -> Path:
         ) from None
     if not csr.is_signature_valid:
         raise BadInput(f"--sign {csr_path}: the request's signature does not verify: make it again")
-    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    name = check_name(str(names[0].value) if names else "")
+    name = check_name(common_name(csr.subject))
     check_key(csr.public_key(), str(csr_path))
     if not (certs_dir / "ca" / "ca.key").is_file():
         raise BadInput(

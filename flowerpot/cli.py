@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         metavar="SECTION",
         default=None,
-        help="run one section alone: accuracy, overhead, round-cost, scale, deployment, scale-compose or robustness",
+        help="run one section alone: accuracy, overhead, round-cost, scale, deployment, scale-compose, robustness "
+        "or async",
     )
 
     local = sub.add_parser("run-local", help="prepare, then run the server and N clients as local processes")

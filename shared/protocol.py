@@ -1,24 +1,57 @@
-"""The gRPC metadata a Flowerpot client sends when it joins (both wiring modules use it)."""
+"""What a Flowerpot client and server exchange besides the model: the gRPC metadata a client
+joins with, the fit and evaluate config the server sends, and the metrics a client reports.
+Both sides read every key from here, so a key is spelled once.
+
+VERSION is the protocol's: bump it whenever the join metadata or the fit config changes (a key
+added, removed, or its meaning changed). A server refuses a client of another protocol version,
+naming both versions, before it trains.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+VERSION = 2  # 1: Flowerpot 0.1.0's join metadata, which had no "protocol" key
+# Flowerpot's version (pyproject.toml's, a test keeps them equal): named in a refusal, so that the
+# operator knows which side to update.
+FLOWERPOT_VERSION = "0.1.0"
+
 CLIENT_NAME_KEY = "flowerpot-client"  # the name the client gives itself (a certificate's name wins)
-# What the server checks before a client trains (issue 10): one JSON object, ASCII-escaped (gRPC
-# metadata values are ASCII) with the keys below. A plain Flower client sends none of it.
+# What the server checks before a client trains: one JSON object, ASCII-escaped (gRPC metadata
+# values are ASCII) with the keys of `join_value`. A plain Flower client sends none of it.
 JOIN_KEY = "flowerpot-join"
-# Flowerpot's version (pyproject.toml's, a test keeps them equal): a server refuses a client of
-# another major.minor version, whose messages and checks may differ from its own.
-VERSION = "0.1.0"
+
+# The fit config (sync rounds and async versions; the evaluate config has the first two).
+SERVER_ROUND = "server_round"  # the round (async: the version) the answer is for
+NUM_ROUNDS = "num_rounds"  # the client keeps the model it evaluates when SERVER_ROUND is NUM_ROUNDS
+LOCAL_EPOCHS = "local_epochs"
+BATCH_SIZE = "batch_size"
+LEARNING_RATE = "learning_rate"
+PROXIMAL_MU = "proximal_mu"  # FedProx's mu; async mode sends it (Flower's FedProx adds it in sync)
+MODEL_VERSION = "model_version"  # async: the version the client trains on
+FIT_ID = "fit_id"  # async: a number per fit, which seeds the client's shuffling
+
+# The metrics a Flowerpot client reports, with their types; the server drops any other.
+RATIO, NUMBER, TEXT = "ratio", "number", "text"
+TRAIN_LOSS = "train_loss"
+TRAIN_ACCURACY = "train_accuracy"
+TRAIN_SECONDS = "train_seconds"
+TRAIN_PROXIMAL_TERM = "train_proximal_term"  # FedProx's term, on its own (not in TRAIN_LOSS)
+SHARD = "shard"  # the shard's name, in both phases
+ACCURACY = "accuracy"
+EVAL_SECONDS = "eval_seconds"
+FIT_METRICS = {TRAIN_LOSS: NUMBER, TRAIN_ACCURACY: RATIO, TRAIN_SECONDS: NUMBER, SHARD: TEXT,
+               TRAIN_PROXIMAL_TERM: NUMBER}  # fmt: skip
+EVALUATE_METRICS = {ACCURACY: RATIO, EVAL_SECONDS: NUMBER, SHARD: TEXT}
 
 
 def join_value(site: str, shard: str, shard_checksum: str, input_fingerprint: dict[str, Any]) -> str:
-    """The JOIN_KEY value: version, site, shard (name and data checksum), and what defines the
-    client's input (classes, image size, channels, normalisation)."""
+    """The JOIN_KEY value: protocol and Flowerpot versions, site, shard (name and data checksum),
+    and what defines the client's input (classes, image size, channels, normalisation)."""
     fields = {
-        "version": VERSION,
+        "protocol": VERSION,
+        "version": FLOWERPOT_VERSION,
         "site": site,
         "shard": shard,
         "shard_checksum": shard_checksum,
@@ -27,6 +60,6 @@ def join_value(site: str, shard: str, shard_checksum: str, input_fingerprint: di
     return json.dumps(fields, sort_keys=True)  # ASCII: json escapes everything else
 
 
-def compatible(version: str) -> bool:
-    """Same major.minor as this side."""
-    return version.split(".")[:2] == VERSION.split(".")[:2]
+def compatible(protocol: int) -> bool:
+    """The same protocol version as this side."""
+    return protocol == VERSION

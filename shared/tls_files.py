@@ -10,8 +10,15 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
 from shared.errors import BadInput
+
+
+def common_name(subject: x509.Name) -> str:
+    """The subject's common name (CN), the name a certificate gives its holder; "" when it has none."""
+    names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
 
 
 def bundle(certs_dir: Path, sub: str) -> Path:

@@ -1,5 +1,5 @@
-"""Poisoning attacks by one authenticated client (issue 9, section 3), with real processes and gRPC
-on loopback: two honest Flowerpot clients and one attacker, a plain Flower NumPyClient.
+"""Poisoning attacks by one authenticated client (a certificate proves who sends, not what), with
+real processes and gRPC on loopback: two honest Flowerpot clients and one attacker, a plain Flower NumPyClient.
 
 For each attack the run completes, the final model stays finite, and the accuracy on the honest
 clients' test splits (their own final evaluation) is within 2 points of a run without the attacker.

@@ -353,7 +353,7 @@ CASES = [
     ),
     Case("certs-bad-owner", ["certs", "--owner", "me"], {}, 2, "--owner 'me': use UID:GID"),
     Case("env-file-missing", ["--env-file", "nope.env", "server"], {}, 2, "--env-file nope.env does not exist"),
-    # security (issue 9: mutual TLS, certificates, secure by default)
+    # security: mutual TLS, certificates, secure by default
     Case(
         "require-tls-in-plaintext",
         ["server"],
@@ -407,7 +407,7 @@ CASES = [
         "--sign x.csr is not a PEM certificate request",
         make("x.csr", file=True),
     ),
-    # transport limits (issue 9)
+    # transport limits
     Case(
         "keepalive-too-short",
         ["server"],
@@ -430,7 +430,7 @@ CASES = [
         "KEEPALIVE_SECONDS='1e9' is not valid: use a whole number from 5 to 3600",
     ),
     Case("max-message-zero", ["server"], {"MAX_MESSAGE_MB": "0"}, 2, "MAX_MESSAGE_MB='0' is not valid: use a whole"),
-    # issue 9, sections 3 and 7: inputs that ended in a traceback, and the new settings
+    # inputs that once ended in a traceback, and the limits that bound what a client may claim
     Case(
         "start-timeout-huge", ["server"], {"START_TIMEOUT": "1e13"}, 2, "START_TIMEOUT='1e13' is not valid: use seconds"
     ),
@@ -543,7 +543,7 @@ CASES = [
         "DATASET=folder has no size the server knows, so it cannot bound the example counts clients claim: "
         "set MAX_CLIENT_EXAMPLES",
     ),
-    # Sites (issue 10)
+    # Sites
     Case("site-shards-malformed", ["prepare"], {"SITE_SHARDS": "a-b"}, 2, "SITE_SHARDS='a-b' is not valid: use shard"),
     Case("site-shards-backwards", ["client"], {"SITE_SHARDS": "2-1"}, 2, "SITE_SHARDS='2-1' is not valid: use shard"),
     Case("site-shards-empty-item", ["client"], {"SITE_SHARDS": "1,,2"}, 2, "SITE_SHARDS='1,,2' is not valid"),
@@ -576,7 +576,7 @@ CASES = [
         "FOLDER_PATH=pics has class folder(s) dog that are not in CLASSES=cat,fox: add them to CLASSES",
         doing(lambda t: [(t / "pics" / c).mkdir(parents=True) for c in ("cat", "dog")]),
     ),
-    # Docker Swarm (issue 10): a client's wait for its machine's shards
+    # Docker Swarm: a client's wait for its machine's shards
     Case(
         "shards-timeout-negative",
         ["client"],
@@ -599,7 +599,7 @@ CASES = [
         "DATA_DIR=empty holds no prepared shards after SHARDS_TIMEOUT=1 s: run the prepare step on this machine",
         doing(lambda t: (t / "empty").mkdir()),
     ),
-    # Issue 11: robust strategies refused where they cannot defend, and the settings it adds
+    # Robust strategies refused where they cannot defend, MIN_COMPLETION_RATE and CLIP_NORM
     Case(
         "krum-too-few-clients",
         ["server"],
@@ -628,7 +628,7 @@ CASES = [
         2,
         "CLIP_NORM='-1' is not valid: use a number from 0 to 1000000",
     ),
-    # Issue 12: asynchronous training's settings, and the robust strategies' rules on the buffer
+    # Asynchronous training's settings, and the robust strategies' rules on the buffer
     Case("unknown-mode", ["server"], {"MODE": "parallel"}, 2, "MODE='parallel' is not valid: use one of sync, async"),
     Case("buffer-size-zero", ["server"], {"BUFFER_SIZE": "0"}, 2, "BUFFER_SIZE='0' is not valid: use a whole number"),
     Case("negative-concurrency", ["server"], {"CONCURRENCY": "-1"}, 2, "CONCURRENCY='-1' is not valid"),

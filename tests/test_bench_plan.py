@@ -1,4 +1,4 @@
-"""The full benchmark's plan measures what issue 11 asks for, and its report says when two
+"""The full benchmark's plan measures robustness on the grid its report needs, and its report says when two
 numbers differ by less than the noise. No federation is run here: the plan and the report text."""
 
 from __future__ import annotations
@@ -115,3 +115,12 @@ def test_round_overheads_tell_replicas_of_one_name_apart() -> None:
 
     history = [record(0.0, [0.1, 0.1]), record(1.0, [0.5, 0.9]), record(2.0, [0.5, 0.9]), record(3.0, [0.1])]
     assert round_overheads(history) == pytest.approx([0.1, 0.1])
+
+
+def test_the_only_option_names_every_section() -> None:
+    from bench.main import SECTIONS
+    from flowerpot.cli import build_parser
+
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]  # type: ignore[union-attr]
+    (only,) = [a for a in bench._actions if "--only" in a.option_strings]
+    assert all(section in only.help for section in SECTIONS), only.help

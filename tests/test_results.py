@@ -1,5 +1,5 @@
 """`Results` and resume, directly: what each round leaves, the final files, checkpoints that
-round-trip, files of the previous layout, and when a restarted server resumes."""
+round-trip, checkpoints of another format, and when a restarted server resumes."""
 
 from __future__ import annotations
 
@@ -102,35 +102,46 @@ def test_a_checkpoint_round_trips_with_the_strategy_state(tmp_path: Path) -> Non
     assert loaded.history is None
 
 
-def write_old_checkpoint(folder: Path, history: list[dict], meta_overrides: dict | None = None) -> None:
-    """checkpoint.npz as the previous version's Results.save_checkpoint wrote it."""
+def write_checkpoint(folder: Path, history: list[dict], meta_overrides: dict | None = None) -> None:
+    """checkpoint.npz as Results.save_checkpoint writes it, with `meta_overrides` in its metadata
+    (None: the key left out), and history.jsonl with `history`."""
     entries = {f"param_{i}": to_npy(a) for i, a in enumerate(ARRAYS)}
     for name, values in STATE.items():
         entries.update({f"state_{name}_{i}": to_npy(a) for i, a in enumerate(values)})
     meta = {
+        "format": 2,
         "run": RUN,
         "round": len(history),
         "finished": False,
         "parameters": len(ARRAYS),
         "strategy_state": {name: len(values) for name, values in STATE.items()},
-        "history": history,
         **(meta_overrides or {}),
     }
+    meta = {k: v for k, v in meta.items() if v is not None}
     entries["meta"] = to_npy(np.array(json.dumps(meta, default=str)))
     write_npz(folder / CHECKPOINT, entries)
+    (folder / HISTORY_LINES).write_text("".join(json.dumps(r) + "\n" for r in history))
 
 
-def test_a_checkpoint_of_the_previous_layout_is_read_with_its_history(tmp_path: Path) -> None:
+def test_a_checkpoint_of_the_unreleased_format_1_starts_a_new_run(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Format 1 (no "format" key, the history in the metadata) was never released: one warning
+    naming the file, the old results moved aside, a new run."""
     old = [{**OLD_RECORD, "round": n} for n in (1, 2)]
-    write_old_checkpoint(tmp_path, old)
-    write_json(tmp_path / "history.json", old)  # the previous version wrote it too (sorted keys)
-    results = Results(tmp_path)
-    loaded = results.load_checkpoint()
-    assert loaded is not None and loaded.round == 2 and loaded.history == [RoundRecord.from_json(r) for r in old]
-    assert results.resume_history(loaded) == loaded.history
-    assert [RoundRecord.from_line(line).round for line in lines(tmp_path)] == [1, 2]  # continued as JSON Lines
-    previous_json = json.loads((tmp_path / "history.json").read_text())
-    assert [RoundRecord.from_json(r).to_json() for r in previous_json] == previous_json  # read exactly
+    folder = settings.results_dir
+    folder.mkdir()
+    write_checkpoint(folder, [], {"format": None, "round": 2, "history": old})
+    write_json(folder / "history.json", old)
+    fed = federation(settings)
+    with caplog.at_level(logging.WARNING, logger="flowerpot.server"):
+        assert fed.resumable() is None
+    assert len(caplog.records) == 1, caplog.text
+    assert f"{folder / CHECKPOINT} has checkpoint format 1, this Flowerpot reads 2" in caplog.text
+    assert "a new run starts and the earlier results move to previous/" in caplog.text
+    (archived,) = (folder / "previous").iterdir()
+    assert (archived / CHECKPOINT).is_file() and (archived / "history.json").is_file()
+    assert not (folder / CHECKPOINT).exists()
 
 
 @pytest.mark.parametrize(
@@ -138,14 +149,15 @@ def test_a_checkpoint_of_the_previous_layout_is_read_with_its_history(tmp_path: 
     [
         ({"history": [{"round": 1}, {**OLD_RECORD, "round": 2}]}, "a round record lacks clients_trained"),
         ({"round": 3}, "holds rounds 1-2, the checkpoint is of round 3"),
-        ({"format": 7}, "has checkpoint format 7, this Flowerpot reads 1 and 2"),
+        ({"format": 7}, "has checkpoint format 7, this Flowerpot reads 2"),
+        ({"format": None}, "has checkpoint format 1, this Flowerpot reads 2"),
     ],
 )
 def test_old_or_foreign_checkpoints_are_refused_with_one_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: dict, message: str
 ) -> None:
     history = damage.pop("history", [{**OLD_RECORD, "round": n} for n in (1, 2)])
-    write_old_checkpoint(tmp_path, history, damage)
+    write_checkpoint(tmp_path, history, {"round": len(history), **damage})
     results = Results(tmp_path)
     with caplog.at_level(logging.WARNING, logger="flowerpot.server"):
         loaded = results.load_checkpoint()
@@ -285,7 +297,7 @@ def test_durable_writes_give_the_same_files(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_a_failed_round_is_recorded_and_old_records_read_as_applied() -> None:
-    """Issue 11 added `failed`: history written before it still reads, as rounds that were applied."""
+    """`failed` came after the first histories: those still read, as rounds that were applied."""
     old = RoundRecord.from_json(OLD_RECORD)
     assert old.failed is None
     failed = RoundRecord.from_json({**OLD_RECORD, "failed": "only 1 of 3 sampled clients sent a sound update"})

@@ -10,6 +10,7 @@ import pytest
 
 from client.data.shards import MANIFEST, load_shard, prepare, shard_dirs
 from conftest import run_cli
+from shared.datasets import SIZES
 from shared.errors import BadInput
 from shared.settings import Settings
 
@@ -22,7 +23,7 @@ def test_prepare_writes_disjoint_shards_with_manifest(tmp_path: Path) -> None:
     manifest = prepare(digits(tmp_path))
     shards = [load_shard(d) for d in shard_dirs(tmp_path / "data")]
     assert [s.name for s in shards] == ["shard_000", "shard_001", "shard_002"]
-    assert manifest["total_examples"] == 1797
+    assert manifest["total_examples"] == 1797 == SIZES["digits"]  # what the server bounds counts by
     assert sum(len(s.y_train) + len(s.y_test) for s in shards) == 1797
     for entry, shard in zip(manifest["shards"], shards):
         assert entry["train"] == len(shard.y_train) and entry["test"] == len(shard.y_test)

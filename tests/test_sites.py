@@ -1,7 +1,7 @@
-"""A federation of sites (issue 10) as real processes on loopback: each site prepares its own
+"""A federation of sites as real processes on loopback: each site prepares its own
 DATA_DIR with its own SITE_SHARDS, and the server refuses, by name, what would silently spoil
 the run: two clients training the same data, clients that disagree on their input, and clients
-of another Flowerpot version."""
+of another protocol version."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from conftest import BASE_ENV, PLAIN_CLIENT, REPO, free_address, run_cli
 from flowerpot.launcher import Process, clean_env
-from shared.protocol import VERSION
+from shared.protocol import FLOWERPOT_VERSION, VERSION
 
 
 def prepare_site(tmp_path: Path, name: str, **env: str) -> Path:
@@ -173,11 +173,11 @@ def test_a_plain_flower_client_joins_unchecked_with_one_warning(spawn, tmp_path:
     assert "per-client accuracy, round 2: worst 0.5000" in server.output
 
 
-# A real Flowerpot client whose version says 9.9.0: what an old or new client looks like.
+# A real Flowerpot client of protocol 99: what an old or new client looks like.
 OTHER_VERSION_CLIENT = """
 import sys
 import shared.protocol
-shared.protocol.VERSION = "9.9.0"
+shared.protocol.VERSION = 99
 from flowerpot.cli import main
 sys.exit(main(["client"]))
 """
@@ -193,7 +193,10 @@ def test_a_client_of_another_version_is_refused(spawn, data_dir: Path, tmp_path:
         assert other.wait(timeout=180) == 4, other.output
     finally:
         other.stop()
-    assert f"it runs Flowerpot 9.9.0, this server {VERSION}: run the same major.minor version" in other.output
+    assert (
+        f"it speaks protocol 99 (Flowerpot {FLOWERPOT_VERSION}), this server protocol {VERSION} "
+        f"(Flowerpot {FLOWERPOT_VERSION}): run the same Flowerpot version" in other.output
+    )
     assert "Traceback" not in other.output
     server.stop()
 
@@ -201,7 +204,26 @@ def test_a_client_of_another_version_is_refused(spawn, data_dir: Path, tmp_path:
 def test_the_version_constant_is_the_package_version() -> None:
     import tomllib
 
-    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"] == VERSION
+    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"] == FLOWERPOT_VERSION
+
+
+def test_a_join_without_a_protocol_version_is_protocol_1_and_refused() -> None:
+    """Flowerpot 0.1.0's clients sent no protocol key: their fit config is not this server's."""
+    from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import GrpcBridge
+
+    from server.transport.sites import Sites
+    from server.transport.wiring import NamedClientProxy
+    from shared.protocol import join_value
+
+    fields = json.loads(join_value("site-a", "shard_000", "abc", {"dataset": "digits"}))
+    assert fields["protocol"] == VERSION == 2
+    del fields["protocol"]
+    proxy = NamedClientProxy(cid="cid0", bridge=GrpcBridge(), name="client-0")
+    refusal = Sites().enter(json.dumps(fields), "client-0", proxy)
+    assert refusal is not None and refusal.startswith(
+        f"it speaks protocol 1 (Flowerpot {FLOWERPOT_VERSION}), this server protocol 2"
+    )
+    assert Sites().enter(join_value("site-a", "shard_000", "abc", {"dataset": "digits"}), "client-0", proxy) is None
 
 
 def test_a_client_that_died_rejoins_with_its_own_shard(federation, data_dir: Path, tmp_path: Path) -> None:

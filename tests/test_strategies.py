@@ -10,10 +10,11 @@ from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import GrpcBridge
 from server.training.aggregate_metrics import weighted_average
 from server.training.strategies import build_strategy
 from server.transport.wiring import NamedClientProxy
-from shared.settings import Settings, Strategy
+from shared.settings import Settings
+from shared.strategy_table import STRATEGIES
 
 GLOBAL = [np.zeros((3, 2), np.float32), np.zeros(2, np.float32)]
-ALL_STRATEGIES = Strategy.__args__
+ALL_STRATEGIES = tuple(STRATEGIES)
 
 
 def update(value: float, num_examples: int = 10, arrays: list[np.ndarray] | None = None) -> FitRes:
@@ -80,12 +81,13 @@ def test_knobs_reach_the_flower_strategy() -> None:
 def test_bad_updates_are_refused_and_the_rest_aggregated(bad: FitRes, reason: str, caplog) -> None:
     guarded = strategy("fedavg")
     results = [(proxy(0), update(2.0)), (proxy(1), bad), (proxy(2), update(4.0))]
-    parameters, _ = guarded.aggregate_fit(1, results, [])
-    arrays = parameters_to_ndarrays(parameters)
+    report = guarded.aggregate(1, results, [])
+    arrays = parameters_to_ndarrays(report.parameters)
     assert arrays[0] == pytest.approx(np.full((3, 2), 3.0))
-    assert [(p.name, r) for p, r in guarded.refused] == [("client-1", guarded.refused[0][1])]
-    assert reason in guarded.refused[0][1]
-    assert f"refused the update of client client-1: {guarded.refused[0][1]}" in caplog.text
+    assert [(p.name, r) for p, r in report.refused] == [("client-1", report.refused[0][1])]
+    assert reason in report.refused[0][1] and report.reasons == [report.refused[0][1]] and report.failed is None
+    assert f"refused the update of client client-1: {report.refused[0][1]}" in caplog.text
+    assert not hasattr(guarded, "refused") and not hasattr(guarded, "round_failed")  # the report says it
 
 
 def test_all_updates_bad_keeps_the_global_model() -> None:
@@ -105,16 +107,16 @@ def test_counts_far_above_the_median_are_clipped_and_above_the_data_set_refused(
     assert results[3][1].num_examples == 100  # 10 x the median
     assert "client client-3 claims 1500 training examples, far above the others: counted as 100" in caplog.text
     assert parameters_to_ndarrays(parameters)[0] == pytest.approx(np.full((3, 2), (30 + 900) / 130))
-    guarded.aggregate_fit(2, [(proxy(0), update(1.0)), (proxy(1), update(1.0, 10**12))], [])
-    assert "more than the 1797 the data set can give" in guarded.refused[0][1]
+    report = guarded.aggregate(2, [(proxy(0), update(1.0)), (proxy(1), update(1.0, 10**12))], [])
+    assert "more than the 1797 the data set can give" in report.refused[0][1]
 
 
 def test_updates_that_move_the_model_too_far_are_refused() -> None:
     guarded = strategy("fedavg", update_norm_limit=10.0)
     results = [(proxy(0), update(1.0)), (proxy(1), update(1e30)), (proxy(2), update(5.0))]  # norm 12.2 for 5.0
-    guarded.aggregate_fit(1, results, [])
-    assert [p.name for p, _ in guarded.refused] == ["client-1", "client-2"]
-    assert "more than UPDATE_NORM_LIMIT=10" in guarded.refused[1][1]
+    report = guarded.aggregate(1, results, [])
+    assert [p.name for p, _ in report.refused] == ["client-1", "client-2"]
+    assert "more than UPDATE_NORM_LIMIT=10" in report.refused[1][1]
 
 
 @pytest.mark.parametrize(
@@ -173,22 +175,23 @@ def test_a_round_below_min_completion_rate_is_not_applied(caplog) -> None:
     """1 of 3 sampled clients answered: the lone update is neither adopted nor fed to FedAdam's moments."""
     guarded = strategy("fedadam", min_fit_clients=2, min_available_clients=3)
     assert guarded.min_completion_rate == 0.5
-    parameters, metrics = guarded.aggregate_fit(1, [(proxy(0), update(5.0))], [TimeoutError(), TimeoutError()])
-    assert parameters is None and metrics == {}
-    assert "only 1 of 3 sampled clients" in guarded.round_failed and "MIN_COMPLETION_RATE=0.5" in caplog.text
+    report = guarded.aggregate(1, [(proxy(0), update(5.0))], [TimeoutError(), TimeoutError()])
+    assert report.parameters is None and report.metrics == {}
+    assert "only 1 of 3 sampled clients" in report.failed and "MIN_COMPLETION_RATE=0.5" in caplog.text
     assert guarded.inner.m_t is None  # the server optimizer was not fed
 
 
 def test_refused_updates_count_against_the_completion_rate() -> None:
     guarded = strategy("fedavg", min_fit_clients=2, min_available_clients=3)
     results = [(proxy(0), update(1.0)), (proxy(1), update(np.nan)), (proxy(2), update(np.inf))]
-    assert guarded.aggregate_fit(1, results, [])[0] is None and guarded.round_failed is not None
+    report = guarded.aggregate(1, results, [])
+    assert report.parameters is None and report.failed is not None and len(report.refused) == 2
 
 
 def test_a_round_at_min_completion_rate_is_applied() -> None:
     guarded = strategy("fedavg", min_fit_clients=2, min_available_clients=3)
-    parameters, _ = guarded.aggregate_fit(1, [(proxy(0), update(1.0)), (proxy(1), update(3.0))], [TimeoutError()])
-    assert parameters is not None and guarded.round_failed is None
+    report = guarded.aggregate(1, [(proxy(0), update(1.0)), (proxy(1), update(3.0))], [TimeoutError()])
+    assert report.parameters is not None and report.failed is None
     lenient = strategy("fedavg", min_fit_clients=2, min_available_clients=3, min_completion_rate=0.0)
     assert lenient.aggregate_fit(1, [(proxy(0), update(1.0))], [TimeoutError()] * 5)[0] is not None
 
@@ -196,9 +199,9 @@ def test_a_round_at_min_completion_rate_is_applied() -> None:
 def test_server_optimizers_default_to_tuned_settings_not_flowers_legacy_ones() -> None:
     """Flower's legacy FedAdam/FedAdagrad (eta=0.1, tau=1e-9) take sign-like steps; empty knobs now
     mean the defaults chosen by bench/server_opt_sweep.py, with tau=1e-3."""
-    from server.training.strategies import SERVER_OPT_DEFAULTS
-
-    for name, tuned in SERVER_OPT_DEFAULTS.items():
+    tuned_ones = {name: kind.tuned for name, kind in STRATEGIES.items() if kind.tuned}
+    assert set(tuned_ones) == {"fedadam", "fedyogi", "fedadagrad"}
+    for name, tuned in tuned_ones.items():
         inner = strategy(name).inner
         assert (inner.eta, inner.tau) == (tuned["eta"], tuned["tau"]) and inner.tau == 1e-3
     assert strategy("fedadagrad", server_learning_rate=0.2, tau=1e-6).inner.eta == 0.2  # a set knob wins

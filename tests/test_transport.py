@@ -1,6 +1,6 @@
 """The transport under attack and under stress, with real processes and real gRPC on loopback:
 cancelled joins leave nothing behind, a vanished peer frees its place, every phase of a run
-stops on SIGTERM within 10 s, and oversized updates are refused unread (issue 9, sections 1, 4)."""
+stops on SIGTERM within 10 s, and oversized updates are refused unread."""
 
 from __future__ import annotations
 

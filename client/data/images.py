@@ -45,14 +45,6 @@ class ImageSpec:
         return cls(**fields)
 
 
-def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images (N, C, H, W), on the 0..1 scale."""
-    scaled = x.astype(np.float64) / 255.0
-    mean = scaled.mean(axis=(0, 2, 3))
-    std = np.maximum(scaled.std(axis=(0, 2, 3)), 1e-3)
-    return tuple(round(float(m), 6) for m in mean), tuple(round(float(s), 6) for s in std)
-
-
 def load_image(path: Path, spec: ImageSpec, invert: str = "auto") -> np.ndarray:
     """Read an image file as the data set's images are stored: uint8 (C, H, W).
 

@@ -72,7 +72,7 @@ def pathological(
 
 
 # Version of each scheme's output, written into the manifest's settings: shards made by an earlier
-# scheme of the same name (pathological before issue 11 dropped classes) are then "other
+# scheme of the same name (pathological before it dropped classes) are then "other
 # settings", refused by prepare unless --force. A scheme missing here is at its first version.
 SCHEME_VERSIONS = {"pathological": 2}
 

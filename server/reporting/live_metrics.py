@@ -23,6 +23,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info, Metric, start_http_server
 
+from shared import protocol
 from shared.errors import BadInput
 
 log = logging.getLogger("flowerpot.server")
@@ -210,16 +211,16 @@ class LiveMetrics:
 
     def _client_round(self, client: Any) -> None:
         metrics = _get(client, "metrics") or {}
-        site = _get(client, "site") or _get(client, "client") or ""  # the site it joined with (issue 10)
-        shard = _get(client, "shard") or metrics.get("shard", "")
+        site = _get(client, "site") or _get(client, "client") or ""  # the site it joined with (SITE_NAME)
+        shard = _get(client, "shard") or metrics.get(protocol.SHARD, "")
         site, shard = self._labels(str(site), str(shard))
         values = self.client_values
         if _get(client, "phase") == "fit":
-            self._set(values["train_loss"], site, shard, metrics.get("train_loss"))
+            self._set(values["train_loss"], site, shard, metrics.get(protocol.TRAIN_LOSS))
             self._set(values["examples"], site, shard, _get(client, "num_examples"))
         else:
             self._set(values["eval_loss"], site, shard, metrics.get("loss"))
-            self._set(values["eval_accuracy"], site, shard, metrics.get("accuracy"))
+            self._set(values["eval_accuracy"], site, shard, metrics.get(protocol.ACCURACY))
 
     def _set(self, gauge: Gauge, site: str, shard: str, value: Any) -> None:
         if isinstance(value, int | float) and not isinstance(value, bool):

@@ -80,9 +80,9 @@ class RoundRecord:
     eval_metrics: dict[str, Any]  # aggregated over the clients that evaluated
     clients: list[ClientEntry]
     # Why the round's result was not applied (MIN_COMPLETION_RATE, no sound update), or None.
-    # Added with issue 11: history files written before it lack the key and read as None.
+    # Added after the first histories were written: those lack the key and read as None.
     failed: str | None = _csv(default=None)
-    # Async mode (issue 12): a record is one model version. The staleness of the updates it
+    # Async mode: a record is one model version. The staleness of the updates it
     # aggregated (versions between the one a client trained on and the one it was applied to),
     # how many updates were dropped as staler than MAX_STALENESS, and which version the
     # evaluation in this record measured (evaluations finish while training goes on). Sync

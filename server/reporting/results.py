@@ -39,8 +39,8 @@ HISTORY_PLOT = "history.png"
 # KEEP_ALL_MODELS: every round's (version's) global model, to evaluate a run afterwards at each
 # point of its history (the benchmark's accuracy against wall-clock time does).
 ALL_MODELS = "models"
-# Format 1 (no "format" key): earlier versions, which kept the whole history in the checkpoint's
-# metadata. Format 2: the history is in history.jsonl.
+# The history is in history.jsonl, not in the checkpoint. Format 1 (no "format" key), which held
+# it, was never released: such a file is refused like any unreadable checkpoint.
 CHECKPOINT_FORMAT = 2
 CHECKPOINT_KEYS = ("run", "round", "finished", "parameters", "strategy_state")
 # Flush history.jsonl and the checkpoint to the disk every round (fsync), so that they survive a
@@ -63,7 +63,7 @@ class Checkpoint:
     parameters: Parameters  # Flower's: .npy bytes per array
     strategy_state: dict[str, list[np.ndarray]] = field(default_factory=dict)
     # Rounds 1..round. Not stored in the checkpoint (history.jsonl holds it); filled in when a
-    # run resumes, or read from a format-1 checkpoint, which held it.
+    # run resumes.
     history: list[RoundRecord] | None = None
 
 
@@ -136,13 +136,13 @@ class Results:
                 if not isinstance(meta, dict):
                     raise ValueError("its metadata is not a JSON object")
                 version = meta.get("format", 1)
-                if version not in (1, CHECKPOINT_FORMAT):
+                if version != CHECKPOINT_FORMAT:
                     log.warning(
-                        "%s has checkpoint format %r, this Flowerpot reads 1 and %d (written by a newer version?): "
+                        "%s has checkpoint format %r, this Flowerpot reads %d (written by another version): "
                         "not resuming from it; %s", path, version, CHECKPOINT_FORMAT, FRESH_START,
                     )  # fmt: skip
                     return None
-                missing = [k for k in (*CHECKPOINT_KEYS, *(("history",) if version == 1 else ())) if k not in meta]
+                missing = [k for k in CHECKPOINT_KEYS if k not in meta]
                 if missing:
                     log.warning(
                         "%s lacks %s in its metadata (damaged, or not written by Flowerpot): not resuming from it; %s",
@@ -151,33 +151,27 @@ class Results:
                     return None
                 parameters = [data[f"param_{i}"] for i in range(meta["parameters"])]
                 state = {n: [data[f"state_{n}_{i}"] for i in range(k)] for n, k in meta["strategy_state"].items()}
-                # Format 1 held the history of rounds 1..round.
-                history = [RoundRecord.from_json(r) for r in meta["history"]] if version == 1 else None
         except (OSError, KeyError, ValueError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
             log.warning("%s cannot be read (%s: %s): not resuming from it; %s",
                         path, exc.__class__.__name__, exc, FRESH_START)  # fmt: skip
             return None
         return Checkpoint(
-            dict(meta["run"]), int(meta["round"]), bool(meta["finished"]), ndarrays_to_parameters(parameters), state,
-            history,
-        )  # fmt: skip
+            dict(meta["run"]), int(meta["round"]), bool(meta["finished"]), ndarrays_to_parameters(parameters), state
+        )
 
     def resume_history(self, checkpoint: Checkpoint) -> list[RoundRecord] | None:
         """The records of rounds 1..checkpoint.round, and history.jsonl rewritten to hold exactly
         them (a record appended after the checkpoint, or a torn last line, is dropped); None,
         with a warning, when they are not all there."""
         path = self.folder / HISTORY_LINES
-        if checkpoint.history is not None:  # a format-1 checkpoint: its own history
-            records, source = checkpoint.history, CHECKPOINT
-        else:
-            records, source = self._read_lines(path), HISTORY_LINES
-            if records is None:
-                return None
+        records = self._read_lines(path)
+        if records is None:
+            return None
         kept = [r for r in records if r.round <= checkpoint.round]
         if [r.round for r in kept] != list(range(1, checkpoint.round + 1)):
             log.warning(
                 "%s holds rounds %s, the checkpoint is of round %d: not resuming from it; %s",
-                self.folder / source, _ranges([r.round for r in kept]), checkpoint.round, FRESH_START,
+                path, _ranges([r.round for r in kept]), checkpoint.round, FRESH_START,
             )  # fmt: skip
             return None
         try:

@@ -4,6 +4,7 @@ only by the weighted mean, which a few large sites dominate."""
 
 from __future__ import annotations
 
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from flwr.server.client_proxy import ClientProxy
 
 from server.reporting.record import ClientEntry, RoundRecord
 from server.training.strategies import client_label
+from shared import protocol
 from shared.modelfile import write_json
 
 SITES_JSON = "sites.json"  # the final round's per-client accuracies, beside history.json
@@ -22,7 +24,7 @@ def where(proxy: ClientProxy, result: Any) -> tuple[str, str]:
     and the shard it reported in its metrics (a plain Flower client reports none)."""
     metrics = getattr(result, "metrics", None) or {}
     site = getattr(proxy, "site", "") or client_label(proxy)
-    shard = getattr(proxy, "shard", "") or str(metrics.get("shard", ""))
+    shard = getattr(proxy, "shard", "") or str(metrics.get(protocol.SHARD, ""))
     return site, shard
 
 
@@ -49,10 +51,11 @@ def clients_line(record: RoundRecord) -> str:
     its training loss when nobody evaluated)."""
     evaluated = [c for c in record.clients if c.phase == "evaluate"]
     if evaluated:
-        parts = [f"{_label(c)} {_number(c.metrics.get('accuracy'))}" for c in evaluated]
+        parts = [f"{_label(c)} {fmt(c.metrics.get(protocol.ACCURACY))}" for c in evaluated]
         what = "accuracy"
     else:
-        parts = [f"{_label(c)} {_number(c.metrics.get('train_loss'))}" for c in record.clients if c.phase == "fit"]
+        fits = [c for c in record.clients if c.phase == "fit"]
+        parts = [f"{_label(c)} {fmt(c.metrics.get(protocol.TRAIN_LOSS))}" for c in fits]
         what = "train loss"
     listed = ", ".join(parts[:MAX_LISTED]) + (
         f", and {len(parts) - MAX_LISTED} more" if len(parts) > MAX_LISTED else ""
@@ -64,9 +67,9 @@ def site_summary(record: RoundRecord) -> dict[str, Any]:
     """Per-client accuracy of a round (worst, best, spread) and the weighted mean."""
     clients = [
         {"site": c.site or c.client, "shard": c.shard, "client": c.client, "examples": c.num_examples,
-         "accuracy": float(c.metrics["accuracy"])}
+         "accuracy": float(c.metrics[protocol.ACCURACY])}
         for c in record.clients
-        if c.phase == "evaluate" and isinstance(c.metrics.get("accuracy"), int | float)
+        if c.phase == "evaluate" and isinstance(c.metrics.get(protocol.ACCURACY), int | float)
     ]  # fmt: skip
     summary: dict[str, Any] = {"round": record.round, "weighted_accuracy": record.eval_accuracy, "clients": clients}
     if clients:
@@ -86,9 +89,10 @@ def report_sites(final: RoundRecord, folder: Path) -> list[str]:
     return [
         f"per-client accuracy, round {final.round}: worst {worst['accuracy']:.4f} ({worst['site']}/{worst['shard']}), "
         f"best {best['accuracy']:.4f} ({best['site']}/{best['shard']}), spread {summary['spread']:.4f}, "
-        f"weighted mean {_number(final.eval_accuracy)} over {len(summary['clients'])} clients; in {folder / SITES_JSON}"
+        f"weighted mean {fmt(final.eval_accuracy)} over {len(summary['clients'])} clients; in {folder / SITES_JSON}"
     ]
 
 
-def _number(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, int | float) and not isinstance(value, bool) else "n/a"
+def fmt(value: Any) -> str:
+    """A loss or an accuracy in a log line: four decimals, or n/a when there is no number."""
+    return f"{value:.4f}" if isinstance(value, Real) and not isinstance(value, bool) else "n/a"

@@ -46,23 +46,20 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedProx
 
 from server.reporting.record import RoundRecord
-from server.reporting.site_report import client_entries
+from server.reporting.site_report import client_entries, fmt
 from server.training.sampling import stable_key
-from server.training.strategies import GuardedStrategy, client_label
+from server.training.strategies import Failures, FitReport, GuardedStrategy, client_label
 from server.training.update_checks import l2_norm
 from server.transport.admission import BoundedClientManager
 from server.transport.wiring import Traffic
+from shared import protocol
 from shared.errors import ClientsTimeout
 from shared.settings import Settings
+from shared.strategy_table import STRATEGIES
 
 log = logging.getLogger("flowerpot.server")
 
 POLL_SECONDS = 0.5
-# Strategies with a server optimizer of their own: SERVER_LEARNING_RATE is already their step size.
-OWN_SERVER_STEP = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
-# Robust aggregators count updates against an assumed minority of bad ones: a buffer holds at most
-# one update per client for them. FedAvg's buffer may hold several of a fast client (FedBuff's).
-ONE_UPDATE_PER_CLIENT = ("fedmedian", "fedtrimmedavg", "krum")
 
 
 @dataclass
@@ -155,7 +152,7 @@ class BufferedRounds:
         client_manager: BoundedClientManager,
         guard: GuardedStrategy,
         traffic: Traffic,
-        finish: Callable[[RoundRecord, Parameters], None],
+        finish: Callable[[RoundRecord, Parameters, list[str]], None],
     ) -> None:
         self.s, self.client_manager, self.guard, self.traffic, self.finish = (
             settings,
@@ -165,14 +162,20 @@ class BufferedRounds:
             finish,
         )
         self.buffer_size = settings.updates_per_aggregation[0]
-        self.one_update_per_client = settings.strategy in ONE_UPDATE_PER_CLIENT
+        kind = STRATEGIES[settings.strategy]
+        # A robust strategy's buffer holds one update per client; FedAvg's may hold several of a
+        # fast client (FedBuff's).
+        self.one_update_per_client = kind.robust
         lr = settings.server_learning_rate
-        self.server_step = 1.0 if settings.strategy in OWN_SERVER_STEP or lr is None else lr
+        self.server_step = 1.0 if kind.own_server_step or lr is None else lr
         self.tasks: dict[Future, Task] = {}
         self.idle_since: dict[str, float] = {}
         self.fits_sent = 0
         self.window = Window()
         self.evaluation: Evaluation | None = None
+        # The last version's evaluation on every client: once it starts, nothing trains and every
+        # answer is for it.
+        self.final: Evaluation | None = None
         self.evaluated: Evaluated | None = None
         self.version = 0
         self.parameters: Parameters | None = None
@@ -198,7 +201,7 @@ class BufferedRounds:
             # waits for them here.
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def dispatch(self, pool: ThreadPoolExecutor, final: Evaluation | None = None) -> None:
+    def dispatch(self, pool: ThreadPoolExecutor) -> None:
         """Work for every free client: an evaluation it is wanted for, else the current model to
         train on (up to CONCURRENCY clients training at once; none during the final evaluation)."""
         connected = self.client_manager.all()
@@ -209,13 +212,13 @@ class BufferedRounds:
         )
         training = sum(1 for task in self.tasks.values() if task.kind == "fit")
         limit = self.s.concurrency or len(connected)
+        evaluation = self.open_one
         for proxy in free:
-            evaluation = final or self.evaluation
             if evaluation is not None and evaluation.wants(proxy):
                 evaluation.asked.add(proxy.cid)
                 ins = EvaluateIns(evaluation.parameters, self.guard.evaluate_config(evaluation.version))
                 self.submit(pool, proxy, "evaluate", evaluation.version, proxy.evaluate, ins)
-            elif final is None and training < limit and proxy.cid not in self.window.held:
+            elif self.final is None and training < limit and proxy.cid not in self.window.held:
                 training += 1
                 self.submit(pool, proxy, "fit", self.version, proxy.fit, FitIns(self.parameters, self.fit_config()))
 
@@ -242,12 +245,12 @@ class BufferedRounds:
         make = getattr(inner, "on_fit_config_fn", None)
         config: dict[str, Scalar] = dict(make(self.version + 1)) if make else {}
         if isinstance(inner, FedProx):
-            config["proximal_mu"] = inner.proximal_mu
+            config[protocol.PROXIMAL_MU] = inner.proximal_mu
         self.fits_sent += 1
-        config.update(model_version=self.version, fit_id=self.fits_sent)
+        config.update({protocol.MODEL_VERSION: self.version, protocol.FIT_ID: self.fits_sent})
         return config
 
-    def collect(self, timeout: float, pool: ThreadPoolExecutor, final: Evaluation | None = None) -> None:
+    def collect(self, timeout: float, pool: ThreadPoolExecutor) -> None:
         """Handle what finished within `timeout`, one answer at a time: the buffer is applied the
         moment it holds BUFFER_SIZE updates, so it never holds more, and it is empty whenever a
         checkpoint is written."""
@@ -263,18 +266,18 @@ class BufferedRounds:
             try:
                 res = future.result()
             except BaseException as exc:  # a client's failure, whatever it is, is counted
-                self.failed(task, exc, final)
+                self.failed(task, exc)
                 continue
             if res.status.code != Code.OK:
-                self.failed(task, RuntimeError(f"client status {res.status.code.name}: {res.status.message}"), final)
+                self.failed(task, RuntimeError(f"client status {res.status.code.name}: {res.status.message}"))
             elif task.kind == "fit":
                 self.received(task, res)
                 if len(self.window.buffer) >= self.buffer_size and self.version < self.s.num_rounds:
                     self.aggregate(pool)
             else:
-                self.evaluation_answer(task, res, final)
+                self.evaluation_answer(task, res)
 
-    def failed(self, task: Task, exc: BaseException, final: Evaluation | None) -> None:
+    def failed(self, task: Task, exc: BaseException) -> None:
         label = client_label(task.proxy)
         if task.kind == "fit":
             if self.version < self.s.num_rounds:
@@ -282,10 +285,10 @@ class BufferedRounds:
                 self.window.held.add(task.proxy.cid)
             log.warning("the fit of client %s on version %d failed: %s", label, task.version, _why(exc))
             return
-        evaluation = final or self.evaluation
+        evaluation = self.open_one
         if evaluation is not None and evaluation.version == task.version:
             evaluation.failures.append(exc)
-            self.evaluation_progress(final)
+            self.evaluation_progress()
         log.warning("the evaluation of client %s on version %d failed: %s", label, task.version, _why(exc))
 
     def received(self, task: Task, res: FitRes) -> None:
@@ -344,13 +347,11 @@ class BufferedRounds:
         version = self.version + 1
         self.guard.distance.set_global(current)  # the re-based updates are measured from here
         refusals = list(window.refused.values())
-        failures = [*window.failures.values(), *(ValueError(problem) for _, problem in refusals)]
-        parameters, metrics = self.guard.aggregate_fit(version, results, failures)
-        refused_now = len(self.guard.refused)  # the guard's own refusals, of re-based updates
-        self.guard.refused = [*refusals, *self.guard.refused]  # every refusal of this version
-        if parameters is not None:
-            parameters = self.step(current, parameters)
-            self.parameters = parameters
+        failures: Failures = [*window.failures.values(), *(ValueError(problem) for _, problem in refusals)]
+        report = self.guard.aggregate(version, results, failures)
+        refusals = [*refusals, *report.refused]  # every refusal of this version, the guard's (of re-based updates) last
+        if report.parameters is not None:
+            self.parameters = self.step(current, report.parameters)
         self.version = version
         aggregated = time.perf_counter()
         self.models[version] = self.arrays(self.parameters)
@@ -364,8 +365,8 @@ class BufferedRounds:
             if version % self.s.eval_every == 0:
                 self.open_evaluation(version)  # may close the open one first
             evaluated, self.evaluated = self.evaluated, None
-        record = self.record(version, window, taken, refused_now, metrics, evaluated, aggregated - window.started)
-        self.finish(record, self.parameters)
+        record = self.record(version, window, taken, report, len(refusals), evaluated, aggregated - window.started)
+        self.finish(record, self.parameters, [problem for _, problem in refusals])
 
     def step(self, current: list[np.ndarray], aggregate: Parameters) -> Parameters:
         """SERVER_LEARNING_RATE on the strategies without a server optimizer of their own."""
@@ -407,15 +408,21 @@ class BufferedRounds:
         if wanted > 0:
             self.evaluation = Evaluation(version, self.parameters, wanted)
 
-    def evaluation_answer(self, task: Task, res: EvaluateRes, final: Evaluation | None) -> None:
-        evaluation = final or self.evaluation
+    @property
+    def open_one(self) -> Evaluation | None:
+        """The evaluation that free clients are asked for and answers go to: the final one once
+        it has started."""
+        return self.final or self.evaluation
+
+    def evaluation_answer(self, task: Task, res: EvaluateRes) -> None:
+        evaluation = self.open_one
         if evaluation is None or evaluation.version != task.version:
             return  # an evaluation that gave way to a newer one
         evaluation.results.append((task.proxy, res))
-        self.evaluation_progress(final)
+        self.evaluation_progress()
 
-    def evaluation_progress(self, final: Evaluation | None) -> None:
-        if final is None and self.evaluation is not None and self.evaluation.answered >= self.evaluation.wanted:
+    def evaluation_progress(self) -> None:
+        if self.final is None and self.evaluation is not None and self.evaluation.answered >= self.evaluation.wanted:
             self.close_evaluation()
 
     def close_evaluation(self) -> None:
@@ -433,18 +440,18 @@ class BufferedRounds:
         """The final model on every connected client, each as soon as it is free (one still
         training finishes first; its update is not used), within ROUND_TIMEOUT."""
         self.evaluation = None
-        final = Evaluation(self.version, self.parameters, wanted=self.client_manager.num_available())
+        final = self.final = Evaluation(self.version, self.parameters, wanted=self.client_manager.num_available())
         deadline = time.monotonic() + self.s.round_timeout
         while time.monotonic() < deadline:
             connected = set(self.client_manager.all())
             final.wanted = len(final.asked | connected)
-            self.dispatch(pool, final)
+            self.dispatch(pool)
             asked_open = any(t.kind == "evaluate" for t in self.tasks.values())
             if final.answered >= final.wanted and not asked_open:
                 break
             if not connected - final.asked and not asked_open:
                 break  # every client asked has answered or left
-            self.collect(POLL_SECONDS, pool, final)
+            self.collect(POLL_SECONDS, pool)
         return self.aggregate_evaluation(final)
 
     # Clients
@@ -467,27 +474,28 @@ class BufferedRounds:
         version: int,
         window: Window,
         taken: list[Update],
-        refused_now: int,
-        metrics: dict[str, Scalar],
+        report: FitReport,
+        refused: int,
         evaluated: Evaluated | None,
         until_aggregated: float,
     ) -> RoundRecord:
-        refused = len(self.guard.refused)
+        """`refused`: every update refused in this version (on arrival and by the guard)."""
+        metrics = report.metrics
         staleness = [u.staleness for u in taken]
         sent, received = self.traffic.take()
         seconds = time.perf_counter() - window.started
         eval_results = evaluated.results if evaluated else []
         return RoundRecord(
             round=version,
-            clients_trained=len(taken) - refused_now,
+            clients_trained=len(taken) - len(report.refused),
             clients_failed=len(window.failures),  # clients whose fit failed (one count each)
             updates_refused=refused,
             clients_evaluated=len(eval_results),
             eval_failures=evaluated.failures if evaluated else 0,
-            train_loss=_float(metrics.get("train_loss")),
-            train_accuracy=_float(metrics.get("train_accuracy")),
+            train_loss=_float(metrics.get(protocol.TRAIN_LOSS)),
+            train_accuracy=_float(metrics.get(protocol.TRAIN_ACCURACY)),
             eval_loss=evaluated.loss if evaluated else None,
-            eval_accuracy=_float(evaluated.metrics.get("accuracy")) if evaluated else None,
+            eval_accuracy=_float(evaluated.metrics.get(protocol.ACCURACY)) if evaluated else None,
             seconds=seconds,
             fit_seconds=until_aggregated,  # when the version existed (the final evaluation comes after)
             started_at=window.started_at,
@@ -496,7 +504,7 @@ class BufferedRounds:
             model_bytes=sum(len(t) for t in self.parameters.tensors),
             fit_metrics=dict(metrics),
             eval_metrics=dict(evaluated.metrics) if evaluated else {},
-            failed=self.guard.round_failed,
+            failed=report.failed,
             clients=client_entries([(u.proxy, u.res) for u in taken], eval_results),
             staleness_mean=float(np.mean(staleness)) if staleness else 0.0,
             staleness_max=max(staleness, default=0),
@@ -506,19 +514,15 @@ class BufferedRounds:
 
 
 def evaluation_line(evaluated: Evaluated) -> str:
-    accuracy = evaluated.metrics.get("accuracy")
+    accuracy = evaluated.metrics.get(protocol.ACCURACY)
     return (
-        f"version {evaluated.version} evaluated: loss {_fmt(evaluated.loss)}, accuracy {_fmt(_float(accuracy))} "
+        f"version {evaluated.version} evaluated: loss {fmt(evaluated.loss)}, accuracy {fmt(_float(accuracy))} "
         f"({len(evaluated.results)} clients)"
     )
 
 
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _why(exc: BaseException) -> str:

@@ -1,8 +1,9 @@
 """The federated run: wait for clients, get starting weights, play the rounds, record everything.
 
-Uses Flower's `Server` for what a round is (fit_round / evaluate_round / disconnect_all_clients)
-and keeps the loop itself here, so that every wait is bounded, every round is logged in one
-line and checkpointed before the next one starts, and the run can start from a checkpoint.
+Uses Flower's `Server` for what a round is (evaluate_round / disconnect_all_clients), and for its
+fit phase Flower's `fit_clients` between the guard's configure_fit and aggregate (which says what
+it refused), and keeps the loop itself here, so that every wait is bounded, every round is logged
+in one line and checkpointed before the next one starts, and the run can start from a checkpoint.
 """
 
 from __future__ import annotations
@@ -14,16 +15,24 @@ from typing import Any
 
 from flwr.common import Parameters
 from flwr.server import Server
+from flwr.server.server import fit_clients
 
 from server.reporting.live_metrics import LiveMetrics
 from server.reporting.record import RoundRecord
 from server.reporting.results import Checkpoint, Results
-from server.reporting.site_report import client_entries, clients_line, report_sites
+from server.reporting.site_report import client_entries, clients_line, fmt, report_sites
 from server.training.buffered import BufferedRounds
 from server.training.initial_weights import NoAnswers, agreed_parameters, load_pinned
-from server.training.strategies import GuardedStrategy, build_strategy, restore_strategy_state, strategy_state
+from server.training.strategies import (
+    FitReport,
+    GuardedStrategy,
+    build_strategy,
+    restore_strategy_state,
+    strategy_state,
+)
 from server.transport.admission import BoundedClientManager
 from server.transport.wiring import Traffic
+from shared import protocol
 from shared.errors import ClientsTimeout
 from shared.settings import Settings
 
@@ -79,7 +88,7 @@ class Federation:
                 )
             self.live.running(first)
 
-            def finish(record: RoundRecord, parameters: Parameters) -> None:
+            def finish(record: RoundRecord, parameters: Parameters, refusals: list[str]) -> None:
                 self.history.append(record)
                 checkpoint = Checkpoint(
                     self.fingerprint, record.round, record.round == s.num_rounds, parameters, strategy_state(strategy)
@@ -89,7 +98,7 @@ class Federation:
                 self.results.save_round(record, checkpoint, self.model_meta(record))
                 log.info(round_line(record, s.num_rounds))
                 log.info(clients_line(record))
-                self.live.round_done(record, [problem for _, problem in strategy.refused])
+                self.live.round_done(record, refusals)
 
             if s.mode == "async":
                 server.parameters = BufferedRounds(s, self.client_manager, strategy, self.traffic, finish).run(
@@ -97,13 +106,14 @@ class Federation:
                 )
             else:
                 for server_round in range(first, s.num_rounds + 1):
-                    finish(self.play_round(server, strategy, server_round), server.parameters)
+                    record, refusals = self.play_round(server, strategy, server_round)
+                    finish(record, server.parameters, refusals)
             self.results.write_history(self.history)
             completed = True
             final = self.history[-1]
             log.info(
                 "finished %d rounds: final accuracy %s, loss %s over %d clients; results in %s",
-                s.num_rounds, _fmt(final.eval_accuracy), _fmt(final.eval_loss),
+                s.num_rounds, fmt(final.eval_accuracy), fmt(final.eval_loss),
                 final.clients_evaluated, self.results.folder,
             )  # fmt: skip
             for line in report_sites(final, self.results.folder):
@@ -162,36 +172,40 @@ class Federation:
                 self.client_manager.wait_for(s.min_available_clients)
         return agreed_parameters(self.client_manager, asked, s.round_timeout, s.max_message_mb)
 
-    def play_round(self, server: Server, strategy: GuardedStrategy, server_round: int) -> RoundRecord:
+    def play_round(self, server: Server, strategy: GuardedStrategy, server_round: int) -> tuple[RoundRecord, list[str]]:
+        """The round's record, and why each refused update was refused."""
         started, started_at = time.perf_counter(), time.time()
         self.traffic.take()
-        strategy.refused, strategy.round_failed = [], None
-        fit = server.fit_round(server_round=server_round, timeout=self.settings.round_timeout)
-        fit_seconds = time.perf_counter() - started
-        fit_metrics: dict[str, Any] = {}
+        report = FitReport(None, {})
         fit_results: list = []
         fit_failures: list = []
-        if fit is not None:
-            parameters, fit_metrics, (fit_results, fit_failures) = fit
-            if parameters is not None:
-                server.parameters = parameters
+        instructions = strategy.configure_fit(server_round, server.parameters, self.client_manager)
+        if instructions:  # Flower's Server.fit_round, with the guard's report kept
+            fit_results, fit_failures = fit_clients(
+                instructions, max_workers=server.max_workers, timeout=self.settings.round_timeout, group_id=server_round
+            )
+            report = strategy.aggregate(server_round, fit_results, fit_failures)
+            if report.parameters is not None:
+                server.parameters = report.parameters
+        fit_seconds = time.perf_counter() - started
+        fit_metrics: dict[str, Any] = report.metrics
         evaluation = server.evaluate_round(server_round=server_round, timeout=self.settings.round_timeout)
         eval_loss, eval_metrics, eval_results, eval_failures = None, {}, [], []
         if evaluation is not None:
             eval_loss, eval_metrics, (eval_results, eval_failures) = evaluation
-        refused = len(strategy.refused)
+        refused = len(report.refused)
         sent, received = self.traffic.take()
-        return RoundRecord(
+        record = RoundRecord(
             round=server_round,
             clients_trained=len(fit_results) - refused,
             clients_failed=len(fit_failures),
             updates_refused=refused,
             clients_evaluated=len(eval_results),
             eval_failures=len(eval_failures),
-            train_loss=fit_metrics.get("train_loss"),
-            train_accuracy=fit_metrics.get("train_accuracy"),
+            train_loss=fit_metrics.get(protocol.TRAIN_LOSS),
+            train_accuracy=fit_metrics.get(protocol.TRAIN_ACCURACY),
             eval_loss=eval_loss,
-            eval_accuracy=eval_metrics.get("accuracy"),
+            eval_accuracy=eval_metrics.get(protocol.ACCURACY),
             seconds=time.perf_counter() - started,
             fit_seconds=fit_seconds,
             started_at=started_at,
@@ -200,9 +214,10 @@ class Federation:
             model_bytes=sum(len(t) for t in server.parameters.tensors),
             fit_metrics=fit_metrics,
             eval_metrics=eval_metrics,
-            failed=strategy.round_failed,
+            failed=report.failed,
             clients=client_entries(fit_results, eval_results),
         )
+        return record, report.reasons
 
     def model_meta(self, record: RoundRecord) -> dict[str, Any]:
         s = self.settings
@@ -247,12 +262,8 @@ def round_line(record: RoundRecord, num_rounds: int) -> str:
         )
         measured = "" if record.eval_version is None else f" of version {record.eval_version}"
     return (
-        f"{head} | train loss {_fmt(record.train_loss)}"
-        f" | eval{measured} loss {_fmt(record.eval_loss)}, accuracy {_fmt(record.eval_accuracy)}"
+        f"{head} | train loss {fmt(record.train_loss)}"
+        f" | eval{measured} loss {fmt(record.eval_loss)}, accuracy {fmt(record.eval_accuracy)}"
         f" ({record.clients_evaluated} clients) | {record.seconds:.2f} s"
         + (f" | FAILED, model kept: {record.failed}" if record.failed else "")
     )
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"

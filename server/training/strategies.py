@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,8 +25,6 @@ from flwr.server.strategy import Strategy
 
 from server.training.aggregate_metrics import weighted_average
 from server.training.update_checks import (
-    EVALUATE_METRICS,
-    FIT_METRICS,
     UpdateDistance,
     clean_metrics,
     count_problem,
@@ -35,8 +33,11 @@ from server.training.update_checks import (
     loss_problem,
     median_bound,
 )
+from shared import protocol
 from shared.modelfile import npy_view
+from shared.protocol import EVALUATE_METRICS, FIT_METRICS
 from shared.settings import Settings
+from shared.strategy_table import STRATEGIES
 
 log = logging.getLogger("flowerpot.server")
 
@@ -45,20 +46,21 @@ Failures = list[tuple[ClientProxy, FitRes] | BaseException]
 
 
 def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
-    """The Flower strategy named by STRATEGY, with its knobs; empty knobs keep Flower's defaults."""
+    """The Flower strategy named by STRATEGY (shared/strategy_table.py), with its knobs; empty
+    knobs keep Flower's defaults."""
     s = settings
 
     def fit_config(server_round: int) -> dict[str, Scalar]:
         return {
-            "server_round": server_round,
-            "num_rounds": s.num_rounds,
-            "local_epochs": s.local_epochs,
-            "batch_size": s.batch_size,
-            "learning_rate": s.learning_rate,
+            protocol.SERVER_ROUND: server_round,
+            protocol.NUM_ROUNDS: s.num_rounds,
+            protocol.LOCAL_EPOCHS: s.local_epochs,
+            protocol.BATCH_SIZE: s.batch_size,
+            protocol.LEARNING_RATE: s.learning_rate,
         }
 
     def evaluate_config(server_round: int) -> dict[str, Scalar]:
-        return {"server_round": server_round, "num_rounds": s.num_rounds}
+        return {protocol.SERVER_ROUND: server_round, protocol.NUM_ROUNDS: s.num_rounds}
 
     common: dict[str, Any] = {
         "fraction_fit": s.fraction_fit,
@@ -75,29 +77,11 @@ def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
         "fit_metrics_aggregation_fn": weighted_average,
         "evaluate_metrics_aggregation_fn": weighted_average,
     }
-    tuned = SERVER_OPT_DEFAULTS.get(s.strategy, {})
-    eta = s.server_learning_rate if s.server_learning_rate is not None else tuned.get("eta")
-    tau = s.tau if s.tau is not None else tuned.get("tau")
-    fedopt = _given(eta=eta, beta_1=s.beta_1, beta_2=s.beta_2, tau=tau, eta_l=s.learning_rate)
-    builders = {
-        "fedavg": lambda: flwr_strategies.FedAvg(**common),
-        "fedprox": lambda: flwr_strategies.FedProx(**common, proximal_mu=s.proximal_mu),
-        "fedadam": lambda: flwr_strategies.FedAdam(**common, **fedopt),
-        "fedyogi": lambda: flwr_strategies.FedYogi(**common, **fedopt),
-        "fedadagrad": lambda: flwr_strategies.FedAdagrad(**common, **_given(eta=eta, tau=tau, eta_l=s.learning_rate)),
-        "fedavgm": lambda: flwr_strategies.FedAvgM(
-            **common, server_momentum=s.server_momentum, **_given(server_learning_rate=s.server_learning_rate)
-        ),
-        "fedmedian": lambda: flwr_strategies.FedMedian(**common),
-        "fedtrimmedavg": lambda: flwr_strategies.FedTrimmedAvg(**common, beta=s.trim_fraction),
-        "krum": lambda: flwr_strategies.Krum(
-            **common,
-            num_malicious_clients=s.krum_malicious_clients,
-            num_clients_to_keep=s.krum_clients_to_keep,
-        ),
-    }
+    kind = STRATEGIES[s.strategy]
+    knobs = {k: v for k, v in kind.knobs(s).items() if v is not None}
+    inner = getattr(flwr_strategies, kind.flower)(**common, **knobs)
     return GuardedStrategy(
-        builders[s.strategy](),
+        inner,
         initial,
         s.num_rounds,
         evaluate_config,
@@ -108,33 +92,10 @@ def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
     )
 
 
-# Server-optimizer defaults, used when SERVER_LEARNING_RATE / TAU are empty. Flower's legacy ones
-# (eta=0.1, tau=1e-9 for FedAdam and FedAdagrad) make FedAdam's steps sign-like and FedAdagrad
-# oscillate. tau=1e-3 as in Reddi et al. 2021 and Flower's newer strategies; eta chosen by
-# `python -m bench.server_opt_sweep` (digits, Dirichlet 0.5, 3 clients, 5 rounds, seeds 1 and 2,
-# final accuracy; README "Server-optimizer defaults" has the table).
-SERVER_OPT_DEFAULTS: dict[str, dict[str, float]] = {
-    "fedadam": {"eta": 0.1, "tau": 1e-3},
-    "fedyogi": {"eta": 0.03, "tau": 1e-3},
-    "fedadagrad": {"eta": 0.03, "tau": 1e-3},
-}
-
-
 def weak_strategy_warning(settings: Settings) -> str | None:
     """What the operator should know about a strategy that runs but cannot do its job at this
-    client count (the ones that cannot at all are refused by Settings): the median of two
-    updates is their mean."""
-    aggregated, per_step = settings.updates_per_aggregation
-    if settings.strategy == "fedmedian" and aggregated < 3:
-        return (
-            f"STRATEGY=fedmedian with {per_step}={aggregated}: the median of fewer than 3 "
-            f"updates is their mean, no defence against a bad client; raise {per_step} to 3 or more"
-        )
-    return None
-
-
-def _given(**knobs: float | None) -> dict[str, float]:
-    return {k: v for k, v in knobs.items() if v is not None}
+    client count (the ones that cannot at all are refused by Settings)."""
+    return STRATEGIES[settings.strategy].weakness(settings)
 
 
 @dataclass(frozen=True)
@@ -157,6 +118,20 @@ class TensorLayout:
 
     def view(self, tensor: bytes) -> np.ndarray:
         return np.frombuffer(tensor, dtype=self.dtype, offset=len(self.header))
+
+
+@dataclass
+class FitReport:
+    """What the guard made of one round's updates (or one async version's buffer)."""
+
+    parameters: Parameters | None  # the aggregate; None when the round failed (the model stays)
+    metrics: dict[str, Scalar]
+    refused: list[tuple[ClientProxy, str]] = field(default_factory=list)  # the updates refused, and why
+    failed: str | None = None  # why the round's result is not applied, or None
+
+    @property
+    def reasons(self) -> list[str]:
+        return [problem for _, problem in self.refused]
 
 
 class GuardedStrategy(Strategy):
@@ -188,10 +163,8 @@ class GuardedStrategy(Strategy):
         self.clip_norm = clip_norm
         self.inner, self.num_rounds, self.evaluate_config = inner, num_rounds, evaluate_config
         self.min_completion_rate = min_completion_rate
-        self.round_failed: str | None = None  # why the latest round's result was not applied
         self.max_examples, self.norm_limit = max_examples, norm_limit
         self.reference = [TensorLayout.of(t) for t in initial.tensors]
-        self.refused: list[tuple[ClientProxy, str]] = []  # of the latest round
         self.distance = UpdateDistance()
         self.distance.set_global([ref.view(t) for t, ref in zip(initial.tensors, self.reference)])
         self.warned: set[str] = set()  # clients already told about dropped metrics
@@ -213,7 +186,14 @@ class GuardedStrategy(Strategy):
     def aggregate_fit(
         self, server_round: int, results: FitResults, failures: Failures
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        self.refused, self.round_failed = [], None
+        """Flower's interface; the loops call `aggregate`, which also says what it refused."""
+        report = self.aggregate(server_round, results, failures)
+        return report.parameters, report.metrics
+
+    def aggregate(self, server_round: int, results: FitResults, failures: Failures) -> FitReport:
+        """The sound updates aggregated by the Flower strategy; the others refused (as failures to
+        it), and the round failed when too few are sound."""
+        refused: list[tuple[ClientProxy, str]] = []
         sound: FitResults = []
         for proxy, res in results:
             bad_metric = self.keep_known_metrics(proxy, res, FIT_METRICS)  # always: the history keeps them
@@ -221,19 +201,20 @@ class GuardedStrategy(Strategy):
             if problem is None:
                 sound.append((proxy, res))
             else:
-                self.refused.append((proxy, problem))
+                refused.append((proxy, problem))
                 log.warning("round %d: refused the update of client %s: %s", server_round, client_label(proxy), problem)
-        self.round_failed = self.too_few(len(sound), len(results) + len(failures))
-        if self.round_failed is not None:
+        failed = self.too_few(len(sound), len(results) + len(failures))
+        if failed is not None:
             # The model stays and a server optimizer's moments are not fed with a lone update.
-            log.warning("round %d failed, its result is not applied: %s", server_round, self.round_failed)
-            return None, {}
+            log.warning("round %d failed, its result is not applied: %s", server_round, failed)
+            return FitReport(None, {}, refused, failed)
         self.clip_counts(server_round, sound, "training")
         if self.clip_norm > 0:
             self.clip_updates(sound)
         sound.sort(key=_stable_order)
-        parameters, metrics = self.inner.aggregate_fit(server_round, sound, [*failures, *self.refused_as_failures()])
-        return (self.as_reference_dtypes(parameters) if parameters is not None else None), metrics
+        as_failures = [ValueError(problem) for _, problem in refused]
+        parameters, metrics = self.inner.aggregate_fit(server_round, sound, [*failures, *as_failures])
+        return FitReport(self.as_reference_dtypes(parameters) if parameters is not None else None, metrics, refused)
 
     def clip_updates(self, results: FitResults) -> None:
         """CLIP_NORM: an update further than it from the global model is pulled back along its own
@@ -272,9 +253,6 @@ class GuardedStrategy(Strategy):
             return parameters
         arrays = [npy_view(t) for t in parameters.tensors]
         return ndarrays_to_parameters([a.astype(ref.dtype) for a, ref in zip(arrays, self.reference)])
-
-    def refused_as_failures(self) -> list[BaseException]:
-        return [ValueError(problem) for _, problem in self.refused]
 
     def problem(self, res: FitRes) -> str | None:
         """Why a client update cannot be aggregated, or None when it can."""
@@ -386,7 +364,7 @@ def _stable_order(result: tuple[ClientProxy, FitRes | EvaluateRes]) -> tuple[str
     """Results arrive in any order, and float sums depend on it: sorting by shard (which
     Flowerpot clients report) makes a rerun, or a resumed run, aggregate exactly the same."""
     proxy, res = result
-    return str(res.metrics.get("shard", "")), proxy.cid
+    return str(res.metrics.get(protocol.SHARD, "")), proxy.cid
 
 
 def client_label(proxy: ClientProxy) -> str:

@@ -23,22 +23,16 @@ from typing import Any
 
 import numpy as np
 
+from shared.datasets import SIZES
 from shared.errors import BadInput
+from shared.protocol import NUMBER, RATIO, TEXT
 from shared.settings import Settings
 
 log = logging.getLogger("flowerpot.server")
 
-# The size of each built-in data set (train + test), known without loading it (no torch here).
-DATASET_SIZES = {"digits": 1_797, "mnist": 70_000, "fashion-mnist": 70_000, "cifar10": 60_000}
 MEDIAN_MULTIPLE = 10  # a count above this many times the round's median report is clipped
 MEDIAN_MIN_REPORTS = 3  # below this, a median says nothing about who is lying
 MAX_TEXT = 256  # characters of a text metric that are kept
-
-# The metrics Flowerpot clients report, with their types; anything else is dropped.
-RATIO, NUMBER, TEXT = "ratio", "number", "text"
-FIT_METRICS = {"train_loss": NUMBER, "train_accuracy": RATIO, "train_seconds": NUMBER, "shard": TEXT,
-               "train_proximal_term": NUMBER}  # fmt: skip
-EVALUATE_METRICS = {"accuracy": RATIO, "eval_seconds": NUMBER, "shard": TEXT}
 
 
 def example_limit(settings: Settings) -> int:
@@ -48,8 +42,8 @@ def example_limit(settings: Settings) -> int:
         return settings.max_client_examples
     if settings.max_examples:
         return settings.max_examples
-    if settings.dataset in DATASET_SIZES:
-        return DATASET_SIZES[settings.dataset]
+    if settings.dataset in SIZES:
+        return SIZES[settings.dataset]
     raise BadInput(
         f"DATASET={settings.dataset} has no size the server knows, so it cannot bound the example counts "
         "clients claim: set MAX_CLIENT_EXAMPLES to the largest shard a client may have (or MAX_EXAMPLES) "
@@ -74,7 +68,8 @@ def median_bound(counts: list[int]) -> int | None:
 
 
 def clean_metrics(metrics: dict[str, Any], known: dict[str, str]) -> tuple[dict[str, Any], list[str], str | None]:
-    """(the metrics kept, the keys dropped, a problem that refuses the answer or None).
+    """(the metrics kept, the keys dropped, a problem that refuses the answer or None); `known`
+    is shared/protocol.py's FIT_METRICS or EVALUATE_METRICS.
     Texts are cut to MAX_TEXT characters; a known number that is not finite, or a ratio outside
     [0, 1], is a problem."""
     kept: dict[str, Any] = {}

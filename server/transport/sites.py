@@ -1,10 +1,10 @@
 """Which site and shard each client trains, and the checks that keep a federation of sites honest.
 
-A Flowerpot client sends, when it joins, its version, its site (SITE_NAME), its shard with the
+A Flowerpot client sends, when it joins, its protocol and Flowerpot versions, its site (SITE_NAME), its shard with the
 checksum of the shard's data, and what defines its input (classes, image size, channels,
 normalisation): shared/protocol.py. Before the client is seated the server refuses it, naming
 the reason, when
-- its major.minor version is not the server's;
+- its protocol version is not the server's;
 - its input differs from the run's (CLASSES on the server, else the first Flowerpot client's):
   clients that disagree on what label 3 means, or on the image size, cannot train one model;
 - another connected client already trains the same data (same data checksum, whatever the
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.transport.stream import NamedClientProxy
-from shared.protocol import VERSION, compatible
+from shared.protocol import FLOWERPOT_VERSION, VERSION, compatible
 
 log = logging.getLogger("flowerpot.server")
 
@@ -44,7 +44,8 @@ INPUT_NAMES = {
 class Join:
     """What a Flowerpot client said about itself when it joined."""
 
-    version: str
+    protocol: int  # shared/protocol.py's VERSION on the client's side
+    version: str  # its Flowerpot version
     site: str
     shard: str
     shard_checksum: str
@@ -56,8 +57,16 @@ class Join:
         data = json.loads(text)
         if not isinstance(data, dict) or not isinstance(data.get("input"), dict):
             raise ValueError("not a JSON object with an input")
+        protocol = data.get("protocol", 1)  # Flowerpot 0.1.0 sent none: protocol 1
+        if not isinstance(protocol, int) or isinstance(protocol, bool):
+            raise ValueError(f"protocol {protocol!r} is not a whole number")
         return cls(
-            str(data["version"]), str(data["site"]), str(data["shard"]), str(data["shard_checksum"]), data["input"]
+            protocol,
+            str(data["version"]),
+            str(data["site"]),
+            str(data["shard"]),
+            str(data["shard_checksum"]),
+            data["input"],
         )
 
 
@@ -94,10 +103,11 @@ class Sites:
             join = Join.parse(join_text)
         except (ValueError, KeyError, TypeError) as exc:
             return f"its join metadata is malformed ({exc.__class__.__name__}): run a Flowerpot client"
-        if not compatible(join.version):
+        if not compatible(join.protocol):
             return (
-                f"it runs Flowerpot {join.version}, this server {VERSION}: run the same major.minor version "
-                "on the server and every client (update the older side)"
+                f"it speaks protocol {join.protocol} (Flowerpot {join.version}), this server protocol {VERSION} "
+                f"(Flowerpot {FLOWERPOT_VERSION}): run the same Flowerpot version on the server and every client "
+                "(update the older side)"
             )
         proxy.site, proxy.shard = join.site, join.shard
         replaced = None

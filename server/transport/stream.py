@@ -158,11 +158,6 @@ class Seat:
         if self._placed:
             log.info("client %s left (%d connected)", self.who, self.admission.connected)
 
-    @property
-    def closed(self) -> bool:
-        with self._lock:
-            return self._closed
-
 
 def open_seat(
     context: grpc.ServicerContext, admission: Admission, client_manager: ClientManager, name: str, who: str

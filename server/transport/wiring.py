@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import grpc
 from cryptography import x509
-from cryptography.x509.oid import NameOID
 from flwr.proto.transport_pb2 import ClientMessage, ServerMessage
 from flwr.server.client_manager import ClientManager
 from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import FlowerServiceServicer
@@ -29,11 +28,12 @@ from shared.errors import BadInput
 from shared.keepalive import keepalive_options
 from shared.protocol import CLIENT_NAME_KEY, JOIN_KEY
 from shared.revocation import RevocationList
+from shared.tls_files import common_name
 
 log = logging.getLogger("flowerpot.server")
 
 FLOWER_SERVICE = "flwr.proto.FlowerService"  # the gRPC service name in Flower's transport.proto
-# Transport limits (issue 9). Keepalive: the server pings every KEEPALIVE_SECONDS and drops a
+# Transport limits. Keepalive: the server pings every KEEPALIVE_SECONDS and drops a
 # peer that does not answer within as long again, so a client that vanished without closing its
 # connection frees its place within 2 x KEEPALIVE_SECONDS. It accepts clients' pings down to
 # MIN_PING_SECONDS apart (the lowest KEEPALIVE_SECONDS allows), else gRPC would cut them off.
@@ -143,7 +143,7 @@ class AdmittingServicer(FlowerServiceServicer):
         if cert is None:  # cannot happen with require_client_auth; refuse rather than trust
             _refuse(context, context.peer(), grpc.StatusCode.UNAUTHENTICATED, "no client certificate in TLS")
         assert cert is not None and self.revocations is not None
-        name = common_name(cert)
+        name = common_name(cert.subject) or cert.subject.rfc4514_string()
         who = f"{name} (certificate, serial {cert.serial_number:x}, {context.peer()})"
         reason = self.revocations.reason(cert.serial_number)
         if reason is not None:
@@ -176,11 +176,6 @@ def peer_certificate(context: grpc.ServicerContext) -> x509.Certificate | None:
         return x509.load_pem_x509_certificate(pems[0]) if pems else None
     except ValueError:
         return None
-
-
-def common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if names else cert.subject.rfc4514_string()
 
 
 def start_grpc_server(
