@@ -154,7 +154,7 @@ def test_certs_are_ignored_by_git_and_docker() -> None:
     from conftest import REPO
 
     assert "/certs/*" in (REPO / ".gitignore").read_text().splitlines()
-    assert "!flowerpot.py" in (REPO / ".dockerignore").read_text()  # only code enters the images
+    assert "!flowerpot/" in (REPO / ".dockerignore").read_text()  # only code enters the images
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
