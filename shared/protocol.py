@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 CLIENT_NAME_KEY = "flowerpot-client"  # the name the client gives itself (a certificate's name wins)
@@ -13,10 +14,17 @@ JOIN_KEY = "flowerpot-join"
 # another major.minor version, whose messages and checks may differ from its own.
 VERSION = "0.1.0"
 
+# A task's METRICS (client/tasks/): declared at join, inside the input ("metrics"), since the
+# server never imports a task. Both sides check a declaration by these rules.
+MAX_TASK_METRICS = 16
+TASK_METRIC_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+TASK_METRIC_TYPES = ("ratio", "number")  # ratio: a number in [0, 1]
+
 
 def join_value(site: str, shard: str, shard_checksum: str, input_fingerprint: dict[str, Any]) -> str:
     """The JOIN_KEY value: version, site, shard (name and data checksum), and what defines the
-    client's input (classes, image size, channels, normalisation)."""
+    client's input (classes, image size, channels, normalisation, and its task: name, model
+    layout and METRICS)."""
     fields = {
         "version": VERSION,
         "site": site,

@@ -117,10 +117,10 @@ def doing(*steps: Callable[[Path], object], free: bool = False) -> Setup:
 def write_model(tmp: Path, fill: float | None = None) -> None:
     """m.npz: the digits model of the shards in tmp/data, optionally every value set to `fill`."""
     from client.data.shards import load_shard
-    from client.model import build_model, get_weights
+    from client.tasks import get_weights, load_task
     from shared.modelfile import save_model
 
-    arrays = get_weights(build_model(load_shard(tmp / "data" / "shard_000").spec, seed=42))
+    arrays = get_weights(load_task().new_model(load_shard(tmp / "data" / "shard_000").spec, seed=42))
     save_model(tmp / "m.npz", [a if fill is None else np.full_like(a, fill) for a in arrays], {})
 
 

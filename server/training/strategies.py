@@ -31,6 +31,7 @@ from server.training.update_checks import (
     clean_metrics,
     count_problem,
     example_limit,
+    known_metrics,
     l2_norm,
     loss_problem,
     median_bound,
@@ -44,8 +45,9 @@ FitResults = list[tuple[ClientProxy, FitRes]]
 Failures = list[tuple[ClientProxy, FitRes] | BaseException]
 
 
-def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
-    """The Flower strategy named by STRATEGY, with its knobs; empty knobs keep Flower's defaults."""
+def build_strategy(settings: Settings, initial: Parameters, task_metrics: dict[str, str] | None = None) -> Strategy:
+    """The Flower strategy named by STRATEGY, with its knobs; empty knobs keep Flower's defaults.
+    `task_metrics`: the METRICS the clients' task declared, kept beside the server's own."""
     s = settings
 
     def fit_config(server_round: int) -> dict[str, Scalar]:
@@ -105,6 +107,7 @@ def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
         norm_limit=s.update_norm_limit,
         min_completion_rate=s.min_completion_rate,
         clip_norm=s.clip_norm,
+        known_metrics=known_metrics(task_metrics or {}),
     )
 
 
@@ -184,8 +187,10 @@ class GuardedStrategy(Strategy):
         norm_limit: float = math.inf,
         min_completion_rate: float = 0.0,
         clip_norm: float = 0.0,
+        known_metrics: tuple[dict[str, str], dict[str, str]] = (FIT_METRICS, EVALUATE_METRICS),
     ) -> None:
         self.clip_norm = clip_norm
+        self.fit_metrics, self.evaluate_metrics = known_metrics  # what a client's answer may report
         self.inner, self.num_rounds, self.evaluate_config = inner, num_rounds, evaluate_config
         self.min_completion_rate = min_completion_rate
         self.round_failed: str | None = None  # why the latest round's result was not applied
@@ -216,7 +221,7 @@ class GuardedStrategy(Strategy):
         self.refused, self.round_failed = [], None
         sound: FitResults = []
         for proxy, res in results:
-            bad_metric = self.keep_known_metrics(proxy, res, FIT_METRICS)  # always: the history keeps them
+            bad_metric = self.keep_known_metrics(proxy, res, self.fit_metrics)  # always: the history keeps them
             problem = self.problem(res) or bad_metric
             if problem is None:
                 sound.append((proxy, res))
@@ -354,7 +359,7 @@ class GuardedStrategy(Strategy):
         sound = []
         for proxy, res in results:
             problem = (
-                self.keep_known_metrics(proxy, res, EVALUATE_METRICS)
+                self.keep_known_metrics(proxy, res, self.evaluate_metrics)
                 or count_problem(res.num_examples, self.max_examples, "test")
                 or loss_problem(res.loss)
             )

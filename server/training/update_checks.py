@@ -41,6 +41,15 @@ FIT_METRICS = {"train_loss": NUMBER, "train_accuracy": RATIO, "train_seconds": N
 EVALUATE_METRICS = {"accuracy": RATIO, "eval_seconds": NUMBER, "shard": TEXT}
 
 
+def known_metrics(task_metrics: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The fit and evaluate metrics a run keeps: the server's own, and its task's METRICS (declared
+    by the clients when they joined, checked there) as train_NAME in fits and NAME in evaluations."""
+    return (
+        {**{f"train_{k}": v for k, v in task_metrics.items()}, **FIT_METRICS},
+        {**task_metrics, **EVALUATE_METRICS},
+    )
+
+
 def example_limit(settings: Settings) -> int:
     """The most examples one client can truthfully claim. BadInput when the server cannot know it
     (DATASET=folder without MAX_EXAMPLES or MAX_CLIENT_EXAMPLES)."""
