@@ -39,19 +39,22 @@ def centralized(data: Path, rounds: int, epochs: int, seed: int, batch_size: int
     after every `epochs` epochs (one federated round's worth)."""
     import torch
 
-    from client.model import build_model
-    from client.task import evaluate, train
+    from client.tasks import evaluate_arrays, load_task, train_arrays
+
+    task = load_task()  # the built-in task: the benchmark measures Flowerpot's own figures
 
     torch.set_num_threads(1)
     shards = shards_of(data)
     spec = shards[0].spec
     x_train, y_train = np.concatenate([s.x_train for s in shards]), np.concatenate([s.y_train for s in shards])
     x_test, y_test = np.concatenate([s.x_test for s in shards]), np.concatenate([s.y_test for s in shards])
-    model = build_model(spec, seed)
+    model = task.new_model(spec, seed)
     curve = []
     for r in range(1, rounds + 1):
-        train(model, x_train, y_train, spec, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed * 100_003 + r)
-        curve.append(evaluate(model, x_test, y_test, spec).accuracy)
+        train_arrays(
+            task, model, x_train, y_train, spec, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed * 100_003 + r
+        )
+        curve.append(evaluate_arrays(task, model, x_test, y_test, spec)["accuracy"])
     return curve
 
 
@@ -59,8 +62,9 @@ def local_only(data: Path, rounds: int, epochs: int, seed: int, batch_size: int,
     """Each client alone for all the epochs: accuracy on its own test split and on everyone's."""
     import torch
 
-    from client.model import build_model
-    from client.task import evaluate, train
+    from client.tasks import evaluate_arrays, load_task, train_arrays
+
+    task = load_task()  # the built-in task: the benchmark measures Flowerpot's own figures
 
     torch.set_num_threads(1)
     shards = shards_of(data)
@@ -68,9 +72,10 @@ def local_only(data: Path, rounds: int, epochs: int, seed: int, batch_size: int,
     x_all, y_all = np.concatenate([s.x_test for s in shards]), np.concatenate([s.y_test for s in shards])
     own, everyone = [], []
     for shard in shards:
-        model = build_model(spec, seed)
+        model = task.new_model(spec, seed)
         for r in range(1, rounds + 1):
-            train(
+            train_arrays(
+                task,
                 model,
                 shard.x_train,
                 shard.y_train,
@@ -80,8 +85,8 @@ def local_only(data: Path, rounds: int, epochs: int, seed: int, batch_size: int,
                 lr=lr,
                 seed=seed * 100_003 + r,
             )
-        own.append(evaluate(model, shard.x_test, shard.y_test, spec).accuracy)
-        everyone.append(evaluate(model, x_all, y_all, spec).accuracy)
+        own.append(evaluate_arrays(task, model, shard.x_test, shard.y_test, spec)["accuracy"])
+        everyone.append(evaluate_arrays(task, model, x_all, y_all, spec)["accuracy"])
     return {"own_test_mean": float(np.mean(own)), "all_tests_mean": float(np.mean(everyone))}
 
 

@@ -57,20 +57,20 @@ def curve(results: Path, x: np.ndarray, y: np.ndarray, spec: Any, seed: int) -> 
     """(seconds since the first round started, accuracy on the union of test splits) per version."""
     import torch
 
-    from client.model import build_model, set_weights
-    from client.task import evaluate
+    from client.tasks import evaluate_arrays, load_task, set_weights
     from shared.modelfile import load_model
 
     torch.set_num_threads(1)
     history = json.loads((results / "history.json").read_text())
     start = history[0]["started_at"]
-    model = build_model(spec, seed)
+    task = load_task()  # the built-in task
+    model = task.new_model(spec, seed)
     points = []
     for record in history:
         arrays, _ = load_model(results / "models" / f"round_{record['round']:06d}.npz")
         set_weights(model, arrays)
         at = record["started_at"] + record["fit_seconds"] - start  # when the version was made
-        points.append((at, evaluate(model, x, y, spec).accuracy))
+        points.append((at, evaluate_arrays(task, model, x, y, spec)["accuracy"]))
     return points
 
 

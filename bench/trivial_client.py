@@ -18,7 +18,7 @@ import numpy as np
 from flwr.compat.client.app import start_client
 from flwr.compat.client.numpy_client import NumPyClient
 
-# client/model.py's Net for 8x8 grayscale digits, 10 classes: conv 1->32, conv 32->64, 256->128->10.
+# client/tasks/builtin.py's Net for 8x8 grayscale digits, 10 classes: conv 1->32, conv 32->64, 256->128->10.
 SHAPES = [(32, 1, 3, 3), (32,), (64, 32, 3, 3), (64,), (128, 256), (128,), (10, 128), (10,)]
 OBJECTIVE = 5.0
 

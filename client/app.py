@@ -1,4 +1,4 @@
-"""The Flowerpot client: a NumPyClient that trains the shared CNN on one claimed shard."""
+"""The Flowerpot client: a NumPyClient that trains the run's task (TASK) on one claimed shard."""
 
 from __future__ import annotations
 
@@ -12,12 +12,22 @@ import torch
 from cryptography import x509
 from flwr.compat.client.numpy_client import NumPyClient
 
-from client import task, wiring
+from client import wiring
 from client.claim import claim_shard
 from client.data.images import ImageSpec
 from client.data.shards import Shard, load_shard
-from client.model import build_model, get_weights, set_weights
 from client.shards_wait import wait_for_shards
+from client.tasks import (
+    Config,
+    Task,
+    TaskFailed,
+    get_weights,
+    global_parameters,
+    load_task,
+    model_layout,
+    set_weights,
+    to_data,
+)
 from shared import protocol
 from shared.errors import BadInput
 from shared.logs import tame_flower
@@ -32,9 +42,12 @@ log = logging.getLogger("flowerpot.client")
 class FlowerpotClient(NumPyClient):
     """get_parameters / set_parameters / fit / evaluate, as in Flower's PyTorch tutorial."""
 
-    def __init__(self, shard: Shard, settings: Settings, model_dir: Path) -> None:
+    def __init__(self, shard: Shard, settings: Settings, model_dir: Path, task: Task | None = None) -> None:
         self.shard, self.settings, self.model_dir = shard, settings, model_dir
-        self.model = build_model(shard.spec, settings.seed)
+        self.task = task or load_task(settings.task, settings.task_dir)
+        # Checked before the client connects: a task that cannot build or run its model says so here.
+        self.model = self.task.check(shard.spec, settings.seed, settings.device)
+        check_message_size(self.task, self.model, settings)
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
         return get_weights(self.model)
@@ -44,26 +57,39 @@ class FlowerpotClient(NumPyClient):
             set_weights(self.model, parameters)
         except ValueError as exc:
             raise BadInput(
-                f"the server's model does not fit this client's data set {self.shard.spec.dataset} ({exc}): "
-                "run server and clients with the same DATASET, or start the server on a fresh RESULTS_DIR"
+                f"the server's model does not fit this client's TASK={self.task.name} on data set "
+                f"{self.shard.spec.dataset} ({exc}): run server and clients with the same TASK and DATASET, "
+                "or start the server on a fresh RESULTS_DIR"
             ) from None
+
+    def round_config(self, config: dict, fit: bool = False) -> Config:
+        """What train and evaluate get: the server's knobs for the round, else this client's settings."""
+        s, server_round = self.settings, int(config.get(protocol.SERVER_ROUND, 0))
+        return Config(
+            epochs=int(config.get(protocol.LOCAL_EPOCHS, s.local_epochs)),
+            batch_size=int(config.get(protocol.BATCH_SIZE, s.batch_size)),
+            learning_rate=float(config.get(protocol.LEARNING_RATE, s.learning_rate)),
+            # Async mode numbers every fit (fit_id): two fits on one model version differ.
+            seed=s.seed * 100_003 + int(config.get(protocol.FIT_ID, server_round)),
+            round=server_round,
+            proximal_mu=float(config.get(protocol.PROXIMAL_MU, 0.0)),
+            global_weights=global_parameters(self.model) if fit else [],
+            device=s.device,
+            num_rounds=int(config.get(protocol.NUM_ROUNDS, s.num_rounds)),
+        )
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         self.set_parameters(parameters)
         server_round = int(config.get(protocol.SERVER_ROUND, 0))
         started, cpu_started = time.perf_counter(), time.process_time()
-        outcome = task.train(
-            self.model,
-            self.shard.x_train,
-            self.shard.y_train,
-            self.shard.spec,
-            epochs=int(config.get(protocol.LOCAL_EPOCHS, self.settings.local_epochs)),
-            batch_size=int(config.get(protocol.BATCH_SIZE, self.settings.batch_size)),
-            lr=float(config.get(protocol.LEARNING_RATE, self.settings.learning_rate)),
-            # Async mode numbers every fit (fit_id): two fits on one model version differ.
-            seed=self.settings.seed * 100_003 + int(config.get(protocol.FIT_ID, server_round)),
-            proximal_mu=float(config.get(protocol.PROXIMAL_MU, 0.0)),
-        )
+        run_config = self.round_config(config, fit=True)
+        data = to_data(self.shard.x_train, self.shard.y_train, self.shard.spec, self.settings.device)
+        try:
+            outcome = self.task.fit(self.model, data, run_config)
+        except TaskFailed as exc:  # the task's own error: this fit fails, the client stays
+            log.warning("round %s: TASK=%s's train raised %s: the fit failed", server_round or "?", self.task.name, exc)
+            log.debug("the task's traceback", exc_info=exc.__cause__)
+            raise wiring.AnswerFailed(f"TASK={self.task.name}'s train raised {exc}") from None
         slowdown = self.settings.client_slowdown
         if slowdown > 1:
             # CLIENT_SLOWDOWN, an emulated slow device: the fit takes this many times its training's
@@ -77,45 +103,51 @@ class FlowerpotClient(NumPyClient):
             "round %s: trained%s on %d examples, loss %.4f, %.2f s",
             server_round or "?",
             version,
-            outcome.examples,
-            outcome.loss,
+            len(data),
+            outcome["loss"],
             seconds,
         )
-        metrics = {
-            protocol.TRAIN_LOSS: outcome.loss,
-            protocol.TRAIN_ACCURACY: outcome.accuracy,
-            protocol.TRAIN_SECONDS: seconds,
-            protocol.SHARD: self.shard.name,
-        }
-        if float(config.get(protocol.PROXIMAL_MU, 0.0)) > 0:  # FedProx: its term on its own, not in train_loss
-            metrics[protocol.TRAIN_PROXIMAL_TERM] = outcome.proximal
-        return self.get_parameters({}), outcome.examples, metrics
+        # The task's names under the server's: train_loss, train_accuracy, train_proximal_term
+        # (FedProx's term on its own, not in train_loss), train_<metric> for METRICS.
+        metrics: dict = {f"train_{key}": value for key, value in outcome.items()}
+        metrics.update({protocol.TRAIN_SECONDS: seconds, protocol.SHARD: self.shard.name})
+        return self.get_parameters({}), len(data), metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         self.set_parameters(parameters)
         started = time.perf_counter()
-        outcome = task.evaluate(self.model, self.shard.x_test, self.shard.y_test, self.shard.spec)
-        seconds = time.perf_counter() - started
         server_round, num_rounds = int(config.get(protocol.SERVER_ROUND, 0)), int(config.get(protocol.NUM_ROUNDS, -1))
+        data = to_data(self.shard.x_test, self.shard.y_test, self.shard.spec, self.settings.device)
+        try:
+            outcome = self.task.score(self.model, data, self.round_config(config))
+        except TaskFailed as exc:
+            log.warning("round %s: TASK=%s's evaluate raised %s", server_round or "?", self.task.name, exc)
+            log.debug("the task's traceback", exc_info=exc.__cause__)
+            raise wiring.AnswerFailed(f"TASK={self.task.name}'s evaluate raised {exc}") from None
+        seconds = time.perf_counter() - started
+        accuracy = outcome.get(protocol.ACCURACY)
         log.info(
-            "round %s: evaluated on %d examples, accuracy %.4f", server_round or "?", outcome.examples, outcome.accuracy
+            "round %s: evaluated on %d examples, loss %.4f, accuracy %s",
+            server_round or "?",
+            len(data),
+            outcome["loss"],
+            "n/a" if accuracy is None else f"{accuracy:.4f}",
         )
         if server_round == num_rounds:
-            self.keep_final_model(server_round, outcome)
-        return (
-            outcome.loss,
-            outcome.examples,
-            {protocol.ACCURACY: outcome.accuracy, protocol.EVAL_SECONDS: seconds, protocol.SHARD: self.shard.name},
-        )
+            self.keep_final_model(server_round, accuracy, len(data))
+        metrics: dict = {key: value for key, value in outcome.items() if key != "loss"}
+        metrics.update({protocol.EVAL_SECONDS: seconds, protocol.SHARD: self.shard.name})
+        return outcome["loss"], len(data), metrics
 
-    def keep_final_model(self, server_round: int, outcome: task.Outcome) -> None:
+    def keep_final_model(self, server_round: int, accuracy: float | None, examples: int) -> None:
         path = self.model_dir / FINAL_MODEL
         meta = {
             "round": server_round,
             "shard": self.shard.name,
             "spec": self.shard.spec.to_json(),
-            "local_test_accuracy": outcome.accuracy,
-            "local_test_examples": outcome.examples,
+            "task": self.task.name,
+            "local_test_accuracy": accuracy,
+            "local_test_examples": examples,
         }
         save_model(path, self.get_parameters({}), meta)
         log.info("kept the final global model in %s", path)
@@ -125,6 +157,8 @@ def run_client(settings: Settings) -> None:
     """Claim a shard, connect (with retries), train for the whole run, keep the final model."""
     tame_flower(settings.log_level)
     torch.set_num_threads(settings.torch_threads)
+    task = load_task(settings.task, settings.task_dir)  # a task that cannot be imported says so first
+    check_device(settings.device)
     wait_for_shards(settings.data_dir, settings.shards_timeout)
     site_shards = settings.site_shard_indices if settings.site_shards else None
     with claim_shard(settings.data_dir, settings.shard_id, site_shards) as folder:
@@ -137,14 +171,19 @@ def run_client(settings: Settings) -> None:
             len(shard.y_test),
         )
         model_dir = settings.results_dir / f"client_{shard.name}"
-        client = FlowerpotClient(shard, settings, model_dir)
+        client = FlowerpotClient(shard, settings, model_dir, task)
         endpoint = wiring.Endpoint(
             address=settings.server_address,
             name=settings.client_name,
             max_message_bytes=settings.max_message_bytes,
             connect_timeout=settings.connect_timeout,
             keepalive_seconds=settings.keepalive_seconds,
-            join=join_value(site_name(settings), shard.name, shard.data_checksum, input_fingerprint(shard.spec)),
+            join=join_value(
+                site_name(settings),
+                shard.name,
+                shard.data_checksum,
+                input_fingerprint(shard.spec, client.task, client.model),
+            ),
             **tls_options(settings),
         )
         wiring.run(client.to_client(), endpoint)
@@ -168,16 +207,45 @@ def site_name(settings: Settings) -> str:
     return socket.gethostname()
 
 
-def input_fingerprint(spec: ImageSpec) -> dict:
-    """What defines this client's input: every client of a run must agree on all of it."""
-    return {
+def input_fingerprint(spec: ImageSpec, task: Task, model: torch.nn.Module) -> dict:
+    """What defines this client's input: every client of a run must agree on all of it. Its task
+    too: the task's name, its model's arrays (shapes and dtypes) and its METRICS (the server
+    learns the run's extra metrics from them)."""
+    fingerprint = {
         "dataset": spec.dataset,
         "classes": list(spec.classes),
         "image_size": f"{spec.height}x{spec.width}",
         "channels": spec.channels,
         "mean": list(spec.mean),
         "std": list(spec.std),
+        "task": task.name,
+        "model": model_layout(model),
     }
+    if task.metrics:
+        fingerprint["metrics"] = dict(sorted(task.metrics.items()))
+    return fingerprint
+
+
+def check_device(device: str) -> None:
+    """DEVICE names a device torch has here (untested on GPUs: the project's machines have none)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInput(f"DEVICE={device}, but torch sees no CUDA GPU on this machine: set DEVICE=cpu")
+
+
+# Room for a Flower message's framing and metrics around the model's arrays.
+MESSAGE_OVERHEAD_BYTES = 1024 * 1024
+
+
+def check_message_size(task: Task, model: torch.nn.Module, settings: Settings) -> None:
+    """A model whose weights do not fit in MAX_MESSAGE_MB could never be sent: said at start."""
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if size + MESSAGE_OVERHEAD_BYTES > settings.max_message_bytes:
+        needed = -(-(size + MESSAGE_OVERHEAD_BYTES) // (1024 * 1024))
+        raise BadInput(
+            f"TASK={task.name}'s model has {size / 2**20:.1f} MiB of weights, more than MAX_MESSAGE_MB="
+            f"{settings.max_message_mb} lets through: set MAX_MESSAGE_MB to at least {needed} on the server "
+            "and every client"
+        )
 
 
 def tls_options(settings: Settings) -> dict:

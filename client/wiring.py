@@ -15,11 +15,12 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from queue import Full, Queue
 
 import grpc
-from flwr.common import serde
+from flwr.common import Code, EvaluateRes, FitRes, Parameters, Status, serde
 from flwr.compat.client.client import Client
 from flwr.proto.transport_pb2 import ClientMessage, Reason, ServerMessage
 from flwr.proto.transport_pb2_grpc import FlowerServiceStub
@@ -60,6 +61,19 @@ _HANDLERS = {
         serde.evaluate_res_to_proto,
         "evaluate_res",
     ),
+}
+
+
+class AnswerFailed(Exception):
+    """Raised by a client's fit or evaluate whose work failed (the task's train raised): the
+    server is sent a failed answer with this message, and the client goes on serving."""
+
+
+# Flower's legacy protocol has no status for "failed": any code but OK makes the server count the
+# answer as a failure (async mode logs its message); the message says what happened.
+_FAILED: dict[str, Callable[[str], FitRes | EvaluateRes]] = {
+    "fit_ins": lambda message: FitRes(Status(Code.FIT_NOT_IMPLEMENTED, message), Parameters([], ""), 0, {}),
+    "evaluate_ins": lambda message: EvaluateRes(Status(Code.EVALUATE_NOT_IMPLEMENTED, message), 0.0, 0, {}),
 }
 
 
@@ -204,7 +218,12 @@ def _answer(client: Client, kind: str | None, message: ServerMessage) -> ClientM
     if kind not in _HANDLERS:
         raise ValueError(f"the server sent an instruction this client does not know: {kind}")
     decode, method, encode, field = _HANDLERS[kind]
-    result = getattr(client, method)(decode(getattr(message, kind)))
+    try:
+        result = getattr(client, method)(decode(getattr(message, kind)))
+    except AnswerFailed as failure:
+        if kind not in _FAILED:
+            raise
+        result = _FAILED[kind](str(failure))
     return ClientMessage(**{field: encode(result)})
 
 

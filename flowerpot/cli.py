@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print JSON")
 
     init_model = sub.add_parser(
-        "init-model", help="write the seeded starting model of the data set in DATA_DIR, for INITIAL_MODEL"
+        "init-model", help="write TASK's seeded starting model for the data set in DATA_DIR, for INITIAL_MODEL"
     )
     init_model.add_argument("--out", type=Path, default=Path("initial_model.npz"), help="the .npz to write")
 
@@ -179,6 +179,7 @@ def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> 
         run_client(settings)
     elif args.command == "predict":
         from client import predict
+        from client.tasks import load_task
 
         predict.main(
             model_path=args.model or settings.results_dir / FINAL_MODEL,
@@ -188,11 +189,16 @@ def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> 
             invert=args.invert,
             as_json=args.json,
             show=args.show,
+            task=load_task(settings.task, settings.task_dir),
+            device=settings.device,
         )
     elif args.command == "init-model":
         from client.predict import write_initial_model
+        from client.tasks import load_task
 
-        print(write_initial_model(settings.data_dir, settings.seed, args.out))
+        print(
+            write_initial_model(settings.data_dir, settings.seed, args.out, load_task(settings.task, settings.task_dir))
+        )
     elif args.command == "certs":
         run_certs(args, settings)
     elif args.command == "bench":

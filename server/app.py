@@ -31,11 +31,12 @@ def run_server(settings: Settings) -> None:
     results = Results(settings.results_dir, settings.keep_all_models)  # fails fast when RESULTS_DIR is not writable
     example_limit(settings)  # fails fast when the server cannot bound the clients' example counts
     if settings.initial_model is not None:
-        load_pinned(settings.initial_model)  # fails fast on an unusable INITIAL_MODEL
+        load_pinned(settings.initial_model, settings.task_name)  # fails fast on an unusable INITIAL_MODEL
     client_manager = BoundedClientManager(wait_timeout=settings.rejoin_timeout, seed=settings.seed)
     admission = Admission(settings.max_clients, settings.allowed_client_names, settings.max_connections_per_client)
     tls, revocations = load_tls(settings)
     traffic = Traffic()
+    sites = Sites(settings.class_names if settings.dataset == "folder" else (), settings.task_name)
     live = LiveMetrics(settings.num_rounds, settings.metrics_linger)
     live.serve(metrics_host(settings.server_listen_address), settings.metrics_port)
     try:
@@ -48,11 +49,11 @@ def run_server(settings: Settings) -> None:
             tls,
             revocations,
             keepalive_seconds=settings.keepalive_seconds,
-            sites=Sites(settings.class_names if settings.dataset == "folder" else ()),
+            sites=sites,
         )
         try:
             with stop_on_signal(grpc_server, client_manager):
-                Federation(settings, client_manager, results, traffic, live).run()
+                Federation(settings, client_manager, results, traffic, live, sites.run_metrics).run()
         finally:
             grpc_server.stop(grace=1)
     except (SystemExit, KeyboardInterrupt):  # stopped (SIGTERM, Ctrl-C): no lingering

@@ -106,6 +106,12 @@ def load_model(path: Path) -> tuple[list[np.ndarray], dict[str, Any]]:
     return arrays, load_meta(sidecar(path))
 
 
+def task_of(meta: dict[str, Any]) -> str:
+    """The task (TASK) a model file's sidecar names. Files written before tasks existed name
+    none: they all hold the built-in CNN."""
+    return str(meta.get("task") or "builtin")
+
+
 def load_meta(meta_path: Path) -> dict[str, Any]:
     """A model's JSON sidecar ({} when there is none); BadInput when it is not a JSON object."""
     if not meta_path.is_file():

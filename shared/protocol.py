@@ -10,9 +10,10 @@ naming both versions, before it trains.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
-VERSION = 2  # 1: Flowerpot 0.1.0's join metadata, which had no "protocol" key
+VERSION = 3  # 1: no "protocol" key; 2: no task in the input; 3: the task (name, layout, METRICS)
 # Flowerpot's version (pyproject.toml's, a test keeps them equal): named in a refusal, so that the
 # operator knows which side to update.
 FLOWERPOT_VERSION = "0.1.0"
@@ -45,10 +46,17 @@ FIT_METRICS = {TRAIN_LOSS: NUMBER, TRAIN_ACCURACY: RATIO, TRAIN_SECONDS: NUMBER,
                TRAIN_PROXIMAL_TERM: NUMBER}  # fmt: skip
 EVALUATE_METRICS = {ACCURACY: RATIO, EVAL_SECONDS: NUMBER, SHARD: TEXT}
 
+# A task's METRICS (client/tasks/): declared at join, inside the input ("metrics"), since the
+# server never imports a task. Both sides check a declaration by these rules.
+MAX_TASK_METRICS = 16
+TASK_METRIC_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+TASK_METRIC_TYPES = (RATIO, NUMBER)  # ratio: a number in [0, 1]
+
 
 def join_value(site: str, shard: str, shard_checksum: str, input_fingerprint: dict[str, Any]) -> str:
-    """The JOIN_KEY value: protocol and Flowerpot versions, site, shard (name and data checksum),
-    and what defines the client's input (classes, image size, channels, normalisation)."""
+    """The JOIN_KEY value: protocol and Flowerpot versions, site, shard (name and data checksum), and what defines the
+    client's input (classes, image size, channels, normalisation, and its task: name, model
+    layout and METRICS)."""
     fields = {
         "protocol": VERSION,
         "version": FLOWERPOT_VERSION,

@@ -33,6 +33,11 @@ StalenessWeighting = Literal["constant", "polynomial"]
 
 DEFAULT_CLIENT_NAME = "client"
 
+BUILTIN_TASK = "builtin"  # the name of the task TASK= (empty) runs: client/tasks/builtin.py
+_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
+_TASK_NAME = re.compile(rf"{_IDENTIFIER}(\.{_IDENTIFIER})*(:{_IDENTIFIER}(\.{_IDENTIFIER})*)?")
+_DEVICE = re.compile(r"cpu|cuda(:\d{1,2})?")
+
 _HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})")
 
 
@@ -170,6 +175,12 @@ class Settings(BaseSettings):
     learning_rate: float = setting(0.05, RUN, gt=0, le=10)
     client_restarts: int = setting(0, NOTHING, ge=0, le=100)
     torch_threads: int = setting(1, NOTHING, ge=1, le=256)
+    # The user's model as a task plug-in (client/tasks/): a module, or module:object, with
+    # build_model(spec) and optionally train, evaluate, METRICS and predict_transform. Another
+    # task is another run; the folder it is imported from is each machine's own affair.
+    task: str = setting("", RUN, allowed="a module name or module:object (empty: the built-in CNN task)")
+    task_dir: Path | None = setting(None, NOTHING, allowed="a folder put first on the import path, or empty")
+    device: str = setting("cpu", NOTHING, allowed="cpu, cuda or cuda:N (the torch device the task runs on)")
     # An emulation knob for tests and benchmarks, not a feature: a client with CLIENT_SLOWDOWN=4
     # waits after its real training until the fit took 4 times as long (a slow device).
     client_slowdown: float = setting(1.0, NOTHING, ge=1, le=1000)
@@ -297,6 +308,24 @@ class Settings(BaseSettings):
             raise ValueError("expected at least two distinct, non-empty class names")
         return ",".join(names)
 
+    @field_validator("task")
+    @classmethod
+    def _task(cls, value: str) -> str:
+        value = value.strip()
+        if value == BUILTIN_TASK:  # its name, as the model files and the refusals spell it
+            return ""
+        if value and not _TASK_NAME.fullmatch(value):
+            raise ValueError("expected a module name or module:object")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE.fullmatch(value):
+            raise ValueError("expected cpu, cuda or cuda:N")
+        return value
+
     @field_validator("server_listen_address", "server_address")
     @classmethod
     def _host_port(cls, value: str) -> str:
@@ -304,6 +333,11 @@ class Settings(BaseSettings):
         if not match or not 0 < int(match.group(2)) < 65536:
             raise ValueError("expected HOST:PORT")
         return value.strip()
+
+    @property
+    def task_name(self) -> str:
+        """TASK as model files, joins and refusals name it: the built-in task is "builtin"."""
+        return self.task or BUILTIN_TASK
 
     @property
     def raw_dir(self) -> Path:

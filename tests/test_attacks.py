@@ -99,13 +99,13 @@ def honest_accuracy(history: list[dict]) -> float:
 def honest_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
     """Prepared shards, the attacker's starting weights, and the honest-only final accuracy."""
     from client.data.shards import load_shard
-    from client.model import build_model, get_weights
+    from client.tasks import get_weights, load_task
     from conftest import run_cli
 
     root = tmp_path_factory.mktemp("attacks")
     data = root / "data"
     assert run_cli(["prepare"], cwd=root, DATA_DIR=str(data), NUM_SHARDS="3").returncode == 0
-    np.savez(root / "start.npz", *get_weights(build_model(load_shard(data / "shard_000").spec, seed=42)))
+    np.savez(root / "start.npz", *get_weights(load_task().new_model(load_shard(data / "shard_000").spec, seed=42)))
     _, history = run(data, root / "honest", None)
     return data, honest_accuracy(history)
 

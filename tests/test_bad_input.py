@@ -117,10 +117,10 @@ def doing(*steps: Callable[[Path], object], free: bool = False) -> Setup:
 def write_model(tmp: Path, fill: float | None = None) -> None:
     """m.npz: the digits model of the shards in tmp/data, optionally every value set to `fill`."""
     from client.data.shards import load_shard
-    from client.model import build_model, get_weights
+    from client.tasks import get_weights, load_task
     from shared.modelfile import save_model
 
-    arrays = get_weights(build_model(load_shard(tmp / "data" / "shard_000").spec, seed=42))
+    arrays = get_weights(load_task().new_model(load_shard(tmp / "data" / "shard_000").spec, seed=42))
     save_model(tmp / "m.npz", [a if fill is None else np.full_like(a, fill) for a in arrays], {})
 
 
@@ -156,7 +156,198 @@ def write_checkpoint(tmp: Path, meta: dict) -> None:
     write_npz(tmp / "results" / "checkpoint.npz", {"meta": to_npy(np.array(json.dumps(meta)))})
 
 
+MLP_TASK = """
+import torch
+from torch import nn
+METRICS = {{"f1": "ratio"}}
+
+def build_model(spec):
+    c, h, w = spec.shape
+    return {model}
+
+def train(model, data, config):
+    return {result}
+"""
+MLP = "nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, spec.num_classes))"
+
+
+def task_module(text: str, server: bool = False, task: str = "t") -> Setup:
+    """tmp/task/t.py with `text`, TASK=t; with `server`, a server of that task runs (for what only a
+    round shows: what train returns)."""
+
+    def setup(tmp: Path, held: ExitStack) -> dict[str, str]:
+        from flowerpot.launcher import Process, clean_env
+
+        (tmp / "task").mkdir()
+        (tmp / "task" / "t.py").write_text(text)
+        env = {"TASK": task, "TASK_DIR": str(tmp / "task")}
+        if server:
+            address = free_address()
+            server_env = {**ONE_SHARD, **env, "SERVER_LISTEN_ADDRESS": address, "RESULTS_DIR": str(tmp / "server")}
+            proc = Process("server", ["-m", "flowerpot", "server"], clean_env(**server_env), tmp)
+            held.callback(proc.stop)
+            proc.wait_for("listening on")
+            env["SERVER_ADDRESS"] = address
+        return env
+
+    return setup
+
+
+def mlp_task(model: str = MLP, result: str = '{"loss": 1.0}', server: bool = False) -> Setup:
+    return task_module(MLP_TASK.format(model=model, result=result), server)
+
+
 CASES = [
+    # the user's task (TASK, TASK_DIR): checked at start, before connecting, where it can be
+    Case(
+        "task-not-importable",
+        ["client"],
+        {"TASK": "nowhere", **CLIENT},
+        2,
+        "TASK=nowhere cannot be imported: no module nowhere",
+    ),
+    Case(
+        "task-dir-missing",
+        ["client"],
+        {"TASK": "t", "TASK_DIR": "no-such-folder"},
+        2,
+        "TASK_DIR=no-such-folder is not a folder",
+    ),
+    Case(
+        "task-name-malformed",
+        ["client"],
+        {"TASK": "my-task.py"},
+        2,
+        "TASK='my-task.py' is not valid: use a module name",
+    ),
+    Case(
+        "task-raises-on-import",
+        ["client"],
+        CLIENT,
+        2,
+        "TASK=t raised ZeroDivisionError on import: division by zero: fix the module",
+        task_module("1 / 0\n"),
+    ),
+    Case(
+        "task-needs-a-package",
+        ["client"],
+        CLIENT,
+        2,
+        "TASK=t needs the package not_installed_here, which is not installed: add it to a requirements.txt",
+        task_module("import not_installed_here\n"),
+    ),
+    Case(
+        "task-without-build-model",
+        ["client"],
+        CLIENT,
+        2,
+        "TASK=t has no build_model: define build_model(spec)",
+        task_module("def train(model, data, config):\n    return {}\n"),
+    ),
+    Case(
+        "task-object-missing",
+        ["client"],
+        CLIENT,
+        2,
+        "TASK=t:Task: the module t has no Task",
+        task_module("x = 1\n", task="t:Task"),
+    ),
+    Case(
+        "task-model-not-a-module",
+        ["client"],
+        CLIENT,
+        2,
+        "TASK=t: build_model returned list, not a torch nn.Module",
+        mlp_task(model="[1, 2]"),
+    ),
+    Case(
+        "task-model-wrong-output",
+        ["client"],
+        CLIENT,
+        2,
+        "TASK=t: the model's output for 2 images of shape (1, 8, 8) is (2, 3), not (2, 10)",
+        mlp_task(model="nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 3))"),
+    ),
+    Case(
+        "task-forward-raises",
+        ["client"],
+        CLIENT,
+        2,
+        "TASK=t: the model's forward pass on a batch of shape (2, 1, 8, 8) raised RuntimeError",
+        mlp_task(model="nn.Linear(5, 10)"),
+    ),
+    Case(
+        "task-metrics-unknown-type",
+        ["client"],
+        CLIENT,
+        2,
+        "TASK=t: METRICS gives f1 the unknown type 'percent': use 'ratio' or 'number'",
+        task_module('METRICS = {"f1": "percent"}\ndef build_model(spec):\n    pass\n'),
+    ),
+    Case("device-unknown", ["client"], {"DEVICE": "tpu"}, 2, "DEVICE='tpu' is not valid: use cpu, cuda or cuda:N"),
+    Case(
+        "device-without-gpu",
+        ["client"],
+        {"DEVICE": "cuda"},
+        2,
+        "DEVICE=cuda, but torch sees no CUDA GPU on this machine: set DEVICE=cpu",
+    ),
+    # what only a round shows: train's result, with a server of that task running
+    Case(
+        "task-train-returns-no-loss",
+        ["client"],
+        ONE_SHARD,
+        2,
+        "TASK=t: train returned no 'loss' in round 1",
+        mlp_task(result='{"f1": 0.5}', server=True),
+    ),
+    Case(
+        "task-train-loss-not-finite",
+        ["client"],
+        ONE_SHARD,
+        2,
+        "TASK=t: train returned loss=nan in round 1: lower LEARNING_RATE",
+        mlp_task(result='{"loss": float("nan")}', server=True),
+    ),
+    Case(
+        "task-train-metric-wrong-type",
+        ["client"],
+        ONE_SHARD,
+        2,
+        "TASK=t: train returned f1='high' (str) in round 1: return a number",
+        mlp_task(result='{"loss": 1.0, "f1": "high"}', server=True),
+    ),
+    Case(
+        "task-train-ratio-above-one",
+        ["client"],
+        ONE_SHARD,
+        2,
+        "TASK=t: train returned f1=3.0 in round 1, outside [0, 1]",
+        mlp_task(result='{"loss": 1.0, "f1": 3}', server=True),
+    ),
+    Case(
+        "task-train-undeclared-metric",
+        ["client"],
+        ONE_SHARD,
+        2,
+        "TASK=t: train returned the metric 'recall', which METRICS does not declare",
+        mlp_task(result='{"loss": 1.0, "recall": 0.5}', server=True),
+    ),
+    Case(
+        "predict-task-not-importable",
+        ["predict", "--test-split"],
+        {"TASK": "nowhere"},
+        2,
+        "TASK=nowhere cannot be imported",
+    ),
+    Case(
+        "initial-model-of-another-task",
+        ["server"],
+        {"INITIAL_MODEL": "m.npz", "TASK": "other"},
+        2,
+        "INITIAL_MODEL=m.npz is a model of TASK=builtin, the run's TASK=other",
+        doing(write_model),
+    ),
     # settings: one per kind of mistake, for each command that reads them
     Case(
         "rounds-not-a-number", ["server"], {"NUM_ROUNDS": "abc"}, 2, "NUM_ROUNDS='abc' is not valid: use a whole number"

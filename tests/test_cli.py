@@ -37,11 +37,11 @@ def test_predict_without_a_model_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_predict_rejects_a_file_that_is_not_an_image(tmp_path: Path, digits_shards: Path) -> None:
     from client.data.shards import load_shard, shard_dirs
-    from client.model import build_model, get_weights
+    from client.tasks import get_weights, load_task
     from shared.modelfile import save_model
 
     spec = load_shard(shard_dirs(digits_shards)[0]).spec
-    save_model(tmp_path / "model.npz", get_weights(build_model(spec, 0)), {"spec": spec.to_json()})
+    save_model(tmp_path / "model.npz", get_weights(load_task().new_model(spec, seed=0)), {"spec": spec.to_json()})
     (tmp_path / "notes.png").write_text("not really a picture")
     result = run_cli(["predict", "--model", "model.npz", "notes.png"], cwd=tmp_path)
     assert result.returncode == 2

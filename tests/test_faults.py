@@ -173,10 +173,10 @@ start_client(server_address=sys.argv[1], client=Evil().to_client())
 
 def test_bad_updates_are_refused_and_the_model_stays_finite(spawn, data_dir: Path, tmp_path: Path) -> None:
     from client.data.shards import load_shard
-    from client.model import build_model, get_weights
+    from client.tasks import get_weights, load_task
 
     spec = load_shard(data_dir / "shard_000").spec
-    np.savez(tmp_path / "start.npz", *get_weights(build_model(spec, seed=42)))
+    np.savez(tmp_path / "start.npz", *get_weights(load_task().new_model(spec, seed=42)))
     address = free_address()
     env = federation_env(
         data_dir, tmp_path, address, MIN_AVAILABLE_CLIENTS="3", NUM_ROUNDS="3", FRACTION_EVALUATE="0.01"

@@ -1,4 +1,4 @@
-"""The CNN adapts to each data set's shape; parameters round-trip through get/set."""
+"""The built-in task's CNN adapts to each data set's shape; parameters round-trip through get/set."""
 
 from __future__ import annotations
 
@@ -9,9 +9,16 @@ import torch
 from client.app import FlowerpotClient
 from client.data.images import ImageSpec
 from client.data.shards import load_shard, shard_dirs
-from client.model import build_model, get_weights, set_weights
+from client.tasks import get_weights, load_task, set_weights
 from shared.errors import BadInput
 from shared.settings import Settings
+
+BUILTIN = load_task()
+
+
+def build_model(spec: ImageSpec, seed: int) -> torch.nn.Module:
+    return BUILTIN.new_model(spec, seed)
+
 
 SPECS = {
     "digits": ImageSpec("digits", 1, 8, 8, tuple("0123456789"), (0.3,), (0.4,)),
@@ -50,7 +57,9 @@ def test_parameters_round_trip_through_the_numpy_client(data_dir) -> None:
 def test_wrong_parameters_are_a_clear_error(data_dir) -> None:
     client = FlowerpotClient(load_shard(shard_dirs(data_dir)[0]), Settings(), data_dir)
     weights = client.get_parameters({})
-    with pytest.raises(BadInput, match=r"does not fit this client.s data set digits .*same DATASET"):
+    with pytest.raises(
+        BadInput, match=r"does not fit this client.s TASK=builtin on data set digits .*same TASK and DATASET"
+    ):
         client.set_parameters(weights[:-1])
     with pytest.raises(BadInput, match="has shape"):
         client.set_parameters([np.zeros((2, 2), np.float32), *weights[1:]])
@@ -63,8 +72,10 @@ def test_fedprox_reports_the_data_loss_and_its_proximal_term_apart() -> None:
     term (mu/2)·||w1 - w0||² is reported on its own (before, it was added into the loss)."""
     import torch.nn.functional as F
 
-    from client.model import to_input
-    from client.task import train
+    from client.tasks import to_input, train_arrays
+
+    def train(model: torch.nn.Module, *args: object, lr: float, **kwargs: object) -> dict[str, float]:
+        return train_arrays(BUILTIN, model, *args, lr=lr, **kwargs)  # type: ignore[arg-type]
 
     spec, rng = SPECS["digits"], np.random.default_rng(0)
     x, y = rng.integers(0, 256, (64, 1, 8, 8), dtype=np.uint8), rng.integers(0, 10, 64)
@@ -80,6 +91,6 @@ def test_fedprox_reports_the_data_loss_and_its_proximal_term_apart() -> None:
         ce1 = F.cross_entropy(model(to_input(x, spec)), torch.from_numpy(y)).item()
         drift = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), w0)).item()
     assert drift > 0
-    assert outcome.loss == pytest.approx((ce0 + ce1) / 2, rel=1e-4)
-    assert outcome.proximal == pytest.approx(0.5 * mu * drift / 2, rel=1e-3)
-    assert train(build_model(spec, seed=3), x, y, spec, epochs=2, **knobs).proximal == 0.0
+    assert outcome["loss"] == pytest.approx((ce0 + ce1) / 2, rel=1e-4)
+    assert outcome["proximal_term"] == pytest.approx(0.5 * mu * drift / 2, rel=1e-3)
+    assert "proximal_term" not in train(build_model(spec, seed=3), x, y, spec, epochs=2, **knobs)

@@ -216,12 +216,12 @@ def test_a_join_without_a_protocol_version_is_protocol_1_and_refused() -> None:
     from shared.protocol import join_value
 
     fields = json.loads(join_value("site-a", "shard_000", "abc", {"dataset": "digits"}))
-    assert fields["protocol"] == VERSION == 2
+    assert fields["protocol"] == VERSION == 3
     del fields["protocol"]
     proxy = NamedClientProxy(cid="cid0", bridge=GrpcBridge(), name="client-0")
     refusal = Sites().enter(json.dumps(fields), "client-0", proxy)
     assert refusal is not None and refusal.startswith(
-        f"it speaks protocol 1 (Flowerpot {FLOWERPOT_VERSION}), this server protocol 2"
+        f"it speaks protocol 1 (Flowerpot {FLOWERPOT_VERSION}), this server protocol {VERSION}"
     )
     assert Sites().enter(join_value("site-a", "shard_000", "abc", {"dataset": "digits"}), "client-0", proxy) is None
 

@@ -195,10 +195,10 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
 def test_an_oversized_update_is_refused_unread_and_the_run_goes_on(spawn, data_dir: Path, tmp_path: Path) -> None:
     """A plain Flower client answers fit with 12 MiB (under MAX_MESSAGE_MB, 60x the digits model)."""
     from client.data.shards import load_shard
-    from client.model import build_model, get_weights
+    from client.tasks import get_weights, load_task
 
     spec = load_shard(data_dir / "shard_000").spec
-    np.savez(tmp_path / "start.npz", *get_weights(build_model(spec, seed=42)))
+    np.savez(tmp_path / "start.npz", *get_weights(load_task().new_model(spec, seed=42)))
     address = free_address()
     env = federation_env(data_dir, tmp_path, address, NUM_ROUNDS="3", MIN_FIT_CLIENTS="2")
     server = spawn(["server"], **env)
@@ -224,7 +224,7 @@ def test_the_default_max_message_fits_every_shipped_model_with_headroom() -> Non
     from flwr.common import ndarrays_to_parameters
 
     from client.data.images import ImageSpec
-    from client.model import build_model, get_weights
+    from client.tasks import get_weights, load_task
     from server.transport.wiring import METADATA_BYTES, UPDATE_SIZE_FACTOR
     from shared.settings import Settings
 
@@ -239,7 +239,9 @@ def test_the_default_max_message_fits_every_shipped_model_with_headroom() -> Non
     limit = Settings.model_fields["max_message_mb"].default * 2**20
     largest = 0
     for spec in specs:
-        model_bytes = sum(len(t) for t in ndarrays_to_parameters(get_weights(build_model(spec, 0))).tensors)
+        model_bytes = sum(
+            len(t) for t in ndarrays_to_parameters(get_weights(load_task().new_model(spec, seed=0))).tensors
+        )
         largest = max(largest, model_bytes)
         assert UPDATE_SIZE_FACTOR * model_bytes + METADATA_BYTES <= limit, spec.dataset
     assert limit <= 16 * largest  # ample headroom, but not 512 MiB for a 2 MiB model

@@ -31,6 +31,11 @@ class ImageSpec:
         return len(self.classes)
 
     @property
+    def class_names(self) -> tuple[str, ...]:
+        """The classes in label order: the name a task's spec gives them (client/tasks/)."""
+        return self.classes
+
+    @property
     def shape(self) -> tuple[int, int, int]:
         return (self.channels, self.height, self.width)
 

@@ -150,6 +150,25 @@ class LiveMetrics:
             )
         }
 
+        # The task's METRICS (declared by its clients at join): one series per name and phase.
+        self.task_metrics: frozenset[str] = frozenset()
+        self.task_values = Gauge(
+            "flowerpot_task_metric",
+            "A metric of the task's METRICS, weighted mean over clients, of the latest round",
+            [*run, "phase", "name"],
+            registry=r,
+        )
+        self.client_task_values = Gauge(
+            "flowerpot_client_task_metric",
+            "A metric of the task's METRICS, per client (site and shard), of its latest round",
+            [*client, "phase", "name"],
+            registry=r,
+        )
+
+    def watch_task_metrics(self, names: Iterable[str]) -> None:
+        """The run's task declared these metrics (at most a few: shared/protocol.py bounds them)."""
+        self.task_metrics = frozenset(names)
+
     def serve(self, host: str, port: int) -> None:
         """Start the HTTP endpoint (nothing when port is 0); BadInput when it cannot be bound."""
         if port == 0:
@@ -206,6 +225,11 @@ class LiveMetrics:
                 gauge.labels(run).set(value)
         self.sent.labels(run).inc(_get(record, "bytes_sent") or 0)
         self.received.labels(run).inc(_get(record, "bytes_received") or 0)
+        for phase, metrics, prefix in (("fit", "fit_metrics", "train_"), ("evaluate", "eval_metrics", "")):
+            for name in self.task_metrics:
+                value = (_get(record, metrics) or {}).get(prefix + name)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    self.task_values.labels(run, phase, name).set(value)
         for client in _get(record, "clients") or ():
             self._client_round(client)
 
@@ -215,7 +239,12 @@ class LiveMetrics:
         shard = _get(client, "shard") or metrics.get(protocol.SHARD, "")
         site, shard = self._labels(str(site), str(shard))
         values = self.client_values
-        if _get(client, "phase") == "fit":
+        phase = _get(client, "phase")
+        for name in self.task_metrics:
+            value = metrics.get(f"train_{name}" if phase == "fit" else name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self.client_task_values.labels(self.run_id, site, shard, phase, name).set(value)
+        if phase == "fit":
             self._set(values["train_loss"], site, shard, metrics.get(protocol.TRAIN_LOSS))
             self._set(values["examples"], site, shard, _get(client, "num_examples"))
         else:

@@ -67,7 +67,7 @@ def site_summary(record: RoundRecord) -> dict[str, Any]:
     """Per-client accuracy of a round (worst, best, spread) and the weighted mean."""
     clients = [
         {"site": c.site or c.client, "shard": c.shard, "client": c.client, "examples": c.num_examples,
-         "accuracy": float(c.metrics[protocol.ACCURACY])}
+         "accuracy": float(c.metrics[protocol.ACCURACY]), **task_metrics(c.metrics)}
         for c in record.clients
         if c.phase == "evaluate" and isinstance(c.metrics.get(protocol.ACCURACY), int | float)
     ]  # fmt: skip
@@ -77,6 +77,17 @@ def site_summary(record: RoundRecord) -> dict[str, Any]:
         best = max(clients, key=lambda c: c["accuracy"])
         summary.update(worst=worst, best=best, spread=best["accuracy"] - worst["accuracy"])
     return summary
+
+
+# What every Flowerpot evaluation reports; anything else the guard kept is the task's (METRICS).
+OWN_EVALUATE_KEYS = frozenset({"accuracy", "loss", "eval_seconds", "shard"})
+
+
+def task_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """{"metrics": the task's own metrics of an evaluation} when it has any, else {}: a run of
+    the built-in task writes sites.json as before."""
+    extra = {k: v for k, v in metrics.items() if k not in OWN_EVALUATE_KEYS}
+    return {"metrics": extra} if extra else {}
 
 
 def report_sites(final: RoundRecord, folder: Path) -> list[str]:

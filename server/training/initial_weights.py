@@ -22,7 +22,8 @@ from flwr.server.client_proxy import ClientProxy
 
 from server.training.strategies import client_label
 from shared.errors import BadInput, ClientsTimeout
-from shared.modelfile import load_model
+from shared.modelfile import load_model, task_of
+from shared.settings import BUILTIN_TASK
 
 log = logging.getLogger("flowerpot.server")
 
@@ -31,14 +32,20 @@ class NoAnswers(ClientsTimeout):
     """No client asked sent usable weights (they left, or their messages were too large)."""
 
 
-def load_pinned(path: Path) -> Parameters:
-    """INITIAL_MODEL's arrays; BadInput (at start, before any client joins) when unusable."""
+def load_pinned(path: Path, task: str = BUILTIN_TASK) -> Parameters:
+    """INITIAL_MODEL's arrays; BadInput (at start, before any client joins) when unusable, or a
+    model of another task than TASK."""
     if not path.is_file():
         raise BadInput(f"INITIAL_MODEL={path} is not a file: point it at a model .npz such as a run's final_model.npz")
     try:
-        arrays, _ = load_model(path)
+        arrays, meta = load_model(path)
     except BadInput as exc:
         raise BadInput(f"INITIAL_MODEL={path}: {exc}") from None
+    if task_of(meta) != task:
+        raise BadInput(
+            f"INITIAL_MODEL={path} is a model of TASK={task_of(meta)}, the run's TASK={task}: make it with "
+            f"`flowerpot init-model` under TASK={task}, or empty INITIAL_MODEL"
+        )
     if not arrays or not all(np.issubdtype(a.dtype, np.number) and np.isfinite(a).all() for a in arrays):
         raise BadInput(
             f"INITIAL_MODEL={path} holds no arrays, or non-numeric or non-finite ones: "

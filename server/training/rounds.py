@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,10 @@ class Federation:
         results: Results,
         traffic: Traffic,
         live: LiveMetrics | None = None,
+        task_metrics: Callable[[], dict[str, str]] = dict,
     ) -> None:
         self.settings, self.client_manager, self.results, self.traffic = settings, client_manager, results, traffic
+        self.task_metrics = task_metrics  # the METRICS the clients' task declared when they joined
         self.live = live or LiveMetrics(settings.num_rounds)  # without an endpoint: in-memory values only
         self.history: list[RoundRecord] = []
 
@@ -70,7 +73,9 @@ class Federation:
             self.wait_for_start()
             initial = resumed.parameters if resumed else self.initial_parameters()
             self.traffic.limit_to_model(sum(len(t) for t in initial.tensors))  # larger updates: refused unread
-            strategy = build_strategy(s, initial)
+            declared = self.task_metrics()
+            self.live.watch_task_metrics(declared)
+            strategy = build_strategy(s, initial, declared)
             server.set_strategy(strategy)
             server.parameters = initial
             first = 1
@@ -161,7 +166,7 @@ class Federation:
         """Pinned (INITIAL_MODEL), or agreed by the first clients; never from one unverified client."""
         s = self.settings
         if s.initial_model is not None:
-            parameters = load_pinned(s.initial_model)
+            parameters = load_pinned(s.initial_model, s.task_name)
             log.info("initial parameters from INITIAL_MODEL=%s", s.initial_model)
             return parameters
         asked = max(2, s.min_available_clients)
@@ -226,6 +231,7 @@ class Federation:
             "num_rounds": s.num_rounds,
             "strategy": s.strategy,
             "dataset": s.dataset,
+            "task": s.task_name,  # predict refuses the model under another task
             "eval_accuracy": record.eval_accuracy,
             "eval_loss": record.eval_loss,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -29,6 +29,7 @@ from server.training.update_checks import (
     clean_metrics,
     count_problem,
     example_limit,
+    known_metrics,
     l2_norm,
     loss_problem,
     median_bound,
@@ -45,9 +46,12 @@ FitResults = list[tuple[ClientProxy, FitRes]]
 Failures = list[tuple[ClientProxy, FitRes] | BaseException]
 
 
-def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
+def build_strategy(
+    settings: Settings, initial: Parameters, task_metrics: dict[str, str] | None = None
+) -> Strategy:
     """The Flower strategy named by STRATEGY (shared/strategy_table.py), with its knobs; empty
-    knobs keep Flower's defaults."""
+    knobs keep Flower's defaults. `task_metrics`: the METRICS the clients' task declared, kept
+    beside the server's own."""
     s = settings
 
     def fit_config(server_round: int) -> dict[str, Scalar]:
@@ -89,6 +93,7 @@ def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
         norm_limit=s.update_norm_limit,
         min_completion_rate=s.min_completion_rate,
         clip_norm=s.clip_norm,
+        known_metrics=known_metrics(task_metrics or {}),
     )
 
 
@@ -159,8 +164,10 @@ class GuardedStrategy(Strategy):
         norm_limit: float = math.inf,
         min_completion_rate: float = 0.0,
         clip_norm: float = 0.0,
+        known_metrics: tuple[dict[str, str], dict[str, str]] = (FIT_METRICS, EVALUATE_METRICS),
     ) -> None:
         self.clip_norm = clip_norm
+        self.fit_metrics, self.evaluate_metrics = known_metrics  # what a client's answer may report
         self.inner, self.num_rounds, self.evaluate_config = inner, num_rounds, evaluate_config
         self.min_completion_rate = min_completion_rate
         self.max_examples, self.norm_limit = max_examples, norm_limit
@@ -196,7 +203,7 @@ class GuardedStrategy(Strategy):
         refused: list[tuple[ClientProxy, str]] = []
         sound: FitResults = []
         for proxy, res in results:
-            bad_metric = self.keep_known_metrics(proxy, res, FIT_METRICS)  # always: the history keeps them
+            bad_metric = self.keep_known_metrics(proxy, res, self.fit_metrics)  # always: the history keeps them
             problem = self.problem(res) or bad_metric
             if problem is None:
                 sound.append((proxy, res))
@@ -332,7 +339,7 @@ class GuardedStrategy(Strategy):
         sound = []
         for proxy, res in results:
             problem = (
-                self.keep_known_metrics(proxy, res, EVALUATE_METRICS)
+                self.keep_known_metrics(proxy, res, self.evaluate_metrics)
                 or count_problem(res.num_examples, self.max_examples, "test")
                 or loss_problem(res.loss)
             )

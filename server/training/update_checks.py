@@ -25,7 +25,7 @@ import numpy as np
 
 from shared.datasets import SIZES
 from shared.errors import BadInput
-from shared.protocol import NUMBER, RATIO, TEXT
+from shared.protocol import EVALUATE_METRICS, FIT_METRICS, NUMBER, RATIO, TEXT
 from shared.settings import Settings
 
 log = logging.getLogger("flowerpot.server")
@@ -33,6 +33,15 @@ log = logging.getLogger("flowerpot.server")
 MEDIAN_MULTIPLE = 10  # a count above this many times the round's median report is clipped
 MEDIAN_MIN_REPORTS = 3  # below this, a median says nothing about who is lying
 MAX_TEXT = 256  # characters of a text metric that are kept
+
+
+def known_metrics(task_metrics: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The fit and evaluate metrics a run keeps: the server's own, and its task's METRICS (declared
+    by the clients when they joined, checked there) as train_NAME in fits and NAME in evaluations."""
+    return (
+        {**{f"train_{k}": v for k, v in task_metrics.items()}, **FIT_METRICS},
+        {**task_metrics, **EVALUATE_METRICS},
+    )
 
 
 def example_limit(settings: Settings) -> int:

@@ -5,8 +5,10 @@ checksum of the shard's data, and what defines its input (classes, image size, c
 normalisation): shared/protocol.py. Before the client is seated the server refuses it, naming
 the reason, when
 - its protocol version is not the server's;
+- it runs another task than the server's TASK (the task defines the run);
 - its input differs from the run's (CLASSES on the server, else the first Flowerpot client's):
-  clients that disagree on what label 3 means, or on the image size, cannot train one model;
+  clients that disagree on what label 3 means, on the image size, or on the shapes of their
+  task's model or its METRICS, cannot train one model;
 - another connected client already trains the same data (same data checksum, whatever the
   shard's name or site): its updates would count twice.
 A client that comes back with its own site and shard while its old stream is still registered
@@ -25,7 +27,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.transport.stream import NamedClientProxy
-from shared.protocol import FLOWERPOT_VERSION, VERSION, compatible
+from shared.protocol import (
+    FLOWERPOT_VERSION,
+    MAX_TASK_METRICS,
+    TASK_METRIC_NAME,
+    TASK_METRIC_TYPES,
+    VERSION,
+    compatible,
+)
+from shared.settings import BUILTIN_TASK
 
 log = logging.getLogger("flowerpot.server")
 
@@ -37,6 +47,9 @@ INPUT_NAMES = {
     "channels": "IMAGE_CHANNELS",
     "mean": "normalisation mean",
     "std": "normalisation std",
+    "task": "TASK",
+    "model": "the task's model",
+    "metrics": "the task's METRICS",
 }
 
 
@@ -82,9 +95,10 @@ class _Holder:
 class Sites:
     """The run's input (agreed by all) and which connected client holds which shard's data."""
 
-    def __init__(self, classes: tuple[str, ...] = ()) -> None:
+    def __init__(self, classes: tuple[str, ...] = (), task: str = BUILTIN_TASK) -> None:
         self._lock = threading.Lock()
         self.classes = list(classes)  # CLASSES on the server: the run's class list, whoever comes first
+        self.task = task  # TASK on the server: the task defines the run (its checkpoints, its model files)
         self._input: dict[str, Any] | None = None  # the run's input: the first Flowerpot client's
         self._input_from = ""
         self._holders: dict[str, _Holder] = {}  # data checksum -> the connected client training it
@@ -155,7 +169,22 @@ class Sites:
             for checksum in [c for c, h in self._holders.items() if h.proxy is proxy]:
                 del self._holders[checksum]
 
+    def run_metrics(self) -> dict[str, str]:
+        """The extra metrics the run's task declared (METRICS, agreed by every client), {} until
+        the first Flowerpot client has joined."""
+        with self._lock:
+            declared = (self._input or {}).get("metrics")
+        return dict(declared) if isinstance(declared, dict) else {}
+
     def _input_refusal(self, given: dict[str, Any]) -> str | None:
+        task = str(given.get("task", BUILTIN_TASK))  # clients of before tasks ran the built-in one
+        if task != self.task:
+            return (
+                f"it runs TASK={task}, the run TASK={self.task}: set the same TASK on the server and every site "
+                "(a model of another task cannot join this run)"
+            )
+        if (problem := metrics_problem(given.get("metrics", {}))) is not None:
+            return f"its task's METRICS {problem}: fix the task's METRICS"
         if self.classes and given.get("dataset") == "folder" and given.get("classes") != self.classes:
             return (
                 f"its input differs from the run's (the server's CLASSES): classes {_show(given.get('classes'))} "
@@ -173,8 +202,24 @@ class Sites:
             return None
         return (
             f"its input differs from the run's (set by client {self._input_from}): {'; '.join(differences)}: "
-            "prepare every site's data with the same DATASET, CLASSES, IMAGE_SIZE and IMAGE_CHANNELS"
+            "prepare every site's data with the same DATASET, CLASSES, IMAGE_SIZE and IMAGE_CHANNELS, and run "
+            "the same version of the task everywhere"
         )
+
+
+def metrics_problem(declared: Any) -> str | None:
+    """What is wrong with a joining client's declaration of its task's metrics, or None: the
+    server keeps these metrics in every round's history, so it bounds them as the client did."""
+    if not isinstance(declared, dict):
+        return "is not a mapping of names to types"
+    if len(declared) > MAX_TASK_METRICS:
+        return f"declares {len(declared)} metrics, more than {MAX_TASK_METRICS}"
+    for key, kind in declared.items():
+        if not isinstance(key, str) or not TASK_METRIC_NAME.fullmatch(key):
+            return f"names a metric {str(key)[:40]!r}"
+        if kind not in TASK_METRIC_TYPES:
+            return f"gives {key} the type {str(kind)[:40]!r}"
+    return None
 
 
 def _show(value: Any) -> str:
