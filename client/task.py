@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +52,7 @@ def train(
             logits = model(inputs[idx])
             loss = data_loss = F.cross_entropy(logits, targets[idx])
             if anchor is not None:
-                drift = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                drift = sum((((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor)), torch.zeros(()))
                 proximal = 0.5 * proximal_mu * drift
                 loss = data_loss + proximal
                 total_proximal += proximal.item() * len(idx)
@@ -69,10 +70,14 @@ def train(
 
 
 @torch.no_grad()
-def sgd_step(params: list[torch.Tensor], velocity: list[torch.Tensor], lr: float, momentum: float = 0.9) -> None:
+def sgd_step(
+    params: Sequence[torch.Tensor], velocity: Sequence[torch.Tensor], lr: float, momentum: float = 0.9
+) -> None:
     """torch.optim.SGD(momentum=0.9)'s update, written out: the first optimizer step would import
     torch._dynamo, about 70 MB more memory in every client process."""
     for p, v in zip(params, velocity):
+        if p.grad is None:  # a parameter the loss does not reach: no step (as torch.optim.SGD)
+            continue
         v.mul_(momentum).add_(p.grad)
         p.sub_(v, alpha=lr)
 

@@ -4,7 +4,6 @@ that knows only the published address, TLS and client certificates on."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -15,9 +14,6 @@ from compose_checks import docker_available
 from conftest import REPO, free_address
 
 pytestmark = pytest.mark.compose
-
-if os.environ.get("FLOWERPOT_SKIP_COMPOSE") == "1":
-    pytest.skip("FLOWERPOT_SKIP_COMPOSE=1", allow_module_level=True)
 
 
 def test_split_deployment_with_tls_and_client_certificates(tmp_path: Path) -> None:

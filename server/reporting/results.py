@@ -167,6 +167,7 @@ class Results:
         them (a record appended after the checkpoint, or a torn last line, is dropped); None,
         with a warning, when they are not all there."""
         path = self.folder / HISTORY_LINES
+        records: list[RoundRecord] | None
         if checkpoint.history is not None:  # a format-1 checkpoint: its own history
             records, source = checkpoint.history, CHECKPOINT
         else:

@@ -62,7 +62,7 @@ def clients_line(record: RoundRecord) -> str:
 
 def site_summary(record: RoundRecord) -> dict[str, Any]:
     """Per-client accuracy of a round (worst, best, spread) and the weighted mean."""
-    clients = [
+    clients: list[dict[str, Any]] = [
         {"site": c.site or c.client, "shard": c.shard, "client": c.client, "examples": c.num_examples,
          "accuracy": float(c.metrics["accuracy"])}
         for c in record.clients

@@ -48,7 +48,7 @@ from flwr.server.strategy import FedProx
 from server.reporting.record import RoundRecord
 from server.reporting.site_report import client_entries
 from server.training.sampling import stable_key
-from server.training.strategies import GuardedStrategy, client_label
+from server.training.strategies import Failures, GuardedStrategy, client_label
 from server.training.update_checks import l2_norm
 from server.transport.admission import BoundedClientManager
 from server.transport.wiring import Traffic
@@ -175,7 +175,7 @@ class BufferedRounds:
         self.evaluation: Evaluation | None = None
         self.evaluated: Evaluated | None = None
         self.version = 0
-        self.parameters: Parameters | None = None
+        self.parameters = Parameters(tensors=[], tensor_type="numpy.ndarray")  # the global model, from run()
         self.models: dict[int, list[np.ndarray]] = {}
 
     # The loop
@@ -344,7 +344,7 @@ class BufferedRounds:
         version = self.version + 1
         self.guard.distance.set_global(current)  # the re-based updates are measured from here
         refusals = list(window.refused.values())
-        failures = [*window.failures.values(), *(ValueError(problem) for _, problem in refusals)]
+        failures: Failures = [*window.failures.values(), *(ValueError(problem) for _, problem in refusals)]
         parameters, metrics = self.guard.aggregate_fit(version, results, failures)
         refused_now = len(self.guard.refused)  # the guard's own refusals, of re-based updates
         self.guard.refused = [*refusals, *self.guard.refused]  # every refusal of this version

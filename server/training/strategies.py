@@ -44,7 +44,7 @@ FitResults = list[tuple[ClientProxy, FitRes]]
 Failures = list[tuple[ClientProxy, FitRes] | BaseException]
 
 
-def build_strategy(settings: Settings, initial: Parameters) -> Strategy:
+def build_strategy(settings: Settings, initial: Parameters) -> GuardedStrategy:
     """The Flower strategy named by STRATEGY, with its knobs; empty knobs keep Flower's defaults."""
     s = settings
 
@@ -133,7 +133,7 @@ def weak_strategy_warning(settings: Settings) -> str | None:
     return None
 
 
-def _given(**knobs: float | None) -> dict[str, float]:
+def _given(**knobs: float | None) -> dict[str, Any]:
     return {k: v for k, v in knobs.items() if v is not None}
 
 
