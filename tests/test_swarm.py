@@ -28,7 +28,7 @@ from conftest import MEASUREMENTS, REPO, free_address, run_cli
 
 pytestmark = pytest.mark.compose
 
-# README "Docker Swarm", word for word, for a stack named `flowerpot` (test_readme_has_the_commands).
+# docs/deployment.md "Docker Swarm", word for word, for a stack named `flowerpot` (test_readme_has_the_commands).
 DEPLOY = "docker stack deploy --resolve-image never -c docker-stack.yml flowerpot"
 WAIT = (
     "while docker service ps flowerpot_server --format '{{.CurrentState}}' "
@@ -52,7 +52,7 @@ LABELS = ("flowerpot.server", "flowerpot.client")
 
 
 def test_readme_has_the_commands() -> None:
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "deployment.md").read_text()
     for command in (DEPLOY, WAIT, STATUS, RESULTS, REMOVE, REMOVED):
         assert command in readme, command
     for name, path in SECRETS.items():
