@@ -1,4 +1,4 @@
-"""The EC2 deployment of README's "Deploy on EC2 with TLS", step by step on one machine: the
+"""The EC2 deployment of docs/deployment.md's "Deploy on EC2 with TLS", step by step on one machine: the
 server on its own with its port published on the host, the clients as a separate Compose project
 that knows only the published address, TLS and client certificates on."""
 

@@ -112,7 +112,7 @@ def build_strategy(settings: Settings, initial: Parameters) -> GuardedStrategy:
 # (eta=0.1, tau=1e-9 for FedAdam and FedAdagrad) make FedAdam's steps sign-like and FedAdagrad
 # oscillate. tau=1e-3 as in Reddi et al. 2021 and Flower's newer strategies; eta chosen by
 # `python -m bench.server_opt_sweep` (digits, Dirichlet 0.5, 3 clients, 5 rounds, seeds 1 and 2,
-# final accuracy; README "Server-optimizer defaults" has the table).
+# final accuracy; docs/operations.md "Server-optimizer defaults" has the table).
 SERVER_OPT_DEFAULTS: dict[str, dict[str, float]] = {
     "fedadam": {"eta": 0.1, "tau": 1e-3},
     "fedyogi": {"eta": 0.03, "tau": 1e-3},
