@@ -20,7 +20,7 @@ from bench.federation import prepare, run_federation
 
 log = logging.getLogger("flowerpot.bench")
 
-PARTITIONS = {
+PARTITIONS: dict[str, dict[str, Any]] = {
     "iid": {"PARTITION": "iid"},
     "dirichlet-0.5": {"PARTITION": "dirichlet", "DIRICHLET_ALPHA": 0.5},
     "dirichlet-0.1": {"PARTITION": "dirichlet", "DIRICHLET_ALPHA": 0.1},

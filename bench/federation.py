@@ -34,7 +34,9 @@ class PeakPss:
     """Samples the PSS of some processes (and their children) until stopped; keeps each peak."""
 
     def __init__(self, interval: float = 0.25) -> None:
-        self.interval, self.peaks, self._pids = interval, {}, {}
+        self.interval = interval
+        self.peaks: dict[str, int] = {}  # KiB
+        self._pids: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 

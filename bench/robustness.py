@@ -171,9 +171,8 @@ def ok(cell: dict[str, Any]) -> list[float]:
 
 def reference(rob: dict[str, Any]) -> list[float]:
     """Clean FedAvg as shipped: the finals every row is compared with."""
-    cell = rob.get("clean", {}).get("fedavg (shipped)") or next(iter(rob["attacks"].values()), {}).get(
-        "fedavg (shipped)", {}
-    ).get("0", {})
+    first_attack: dict[str, Any] = next(iter(rob["attacks"].values()), {})
+    cell = rob.get("clean", {}).get("fedavg (shipped)") or first_attack.get("fedavg (shipped)", {}).get("0", {})
     return ok(cell)
 
 

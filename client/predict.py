@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,15 @@ def find_spec(meta: dict[str, Any], data_dir: Path, model_path: Path | None = No
         return _spec(lambda: meta["spec"], where, "delete it, or copy it again with its model")
     for candidate in (data_dir / MANIFEST, data_dir / SHARD_META, *sorted(data_dir.glob(f"shard_*/{SHARD_META}"))):
         if candidate.is_file():
-            return _spec(
-                lambda c=candidate: json.loads(c.read_text())["spec"], str(candidate), "run `flowerpot prepare` again"
-            )
+            return _spec(partial(_spec_in, candidate), str(candidate), "run `flowerpot prepare` again")
     raise BadInput(
         f"the model has no image spec and DATA_DIR={data_dir} holds no shards to take it from: "
         "pass --data-dir with the shards the model was trained on, or use a client's final_model.npz"
     )
+
+
+def _spec_in(path: Path) -> Any:
+    return json.loads(path.read_text())["spec"]
 
 
 def _spec(read: Callable[[], Any], where: str, fix: str) -> ImageSpec:
@@ -128,7 +131,7 @@ def evaluate_test_splits(
     with the first `show` single predictions."""
     model, spec = load_predictor(model_path, data_dir, task, device)
     per_shard, correct, total = [], 0, 0
-    examples = []
+    examples: list[dict[str, Any]] = []
     for folder in shard_dirs(data_dir):
         shard = load_shard(folder)
         proba = predict_proba(model, to_input(shard.x_test, spec))

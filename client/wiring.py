@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from queue import Full, Queue
+from typing import Any
 
 import grpc
 from flwr.common import Code, EvaluateRes, FitRes, Parameters, Status, serde
@@ -41,7 +42,7 @@ REFUSAL_CODES = {
 }
 
 # ServerMessage field -> (decode, Client method, encode, ClientMessage field)
-_HANDLERS = {
+_HANDLERS: dict[str, tuple[Callable[[Any], Any], str, Callable[[Any], Any], str]] = {
     "get_properties_ins": (
         serde.get_properties_ins_from_proto,
         "get_properties",

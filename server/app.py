@@ -81,7 +81,7 @@ def require_secure(settings: Settings) -> None:
     elif missing:
         raise BadInput(
             f"REQUIRE_TLS=true but the server would run without {' and '.join(missing)}: make certificates with "
-            "`flowerpot certs --client NAME` (README: Deploy on EC2 with TLS) and set TLS_ENABLED=true and "
+            "`flowerpot certs --client NAME` (docs/deployment.md: Deploy on EC2 with TLS) and set TLS_ENABLED=true and "
             "CLIENT_AUTH=certificate, or set ALLOW_INSECURE=true to accept the risk"
         )
 

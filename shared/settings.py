@@ -62,7 +62,10 @@ def setting(
     when: tuple[str, str] | None = None,
     unit: str | None = None,
     note: str | None = None,
-    **bounds: float,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
 ) -> Any:
     """A settings field with its marks. A number gives only its bounds (ge, gt, le, lt): its
     "allowed" text is derived from them and from its type (see `allowed_text`); other fields
@@ -72,7 +75,7 @@ def setting(
     if when is not None:
         extra["when"] = list(when)
     extra.update({k: v for k, v in {"unit": unit, "note": note}.items() if v is not None})
-    return Field(default, description=allowed, json_schema_extra=extra, **bounds)
+    return Field(default, description=allowed, json_schema_extra=extra, ge=ge, gt=gt, le=le, lt=lt)
 
 
 def allowed_text(field: FieldInfo) -> str:

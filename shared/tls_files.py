@@ -34,7 +34,7 @@ def read_pem(folder: Path, name: str) -> bytes:
     except FileNotFoundError:
         raise BadInput(
             f"TLS_ENABLED=true but {path} is missing: create the certificates with `flowerpot certs` "
-            "(README: Deploy on EC2 with TLS), or set CERTS_DIR"
+            "(docs/deployment.md: Deploy on EC2 with TLS), or set CERTS_DIR"
         ) from None
     except OSError as exc:
         raise BadInput(

@@ -1,12 +1,15 @@
-"""Shared helpers: run `flowerpot` commands as real processes, and prepared digits shards."""
+"""Shared helpers: run `flowerpot` commands as real processes, and prepared digits shards; and
+the kind of every test (the markers `unit`, `process`, `compose`, `bench`), checked as it runs."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,6 +110,78 @@ def free_address() -> str:
 # Numbers the tests measure along the way (build times, image sizes, run times), printed at the
 # end of the run. Measured, not asserted: speed targets belong to the benchmark.
 MEASUREMENTS: dict[str, str] = {}
+
+
+# Every test is of exactly one kind, by what it uses (pyproject.toml registers the markers):
+#   unit     nothing but this process: no child process, no Docker (`pytest -m unit`, the fast loop)
+#   process  starts processes on this machine: flowerpot commands, federations, Python interpreters
+#   compose  Docker: the CLI, Compose or Swarm against the engine
+#   bench    runs the benchmark (`flowerpot bench --quick`)
+# A test module or test says its kind with a marker (`pytestmark = pytest.mark.compose`); one that
+# says none is `process` when it uses a fixture that starts processes, else `unit`. The kind is
+# checked while the test runs, not trusted: a `unit` test that starts a process, or a test of
+# another kind than `compose` that runs `docker`, fails and says which marker it needs.
+KINDS = ("unit", "process", "compose", "bench")
+PROCESS_FIXTURES = frozenset({"spawn", "federation", "digits_shards"})
+_running: tuple[str, str] | None = None  # (the running test's id, its kind), for the audit hook
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        kinds = {mark.name for mark in item.iter_markers() if mark.name in KINDS}
+        if len(kinds) > 1:
+            raise pytest.UsageError(f"{item.nodeid} is marked {' and '.join(sorted(kinds))}: give it one kind")
+        uses_processes = bool(PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())))
+        if kinds == {"unit"} and uses_processes:
+            raise pytest.UsageError(f"{item.nodeid} is marked unit but uses a fixture that starts processes")
+        if not kinds:
+            item.add_marker("process" if uses_processes else "unit")
+
+
+def _kind(item: pytest.Item) -> str:
+    return next(mark.name for mark in item.iter_markers() if mark.name in KINDS)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    global _running
+    _running = (item.nodeid, _kind(item))
+    try:
+        return (yield)
+    finally:
+        _running = None
+
+
+_STARTS_A_PROCESS = frozenset({"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.system"})
+
+
+def _program(event: str, args: tuple[Any, ...]) -> str:
+    """The program an audit event starts: its file name, or "" when the event does not say."""
+    if event == "subprocess.Popen":  # (executable, args, cwd, env)
+        executable, argv = args[0], args[1]
+        program = executable or (argv if isinstance(argv, str | bytes | os.PathLike) else next(iter(argv), ""))
+    elif event in ("os.posix_spawn", "os.exec"):  # (path, argv, env)
+        program = args[0]
+    elif event == "os.system":  # (command,)
+        program = os.fsdecode(args[0]).split(" ", 1)[0]
+    else:
+        return ""
+    return os.path.basename(os.fsdecode(program))
+
+
+def _check_kind(event: str, args: tuple[Any, ...]) -> None:
+    """An audit hook: it sees every process this interpreter starts through subprocess, os.fork,
+    os.exec*, os.posix_spawn or os.system, whoever calls them (the test, a library, a thread)."""
+    if _running is None or event not in _STARTS_A_PROCESS:
+        return
+    test, kind = _running
+    if kind == "unit":
+        raise RuntimeError(f"{test} is marked unit but starts a process ({event}): mark it process")
+    if kind != "compose" and _program(event, args) == "docker":
+        raise RuntimeError(f"{test} is marked {kind} but runs docker: mark it compose")
+
+
+sys.addaudithook(_check_kind)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

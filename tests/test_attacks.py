@@ -20,6 +20,8 @@ from conftest import federation_env, free_address
 from flowerpot.launcher import Process, clean_env
 from shared.modelfile import load_model
 
+pytestmark = pytest.mark.process  # every test here shares a real honest run
+
 ATTACKER = """
 import sys
 import numpy as np

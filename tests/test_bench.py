@@ -1,18 +1,20 @@
 """`flowerpot bench --quick`: every measurement in a small version, so the benchmark cannot rot.
-It asserts what the numbers must be made of, never how fast anything is."""
+It asserts what the numbers must be made of, never how fast anything is. The sections that
+need a Docker engine are a test of their own (marked compose)."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+import pytest
 
 from conftest import run_cli
 
 
+@pytest.mark.bench
 def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
-    compose = os.environ.get("FLOWERPOT_SKIP_COMPOSE") != "1"
-    args = ["bench", "--quick", "--out", "out", "--docs", "docs/benchmarks.md"] + ([] if compose else ["--no-compose"])
+    args = ["bench", "--quick", "--no-compose", "--out", "out", "--docs", "docs/benchmarks.md"]
     result = run_cli(args, cwd=tmp_path, timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "out"
@@ -38,16 +40,6 @@ def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
     assert local["ok"] and local["peak_pss_server_mb"] > 10 and local["peak_pss_client_mb_max"] > 50
     assert {t["target"].split(" ")[0] for t in results["targets"]} >= {"federated", "median", "30", "peak", "per-round"}
 
-    if compose:
-        deployment = results["deployment"]
-        assert deployment["image_mb"]["flowerpot-server"] < deployment["image_mb"]["flowerpot-client"]
-        assert 0 < deployment["default_job"]["up_to_first_round_s"] < deployment["default_job"]["total_s"]
-        assert (
-            deployment["overhead_3_clients"]["flowerpot"]["ok"]
-            and deployment["overhead_3_clients"]["bare_flower"]["ok"]
-        )
-        assert results["scale"]["compose replicas"][0]["ok"]
-
     report = (out / "report.md").read_text()
     assert "## Framework overhead per round" in report and "## Accuracy at equal total local epochs" in report
     assert "## Per-round cost with trivial clients" in report
@@ -58,6 +50,21 @@ def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
     assert not (out / "work").exists()  # scratch space is cleaned up
 
 
+@pytest.mark.compose
+def test_quick_benchmark_compose_sections(tmp_path: Path) -> None:
+    results: dict = {}
+    for section in ("deployment", "scale-compose"):
+        result = run_cli(["bench", "--quick", "--only", section, "--out", section], cwd=tmp_path, timeout=1800)
+        assert result.returncode == 0, result.stderr[-4000:]
+        results.update(json.loads((tmp_path / section / "results.json").read_text()))
+    deployment = results["deployment"]
+    assert deployment["image_mb"]["flowerpot-server"] < deployment["image_mb"]["flowerpot-client"]
+    assert 0 < deployment["default_job"]["up_to_first_round_s"] < deployment["default_job"]["total_s"]
+    assert deployment["overhead_3_clients"]["flowerpot"]["ok"] and deployment["overhead_3_clients"]["bare_flower"]["ok"]
+    assert results["scale"]["compose replicas"][0]["ok"]
+
+
+@pytest.mark.bench
 def test_only_runs_one_section_and_refuses_an_unknown_one(tmp_path: Path) -> None:
     result = run_cli(["bench", "--only", "speed"], cwd=tmp_path)
     assert result.returncode == 2 and not (tmp_path / "bench-results").exists()
@@ -72,6 +79,7 @@ def test_only_runs_one_section_and_refuses_an_unknown_one(tmp_path: Path) -> Non
     assert results["round_cost"]["flowerpot"]["ok"] and "round cost, rounds" in result.stderr
 
 
+@pytest.mark.bench
 def test_quick_robustness_section_runs_attackers_and_reports_them(tmp_path: Path) -> None:
     result = run_cli(["bench", "--quick", "--only", "robustness", "--out", "out"], cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -84,6 +92,7 @@ def test_quick_robustness_section_runs_attackers_and_reports_them(tmp_path: Path
     assert (tmp_path / "out" / "robustness.png").stat().st_size > 1000
 
 
+@pytest.mark.bench
 def test_quick_async_section_compares_the_modes_on_saved_versions(tmp_path: Path) -> None:
     result = run_cli(["bench", "--quick", "--only", "async", "--out", "out"], cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -11,6 +11,7 @@ from conftest import run_cli
 COMMANDS = ["prepare", "server", "client", "predict", "run-local"]
 
 
+@pytest.mark.process
 def test_top_level_help_lists_commands_and_exit_statuses(tmp_path: Path) -> None:
     result = run_cli(["--help"], cwd=tmp_path)
     assert result.returncode == 0
@@ -19,6 +20,7 @@ def test_top_level_help_lists_commands_and_exit_statuses(tmp_path: Path) -> None
     assert "3 no free" in result.stdout and "6 timed out waiting for clients" in result.stdout
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("command", COMMANDS)
 def test_each_command_has_help(tmp_path: Path, command: str) -> None:
     result = run_cli([command, "--help"], cwd=tmp_path)
@@ -26,6 +28,7 @@ def test_each_command_has_help(tmp_path: Path, command: str) -> None:
     assert f"usage: flowerpot {command}" in result.stdout
 
 
+@pytest.mark.process
 def test_predict_without_a_model_is_a_clear_error(tmp_path: Path) -> None:
     result = run_cli(["predict", "--test-split"], cwd=tmp_path)
     assert result.returncode == 2
@@ -48,6 +51,7 @@ def test_predict_rejects_a_file_that_is_not_an_image(tmp_path: Path, digits_shar
     assert "notes.png is not a readable image" in result.stderr
 
 
+@pytest.mark.process
 def test_missing_env_file_is_an_error(tmp_path: Path) -> None:
     result = run_cli(["--env-file", "nope.env", "server"], cwd=tmp_path)
     assert result.returncode == 2 and "nope.env does not exist" in result.stderr

@@ -2,13 +2,12 @@
 
 The images are built once (the first test uses the README's own `up --build`); later projects
 reuse them, each with its own project name, its own volumes, and its own edited .env.
-Set FLOWERPOT_SKIP_COMPOSE=1 to skip these where no Docker engine runs (CI always has one).
+`pytest -m "not compose"` leaves these out where no Docker engine runs (CI always has one).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -19,9 +18,6 @@ from compose_checks import docker_available, leftovers
 from conftest import MEASUREMENTS, REPO
 
 pytestmark = pytest.mark.compose
-
-if os.environ.get("FLOWERPOT_SKIP_COMPOSE") == "1":
-    pytest.skip("FLOWERPOT_SKIP_COMPOSE=1", allow_module_level=True)
 
 
 @pytest.fixture(scope="module", autouse=True)

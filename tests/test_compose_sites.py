@@ -6,7 +6,6 @@ sites: the second site's client is refused by name (status 4) and the run goes o
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,9 +16,6 @@ from compose_checks import docker_available
 from conftest import REPO, free_address
 
 pytestmark = pytest.mark.compose
-
-if os.environ.get("FLOWERPOT_SKIP_COMPOSE") == "1":
-    pytest.skip("FLOWERPOT_SKIP_COMPOSE=1", allow_module_level=True)
 
 # Plaintext on loopback, to keep the test about sites: TLS across sites is test_compose_split's.
 COMMON = {"NUM_SHARDS": "4", "NUM_ROUNDS": "3", "ALLOW_INSECURE": "true"}

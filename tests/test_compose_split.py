@@ -1,10 +1,9 @@
-"""The EC2 deployment of README's "Deploy on EC2 with TLS", step by step on one machine: the
+"""The EC2 deployment of docs/deployment.md's "Deploy on EC2 with TLS", step by step on one machine: the
 server on its own with its port published on the host, the clients as a separate Compose project
 that knows only the published address, TLS and client certificates on."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -15,9 +14,6 @@ from compose_checks import docker_available
 from conftest import REPO, free_address
 
 pytestmark = pytest.mark.compose
-
-if os.environ.get("FLOWERPOT_SKIP_COMPOSE") == "1":
-    pytest.skip("FLOWERPOT_SKIP_COMPOSE=1", allow_module_level=True)
 
 
 def test_split_deployment_with_tls_and_client_certificates(tmp_path: Path) -> None:

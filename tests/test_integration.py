@@ -79,6 +79,7 @@ def test_three_clients_train_and_predict_agrees_with_the_server(
         assert kept_meta["spec"]["dataset"] == "digits"
 
 
+@pytest.mark.process
 def test_default_settings_reach_095_accuracy_locally(tmp_path: Path) -> None:
     """The committed .env (3 clients, digits, 5 rounds) as `flowerpot run-local` runs it."""
     shutil.copy(REPO / ".env", tmp_path / ".env")

@@ -304,6 +304,7 @@ def exported_names(folder: Path) -> set[str]:
     return {s.name for metric in live.registry.collect() for s in metric.samples}
 
 
+@pytest.mark.compose
 def test_the_compose_profile_adds_prometheus_and_grafana_on_localhost_only() -> None:
     from bench.compose import docker
     from compose_checks import docker_available

@@ -52,6 +52,7 @@ def tls_env(data_dir: Path, tmp_path: Path, address: str, **overrides: str) -> d
     }
 
 
+@pytest.mark.process
 def test_certs_command_writes_bundles_with_private_keys_kept_private(certs: Path) -> None:
     assert sorted(p.relative_to(certs).as_posix() for p in certs.rglob("*") if p.is_file()) == [
         "ca/ca.key", "ca/ca.pem", "ca/issued.json",
@@ -67,6 +68,7 @@ def test_certs_command_writes_bundles_with_private_keys_kept_private(certs: Path
     assert again.returncode == 0 and "nothing to do" in again.stdout  # existing credentials are kept
 
 
+@pytest.mark.process
 def test_certificates_live_a_year_and_the_ca_ten(certs: Path) -> None:
     def days(path: Path) -> int:
         cert = x509.load_pem_x509_certificate(path.read_bytes())
@@ -77,6 +79,7 @@ def test_certificates_live_a_year_and_the_ca_ten(certs: Path) -> None:
     assert days(certs / "ca" / "ca.pem") == 3650
 
 
+@pytest.mark.process
 def test_keys_are_private_from_their_first_byte_whatever_the_umask(tmp_path: Path) -> None:
     """With umask 0 a file written then chmod-ed would be world-readable for a moment; keys are
     created with mode 0600 (the test sees the end state; flowerpot.certs.write_private the means)."""
@@ -91,6 +94,7 @@ def test_keys_are_private_from_their_first_byte_whatever_the_umask(tmp_path: Pat
     assert not list((tmp_path / "certs").rglob(".*.tmp"))
 
 
+@pytest.mark.process
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another user needs root")
 def test_owner_is_given_the_bundles_but_never_the_ca(tmp_path: Path) -> None:
     result = run_cli(["certs", "--client", "a", "--owner", "10001:10001"], cwd=tmp_path, CERTS_DIR="certs")
@@ -102,6 +106,7 @@ def test_owner_is_given_the_bundles_but_never_the_ca(tmp_path: Path) -> None:
         assert path.stat().st_uid == certs.stat().st_uid != 10001, path
 
 
+@pytest.mark.process
 def test_the_ca_key_can_be_encrypted_with_a_passphrase(tmp_path: Path) -> None:
     made = run_cli(["certs", "--client", "a"], cwd=tmp_path, CERTS_DIR="certs", CA_PASSPHRASE="correct horse")
     assert made.returncode == 0, made.stderr
@@ -121,6 +126,7 @@ def test_the_ca_key_can_be_encrypted_with_a_passphrase(tmp_path: Path) -> None:
     assert (tmp_path / "certs" / "clients" / "b" / "client.pem").is_file()
 
 
+@pytest.mark.process
 def test_an_internationalized_host_name_is_encoded_for_the_certificate(tmp_path: Path) -> None:
     made = run_cli(["certs"], cwd=tmp_path, CERTS_DIR="certs", CERT_HOSTS="bücher.example, 203.0.113.10")
     assert made.returncode == 0, made.stderr
@@ -129,6 +135,7 @@ def test_an_internationalized_host_name_is_encoded_for_the_certificate(tmp_path:
     assert "xn--bcher-kva.example" in names.get_values_for_type(x509.DNSName)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
@@ -273,6 +280,7 @@ def test_a_revoked_certificate_is_refused_at_its_next_join(spawn, data_dir: Path
     assert first.returncode is None  # the others stay
 
 
+@pytest.mark.process
 def test_a_revoked_name_can_get_a_new_certificate(tmp_path: Path, certs: Path) -> None:
     """Rotation: revoke, then renew; the new serial is not on the list."""
     assert run_cli(["certs", "--revoke", "client-1"], cwd=tmp_path, CERTS_DIR="certs").returncode == 0

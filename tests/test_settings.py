@@ -95,6 +95,7 @@ def test_environment_overrides_env_file(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert (settings.num_rounds, settings.strategy) == (9, "fedprox")
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("command", ["server", "client", "prepare", "run-local"])
 def test_commands_exit_2_on_bad_setting_before_any_work(tmp_path: Path, command: str) -> None:
     result = run_cli([command], cwd=tmp_path, timeout=30, NUM_ROUNDS="abc")
@@ -106,6 +107,7 @@ def test_commands_exit_2_on_bad_setting_before_any_work(tmp_path: Path, command:
     assert list(tmp_path.iterdir()) == []  # nothing prepared, no results folder
 
 
+@pytest.mark.process
 def test_bad_value_in_env_file_names_it(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("FRACTION_FIT=1.5\n")
     result = run_cli(["server"], cwd=tmp_path, timeout=30)

@@ -111,6 +111,7 @@ def test_empty_or_missing_data_dir_is_a_clear_error(tmp_path: Path) -> None:
         shard_dirs(tmp_path / "empty")
 
 
+@pytest.mark.process
 def test_prepare_command_refuses_then_forces(tmp_path: Path) -> None:
     assert run_cli(["prepare"], cwd=tmp_path).returncode == 0
     refused = run_cli(["prepare"], cwd=tmp_path, NUM_SHARDS="5")

@@ -146,6 +146,7 @@ def test_folder_sites_that_disagree_on_their_input_are_refused_by_name(
     assert first.returncode is None  # the first site is untouched: it waits for the run
 
 
+@pytest.mark.process
 def test_prepare_labels_folders_in_the_order_of_classes_and_a_site_may_lack_one(tmp_path: Path) -> None:
     """CLASSES fixes the labels on every site: a site without `cat` still calls `dog` label 1."""
     pics = make_folder(tmp_path / "pics", ["dog", "fox"])

@@ -5,7 +5,7 @@ test makes the swarm (and leaves it) only when the engine was not in one; it mak
 certificates with `flowerpot certs`, hands them to Swarm as secrets, and runs with TLS and
 client certificates, as the stack always does: what it tests is what a cluster runs. The
 images must be current (built like tests/test_compose.py's). Everything it creates is named
-after its own stack and removed at the end. FLOWERPOT_SKIP_COMPOSE=1 skips it.
+after its own stack and removed at the end. `pytest -m "not compose"` leaves it out.
 """
 
 from __future__ import annotations
@@ -28,10 +28,7 @@ from conftest import MEASUREMENTS, REPO, free_address, run_cli
 
 pytestmark = pytest.mark.compose
 
-if os.environ.get("FLOWERPOT_SKIP_COMPOSE") == "1":
-    pytest.skip("FLOWERPOT_SKIP_COMPOSE=1", allow_module_level=True)
-
-# README "Docker Swarm", word for word, for a stack named `flowerpot` (test_readme_has_the_commands).
+# docs/deployment.md "Docker Swarm", word for word, for a stack named `flowerpot` (test_readme_has_the_commands).
 DEPLOY = "docker stack deploy --resolve-image never -c docker-stack.yml flowerpot"
 WAIT = (
     "while docker service ps flowerpot_server --format '{{.CurrentState}}' "
@@ -55,7 +52,7 @@ LABELS = ("flowerpot.server", "flowerpot.client")
 
 
 def test_readme_has_the_commands() -> None:
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "deployment.md").read_text()
     for command in (DEPLOY, WAIT, STATUS, RESULTS, REMOVE, REMOVED):
         assert command in readme, command
     for name, path in SECRETS.items():

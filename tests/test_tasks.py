@@ -14,6 +14,9 @@ import pytest
 from conftest import REPO, free_address, run_cli
 from flowerpot.launcher import Process, clean_env
 
+# Every test here runs real clients or the CLI as processes.
+pytestmark = pytest.mark.process
+
 CONTRACT = REPO / "tests" / "contract_task.py.txt"  # the module of docs/own-model.md, byte for byte
 # Two rounds, one local epoch: enough to see a task learn, quick on two cores. Adam wants a
 # smaller learning rate than the built-in task's SGD.

@@ -62,8 +62,8 @@ def load_image(path: Path, spec: ImageSpec, invert: str = "auto") -> np.ndarray:
         with warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that: a bomb either way
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img = img.convert("L" if spec.channels == 1 else "RGB")
+            with Image.open(path) as opened:
+                img = opened.convert("L" if spec.channels == 1 else "RGB")
                 img = img.resize((spec.width, spec.height), Image.Resampling.LANCZOS)
                 array = np.asarray(img, dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

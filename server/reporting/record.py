@@ -51,37 +51,37 @@ def _async_only() -> Any:
     return field(default=None, metadata={"async": True})
 
 
-def _csv(**kwargs: Any) -> Any:
-    """A field that is also a column of history.csv."""
-    return field(metadata={"csv": True}, **kwargs)
+# A field that is also a column of history.csv: `field(metadata=CSV)`, spelled out so that type
+# checkers see which fields have a default and which have none.
+CSV = {"csv": True}
 
 
 @dataclass(frozen=True)
 class RoundRecord:
     """One finished round: counts, losses, accuracies, time, traffic, and every client's report."""
 
-    round: int = _csv()
-    clients_trained: int = _csv()  # updates aggregated (refused ones not counted)
-    clients_failed: int = _csv()  # fit calls that failed (crash, timeout)
-    updates_refused: int = _csv()  # updates the guard refused (NaN/Inf, wrong shapes, ...)
-    clients_evaluated: int = _csv()
+    round: int = field(metadata=CSV)
+    clients_trained: int = field(metadata=CSV)  # updates aggregated (refused ones not counted)
+    clients_failed: int = field(metadata=CSV)  # fit calls that failed (crash, timeout)
+    updates_refused: int = field(metadata=CSV)  # updates the guard refused (NaN/Inf, wrong shapes, ...)
+    clients_evaluated: int = field(metadata=CSV)
     eval_failures: int
-    train_loss: float | None = _csv()
-    train_accuracy: float | None = _csv()
-    eval_loss: float | None = _csv()
-    eval_accuracy: float | None = _csv()
-    seconds: float = _csv()  # the round's wall time: fit and evaluate
+    train_loss: float | None = field(metadata=CSV)
+    train_accuracy: float | None = field(metadata=CSV)
+    eval_loss: float | None = field(metadata=CSV)
+    eval_accuracy: float | None = field(metadata=CSV)
+    seconds: float = field(metadata=CSV)  # the round's wall time: fit and evaluate
     fit_seconds: float
     started_at: float  # Unix time the round started
-    bytes_sent: int = _csv()  # serialized Flower messages, both ways, during the round
-    bytes_received: int = _csv()
+    bytes_sent: int = field(metadata=CSV)  # serialized Flower messages, both ways, during the round
+    bytes_received: int = field(metadata=CSV)
     model_bytes: int  # the global model's size (.npy bytes of every array)
     fit_metrics: dict[str, Any]  # aggregated over the clients that trained
     eval_metrics: dict[str, Any]  # aggregated over the clients that evaluated
     clients: list[ClientEntry]
     # Why the round's result was not applied (MIN_COMPLETION_RATE, no sound update), or None.
     # Added after the first histories were written: those lack the key and read as None.
-    failed: str | None = _csv(default=None)
+    failed: str | None = field(default=None, metadata=CSV)
     # Async mode: a record is one model version. The staleness of the updates it
     # aggregated (versions between the one a client trained on and the one it was applied to),
     # how many updates were dropped as staler than MAX_STALENESS, and which version the

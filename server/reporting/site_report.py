@@ -65,7 +65,7 @@ def clients_line(record: RoundRecord) -> str:
 
 def site_summary(record: RoundRecord) -> dict[str, Any]:
     """Per-client accuracy of a round (worst, best, spread) and the weighted mean."""
-    clients = [
+    clients: list[dict[str, Any]] = [
         {"site": c.site or c.client, "shard": c.shard, "client": c.client, "examples": c.num_examples,
          "accuracy": float(c.metrics[protocol.ACCURACY]), **task_metrics(c.metrics)}
         for c in record.clients

@@ -178,7 +178,7 @@ class BufferedRounds:
         self.final: Evaluation | None = None
         self.evaluated: Evaluated | None = None
         self.version = 0
-        self.parameters: Parameters | None = None
+        self.parameters = Parameters(tensors=[], tensor_type="numpy.ndarray")  # the global model, from run()
         self.models: dict[int, list[np.ndarray]] = {}
 
     # The loop

@@ -195,7 +195,10 @@ class Federation:
         fit_seconds = time.perf_counter() - started
         fit_metrics: dict[str, Any] = report.metrics
         evaluation = server.evaluate_round(server_round=server_round, timeout=self.settings.round_timeout)
-        eval_loss, eval_metrics, eval_results, eval_failures = None, {}, [], []
+        eval_loss: float | None = None
+        eval_metrics: dict[str, Any] = {}
+        eval_results: list = []
+        eval_failures: list = []
         if evaluation is not None:
             eval_loss, eval_metrics, (eval_results, eval_failures) = evaluation
         refused = len(report.refused)

@@ -46,7 +46,9 @@ FitResults = list[tuple[ClientProxy, FitRes]]
 Failures = list[tuple[ClientProxy, FitRes] | BaseException]
 
 
-def build_strategy(settings: Settings, initial: Parameters, task_metrics: dict[str, str] | None = None) -> Strategy:
+def build_strategy(
+    settings: Settings, initial: Parameters, task_metrics: dict[str, str] | None = None
+) -> GuardedStrategy:
     """The Flower strategy named by STRATEGY (shared/strategy_table.py), with its knobs; empty
     knobs keep Flower's defaults. `task_metrics`: the METRICS the clients' task declared, kept
     beside the server's own."""

@@ -93,8 +93,9 @@ class BoundedClientManager(SimpleClientManager):
     def for_round(self, server_round: int, phase: str) -> None:
         self.round, self.phase = server_round, phase
 
-    def wait_for(self, num_clients: int, timeout: float | None = None) -> bool:  # type: ignore[override]
-        return super().wait_for(num_clients, timeout=self.wait_timeout if timeout is None else timeout)
+    def wait_for(self, num_clients: int, timeout: float | None = None) -> bool:
+        wait = self.wait_timeout if timeout is None else timeout
+        return super().wait_for(num_clients, timeout=wait)  # type: ignore[arg-type]  # typed int, any float works
 
     def sample(
         self,
