@@ -15,7 +15,7 @@ from pathlib import Path
 
 from shared.errors import BadInput, ExitCode, FlowerpotError
 from shared.logs import prepare_flower_environment, setup_logging
-from shared.modelfile import FINAL_MODEL
+from shared.modelfile import FINAL_MODEL, PREVIOUS
 from shared.settings import Settings
 
 
@@ -177,10 +177,15 @@ def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> 
 
         run_client(settings)
     elif args.command == "predict":
+        if elsewhere := os.environ.get("FLOWERPOT_PREDICT_WITH"):  # set in Compose's client service
+            raise BadInput(
+                f"predict: the client service starts a server and sees no files of this folder: run "
+                f"`{elsewhere} IMAGE...` (or `{elsewhere} --test-split`), then `docker compose stop server`"
+            )
         from client import predict
 
         predict.main(
-            model_path=args.model or settings.results_dir / FINAL_MODEL,
+            model_path=args.model or last_finished_model(settings.results_dir),
             data_dir=args.data_dir or settings.data_dir,
             images=args.images,
             test_split=args.test_split,
@@ -209,6 +214,17 @@ def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> 
             raise BadInput(f"--clients {args.clients}: run at least 1 client (default: NUM_SHARDS)")
         return run_local(settings, args.clients or settings.num_shards, env_file)
     return ExitCode.OK
+
+
+def last_finished_model(results_dir: Path) -> Path:
+    """RESULTS_DIR's final model; while a later run goes on (it moved the finished one aside),
+    the newest in RESULTS_DIR/previous/."""
+    current = results_dir / FINAL_MODEL
+    earlier = sorted((results_dir / PREVIOUS).glob(f"*/{FINAL_MODEL}"))
+    if current.is_file() or not earlier:
+        return current  # when missing, predict says so with this path
+    print(f"predict: the model of the last finished run, {earlier[-1]}", file=sys.stderr)
+    return earlier[-1]
 
 
 def run_certs(args: argparse.Namespace, settings: Settings) -> None:
