@@ -41,9 +41,16 @@ def docker(
     return result
 
 
+def committed_env() -> str:
+    """The .env of the checkout's last commit (a user's tuning of the working copy, as README
+    suggests, changes nothing here); the file itself outside a git checkout."""
+    shown = subprocess.run(["git", "-C", str(REPO), "show", "HEAD:.env"], capture_output=True, text=True, check=False)
+    return shown.stdout if shown.returncode == 0 else (REPO / ".env").read_text()
+
+
 def env_file_with(path: Path, **settings: object) -> Path:
     """The committed .env with some values changed, written to `path` (a folder)."""
-    text = (REPO / ".env").read_text()
+    text = committed_env()
     for name, value in settings.items():
         text, count = re.subn(rf"^{name}=.*$", f"{name}={value}", text, flags=re.M)
         assert count == 1, f"{name} is not in .env"

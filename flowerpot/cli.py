@@ -16,7 +16,7 @@ from pathlib import Path
 from shared.errors import BadInput, ExitCode, FlowerpotError
 from shared.logs import prepare_flower_environment, setup_logging
 from shared.modelfile import FINAL_MODEL, PREVIOUS
-from shared.settings import Settings
+from shared.settings import Settings, check_env_keys
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     if env_file is not None:
         try:
             env_file = usable_env_file(env_file)
+            if env_file is not None:
+                check_env_keys(env_file)  # before any work: a misspelt name would be ignored
         except BadInput as exc:
             print(f"flowerpot: error: {exc}", file=sys.stderr)
             return ExitCode.BAD_INPUT

@@ -50,3 +50,31 @@ def test_predict_in_the_compose_client_service_names_the_command_to_use(tmp_path
     assert ran.stderr.count("\n") == 1 and "Traceback" not in ran.stderr
     assert "run `docker compose run --rm predict IMAGE...`" in ran.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_a_misspelt_setting_in_env_stops_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("NUM_ROUDS=3\nDATA_DIR=data\n")
+    ran = run_cli(["prepare"], cwd=tmp_path)
+    assert ran.returncode == 2
+    assert ran.stderr.count("\n") == 1 and "NUM_ROUDS is not a setting: did you mean NUM_ROUNDS?" in ran.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_compose_only_and_docker_keys_are_not_typos(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "COMPOSE_PROJECT_NAME=mine\nDOCKER_HOST=unix:///x\nCLIENT_CPUS=1\nGRAFANA_PORT=3001\nexport NUM_ROUNDS=2\n"
+    )
+    ran = run_cli(["predict"], cwd=tmp_path)  # reads .env, then asks for images: status 2, another message
+    assert ran.returncode == 2 and "is not a setting" not in ran.stderr and "give image files" in ran.stderr
+
+
+def test_the_tests_read_the_committed_env_not_the_working_copy(tmp_path: Path) -> None:
+    """README's tuning step edits .env; what the tests compare against stays the commit's."""
+    import subprocess
+
+    from bench.compose import committed_env
+    from conftest import REPO
+
+    committed = subprocess.run(["git", "-C", str(REPO), "show", "HEAD:.env"], capture_output=True, text=True)
+    assert committed.returncode == 0  # a git checkout, as the tests run in
+    assert committed_env() == committed.stdout
