@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     local = sub.add_parser("run-local", help="prepare, then run the server and N clients as local processes")
     local.add_argument("--clients", type=int, default=None, help="number of clients (default: NUM_SHARDS)")
+    for action in sub._choices_actions:  # `flowerpot COMMAND --help` opens with what the command does
+        command = sub.choices[action.dest]
+        text = action.help or ""
+        command.description = command.description or text[:1].upper() + text[1:] + "."
     return parser
 
 

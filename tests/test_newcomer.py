@@ -78,3 +78,14 @@ def test_the_tests_read_the_committed_env_not_the_working_copy(tmp_path: Path) -
     committed = subprocess.run(["git", "-C", str(REPO), "show", "HEAD:.env"], capture_output=True, text=True)
     assert committed.returncode == 0  # a git checkout, as the tests run in
     assert committed_env() == committed.stdout
+
+
+def test_every_command_help_says_what_it_does(tmp_path: Path) -> None:
+    from flowerpot.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name in commands:
+        ran = run_cli([name, "--help"], cwd=tmp_path)
+        assert ran.returncode == 0, ran.stderr
+        first = ran.stdout.split("\n\n")[1]  # after the usage lines
+        assert first[0].isupper() and first.rstrip().endswith("."), (name, first)
