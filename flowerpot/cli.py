@@ -122,14 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prepare_flower_environment()
     env_file = args.env_file or (Path(".env") if Path(".env").is_file() else None)
-    if env_file is not None:
-        try:
+    try:
+        if env_file is not None:
             env_file = usable_env_file(env_file)
-            if env_file is not None:
-                check_env_keys(env_file)  # before any work: a misspelt name would be ignored
-        except BadInput as exc:
-            print(f"flowerpot: error: {exc}", file=sys.stderr)
-            return ExitCode.BAD_INPUT
+        if env_file is not None:
+            check_env_keys(env_file)  # before any work: a misspelt name would be ignored
+        mounted = Path(os.environ.get("FLOWERPOT_CHECK_ENV_FILE", "/nonexistent"))
+        if mounted.is_file():  # Compose's .env, whose keys the container sees only mixed with others
+            check_env_keys(mounted, shown=".env")
+    except BadInput as exc:
+        print(f"flowerpot: error: {exc}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
     # A stop (docker stop, Ctrl-C) ends the process through `finally` blocks: ports and claims are released.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:

@@ -489,7 +489,7 @@ DOCKER_PREFIXES = ("COMPOSE_", "DOCKER_")
 _KEY = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=", re.M)
 
 
-def check_env_keys(path: str | os.PathLike[str]) -> None:
+def check_env_keys(path: str | os.PathLike[str], shown: str | None = None) -> None:
     """BadInput naming the first key of the settings file that is not a setting (with the
     closest one): a misspelt name would otherwise be ignored and its default used."""
     import difflib
@@ -501,4 +501,4 @@ def check_env_keys(path: str | os.PathLike[str]) -> None:
             continue
         close = difflib.get_close_matches(name, sorted(known | COMPOSE_ONLY_KEYS), n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else "see the names in the committed .env"
-        raise BadInput(f"{key} is not a setting: {hint} (in {path}: correct or remove that line)")
+        raise BadInput(f"{key} is not a setting: {hint} (in {shown or path}: correct or remove that line)")

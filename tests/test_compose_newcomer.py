@@ -79,3 +79,15 @@ def test_predict_uses_the_finished_run_and_starts_nothing(project, tmp_path: Pat
     p.compose("stop", "server", timeout=120)
     results = p.copy_results(tmp_path / "results")
     assert (results / "final_model.npz").is_file() and not (results / "previous").exists()
+
+
+def test_a_misspelt_setting_stops_compose_up_before_any_training(project) -> None:
+    p = project(NUM_ROUNDS="2")
+    assert p.directory is not None
+    env = p.directory / ".env"
+    env.write_text(env.read_text().replace("NUM_ROUNDS=2", "NUM_ROUDS=2"))
+    p.up("--scale", "client=3", timeout=600)
+    assert p.exit_codes("prepare") == [2]
+    assert "NUM_ROUDS is not a setting: did you mean NUM_ROUNDS? (in .env" in p.logs("prepare")
+    assert p.exit_codes("server") == [2]  # the server reads the same file
+    assert all(c["State"] != "running" and "claimed" not in p.logs("client") for c in p.containers())

@@ -16,7 +16,7 @@ SHARED = ("prepare", "server", "client")
 # for the node's prepare step (Swarm has no depends_on).
 STACK_ONLY_ENVIRONMENT = {"REQUIRE_TLS", "TLS_ENABLED", "CLIENT_AUTH", "SHARDS_TIMEOUT"}
 # What the Compose client says when asked to predict: the stack has no predict service.
-COMPOSE_ONLY_ENVIRONMENT = {"FLOWERPOT_PREDICT_WITH"}
+COMPOSE_ONLY_ENVIRONMENT = {"FLOWERPOT_PREDICT_WITH", "FLOWERPOT_CHECK_ENV_FILE"}
 # What Swarm rejects (depends_on conditions, profiles) or ignores (build, restart).
 NOT_FOR_SWARM = {"depends_on", "profiles", "build", "restart"}
 
@@ -36,7 +36,7 @@ def mounts(service: dict[str, Any]) -> dict[str, bool]:
     for entry in service.get("volumes", []):
         _, target, *mode = re.sub(r"\$\{[^}]*\}", "VAR", entry).split(":")  # ${NAME:-default} has a colon
         found[target] = mode == ["ro"]
-    return {t: ro for t, ro in found.items() if t != "/certs"}
+    return {t: ro for t, ro in found.items() if t not in ("/certs", "/etc/flowerpot/.env")}
 
 
 def test_every_service_of_a_compose_run_is_in_the_stack(services) -> None:
