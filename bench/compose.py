@@ -3,6 +3,7 @@ one project per use, each with its own name, volumes and .env."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -14,6 +15,19 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.yml"
+# docker-compose.yml names its images after the Compose project (${COMPOSE_PROJECT_NAME}-server,
+# -client), so that two checkouts never run each other's code. The tests and the benchmark build
+# once under a project named after this checkout, and every project they make gets those images
+# under its own names (a tag: no copy, no build).
+BUILD_PROJECT = "fpt-build-" + hashlib.sha1(str(REPO).encode()).hexdigest()[:8]
+
+
+def images(project: str) -> dict[str, str]:
+    """The images docker-compose.yml builds for a Compose project of that name."""
+    return {"server": f"{project}-server", "client": f"{project}-client"}
+
+
+BUILT = images(BUILD_PROJECT)  # what build_images() makes
 
 
 def docker(
@@ -27,9 +41,16 @@ def docker(
     return result
 
 
+def committed_env() -> str:
+    """The .env of the checkout's last commit (a user's tuning of the working copy, as README
+    suggests, changes nothing here); the file itself outside a git checkout."""
+    shown = subprocess.run(["git", "-C", str(REPO), "show", "HEAD:.env"], capture_output=True, text=True, check=False)
+    return shown.stdout if shown.returncode == 0 else (REPO / ".env").read_text()
+
+
 def env_file_with(path: Path, **settings: object) -> Path:
     """The committed .env with some values changed, written to `path` (a folder)."""
-    text = (REPO / ".env").read_text()
+    text = committed_env()
     for name, value in settings.items():
         text, count = re.subn(rf"^{name}=.*$", f"{name}={value}", text, flags=re.M)
         assert count == 1, f"{name} is not in .env"
@@ -51,6 +72,10 @@ class Project:
     ) -> None:
         self.name = f"{prefix}-{uuid.uuid4().hex[:8]}"
         self.directory, self.files, self.env = directory, files, env or {}
+        self.images = images(self.name)
+        for kind, image in BUILT.items():  # `up --build` still builds (from the cache) when asked
+            if docker("image", "inspect", image, check=False).returncode == 0:
+                docker("tag", image, self.images[kind])
 
     def compose(self, *args: str, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess[str]:
         where = ["--project-directory", str(self.directory)] if self.directory else []
@@ -91,6 +116,7 @@ class Project:
 
     def down(self) -> None:
         self.compose("down", "-v", "--remove-orphans", "--timeout", "5")
+        docker("image", "rm", *self.images.values(), check=False)  # the tags only: BUILT keeps the layers
 
 
 def image_size_mb(image: str) -> float:
@@ -98,9 +124,9 @@ def image_size_mb(image: str) -> float:
 
 
 def build_images(timeout: float = 1800) -> float:
-    """Both images through Compose from the repository; returns the seconds it took."""
+    """Both images through Compose from the repository (named BUILT); returns the seconds it took."""
     started = time.monotonic()
-    result = docker("compose", "-f", str(COMPOSE_FILE), "-p", "flowerpot-build", "build", timeout=timeout, check=False)
+    result = docker("compose", "-f", str(COMPOSE_FILE), "-p", BUILD_PROJECT, "build", timeout=timeout, check=False)
     if result.returncode != 0:
         raise AssertionError(result.stdout[-4000:] + result.stderr[-4000:])
     return time.monotonic() - started

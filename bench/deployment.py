@@ -9,14 +9,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.compose import REPO, Project, build_images, env_file_with, image_size_mb
+from bench.compose import BUILT, REPO, Project, build_images, env_file_with, image_size_mb
 from bench.overhead import round_overheads, summary
 
 # Bare Flower in the server's place: the client image has flwr; the reference script is mounted.
 REFERENCE_OVERRIDE = """
 services:
   server:
-    image: flowerpot-client:latest
+    image: ${{COMPOSE_PROJECT_NAME}}-client
     entrypoint: ["python", "-m", "bench.reference_server"]
     command: []
     volumes:
@@ -26,7 +26,8 @@ services:
 
 def measure(workdir: Path, overhead_rounds: int) -> dict[str, Any]:
     out: dict[str, Any] = {"build_s_cached": build_images()}
-    out["image_mb"] = {image: image_size_mb(f"{image}:latest") for image in ("flowerpot-server", "flowerpot-client")}
+    # Keyed as in earlier reports: flowerpot-server, flowerpot-client.
+    out["image_mb"] = {f"flowerpot-{kind}": image_size_mb(image) for kind, image in BUILT.items()}
     out["default_job"] = default_job(workdir / "default")
     out["overhead_3_clients"] = {}
     for name, reference in (("bare_flower", True), ("flowerpot", False)):

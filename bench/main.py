@@ -251,8 +251,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 def torch_build(kind: str) -> str:
     """Local processes use this environment's torch; the client image has its own."""
     if kind == "compose replicas":
+        from bench.compose import BUILT
+
         out = subprocess.run(
-            ["docker", "run", "--rm", "--entrypoint", "python", "flowerpot-client", "-c",
+            ["docker", "run", "--rm", "--entrypoint", "python", BUILT["client"], "-c",
              "import importlib.metadata as m; print(m.version('torch'))"],
             capture_output=True, text=True,
         )  # fmt: skip

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from shared.errors import BadInput, ExitCode, FlowerpotError
 from shared.logs import prepare_flower_environment, setup_logging
-from shared.modelfile import FINAL_MODEL
-from shared.settings import Settings
+from shared.modelfile import FINAL_MODEL, PREVIOUS
+from shared.settings import Settings, check_env_keys
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     local = sub.add_parser("run-local", help="prepare, then run the server and N clients as local processes")
     local.add_argument("--clients", type=int, default=None, help="number of clients (default: NUM_SHARDS)")
+    for action in sub._choices_actions:  # `flowerpot COMMAND --help` opens with what the command does
+        command = sub.choices[action.dest]
+        text = action.help or ""
+        command.description = command.description or text[:1].upper() + text[1:] + "."
     return parser
 
 
@@ -119,12 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prepare_flower_environment()
     env_file = args.env_file or (Path(".env") if Path(".env").is_file() else None)
-    if env_file is not None:
-        try:
+    try:
+        if env_file is not None:
             env_file = usable_env_file(env_file)
-        except BadInput as exc:
-            print(f"flowerpot: error: {exc}", file=sys.stderr)
-            return ExitCode.BAD_INPUT
+        if env_file is not None:
+            check_env_keys(env_file)  # before any work: a misspelt name would be ignored
+        mounted = Path(os.environ.get("FLOWERPOT_CHECK_ENV_FILE", "/nonexistent"))
+        if mounted.is_file():  # Compose's .env, whose keys the container sees only mixed with others
+            check_env_keys(mounted, shown=".env")
+    except BadInput as exc:
+        print(f"flowerpot: error: {exc}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
     # A stop (docker stop, Ctrl-C) ends the process through `finally` blocks: ports and claims are released.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
@@ -178,11 +187,16 @@ def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> 
 
         run_client(settings)
     elif args.command == "predict":
+        if elsewhere := os.environ.get("FLOWERPOT_PREDICT_WITH"):  # set in Compose's client service
+            raise BadInput(
+                f"predict: the client service starts a server and sees no files of this folder: run "
+                f"`{elsewhere} IMAGE...` (or `{elsewhere} --test-split`), then `docker compose stop server`"
+            )
         from client import predict
         from client.tasks import load_task
 
         predict.main(
-            model_path=args.model or settings.results_dir / FINAL_MODEL,
+            model_path=args.model or last_finished_model(settings.results_dir),
             data_dir=args.data_dir or settings.data_dir,
             images=args.images,
             test_split=args.test_split,
@@ -216,6 +230,17 @@ def run(args: argparse.Namespace, settings: Settings, env_file: Path | None) -> 
             raise BadInput(f"--clients {args.clients}: run at least 1 client (default: NUM_SHARDS)")
         return run_local(settings, args.clients or settings.num_shards, env_file)
     return ExitCode.OK
+
+
+def last_finished_model(results_dir: Path) -> Path:
+    """RESULTS_DIR's final model; while a later run goes on (it moved the finished one aside),
+    the newest in RESULTS_DIR/previous/."""
+    current = results_dir / FINAL_MODEL
+    earlier = sorted((results_dir / PREVIOUS).glob(f"*/{FINAL_MODEL}"))
+    if current.is_file() or not earlier:
+        return current  # when missing, predict says so with this path
+    print(f"predict: the model of the last finished run, {earlier[-1]}", file=sys.stderr)
+    return earlier[-1]
 
 
 def run_certs(args: argparse.Namespace, settings: Settings) -> None:

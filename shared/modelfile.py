@@ -19,6 +19,7 @@ import numpy as np
 from shared.errors import BadInput
 
 FINAL_MODEL = "final_model.npz"  # the model after the last round: in RESULTS_DIR and each client's folder
+PREVIOUS = "previous"  # earlier runs' results in RESULTS_DIR, moved aside when a new run starts
 
 
 def sidecar(path: Path) -> Path:

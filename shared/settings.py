@@ -491,3 +491,28 @@ def _describe(exc: ValidationError) -> str:
     env_name = name.upper()
     value = err.get("input")
     return f"{env_name}={value!r} is not valid: use {allowed} (in .env or the environment)"
+
+
+# .env keys that are not settings but fill in the Compose files (docker-compose*.yml), and
+# Docker's own prefixes: a key that is none of these nor a setting is a typo.
+COMPOSE_ONLY_KEYS = frozenset(
+    {"SLOW_CLIENT_SLOWDOWN", "CLIENT_CPUS", "CLIENT_MEMORY", "GRAFANA_PORT", "SERVER_BIND", "SERVER_PORT"}
+    | {"TORCH_INDEX_URL", "TORCH_PACKAGES"}
+)
+DOCKER_PREFIXES = ("COMPOSE_", "DOCKER_")
+_KEY = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=", re.M)
+
+
+def check_env_keys(path: str | os.PathLike[str], shown: str | None = None) -> None:
+    """BadInput naming the first key of the settings file that is not a setting (with the
+    closest one): a misspelt name would otherwise be ignored and its default used."""
+    import difflib
+
+    known = {n.upper() for n in Settings.model_fields}
+    for key in _KEY.findall(Path(path).read_text(encoding="utf-8")):
+        name = key.upper()
+        if name in known or name in COMPOSE_ONLY_KEYS or name.startswith(DOCKER_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name, sorted(known | COMPOSE_ONLY_KEYS), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "see the names in the committed .env"
+        raise BadInput(f"{key} is not a setting: {hint} (in {shown or path}: correct or remove that line)")

@@ -17,9 +17,11 @@ def docker_available() -> bool:
 
 
 def leftovers(project: Project) -> dict[str, list[str]]:
-    """The project's containers, networks and volumes that still exist."""
+    """The project's containers, networks, volumes and image names that still exist."""
     label = f"label=com.docker.compose.project={project.name}"
-    return {
+    found = {
         kind: docker(kind, "ls", "-q", "--filter", label, *(["-a"] if kind == "container" else [])).stdout.split()
         for kind in ("container", "network", "volume")
     }
+    found["image"] = [i for i in project.images.values() if docker("image", "inspect", i, check=False).returncode == 0]
+    return found

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.compose import Project, docker, env_file_with, image_size_mb
+from bench.compose import BUILT, Project, build_images, docker, env_file_with, image_size_mb
+from bench.compose import images as project_images
 from compose_checks import docker_available, leftovers
 from conftest import MEASUREMENTS, REPO
 
@@ -24,14 +25,9 @@ pytestmark = pytest.mark.compose
 def images() -> None:
     """Both images, built through Compose from the repository (cached layers make rebuilds quick)."""
     assert docker_available(), "the Compose tests need a running Docker engine with Compose v2"
-    started = time.monotonic()
-    result = docker(
-        "compose", "-f", str(REPO / "docker-compose.yml"), "-p", "fpt-build", "build", timeout=1800, check=False
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    MEASUREMENTS["compose build (both images)"] = f"{time.monotonic() - started:.1f} s"
-    for image in ("flowerpot-server:latest", "flowerpot-client:latest"):
-        MEASUREMENTS[f"image size {image}"] = f"{image_size_mb(image):.0f} MB"
+    MEASUREMENTS["compose build (both images)"] = f"{build_images():.1f} s"
+    for kind, image in BUILT.items():
+        MEASUREMENTS[f"image size flowerpot-{kind}"] = f"{image_size_mb(image):.0f} MB"
 
 
 @pytest.fixture
@@ -46,7 +42,7 @@ def project(tmp_path: Path):
     yield make
     for p in made:
         p.down()
-        assert leftovers(p) == {"container": [], "network": [], "volume": []}
+        assert leftovers(p) == {"container": [], "network": [], "volume": [], "image": []}
 
 
 def history(p: Project, tmp_path: Path) -> list[dict]:
@@ -59,10 +55,39 @@ def test_compose_file_validates() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def config(*args: str) -> dict:
+    out = docker("compose", "-f", str(REPO / "docker-compose.yml"), *args, "config", "--format", "json").stdout
+    return json.loads(out)
+
+
+def test_every_project_has_images_of_its_own() -> None:
+    """Two checkouts (two Compose projects) never re-tag and run each other's code."""
+    seen = {}
+    for name in ("fpt-one", "fpt-two"):
+        services = config("-p", name, "--profile", "tools")["services"]
+        expected = project_images(name)
+        built = {s.get("image") for s in services.values() if "build" in s}
+        assert built == {expected["server"], expected["client"]}
+        for service in ("server", "certs"):
+            assert services[service]["image"] == expected["server"]
+        for service in ("prepare", "client", "client-slow", "predict"):
+            assert services[service]["image"] == expected["client"]
+        seen[name] = built
+    assert not seen["fpt-one"] & seen["fpt-two"]
+
+
+def test_the_slow_client_is_never_built_for_itself() -> None:
+    """client-slow (scale 0 unless asked for) runs the client's image: a build makes nothing for it."""
+    dry = docker("compose", "--dry-run", "-f", str(REPO / "docker-compose.yml"), "-p", "fpt-dry", "build")
+    planned = dry.stdout + dry.stderr
+    built = {line.split()[-2] for line in planned.splitlines() if line.rstrip().endswith(" Built")}
+    assert built == {"prepare", "server", "client"}, planned
+
+
 def test_clients_only_read_their_data_and_credentials() -> None:
     config = json.loads(docker("compose", "-f", str(REPO / "docker-compose.yml"), "config", "--format", "json").stdout)
     mounts = {m["target"]: m.get("read_only", False) for m in config["services"]["client"]["volumes"]}
-    assert mounts == {"/data": True, "/results": False, "/certs": True}
+    assert mounts == {"/data": True, "/results": False, "/certs": True, "/etc/flowerpot/.env": True}
     assert {m["target"]: m.get("read_only", False) for m in config["services"]["server"]["volumes"]}["/certs"]
     for service in ("prepare", "server", "client"):
         assert config["services"][service]["init"] is True
@@ -75,6 +100,8 @@ def test_readme_command_runs_the_whole_job(project, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert p.exit_codes("server") == [0] and p.exit_codes("client") == [0, 0, 0] and p.exit_codes("prepare") == [0]
     assert p.exit_codes("client-slow") == []  # scale 0: started only when asked for
+    ran = {c["Service"]: c["Image"] for c in p.containers()}
+    assert ran == {"prepare": p.images["client"], "server": p.images["server"], "client": p.images["client"]}
 
     server_log = p.logs("server")
     assert "round 5/5: 3 trained, 0 failed" in server_log
@@ -157,22 +184,23 @@ def test_the_outcome_form_returns_the_servers_failure(project) -> None:
 
 
 def test_images_run_as_non_root_and_the_server_has_no_torch() -> None:
-    for image in ("flowerpot-server", "flowerpot-client"):
+    server, client = BUILT["server"], BUILT["client"]
+    for image in (server, client):
         assert docker("run", "--rm", "--entrypoint", "id", image, "-u").stdout.strip() == "10001"
-    no_torch = docker("run", "--rm", "--entrypoint", "python", "flowerpot-server", "-c", "import torch", check=False)
+    no_torch = docker("run", "--rm", "--entrypoint", "python", server, "-c", "import torch", check=False)
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
-    no_client = docker("run", "--rm", "--entrypoint", "python", "flowerpot-server", "-c", "import client", check=False)
+    no_client = docker("run", "--rm", "--entrypoint", "python", server, "-c", "import client", check=False)
     assert no_client.returncode != 0 and "No module named 'client'" in no_client.stderr
     # shared/ is what both sides import: nothing in it needs torch, torchvision, scikit-learn or PIL
-    shared = docker("run", "--rm", "--entrypoint", "python", "flowerpot-server", "-c",
+    shared = docker("run", "--rm", "--entrypoint", "python", server, "-c",
                     "import pkgutil, importlib, shared; "
                     "[importlib.import_module('shared.' + m.name) for m in pkgutil.iter_modules(shared.__path__)]",
                     check=False)  # fmt: skip
     assert shared.returncode == 0, shared.stderr
     # the torch wheel is in the build context for one layer only, never copied into the image
-    wheels = docker("run", "--rm", "--entrypoint", "ls", "flowerpot-client", "/app/client/wheels", check=False)
+    wheels = docker("run", "--rm", "--entrypoint", "ls", client, "/app/client/wheels", check=False)
     assert wheels.returncode != 0
-    telemetry = docker("run", "--rm", "--entrypoint", "printenv", "flowerpot-client", "FLWR_TELEMETRY_ENABLED").stdout
+    telemetry = docker("run", "--rm", "--entrypoint", "printenv", client, "FLWR_TELEMETRY_ENABLED").stdout
     assert telemetry.strip() == "0"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.compose import Project, build_images, docker, env_file_with
+from bench.compose import BUILT, Project, build_images, docker, env_file_with
 from compose_checks import docker_available
 from conftest import REPO, free_address
 
@@ -46,7 +46,7 @@ def test_split_deployment_with_tls_and_client_certificates(tmp_path: Path) -> No
         shutil.copy(REPO / name, site)
     (site / "certs" / "clients").mkdir(parents=True)
     docker("run", "--rm", "-v", f"{vm / 'certs'}:/from:ro", "-v", f"{site / 'certs'}:/to", "--user", "0",
-           "--entrypoint", "cp", "flowerpot-server", "-a", "/from/clients/site-a", "/to/clients/")  # fmt: skip
+           "--entrypoint", "cp", BUILT["server"], "-a", "/from/clients/site-a", "/to/clients/")  # fmt: skip
     clients = Project(
         site,
         files=(site / "docker-compose.client.yml", REPO / "tests" / "compose" / "host-network.yml"),

@@ -21,6 +21,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.compose import committed_env
 from conftest import REPO, federation_env, free_address
 from flowerpot.launcher import free_port
 from server.reporting.live_metrics import MAX_CLIENT_SERIES, OTHER, RUN_FILE, LiveMetrics, refusal_reason, run_identity
@@ -328,7 +329,7 @@ def test_the_compose_profile_adds_prometheus_and_grafana_on_localhost_only() -> 
                 assert Path(mount["source"]).exists(), mount
     scrape = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
     targets = [t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
-    env_port = re.search(r"^METRICS_PORT=(\d+)$", (REPO / ".env").read_text(), re.M)
+    env_port = re.search(r"^METRICS_PORT=(\d+)$", committed_env(), re.M)
     assert env_port and f"server:{env_port.group(1)}" in targets  # .env's port is the one scraped
     assert int(env_port.group(1)) not in (9090, 9100, 8080)
 

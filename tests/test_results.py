@@ -139,6 +139,7 @@ def test_a_checkpoint_of_the_unreleased_format_1_starts_a_new_run(
     assert len(caplog.records) == 1, caplog.text
     assert f"{folder / CHECKPOINT} has checkpoint format 1, this Flowerpot reads 2" in caplog.text
     assert "a new run starts and the earlier results move to previous/" in caplog.text
+    fed.results.archive_previous()  # as run() does once the new run's clients are there
     (archived,) = (folder / "previous").iterdir()
     assert (archived / CHECKPOINT).is_file() and (archived / "history.json").is_file()
     assert not (folder / CHECKPOINT).exists()
@@ -264,7 +265,10 @@ def test_an_unfinished_run_with_the_same_settings_resumes(settings: Settings) ->
 def test_a_finished_run_is_not_resumed_and_its_results_move_aside(settings: Settings) -> None:
     first = federation(settings)
     play(first.results, 5, finished_at=5, run=first.fingerprint)
-    assert federation(settings).resumable() is None
+    second = federation(settings)
+    assert second.resumable() is None
+    assert not (settings.results_dir / "previous").exists()  # moved once the new run's clients are there:
+    second.results.archive_previous()  # as run() does then
     (archived,) = (settings.results_dir / "previous").iterdir()
     assert (archived / "final_model.npz").is_file() and (archived / HISTORY_LINES).is_file()
     assert not (settings.results_dir / CHECKPOINT).exists()
@@ -276,11 +280,13 @@ def test_other_settings_start_a_new_run_and_the_changes_are_named(
     first = federation(settings)
     play(first.results, 2, run=first.fingerprint)
     other = settings.model_copy(update={"learning_rate": 0.1, "local_epochs": 7})
+    second = federation(other)
     with caplog.at_level(logging.WARNING, logger="flowerpot.server"):
-        assert federation(other).resumable() is None
+        assert second.resumable() is None
     assert "not resuming the unfinished run" in caplog.text and "settings changed (LEARNING_RATE, LOCAL_EPOCHS)" in (
         caplog.text
     )
+    second.results.archive_previous()  # as run() does once the new run's clients are there
     (archived,) = (settings.results_dir / "previous").iterdir()
     assert (archived / CHECKPOINT).is_file()
 

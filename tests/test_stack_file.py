@@ -15,6 +15,8 @@ SHARED = ("prepare", "server", "client")
 # Settings the stack adds: TLS always (its port is published on the swarm), and a bounded wait
 # for the node's prepare step (Swarm has no depends_on).
 STACK_ONLY_ENVIRONMENT = {"REQUIRE_TLS", "TLS_ENABLED", "CLIENT_AUTH", "SHARDS_TIMEOUT"}
+# What the Compose client says when asked to predict: the stack has no predict service.
+COMPOSE_ONLY_ENVIRONMENT = {"FLOWERPOT_PREDICT_WITH", "FLOWERPOT_CHECK_ENV_FILE"}
 # What Swarm rejects (depends_on conditions, profiles) or ignores (build, restart).
 NOT_FOR_SWARM = {"depends_on", "profiles", "build", "restart"}
 
@@ -34,7 +36,7 @@ def mounts(service: dict[str, Any]) -> dict[str, bool]:
     for entry in service.get("volumes", []):
         _, target, *mode = re.sub(r"\$\{[^}]*\}", "VAR", entry).split(":")  # ${NAME:-default} has a colon
         found[target] = mode == ["ro"]
-    return {t: ro for t, ro in found.items() if t != "/certs"}
+    return {t: ro for t, ro in found.items() if t not in ("/certs", "/etc/flowerpot/.env")}
 
 
 def test_every_service_of_a_compose_run_is_in_the_stack(services) -> None:
@@ -45,9 +47,11 @@ def test_every_service_of_a_compose_run_is_in_the_stack(services) -> None:
 
 
 def test_the_slow_client_is_the_client_with_a_slowdown(services) -> None:
+    """The same image, never built for itself (nor pulled): prepare and client build it."""
     client, slow = services[0]["client"], services[0]["client-slow"]
-    assert {k: v for k, v in slow.items() if k not in ("environment", "scale")} == {
-        k: v for k, v in client.items() if k != "environment"
+    assert "build" not in slow and slow["pull_policy"] == "never"
+    assert {k: v for k, v in slow.items() if k not in ("environment", "scale", "pull_policy")} == {
+        k: v for k, v in client.items() if k not in ("environment", "build")
     }
     assert slow["environment"] == {**client["environment"], "CLIENT_SLOWDOWN": "${SLOW_CLIENT_SLOWDOWN:-4}"}
     assert slow["scale"] == 0
@@ -56,9 +60,13 @@ def test_the_slow_client_is_the_client_with_a_slowdown(services) -> None:
 @pytest.mark.parametrize("name", SHARED)
 def test_the_stack_runs_the_same_service(services, name: str) -> None:
     compose, stack = services[0][name], services[1][name]
-    for key in ("image", "command", "env_file", "init"):
+    for key in ("command", "env_file", "init"):
         assert stack.get(key) == compose.get(key), key
-    assert set(compose["environment"]) <= set(stack["environment"])
+    kind = "server" if name == "server" else "client"
+    assert compose["image"] == f"${{COMPOSE_PROJECT_NAME}}-{kind}"  # a project's own, never another's
+    # What `docker compose -p flowerpot build` makes, or the images pushed (SERVER_IMAGE, CLIENT_IMAGE).
+    assert stack["image"] == f"${{{kind.upper()}_IMAGE:-flowerpot-{kind}:latest}}"
+    assert set(compose["environment"]) - COMPOSE_ONLY_ENVIRONMENT <= set(stack["environment"])
     assert set(stack["environment"]) - set(compose["environment"]) <= STACK_ONLY_ENVIRONMENT
     assert mounts(stack) == mounts(compose)
     assert stack.get("healthcheck") == compose.get("healthcheck")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.compose import build_images, docker, env_file_with
+from bench.compose import BUILT, build_images, docker, env_file_with
 from compose_checks import docker_available
 from conftest import MEASUREMENTS, REPO, free_address, run_cli
 
@@ -92,11 +92,14 @@ class Stack:
         self.name = f"fpswarm-{uuid.uuid4().hex[:8]}"
         self.folder, self.node_id = folder, node_id
         self.env = {"FLOWERPOT_SECRETS": self.name, "SERVER_PORT": free_address().split(":")[1], "CLIENTS": "3"}
+        # This checkout's images, which README's commands name flowerpot-server and -client.
+        self.env |= {"SERVER_IMAGE": BUILT["server"], "CLIENT_IMAGE": BUILT["client"]}
 
     def sh(self, command: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """A README command, for this stack's name."""
         command = re.sub(r"\bflowerpot(?=_|$|\s)", self.name, command)
         command = command.replace("docker secret create flowerpot_", f"docker secret create {self.name}_")
+        command = command.replace("flowerpot-server:latest", BUILT["server"])
         return subprocess.run(
             ["bash", "-c", command],
             cwd=self.folder,

@@ -53,9 +53,10 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
-def run_identity(folder: Path, resumed: bool, fingerprint: Mapping[str, Any]) -> str:
+def run_identity(folder: Path, resumed: bool, fingerprint: Mapping[str, Any], write: bool = True) -> str:
     """The run's id: the one in RESULTS_DIR/run.json when the run resumes, else a new one,
-    written there (after the previous run's results have been moved aside)."""
+    written there unless `write` is false (then write_run_file, once the previous run's results
+    have been moved aside)."""
     path = folder / RUN_FILE
     if resumed and path.is_file():
         try:
@@ -63,11 +64,16 @@ def run_identity(folder: Path, resumed: bool, fingerprint: Mapping[str, Any]) ->
         except (OSError, ValueError, KeyError, TypeError):
             log.warning("%s cannot be read: the resumed run gets a new id", path)
     run_id = new_run_id()
+    if write:
+        write_run_file(folder, run_id, fingerprint)
+    return run_id
+
+
+def write_run_file(folder: Path, run_id: str, fingerprint: Mapping[str, Any]) -> None:
     record = {"run_id": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": dict(fingerprint)}
     tmp = folder / f".{RUN_FILE}.tmp"
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return run_id
+    os.replace(tmp, folder / RUN_FILE)
 
 
 def refusal_reason(problem: str) -> str:
@@ -182,9 +188,16 @@ class LiveMetrics:
             ) from None
         log.info("metrics on http://%s:%d/metrics", host, port)
 
-    def begin(self, folder: Path, resumed: bool, fingerprint: Mapping[str, Any], connected: Callable[[], float]) -> str:
+    def begin(
+        self,
+        folder: Path,
+        resumed: bool,
+        fingerprint: Mapping[str, Any],
+        connected: Callable[[], float],
+        write: bool = True,
+    ) -> str:
         """Name the run (see `run_identity`): from now on every series carries its id."""
-        self.run_id = run_id = run_identity(folder, resumed, fingerprint)
+        self.run_id = run_id = run_identity(folder, resumed, fingerprint, write)
         details = {k: str(fingerprint.get(k)) for k in ("strategy", "dataset", "partition", "num_rounds")}
         self.info.labels(run_id).info(details)
         self.rounds.labels(run_id).set(self.num_rounds)

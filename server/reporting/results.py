@@ -24,13 +24,12 @@ from flwr.common import Parameters, ndarrays_to_parameters
 
 from server.reporting.record import ASYNC_COLUMNS, CSV_COLUMNS, RoundRecord
 from shared.errors import BadInput
-from shared.modelfile import FINAL_MODEL, save_model, to_npy, write_json, write_npz
+from shared.modelfile import FINAL_MODEL, PREVIOUS, save_model, to_npy, write_json, write_npz
 
 log = logging.getLogger("flowerpot.server")
 
 
 CHECKPOINT = "checkpoint.npz"  # rewritten after every round: what a restarted server resumes from
-PREVIOUS = "previous"  # earlier runs' results, moved aside when a new run starts
 GLOBAL_MODEL = "global_model.npz"  # rewritten after every round
 HISTORY_LINES = "history.jsonl"  # one record appended per round: the history a resumed run continues
 HISTORY_JSON = "history.json"

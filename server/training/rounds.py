@@ -18,7 +18,7 @@ from flwr.common import Parameters
 from flwr.server import Server
 from flwr.server.server import fit_clients
 
-from server.reporting.live_metrics import LiveMetrics
+from server.reporting.live_metrics import LiveMetrics, write_run_file
 from server.reporting.record import RoundRecord
 from server.reporting.results import Checkpoint, Results
 from server.reporting.site_report import client_entries, clients_line, fmt, report_sites
@@ -68,9 +68,16 @@ class Federation:
         try:
             resumed = self.resumable()
             self.live.begin(
-                self.results.folder, resumed is not None, self.fingerprint, self.client_manager.num_available
+                self.results.folder,
+                resumed is not None,
+                self.fingerprint,
+                self.client_manager.num_available,
+                write=False,
             )
             self.wait_for_start()
+            if resumed is None:  # only now that the clients are there: a run that never starts moves nothing
+                self.results.archive_previous()
+                write_run_file(self.results.folder, self.live.run_id, self.fingerprint)
             initial = resumed.parameters if resumed else self.initial_parameters()
             self.traffic.limit_to_model(sum(len(t) for t in initial.tensors))  # larger updates: refused unread
             declared = self.task_metrics()
@@ -136,8 +143,8 @@ class Federation:
         return self.settings.fingerprint(tuple(n for n in RUN_SETTINGS if self.settings.applies(n)))
 
     def resumable(self) -> Checkpoint | None:
-        """The checkpoint of an unfinished run with the same settings; otherwise a new run starts
-        and the results of the earlier one are moved aside."""
+        """The checkpoint of an unfinished run with the same settings; otherwise None: a new run
+        starts, and run() moves the earlier one's results aside once its clients are there."""
         checkpoint = self.results.load_checkpoint()
         changed = changed_settings(checkpoint.run, self.fingerprint) if checkpoint is not None else []
         if checkpoint is not None and not checkpoint.finished and not changed:
@@ -149,7 +156,6 @@ class Federation:
             log.warning(
                 "not resuming the unfinished run in %s: settings changed (%s)", self.results.folder, ", ".join(changed)
             )
-        self.results.archive_previous()
         return None
 
     def wait_for_start(self) -> None:

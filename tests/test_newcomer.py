@@ -1,0 +1,96 @@
+"""A new user's path, as local processes: what they hit on the first day (predicting after a run,
+a typo in .env, a second run, the help texts), each with what they should see."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import free_address, run_cli
+
+# Every test here runs the CLI (or git) as a process.
+pytestmark = pytest.mark.process
+
+
+def test_a_server_whose_run_never_starts_moves_no_results(tmp_path: Path) -> None:
+    """A finished run's results stay where predict looks for them until a new run really starts."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "final_model.npz").write_bytes(b"the finished run's model")
+    (results / "history.json").write_text("[]")
+    ran = run_cli(
+        ["server"],
+        cwd=tmp_path,
+        RESULTS_DIR=results,
+        SERVER_LISTEN_ADDRESS=free_address(),
+        MIN_AVAILABLE_CLIENTS="3",
+        START_TIMEOUT="2",
+    )
+    assert ran.returncode == 6, ran.stderr
+    assert sorted(p.name for p in results.iterdir()) == ["final_model.npz", "history.json"]
+    assert (results / "final_model.npz").read_bytes() == b"the finished run's model"
+
+
+def test_predict_takes_the_last_finished_run_while_a_new_one_goes_on(data_dir: Path, tmp_path: Path) -> None:
+    """A run that started moved the finished one to previous/: predict's default is still its model."""
+    finished = tmp_path / "results" / "previous" / "20260101-120000" / "final_model.npz"
+    finished.parent.mkdir(parents=True)
+    made = run_cli(["init-model", "--out", str(finished)], cwd=tmp_path, DATA_DIR=data_dir)
+    assert made.returncode == 0, made.stderr
+    ran = run_cli(["predict", "--test-split"], cwd=tmp_path, DATA_DIR=data_dir, RESULTS_DIR=tmp_path / "results")
+    assert ran.returncode == 0, ran.stderr
+    assert f"the model of the last finished run, {finished}" in ran.stderr
+    assert "accuracy" in ran.stdout
+
+
+def test_predict_in_the_compose_client_service_names_the_command_to_use(tmp_path: Path) -> None:
+    ran = run_cli(
+        ["predict", "my_digit.png"],
+        cwd=tmp_path,
+        RESULTS_DIR=tmp_path / "results",
+        FLOWERPOT_PREDICT_WITH="docker compose run --rm predict",
+    )
+    assert ran.returncode == 2
+    assert ran.stderr.count("\n") == 1 and "Traceback" not in ran.stderr
+    assert "run `docker compose run --rm predict IMAGE...`" in ran.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_misspelt_setting_in_env_stops_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("NUM_ROUDS=3\nDATA_DIR=data\n")
+    ran = run_cli(["prepare"], cwd=tmp_path)
+    assert ran.returncode == 2
+    assert ran.stderr.count("\n") == 1 and "NUM_ROUDS is not a setting: did you mean NUM_ROUNDS?" in ran.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_compose_only_and_docker_keys_are_not_typos(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "COMPOSE_PROJECT_NAME=mine\nDOCKER_HOST=unix:///x\nCLIENT_CPUS=1\nGRAFANA_PORT=3001\nexport NUM_ROUNDS=2\n"
+    )
+    ran = run_cli(["predict"], cwd=tmp_path)  # reads .env, then asks for images: status 2, another message
+    assert ran.returncode == 2 and "is not a setting" not in ran.stderr and "give image files" in ran.stderr
+
+
+def test_the_tests_read_the_committed_env_not_the_working_copy(tmp_path: Path) -> None:
+    """README's tuning step edits .env; what the tests compare against stays the commit's."""
+    import subprocess
+
+    from bench.compose import committed_env
+    from conftest import REPO
+
+    committed = subprocess.run(["git", "-C", str(REPO), "show", "HEAD:.env"], capture_output=True, text=True)
+    assert committed.returncode == 0  # a git checkout, as the tests run in
+    assert committed_env() == committed.stdout
+
+
+def test_every_command_help_says_what_it_does(tmp_path: Path) -> None:
+    from flowerpot.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name in commands:
+        ran = run_cli([name, "--help"], cwd=tmp_path)
+        assert ran.returncode == 0, ran.stderr
+        first = ran.stdout.split("\n\n")[1]  # after the usage lines
+        assert first[0].isupper() and first.rstrip().endswith("."), (name, first)
