@@ -135,3 +135,90 @@ def test_many_failing_connections_of_one_certificate_count_as_one_participant(
     assert [c.wait(60) for c in honest] == [0, 0], [c.output for c in honest]
     assert "refused the update of client mallory" in server.output
     assert " failed, its result is not applied" not in server.output
+
+
+def test_a_duplicate_of_a_live_site_is_refused_and_does_not_push_it_out(spawn, data_dir: Path, tmp_path: Path) -> None:
+    """A second process with a copy of site vm's shard 0 used to replace vm's healthy, training
+    connection ("it replaces the old connection"); it is now refused, naming the live client."""
+    import shutil
+
+    from conftest import federation_env
+
+    copy = tmp_path / "c"
+    shutil.copytree(data_dir, copy)
+    env = federation_env(
+        data_dir, tmp_path, free_address(), MIN_AVAILABLE_CLIENTS="1", MIN_FIT_CLIENTS="1", MIN_EVALUATE_CLIENTS="1",
+        NUM_ROUNDS="100000", KEEPALIVE_SECONDS="5", SITE_NAME="vm", SITE_SHARDS="0", LOCAL_EPOCHS="1",
+    )  # fmt: skip
+    server = spawn(["server"], **env)
+    server.wait_for("listening on")
+    site = spawn(["client"], **env)
+    server.wait_for("round 2/100000")
+    duplicate = spawn(["client"], **{**env, "DATA_DIR": str(copy)})
+    assert duplicate.wait(120) == 4, duplicate.output + server.output
+    assert "shard shard_000 of site vm is trained by client client (" in duplicate.output
+    assert "whose connection is alive" in duplicate.output
+    assert "replaces the old connection" not in server.output
+    rounds = server.output.count(" trained, ")
+    server.wait_for(f"round {rounds + 3}/100000")  # the site trains on
+    assert site.returncode is None and server.returncode is None
+
+
+def test_a_certificate_cannot_claim_a_shard_the_operator_gave_another(
+    spawn, data_dir: Path, tmp_path: Path, certs: Path
+) -> None:
+    """Without SHARD_OWNERS the first certificate to claim a shard holds it (every site with the
+    same SEED and NUM_SHARDS can compute the built-in shards); with it, a claim outside a
+    certificate's own shards is refused however early it comes, and the owner gets in."""
+    env = tls_env(
+        data_dir,
+        tmp_path,
+        free_address(),
+        SHARD_OWNERS="site-a:0 mallory:1",
+        MIN_AVAILABLE_CLIENTS="1",
+        MIN_FIT_CLIENTS="1",
+        MIN_EVALUATE_CLIENTS="1",
+    )
+    server = spawn(["server"], **env)
+    server.wait_for("listening on")
+    squatter = spawn(["client"], **env, CLIENT_NAME="mallory", SITE_NAME="site-a", SITE_SHARDS="0")
+    assert squatter.wait(60) == 4, squatter.output
+    assert "certificate mallory claims shard shard_000, but the server's SHARD_OWNERS gives it shards 1" in (
+        squatter.output
+    )
+    server.wait_for("refused client mallory \\(certificate")
+    spawn(["client"], **env, CLIENT_NAME="site-a", SITE_SHARDS="0")
+    server.wait_for("client site-a \\(certificate, serial .* joined")
+
+
+def test_a_revocation_list_deleted_during_a_run_is_not_read_as_nothing_revoked(
+    spawn, data_dir: Path, tmp_path: Path, certs: Path
+) -> None:
+    assert run_cli(["certs", "--revoke", "mallory"], cwd=tmp_path, CERTS_DIR="certs").returncode == 0
+    env = tls_env(data_dir, tmp_path, free_address())
+    server = spawn(["server"], **env)
+    server.wait_for("revocation list .* 1 revoked certificate")
+    (certs / "server" / "revoked.json").unlink()
+    client = spawn(["client"], **env, CLIENT_NAME="mallory")
+    assert client.wait(60) == 4, client.output
+    assert "was revoked on" in client.output
+    assert "revoked.json disappeared: keeping the last one read (1 revoked certificate(s))" in server.output
+
+
+def test_revoking_a_connected_client_evicts_it_within_the_bound(
+    spawn, data_dir: Path, tmp_path: Path, certs: Path
+) -> None:
+    """How an operator evicts a participant mid-run: `flowerpot certs --revoke NAME`."""
+    env = tls_env(
+        data_dir, tmp_path, free_address(), MIN_AVAILABLE_CLIENTS="2", MIN_FIT_CLIENTS="1", MIN_EVALUATE_CLIENTS="1",
+        NUM_ROUNDS="100",
+    )  # fmt: skip
+    server = spawn(["server"], **env)
+    server.wait_for("listening on")
+    clients = [spawn(["client"], **env, CLIENT_NAME=name) for name in ("site-a", "mallory")]
+    server.wait_for("round 1/100")
+    assert run_cli(["certs", "--revoke", "mallory"], cwd=tmp_path, CERTS_DIR="certs").returncode == 0
+    server.wait_for("evicted client mallory: this client's certificate .* was revoked", timeout=60)
+    assert clients[1].wait(90) == 4, clients[1].output
+    assert "was revoked on" in clients[1].output
+    assert clients[0].returncode is None
