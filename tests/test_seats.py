@@ -211,14 +211,30 @@ def test_revoking_a_connected_client_evicts_it_within_the_bound(
     """How an operator evicts a participant mid-run: `flowerpot certs --revoke NAME`."""
     env = tls_env(
         data_dir, tmp_path, free_address(), MIN_AVAILABLE_CLIENTS="2", MIN_FIT_CLIENTS="1", MIN_EVALUATE_CLIENTS="1",
-        NUM_ROUNDS="100",
+        NUM_ROUNDS="100000",
     )  # fmt: skip
     server = spawn(["server"], **env)
     server.wait_for("listening on")
     clients = [spawn(["client"], **env, CLIENT_NAME=name) for name in ("site-a", "mallory")]
-    server.wait_for("round 1/100")
+    server.wait_for("round 1/100000")
     assert run_cli(["certs", "--revoke", "mallory"], cwd=tmp_path, CERTS_DIR="certs").returncode == 0
     server.wait_for("evicted client mallory: this client's certificate .* was revoked", timeout=60)
     assert clients[1].wait(90) == 4, clients[1].output
     assert "was revoked on" in clients[1].output
     assert clients[0].returncode is None
+
+
+def test_a_connection_that_never_finishes_its_handshake_is_closed(
+    spawn, data_dir: Path, tmp_path: Path, certs: Path
+) -> None:
+    """Idle sockets of someone without a certificate held a file descriptor each for gRPC's
+    default 120 s, enough of them lock every honest site out; the server now closes a
+    connection that has not finished its TLS handshake within HANDSHAKE_SECONDS (10 s)."""
+    import socket
+
+    address = free_address()
+    server = spawn(["server"], **tls_env(data_dir, tmp_path, address))
+    server.wait_for("listening on")
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=90) as idle:
+        assert idle.recv(1) == b""  # closed by the server, long before the 90 s (or 120 s) pass
