@@ -280,6 +280,9 @@ def _handshake_message(endpoint: Endpoint, details: str) -> str:
                 "server's, or has expired (ask the server's operator for a new one)"
             ]
         causes.append("the server does not run with TLS_ENABLED=true, or this client does not trust its certificate")
+        if not any(sign in details for sign in ("CERTIFICATE", "certificate", "alert")):
+            # no certificate was named: a server out of connections closes sockets the same way
+            causes.insert(0, "the server is out of capacity (too many open connections): retry later")
         causes_text = "; or ".join(causes)
         return f"TLS handshake with the server at {endpoint.address} failed ({reason}); likely causes: {causes_text}"
     return (

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import resource
 
 from server.reporting.live_metrics import LiveMetrics, metrics_host
 from server.reporting.results import Results
@@ -22,6 +24,9 @@ from shared.tls_files import bundle, check_pair, load_certificate, read_pem
 
 log = logging.getLogger("flowerpot.server")
 
+DEAD_SLACK_SECONDS = 5  # beyond 2 x KEEPALIVE_SECONDS, before a silent connection counts as alive
+FILES_IN_USE = 64  # descriptors the server holds besides connections (logs, results, libraries)
+
 
 def run_server(settings: Settings) -> None:
     tame_flower(settings.log_level)
@@ -33,10 +38,19 @@ def run_server(settings: Settings) -> None:
     if settings.initial_model is not None:
         load_pinned(settings.initial_model, settings.task_name)  # fails fast on an unusable INITIAL_MODEL
     client_manager = BoundedClientManager(wait_timeout=settings.rejoin_timeout, seed=settings.seed)
-    admission = Admission(settings.max_clients, settings.allowed_client_names, settings.max_connections_per_client)
+    certified = settings.client_auth == "certificate"
+    # Without client certificates a client names itself: a bound per name would stop nobody.
+    per_certificate = settings.max_connections_per_client if certified else 0
+    admission = Admission(settings.max_clients, settings.allowed_client_names, per_certificate)
+    raise_open_file_limit(settings.max_clients)
     tls, revocations = load_tls(settings)
     traffic = Traffic()
-    sites = Sites(settings.class_names if settings.dataset == "folder" else (), settings.task_name)
+    sites = Sites(
+        settings.class_names if settings.dataset == "folder" else (),
+        settings.task_name,
+        settings.shard_owner_map,
+        dead_within=2 * settings.keepalive_seconds + DEAD_SLACK_SECONDS,
+    )
     live = LiveMetrics(settings.num_rounds, settings.metrics_linger)
     live.serve(metrics_host(settings.server_listen_address), settings.metrics_port)
     try:
@@ -65,7 +79,19 @@ def run_server(settings: Settings) -> None:
 
 def require_secure(settings: Settings) -> None:
     """REQUIRE_TLS (set where the port is published): no plaintext, no unauthenticated clients,
-    unless the operator says ALLOW_INSECURE=true."""
+    unless the operator says ALLOW_INSECURE=true. An allow-list without client certificates
+    checks only the names clients give themselves: a warning, and refused under REQUIRE_TLS."""
+    if settings.allowed_client_names and settings.client_auth == "none":
+        if settings.require_tls:
+            raise BadInput(
+                f"ALLOWED_CLIENTS={settings.allowed_clients} with CLIENT_AUTH=none checks only the names clients "
+                "give themselves (anyone can claim one), and REQUIRE_TLS=true asks for authentication: set "
+                "CLIENT_AUTH=certificate (the allow-list then names certificates), or empty ALLOWED_CLIENTS"
+            )
+        log.warning(
+            "ALLOWED_CLIENTS with CLIENT_AUTH=none is not authentication: it checks only the names clients give "
+            "themselves; use CLIENT_AUTH=certificate to know who joins"
+        )
     if not settings.require_tls:
         return
     missing = [
@@ -84,6 +110,27 @@ def require_secure(settings: Settings) -> None:
             "`flowerpot certs --client NAME` (docs/deployment.md: Deploy on EC2 with TLS) and set TLS_ENABLED=true and "
             "CLIENT_AUTH=certificate, or set ALLOW_INSECURE=true to accept the risk"
         )
+
+
+def raise_open_file_limit(places: int) -> None:
+    """Raise the soft open-file limit to the hard one and log the capacity: each connection,
+    authenticated or still in its TLS handshake, costs a file descriptor, and a server out of
+    them cannot even accept the sites it expects (they would be told their handshake failed)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    log.info(
+        "open-file limit %d: room for about %d connections (MAX_CLIENTS=%d places)",
+        soft, max(0, soft - FILES_IN_USE), places,
+    )  # fmt: skip
+    if soft - FILES_IN_USE < 4 * places:
+        log.warning(
+            "the open-file limit %d leaves little room beyond MAX_CLIENTS=%d: raise it (ulimit -n, or the "
+            "container's nofile limit)", soft, places,
+        )  # fmt: skip
 
 
 def load_tls(settings: Settings) -> tuple[TlsFiles | None, RevocationList | None]:

@@ -55,7 +55,9 @@ def add_revoked(path: Path, serials: dict[str, str]) -> None:
 
 class RevocationList:
     """The server's view of revoked.json, re-read when its stat changes. If it becomes
-    unreadable during a run every certificate is refused (fail closed) until it is fixed."""
+    unreadable during a run every certificate is refused (fail closed) until it is fixed. If it
+    disappears during a run (deleted by mistake, a volume unmounted) it is not read as "nothing
+    revoked": the last list read stays in force, with a warning, until the file is back."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -63,6 +65,7 @@ class RevocationList:
         self._stamp: tuple[int, int, int] | None = None
         self._revoked: dict[str, dict[str, str]] = {}
         self._problem: str | None = None
+        self._missing = False  # it existed, and is gone: the last list read stays in force
         self._refresh()
         if self._problem is not None:  # at start: a bad list stops the server with exit 2
             raise BadInput(self._problem)
@@ -78,6 +81,16 @@ class RevocationList:
             return
         if stamp == self._stamp and self._problem is None:
             return
+        if stamp is None and self._stamp is not None:
+            if not self._missing:
+                self._missing = True
+                log.warning(
+                    "revocation list %s disappeared: keeping the last one read (%d revoked certificate(s)) "
+                    "until it is back; restore it (`flowerpot certs --revoke` writes it again)",
+                    self.path, len(self._revoked),
+                )  # fmt: skip
+            return
+        self._missing = False
         try:
             self._revoked, self._problem = (read_revoked(self.path) if stamp else {}), None
         except BadInput as exc:

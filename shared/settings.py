@@ -243,7 +243,14 @@ class Settings(BaseSettings):
     # one default for both, the same as `flowerpot certs` and docker-compose.yml use.
     client_name: str = setting(DEFAULT_CLIENT_NAME, NOTHING, allowed="a client name (the certificate to use)")
     # Mutual TLS, revocation and secure defaults
-    max_connections_per_client: int = setting(0, NOTHING, ge=0, le=10_000, note="0: no bound")
+    # Seats one client certificate may hold (replicas of one site); bounded by default, so that
+    # one certificate cannot fill MAX_CLIENTS. Not applied without client certificates, where a
+    # client names itself and a bound per name would stop nobody.
+    max_connections_per_client: int = setting(4, NOTHING, ge=0, le=10_000, note="0: no bound")
+    # Which certificate may claim which shards: "site-a:0-1 site-b:2,3" (empty: first come)
+    shard_owners: str = setting(
+        "", NOTHING, allowed="space-separated NAME:SHARDS entries such as site-a:0-1 site-b:2,3 (empty: any)"
+    )
     require_tls: bool = setting(False, NOTHING, allowed="true or false")
     allow_insecure: bool = setting(False, NOTHING, allowed="true or false")
     ca_passphrase: str = setting("", NOTHING, allowed="the CA key's passphrase (empty: not encrypted)")
@@ -303,6 +310,12 @@ class Settings(BaseSettings):
         parse_shard_list(value)  # ValueError on a malformed list; the bound is checked below
         return value.strip()
 
+    @field_validator("shard_owners")
+    @classmethod
+    def _shard_owners(cls, value: str) -> str:
+        parse_shard_owners(value)  # ValueError on a malformed list; the bound is checked below
+        return " ".join(value.split())
+
     @field_validator("classes")
     @classmethod
     def _classes(cls, value: str) -> str:
@@ -350,6 +363,11 @@ class Settings(BaseSettings):
     def site_shard_indices(self) -> tuple[int, ...]:
         """The shards this site prepares and serves (SITE_SHARDS), in order; all when empty."""
         return parse_shard_list(self.site_shards) or tuple(range(self.num_shards))
+
+    @property
+    def shard_owner_map(self) -> dict[str, tuple[int, ...]]:
+        """SHARD_OWNERS as certificate name -> its shard numbers; empty when not set."""
+        return parse_shard_owners(self.shard_owners)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -418,6 +436,16 @@ class Settings(BaseSettings):
                 "list shard numbers from 0 to NUM_SHARDS-1 (the same NUM_SHARDS on every site)",
             ),
             (
+                all(i < self.num_shards for shards in parse_shard_owners(self.shard_owners).values() for i in shards),
+                f"SHARD_OWNERS={self.shard_owners} names a shard not below NUM_SHARDS={self.num_shards}",
+                "list shard numbers from 0 to NUM_SHARDS-1 (the same NUM_SHARDS on every site)",
+            ),
+            (
+                not self.shard_owners or self.client_auth == "certificate",
+                f"SHARD_OWNERS={self.shard_owners} needs CLIENT_AUTH=certificate (it maps certificates to shards)",
+                "set CLIENT_AUTH=certificate, or leave SHARD_OWNERS empty",
+            ),
+            (
                 self.client_auth == "none" or self.tls_enabled,
                 f"CLIENT_AUTH={self.client_auth} needs TLS_ENABLED=true",
                 "set TLS_ENABLED=true or CLIENT_AUTH=none",
@@ -477,6 +505,23 @@ def parse_shard_list(text: str) -> tuple[int, ...]:
             raise ValueError(f"the range {item} runs backwards")
         indices.update(range(low, high + 1))
     return tuple(sorted(indices))
+
+
+def parse_shard_owners(text: str) -> dict[str, tuple[int, ...]]:
+    """`a:0-1 b:2` -> {"a": (0, 1), "b": (2,)}; ValueError when malformed, a name is given twice,
+    or two names share a shard."""
+    owners: dict[str, tuple[int, ...]] = {}
+    for entry in text.split():
+        name, colon, shards = entry.partition(":")
+        if not colon or not name or not shards.strip():
+            raise ValueError(f"{entry!r} is not NAME:SHARDS")
+        if name in owners:
+            raise ValueError(f"{name} is listed twice")
+        owners[name] = parse_shard_list(shards)
+    taken = [i for shards in owners.values() for i in shards]
+    if len(taken) != len(set(taken)):
+        raise ValueError("a shard is given to two names")
+    return owners
 
 
 def _port(address: str) -> int:

@@ -81,7 +81,7 @@ def run(data_dir: Path, place: Path, attack: str | None, **settings: str) -> tup
                 )
             )
         for i, name in enumerate(HONEST):
-            env_i = clean_env(**env, CLIENT_NAME=name, SHARD_ID=str(i))
+            env_i = clean_env(**env, CLIENT_NAME=name, SITE_NAME=name, SHARD_ID=str(i))  # two sites: two votes
             procs.append(Process(name, ["-m", "flowerpot", "client"], env_i, place))
         assert server.wait(300) == 0, server.output
         assert [p.wait(60) for p in procs[-2:]] == [0, 0], [p.output for p in procs[-2:]]
@@ -118,7 +118,7 @@ ATTACKS = {
     "eval-count": "refused the evaluation of client",
     "eval-accuracy": "claims 1000000000000 test examples",
     "eval-nan": "refused the evaluation of client",
-    "initial": "its initial parameters differ from those of 2 other clients",
+    "initial": "its initial parameters differ from those of 2 agreeing participant(s)",
     "metrics": "dropped metrics of client",
 }
 

@@ -745,6 +745,36 @@ CASES = [
         2,
         "SITE_SHARDS=0,5 names a shard not below NUM_SHARDS=3: list shard numbers from 0 to NUM_SHARDS-1",
     ),
+    # Who may claim which shard, and an allow-list that authenticates nobody
+    Case("shard-owners-malformed", ["server"], {"SHARD_OWNERS": "site-a"}, 2, "SHARD_OWNERS='site-a' is not valid"),
+    Case(
+        "shard-owners-shared-shard",
+        ["server"],
+        {"SHARD_OWNERS": "a:0-1 b:1", "CLIENT_AUTH": "certificate", "TLS_ENABLED": "true"},
+        2,
+        "SHARD_OWNERS='a:0-1 b:1' is not valid",
+    ),
+    Case(
+        "shard-owners-above-num-shards",
+        ["server"],
+        {"SHARD_OWNERS": "a:0 b:7", "NUM_SHARDS": "3", "CLIENT_AUTH": "certificate", "TLS_ENABLED": "true"},
+        2,
+        "SHARD_OWNERS=a:0 b:7 names a shard not below NUM_SHARDS=3",
+    ),
+    Case(
+        "shard-owners-without-certificates",
+        ["server"],
+        {"SHARD_OWNERS": "a:0"},
+        2,
+        "SHARD_OWNERS=a:0 needs CLIENT_AUTH=certificate (it maps certificates to shards): set CLIENT_AUTH=certificate",
+    ),
+    Case(
+        "allow-list-without-authentication-under-require-tls",
+        ["server"],
+        {"ALLOWED_CLIENTS": "site-a", "REQUIRE_TLS": "true", "ALLOW_INSECURE": "true"},
+        2,
+        "ALLOWED_CLIENTS=site-a with CLIENT_AUTH=none checks only the names clients give themselves",
+    ),
     Case(
         "classes-only-one",
         ["prepare"],

@@ -3,8 +3,11 @@
 Either pinned (INITIAL_MODEL, a .npz model file such as a finished run's final_model.npz), or
 agreed by the first clients: Flowerpot clients build the same seeded model, so honest clients
 send byte-identical weights, and a client that sends anything else is outvoted, named and no
-longer used. With a single client (MIN_AVAILABLE_CLIENTS=1) there is no one to agree with: its
-weights are taken with a warning that points at INITIAL_MODEL.
+longer used. Each participant (a client certificate, else a site) has one vote however many
+connections it holds, so one certificate with many streams cannot outvote the others; a client
+that does not answer within the bound is dropped and named, and the vote goes on without it.
+With a single participant there is no one to agree with: its weights are taken with a warning
+that points at INITIAL_MODEL.
 """
 
 from __future__ import annotations
@@ -20,12 +23,17 @@ from flwr.common import Code, GetParametersIns, Parameters, ndarrays_to_paramete
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 
-from server.training.strategies import client_label
+from server.training.strategies import client_label, participant_of
 from shared.errors import BadInput, ClientsTimeout
 from shared.modelfile import load_model, task_of
 from shared.settings import BUILTIN_TASK
 
 log = logging.getLogger("flowerpot.server")
+
+
+# Sending the starting weights takes a client no training: one that has not answered within this
+# (or ROUND_TIMEOUT, if shorter) never will, and loses its seat instead of holding up the run.
+VOTE_SECONDS = 60.0
 
 
 class NoAnswers(ClientsTimeout):
@@ -63,51 +71,77 @@ def checksum(parameters: Parameters) -> str:
 
 
 def agreed_parameters(client_manager: ClientManager, asked: int, timeout: float, max_message_mb: int) -> Parameters:
-    """Ask `asked` connected clients at once for their weights; the weights a strict majority of
-    them (at least 2) sent byte for byte win. Clients that sent others are refused (never
-    sampled again) and logged by name. ClientsTimeout when there is no majority."""
-    proxies = list(client_manager.all().values())[: max(asked, 1)]
+    """Ask every connected client at once for its weights (at most MAX_CLIENTS; the run waited
+    for `asked`), within `timeout` or VOTE_SECONDS; every participant has one vote, whatever its
+    number of connections: the weights most of its own connections sent. The weights a strict
+    majority of the participants that answered sent byte for byte win; a lone participant's are
+    taken with a warning. Clients that did not answer, and those that sent other weights, are
+    dropped (never sampled again) and named, so an idle stream loses its seat here.
+    ClientsTimeout when there is no majority."""
+    timeout = min(timeout, VOTE_SECONDS)
+    proxies = list(client_manager.all().values())
     if not proxies:
         raise NoAnswers("no client was connected to send initial parameters: check the clients' logs")
     with ThreadPoolExecutor(max_workers=len(proxies)) as pool:
         answers = list(pool.map(lambda proxy: _ask(proxy, timeout, max_message_mb), proxies))
-    votes: dict[str, list[tuple[ClientProxy, Parameters]]] = defaultdict(list)
+    silent = [proxy for proxy, parameters in zip(proxies, answers) if parameters is None]
+    for proxy in silent:
+        _drop(client_manager, proxy, f"it sent no usable initial parameters within {timeout:g} s")
+    by_participant: dict[str, dict[str, list[tuple[ClientProxy, Parameters]]]] = defaultdict(lambda: defaultdict(list))
     for proxy, parameters in zip(proxies, answers):
         if parameters is not None:
-            votes[checksum(parameters)].append((proxy, parameters))
-    if not votes:
+            by_participant[participant_of(proxy)][checksum(parameters)].append((proxy, parameters))
+    if not by_participant:
         raise NoAnswers(
             f"none of the {len(proxies)} clients asked sent usable initial parameters: check the clients' logs"
         )
-    winner, group = max(votes.items(), key=lambda item: len(item[1]))
-    answered = sum(len(g) for g in votes.values())
-    if len(proxies) == 1:
+    votes: dict[str, list[str]] = defaultdict(list)  # checksum -> the participants that sent it
+    for who, sent in by_participant.items():
+        votes[max(sent, key=lambda digest: len(sent[digest]))].append(who)
+    winner, agreeing = max(votes.items(), key=lambda item: len(item[1]))
+    if len(by_participant) > 1 and 2 * len(agreeing) <= len(by_participant):
+        groups = "; ".join(", ".join(sorted(who)) for who in votes.values())
+        raise ClientsTimeout(
+            f"the {len(by_participant)} participants that answered disagree on the initial parameters, none by a "
+            f"strict majority ({groups}): start clients with the same DATASET and SEED, or set INITIAL_MODEL to a "
+            "model file"
+        )
+    group = [(p, params) for sent in by_participant.values() for p, params in sent.get(winner, [])]
+    for sent in by_participant.values():
+        for digest, others in sent.items():
+            for proxy, _ in others if digest != winner else []:
+                _drop(
+                    client_manager,
+                    proxy,
+                    f"its initial parameters differ from those of {len(agreeing)} agreeing participant(s) "
+                    f"({', '.join(sorted(agreeing))}): start it with the same DATASET and SEED as the others (or the "
+                    "server's INITIAL_MODEL)",
+                )
+    if len(group) == 1:
         log.warning(
-            "initial parameters from the only client %s, unverified: set INITIAL_MODEL to pin them",
+            "initial parameters from the only client that answered, %s, unverified: set INITIAL_MODEL to pin them",
             client_label(group[0][0]),
         )
         return group[0][1]
-    if len(group) < 2 or 2 * len(group) <= answered:
-        raise ClientsTimeout(
-            f"the first {answered} clients disagree on the initial parameters (no majority): "
-            "start clients with the same DATASET and SEED, or set INITIAL_MODEL to a model file"
-        )
-    for digest, others in votes.items():
-        for proxy, _ in others if digest != winner else []:
-            reason = (
-                f"its initial parameters differ from those of {len(group)} other clients: start it with the "
-                "same DATASET and SEED as the others (or the server's INITIAL_MODEL)"
-            )
-            log.warning("refused client %s: %s", client_label(proxy), reason)
-            client_manager.unregister(proxy)  # never sampled, also before its stream has ended
-            if hasattr(proxy, "refuse"):
-                proxy.refuse(reason)
     arrays = parameters_to_ndarrays(group[0][1])
     log.info(
-        "initial parameters agreed by %d clients (%s): %d arrays, %d values",
-        len(group), ", ".join(client_label(p) for p, _ in group), len(arrays), sum(a.size for a in arrays),
+        "initial parameters agreed by %d clients of %d participant(s) (%s): %d arrays, %d values",
+        len(group), len(agreeing), ", ".join(client_label(p) for p, _ in group), len(arrays),
+        sum(a.size for a in arrays),
     )  # fmt: skip
+    if len(agreeing) == 1:
+        log.warning(
+            "initial parameters from a single participant (%s), unverified by any other: set INITIAL_MODEL to pin them",
+            agreeing[0],
+        )
     return group[0][1]
+
+
+def _drop(client_manager: ClientManager, proxy: ClientProxy, reason: str) -> None:
+    log.warning("refused client %s in the vote on the initial parameters: %s", client_label(proxy), reason)
+    client_manager.unregister(proxy)  # never sampled, also before its stream has ended
+    if hasattr(proxy, "refuse"):
+        proxy.refuse(reason)
 
 
 def _ask(proxy: ClientProxy, timeout: float, max_message_mb: int) -> Parameters | None:

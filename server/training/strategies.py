@@ -210,7 +210,8 @@ class GuardedStrategy(Strategy):
             else:
                 refused.append((proxy, problem))
                 log.warning("round %d: refused the update of client %s: %s", server_round, client_label(proxy), problem)
-        failed = self.too_few(len(sound), len(results) + len(failures))
+        completed, sampled = completed_participants(sound, results, failures)
+        failed = self.too_few(completed, sampled, len(results) + len(failures))
         if failed is not None:
             # The model stays and a server optimizer's moments are not fed with a lone update.
             log.warning("round %d failed, its result is not applied: %s", server_round, failed)
@@ -242,13 +243,15 @@ class GuardedStrategy(Strategy):
             ]
             res.parameters = ndarrays_to_parameters(arrays)
 
-    def too_few(self, sound: int, sampled: int) -> str | None:
-        """Why a round with `sound` usable updates of `sampled` clients may not be applied, or None."""
+    def too_few(self, sound: int, sampled: int, clients: int | None = None) -> str | None:
+        """Why a round in which `sound` of `sampled` participants (certificates, else sites) sent a
+        usable update may not be applied, or None; `clients`: the connections sampled."""
         if sound == 0:
-            return f"no sound update of {sampled} sampled clients"
+            return f"no sound update of {sampled if clients is None else clients} sampled clients"
         if sound < self.min_completion_rate * sampled:
             return (
-                f"only {sound} of {sampled} sampled clients sent a sound update, "
+                f"only {sound} of {sampled} sampled clients (counted by participant: certificate, else site) "
+                "sent a sound update, "
                 f"below MIN_COMPLETION_RATE={self.min_completion_rate:g}"
             )
         return None
@@ -376,6 +379,22 @@ def _stable_order(result: tuple[ClientProxy, FitRes | EvaluateRes]) -> tuple[str
 
 def client_label(proxy: ClientProxy) -> str:
     return getattr(proxy, "name", None) or proxy.cid[:8]
+
+
+def participant_of(proxy: ClientProxy) -> str:
+    """The unit of participation: the client certificate under CLIENT_AUTH=certificate, else the
+    site the client says it is (server/transport/stream.py); a bare proxy is its own."""
+    return str(getattr(proxy, "participant", "") or client_label(proxy))
+
+
+def completed_participants(sound: FitResults, results: FitResults, failures: Failures) -> tuple[int, int]:
+    """(participants with a sound update, participants sampled) of a round: MIN_COMPLETION_RATE
+    counts participants, so that one certificate's many failing connections weigh as one. A
+    failure without its client (an exception) counts as a participant of its own."""
+    sampled = {participant_of(p) for p, _ in results}
+    sampled |= {participant_of(f[0]) for f in failures if isinstance(f, tuple)}
+    lone = sum(1 for f in failures if not isinstance(f, tuple))
+    return len({participant_of(p) for p, _ in sound}), len(sampled) + lone
 
 
 # Server-side optimiser state that lives in the Flower strategy between rounds: FedAdam, FedYogi

@@ -12,8 +12,13 @@ the reason, when
 - another connected client already trains the same data (same data checksum, whatever the
   shard's name or site): its updates would count twice.
 A client that comes back with its own site and shard while its old stream is still registered
-(the connection died, and keepalive has not noticed yet) replaces the old stream: the old one is
-ended. Another site with the same data is always refused: only the site that held it may rejoin.
+replaces the old stream only when that stream is dead: gRPC sees it ended (a killed process's
+socket closes at once), or the keepalive ping goes unanswered within `Sites.dead_within` seconds
+(2 x KEEPALIVE_SECONDS). A live old stream keeps its shard: the newcomer is refused, naming it, so
+a second process with a copy of a site's shard cannot push out the site's healthy connection.
+Another site with the same data is always refused: only the site that held it may rejoin.
+Under client certificates the operator may also say which certificate trains which shards
+(SHARD_OWNERS): a claim of another certificate's shard is refused however early it comes.
 
 A plain Flower client sends none of this: it joins unchecked, with one warning.
 """
@@ -22,7 +27,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +45,9 @@ from shared.protocol import (
 from shared.settings import BUILTIN_TASK
 
 log = logging.getLogger("flowerpot.server")
+
+SHARD_NAME = re.compile(r"shard_(\d+)")  # client/data/shards.py names shard N shard_00N
+CHECK_SECONDS = 0.25  # how often a newcomer looks whether the old connection has died
 
 # What a difference in each part of the input fingerprint is called in a refusal.
 INPUT_NAMES = {
@@ -95,8 +105,16 @@ class _Holder:
 class Sites:
     """The run's input (agreed by all) and which connected client holds which shard's data."""
 
-    def __init__(self, classes: tuple[str, ...] = (), task: str = BUILTIN_TASK) -> None:
+    def __init__(
+        self,
+        classes: tuple[str, ...] = (),
+        task: str = BUILTIN_TASK,
+        owners: dict[str, tuple[int, ...]] | None = None,
+        dead_within: float = 40.0,
+    ) -> None:
         self._lock = threading.Lock()
+        self.owners = owners or {}  # SHARD_OWNERS: certificate name -> the shard numbers it may claim
+        self.dead_within = dead_within  # seconds after which a connection that did not answer is dead
         self.classes = list(classes)  # CLASSES on the server: the run's class list, whoever comes first
         self.task = task  # TASK on the server: the task defines the run (its checkpoints, its model files)
         self._input: dict[str, Any] | None = None  # the run's input: the first Flowerpot client's
@@ -124,44 +142,79 @@ class Sites:
                 "(update the older side)"
             )
         proxy.site, proxy.shard = join.site, join.shard
-        replaced = None
-        with self._lock:
-            refusal = self._input_refusal(join.input)
-            if refusal is not None:
-                return refusal
-            holder = self._holders.get(join.shard_checksum)
-            host = peer.rsplit(":", 1)[0]
-            # A rejoin (the same site, shard, name and machine) replaces its dead connection;
-            # anything else holding the same data is a live duplicate. Replicas sharing one
-            # certificate on two machines differ by machine, so neither evicts the other.
-            rejoin = holder is not None and (holder.site, holder.shard, holder.proxy.name, holder.host) == (
-                join.site,
-                join.shard,
-                proxy.name,
-                host,
-            )
-            if holder is not None and not rejoin:
-                return (
-                    f"its shard {join.shard} of site {join.site} holds the same data (checksum "
-                    f"{join.shard_checksum[:12]}) as shard {holder.shard} that client {holder.who} of site "
-                    f"{holder.site} is already training: each shard is trained by one client only; give each site "
-                    "its own SITE_SHARDS (the same NUM_SHARDS and SEED everywhere) and prepare again"
+        refusal = self._owner_refusal(proxy, join)
+        if refusal is not None:
+            return refusal
+        host = peer.rsplit(":", 1)[0]
+        deadline: float | None = None
+        while True:
+            with self._lock:
+                refusal = self._input_refusal(join.input)
+                if refusal is not None:
+                    return refusal
+                holder = self._holders.get(join.shard_checksum)
+                # A rejoin (the same site, shard, name and machine) may replace its dead connection;
+                # anything else holding the same data is a duplicate. Replicas sharing one
+                # certificate on two machines differ by machine, so neither evicts the other.
+                rejoin = holder is not None and (holder.site, holder.shard, holder.proxy.name, holder.host) == (
+                    join.site,
+                    join.shard,
+                    proxy.name,
+                    host,
                 )
-            if holder is not None:
-                replaced = holder
-            if self._input is None:
-                self._input, self._input_from = dict(join.input), who
-            self._holders[join.shard_checksum] = _Holder(join.site, join.shard, who, proxy, host)
-        if replaced is not None:
+                if holder is not None and not rejoin:
+                    return (
+                        f"its shard {join.shard} of site {join.site} holds the same data (checksum "
+                        f"{join.shard_checksum[:12]}) as shard {holder.shard} that client {holder.who} of site "
+                        f"{holder.site} is already training: each shard is trained by one client only; give each "
+                        "site its own SITE_SHARDS (the same NUM_SHARDS and SEED everywhere) and prepare again"
+                    )
+                if holder is None or not holder.proxy.alive():
+                    if self._input is None:
+                        self._input, self._input_from = dict(join.input), who
+                    self._holders[join.shard_checksum] = _Holder(join.site, join.shard, who, proxy, host)
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    return (
+                        f"shard {join.shard} of site {join.site} is trained by client {holder.who}, whose connection "
+                        f"is alive (it answered for {self.dead_within:g} s): one client per shard; stop the other "
+                        "process first (a restarted client gets its place back as soon as its old connection is gone)"
+                    )
+            if deadline is None:
+                deadline = time.monotonic() + self.dead_within
+                log.info(
+                    "client %s claims shard %s of site %s, held by client %s: waiting up to %g s to see whether "
+                    "that connection is dead",
+                    who, join.shard, join.site, holder.who, self.dead_within,
+                )  # fmt: skip
+            if not proxy.alive():
+                return "its stream ended while it waited for the shard"
+            time.sleep(CHECK_SECONDS)
+        if holder is not None:
             log.warning(
-                "client %s rejoined with shard %s of site %s: it replaces the old connection %s",
+                "client %s rejoined with shard %s of site %s: it replaces the old connection %s, which is gone",
                 who,
                 join.shard,
                 join.site,
-                replaced.who,
+                holder.who,
             )
-            replaced.proxy.refuse(f"replaced by a new connection of site {join.site} with shard {join.shard}")
+            holder.proxy.refuse(f"replaced by a new connection of site {join.site} with shard {join.shard}")
         return None
+
+    def _owner_refusal(self, proxy: NamedClientProxy, join: Join) -> str | None:
+        """SHARD_OWNERS: a certificate may claim only the shards the operator gave it."""
+        if not self.owners or not proxy.certificate:
+            return None
+        given = self.owners.get(proxy.certificate, ())
+        match = SHARD_NAME.fullmatch(join.shard)
+        if match is not None and int(match.group(1)) in given:
+            return None
+        mine = ",".join(str(i) for i in given) or "none"
+        return (
+            f"certificate {proxy.certificate} claims shard {join.shard}, but the server's SHARD_OWNERS gives it "
+            f"shards {mine}: set this site's SITE_SHARDS to its own shards, or ask the operator to add it to "
+            "SHARD_OWNERS"
+        )
 
     def leave(self, proxy: NamedClientProxy) -> None:
         """Forget what `proxy` held; idempotent."""

@@ -105,6 +105,16 @@ class NamedClientProxy(GrpcClientProxy):
         self.site, self.shard = name, ""  # a Flowerpot client's site and shard (server/transport/sites.py)
         self.refusal: str | None = None  # set by `refuse`: the stream then ends with this reason
         self.release: Callable[[], None] | None = None  # its Seat's close, once seated
+        # Under client certificates: the certificate's name and serial. The unit of participation
+        # (one seat bound, one vote, one share of a round's completion) is the certificate, else
+        # the site the client says it is (a plain Flower client: the name it gives).
+        self.certificate, self.serial = "", 0
+        self.alive: Callable[[], bool] = lambda: True  # its stream is still active (gRPC's view)
+        self.cancel: Callable[[], None] = lambda: None  # end its stream now, even mid-request
+
+    @property
+    def participant(self) -> str:
+        return self.certificate or self.site
 
     def refuse(self, reason: str) -> None:
         """End this client's stream from any thread; its handler tells the client `reason` with
@@ -173,7 +183,9 @@ def open_seat(
 
 def new_proxy(context: grpc.ServicerContext, name: str) -> NamedClientProxy:
     # A unique id, not the peer: behind a proxy many clients share one peer address (as in Flower).
-    return NamedClientProxy(uuid.uuid4().hex, BoundedBridge(on_stuck=context.cancel), name)
+    proxy = NamedClientProxy(uuid.uuid4().hex, BoundedBridge(on_stuck=context.cancel), name)
+    proxy.alive, proxy.cancel = context.is_active, context.cancel
+    return proxy
 
 
 def relay(

@@ -44,6 +44,9 @@ SPARE_STREAMS = 16
 # metrics and framing) before it is refused unread: honest updates are the model's size.
 UPDATE_SIZE_FACTOR = 2
 METADATA_BYTES = 1 << 20
+HANDSHAKE_SECONDS = 10
+# A connected client whose certificate is revoked meanwhile loses its stream within this bound.
+REVOCATION_CHECK_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -111,10 +114,11 @@ class AdmittingServicer(FlowerServiceServicer):
     def Join(  # noqa: N802 (gRPC's method name)
         self, request_iterator: Iterator[ClientMessage], context: grpc.ServicerContext
     ) -> Iterator[ServerMessage]:
+        serial = 0
         if self.revocations is None:
             name, who = identify(context)
         else:  # CLIENT_AUTH=certificate: TLS checked CA and dates; the name is the certificate's
-            name, who = self._certified(context)
+            name, who, serial = self._certified(context)
         refusal = self.admission.not_allowed(name)
         if refusal is not None:
             _refuse(context, who, grpc.StatusCode.PERMISSION_DENIED, refusal)
@@ -122,6 +126,8 @@ class AdmittingServicer(FlowerServiceServicer):
         if seat is None:  # the call ended already (a cancelled stream): it takes nothing
             return
         proxy = new_proxy(context, name)
+        if serial:  # the certificate is the unit of participation (NamedClientProxy.participant)
+            proxy.certificate, proxy.serial = name, serial
         context.add_callback(lambda: self.sites.leave(proxy))  # the shard is free when the stream ends
         try:
             refusal = self.sites.enter(join_metadata(context), who, proxy, context.peer())  # version, input, shard
@@ -137,8 +143,9 @@ class AdmittingServicer(FlowerServiceServicer):
             self.sites.leave(proxy)
             seat.close()
 
-    def _certified(self, context: grpc.ServicerContext) -> tuple[str, str]:
-        """The name in the client certificate of this TLS session, refused when it is revoked."""
+    def _certified(self, context: grpc.ServicerContext) -> tuple[str, str, int]:
+        """The name in the client certificate of this TLS session, a description for logs and
+        its serial; refused when it is revoked."""
         cert = peer_certificate(context)
         if cert is None:  # cannot happen with require_client_auth; refuse rather than trust
             _refuse(context, context.peer(), grpc.StatusCode.UNAUTHENTICATED, "no client certificate in TLS")
@@ -148,7 +155,22 @@ class AdmittingServicer(FlowerServiceServicer):
         reason = self.revocations.reason(cert.serial_number)
         if reason is not None:
             _refuse(context, who, grpc.StatusCode.PERMISSION_DENIED, reason)
-        return name, who
+        return name, who, cert.serial_number
+
+
+def evict_revoked(client_manager: ClientManager, revocations: RevocationList, stop: threading.Event) -> None:
+    """Every REVOCATION_CHECK_SECONDS: end the streams of connected clients whose certificate is
+    now revoked. This is how an operator evicts a participant mid-run (`flowerpot certs --revoke`):
+    its stream ends within the bound, even mid-fit, and its next join is refused."""
+    while not stop.wait(REVOCATION_CHECK_SECONDS):
+        for proxy in list(client_manager.all().values()):
+            serial = getattr(proxy, "serial", 0)
+            reason = revocations.reason(serial) if serial else None
+            if reason is not None and isinstance(proxy, NamedClientProxy):
+                log.warning("evicted client %s: %s", proxy.name, reason)
+                client_manager.unregister(proxy)  # never sampled again, also before its stream has ended
+                proxy.refuse(reason)
+                proxy.cancel()  # a stream waiting for an answer (a fit) ends now, not when the fit does
 
 
 def _refuse(context: grpc.ServicerContext, who: str, code: grpc.StatusCode, reason: str) -> None:
@@ -207,6 +229,9 @@ def start_grpc_server(
         # clients share one), plus the client's probe of a failed handshake.
         ("grpc.max_concurrent_streams", admission.capacity + 1),
         ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+        # A connection that has not finished its TLS handshake holds a file descriptor: idle
+        # sockets of an unauthenticated peer are closed after this instead of gRPC's 120 s.
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_SECONDS * 1000),
     ]
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=workers),
@@ -238,6 +263,10 @@ def start_grpc_server(
             "is not on this machine): stop what uses it or choose another port"
         )
     server.start()
+    if revocations is not None:  # a daemon: it ends with the server's process
+        threading.Thread(
+            target=evict_revoked, args=(client_manager, revocations, threading.Event()), name="evict", daemon=True
+        ).start()
     security = "plaintext" if tls is None else "TLS" + (", client certificates required" if tls.client_ca else "")
     log.info("listening on %s (%s)", address, security)
     return server
