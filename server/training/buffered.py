@@ -342,14 +342,15 @@ class BufferedRounds:
             update.res.parameters = ndarrays_to_parameters(rebased)
             results.append((update.proxy, update.res))
         version = self.version + 1
-        self.guard.distance.set_global(current)  # the re-based updates are measured from here
+        self.guard.measure_from(self.parameters, self.version)  # the re-based updates are measured from here
         refusals = list(window.refused.values())
         failures = [*window.failures.values(), *(ValueError(problem) for _, problem in refusals)]
         parameters, metrics = self.guard.aggregate_fit(version, results, failures)
         refused_now = len(self.guard.refused)  # the guard's own refusals, of re-based updates
         self.guard.refused = [*refusals, *self.guard.refused]  # every refusal of this version
         if parameters is not None:
-            parameters = self.step(current, parameters)
+            if self.guard.round_failed is None:  # else the guard rolled an unusable model back
+                parameters = self.step(current, parameters)
             self.parameters = parameters
         self.version = version
         aggregated = time.perf_counter()
