@@ -251,7 +251,7 @@ class Settings(BaseSettings):
         None, RUN, gt=0, le=1e9, note="empty: 5 x the global model's own L2 norm, every round"
     )
     update_norm_median_multiple: float = setting(
-        4.0, RUN, ge=0, le=1e6, note="x the round's median update norm, with 3 or more updates; 0: off"
+        4.0, RUN, ge=0, le=1e6, note="0: off, otherwise at least 1; times the round's median update norm"
     )
     initial_model: Path | None = setting(
         None, RUN, allowed="a model .npz file (e.g. a run's final_model.npz), or empty"
