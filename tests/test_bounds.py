@@ -50,10 +50,11 @@ def honest(four_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> float
     return accuracy
 
 
+@pytest.mark.parametrize("mode", [{}, {"MODE": "async", "BUFFER_SIZE": "3"}], ids=["sync", "async"])
 def test_a_boosted_update_under_the_old_bound_is_refused_and_the_model_stays_sound(
-    four_shards: Path, honest: float, tmp_path: Path
+    four_shards: Path, honest: float, tmp_path: Path, mode: dict[str, str]
 ) -> None:
-    code, output, accuracy = run(four_shards, tmp_path, attacker=True)
+    code, output, accuracy = run(four_shards, tmp_path, True, **mode)
     assert "the automatic UPDATE_NORM_LIMIT" in output or "UPDATE_NORM_LIMIT empty" in output, output
     assert code == 0, output
     assert accuracy is not None and accuracy >= honest - 0.03, (accuracy, honest)
