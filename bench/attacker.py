@@ -4,6 +4,7 @@ client image's normal path (`flowerpot client` does not know it).
     python -m bench.attacker --attack signflip [--scale 10]   # sends global - scale * (its update)
     python -m bench.attacker --attack gaussian [--sigma 200]  # sends global + N(0, sigma^2) noise
     python -m bench.attacker --attack labelflip               # trains honestly on labels C-1-y
+    python -m bench.attacker --attack labelflip --boost-norm 950  # ... its update stretched to L2 norm 950
 
 It is the Flowerpot client (same settings, shard claim, connection, evaluation) with one change
 to fit, as the literature defines the attacks, not tuned to make any row look good:
@@ -14,6 +15,10 @@ to fit, as the literature defines the attacks, not tuned to make any row look go
   (Krum's paper) use for their Gaussian Byzantine workers;
 - label flipping: label y becomes C-1-y on the attacker's training data (Fang et al. 2020,
   Tolpegin et al. 2020); the attacker's evaluation stays honest.
+
+--boost-norm N (any attack) stretches or shrinks what the attacker sends so that it lies at L2
+distance N from the global model: the model-replacement boost (Bagdasaryan et al. 2020) aimed
+just under a fixed norm bound, as an attacker who knows the bound would.
 """
 
 from __future__ import annotations
@@ -40,6 +45,14 @@ def attacked_update(
     return trained  # labelflip poisons the data, not the update
 
 
+def boosted(global_arrays: list[np.ndarray], sent: list[np.ndarray], norm: float) -> list[np.ndarray]:
+    """`sent` moved along its own direction from the global model to L2 distance `norm`."""
+    delta = [s.astype(np.float64) - g for g, s in zip(global_arrays, sent)]
+    length = float(np.sqrt(sum(np.square(d).sum() for d in delta)))
+    factor = norm / length if length > 0 else 0.0
+    return [(g + factor * d).astype(s.dtype) for g, s, d in zip(global_arrays, sent, delta)]
+
+
 def flipped_labels(y: np.ndarray, num_classes: int) -> np.ndarray:
     return (num_classes - 1 - y).astype(y.dtype)
 
@@ -49,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attack", choices=ATTACKS, required=True)
     parser.add_argument("--scale", type=float, default=10.0, help="signflip: the update's multiplier (default 10)")
     parser.add_argument("--sigma", type=float, default=200.0, help="gaussian: the noise's std (default 200)")
+    parser.add_argument("--boost-norm", type=float, default=0.0, help="send at this L2 distance (default 0: as is)")
     args = parser.parse_args(argv)
     from shared.logs import prepare_flower_environment
 
@@ -68,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
             trained, examples, metrics = super().fit(parameters, config)
             seed = self.settings.seed * 100_003 + int(config.get(protocol.SERVER_ROUND, 0))
-            return attacked_update(args.attack, parameters, trained, args.scale, args.sigma, seed), examples, metrics
+            sent = attacked_update(args.attack, parameters, trained, args.scale, args.sigma, seed)
+            if args.boost_norm > 0:
+                sent = boosted(parameters, sent, args.boost_norm)
+            return sent, examples, metrics
 
     try:
         settings = Settings.load(Path(".env") if Path(".env").is_file() else None)

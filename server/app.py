@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import resource
+from pathlib import Path
 
 from server.reporting.live_metrics import LiveMetrics, metrics_host
 from server.reporting.results import Results
@@ -77,6 +78,19 @@ def run_server(settings: Settings) -> None:
         live.close()  # after the gRPC port is free: serves the final values a little longer
 
 
+def warn_if_shared(key: Path) -> None:
+    """A private key that other users of the machine can read lets them pose as this server."""
+    try:
+        mode = key.stat().st_mode & 0o777
+    except OSError:
+        return  # read a moment ago: a vanished key is the next reader's error
+    if mode & 0o077:
+        log.warning(
+            "%s is readable by other users (mode %03o): whoever reads it can pose as this server; "
+            "`chmod 600 %s` (flowerpot certs writes it so)", key, mode, key,
+        )  # fmt: skip
+
+
 def require_secure(settings: Settings) -> None:
     """REQUIRE_TLS (set where the port is published): no plaintext, no unauthenticated clients,
     unless the operator says ALLOW_INSECURE=true. An allow-list without client certificates
@@ -141,6 +155,7 @@ def load_tls(settings: Settings) -> tuple[TlsFiles | None, RevocationList | None
     folder = bundle(settings.certs_dir, "server")
     certificate, private_key = read_pem(folder, "server.pem"), read_pem(folder, "server.key")
     check_pair(folder / "server.pem", certificate, private_key)
+    warn_if_shared(folder / "server.key")
     if settings.client_auth == "none":
         return TlsFiles(certificate, private_key), None
     client_ca = read_pem(folder, "ca.pem")

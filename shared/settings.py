@@ -259,7 +259,12 @@ class Settings(BaseSettings):
     max_client_examples: int = setting(
         0, RUN, ge=0, le=10**12, note="0: the size of the data set, when the server knows it"
     )
-    update_norm_limit: float = setting(1000.0, RUN, gt=0, le=1e9)
+    update_norm_limit: float | None = setting(
+        None, RUN, gt=0, le=1e9, note="empty: 5 x the global model's own L2 norm, every round"
+    )
+    update_norm_median_multiple: float = setting(
+        4.0, RUN, ge=0, le=1e6, note="0: off, otherwise at least 1; times the round's median update norm"
+    )
     initial_model: Path | None = setting(
         None, RUN, allowed="a model .npz file (e.g. a run's final_model.npz), or empty"
     )
@@ -295,6 +300,13 @@ class Settings(BaseSettings):
     def _known_strategy(cls, value: str) -> str:
         if value not in STRATEGIES:
             raise ValueError("not a strategy of the table")
+        return value
+
+    @field_validator("update_norm_median_multiple")
+    @classmethod
+    def _median_multiple(cls, value: float) -> float:
+        if 0 < value < 1:
+            raise ValueError("below 1 refuses the median update itself")
         return value
 
     @field_validator("image_channels")

@@ -185,4 +185,6 @@ def test_when_no_update_is_ever_sound_the_versions_fail_and_the_run_ends(federat
     assert all(r["failed"].startswith("no sound update of 3") for r in rounds), rounds
     assert all(r["updates_refused"] == 3 and r["clients_trained"] == 0 for r in rounds)
     assert run.server.output.count("version 2/3: 0 updates") == 1
-    assert code == 0, run.server.output
+    # A run that never trained does not report success (docs/notes-bounds.md: exit status 7).
+    assert code == 7, run.server.output
+    assert "the run FAILED: its last 3 rounds all failed" in run.server.output

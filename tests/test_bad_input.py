@@ -712,6 +712,13 @@ CASES = [
         "UPDATE_NORM_LIMIT='nan' is not valid: use a number > 0",
     ),
     Case(
+        "update-norm-median-multiple-below-one",
+        ["server"],
+        {"UPDATE_NORM_MEDIAN_MULTIPLE": "0.5"},
+        2,
+        "UPDATE_NORM_MEDIAN_MULTIPLE='0.5' is not valid: use a number from 0 to 1000000.0 (0: off, otherwise",
+    ),
+    Case(
         "initial-model-missing",
         ["server"],
         {"INITIAL_MODEL": "nope.npz"},

@@ -27,8 +27,13 @@ def proxy(i: int) -> NamedClientProxy:
 
 
 def strategy(name: str, **values):
-    # 5 clients: enough for Krum with one malicious client and for FedTrimmedAvg to trim one
-    values = {"min_fit_clients": 5, "min_available_clients": 5, **values}
+    # 5 clients: enough for Krum with one malicious client and for FedTrimmedAvg to trim one. GLOBAL
+    # is all zeros, a model with no size of its own: these tests give the update bounds explicitly
+    # (the automatic ones have tests of their own).
+    values = {
+        "min_fit_clients": 5, "min_available_clients": 5,
+        "update_norm_limit": 1000.0, "update_norm_median_multiple": 0.0, **values,
+    }  # fmt: skip
     settings = Settings(strategy=name, **values)
     return build_strategy(settings, ndarrays_to_parameters(GLOBAL))
 

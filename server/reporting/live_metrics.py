@@ -37,6 +37,7 @@ SCRAPE_GRACE = 0.5  # seconds to finish answering the scrape that ends the linge
 OTHER = "other"  # the label of every client beyond MAX_CLIENT_SERIES
 # An update's refusal reason, from the guard's message (server/training/strategies.py), as a bounded label.
 REFUSAL_REASONS = (
+    ("UPDATE_NORM_MEDIAN_MULTIPLE", "norm_median"),
     ("UPDATE_NORM_LIMIT", "norm_limit"),
     ("the data set can give", "too_many_examples"),
     ("its metric", "bad_metric"),

@@ -76,6 +76,19 @@ class Results:
             probe.unlink()
         except OSError as exc:
             raise _unwritable(folder, exc) from None
+        self.remove_torn_writes()
+
+    def remove_torn_writes(self) -> None:
+        """A file of ours half-written when the server stopped (a full disk, a kill between write
+        and rename) is removed: its complete predecessor is still in place."""
+        for name in (CHECKPOINT, GLOBAL_MODEL, FINAL_MODEL, HISTORY_LINES, HISTORY_JSON, HISTORY_CSV):
+            torn = self.folder / f".{name}.tmp"
+            try:
+                if torn.is_file():
+                    torn.unlink()
+                    log.warning("removed %s, left by a write that did not finish (a full disk?)", torn)
+            except OSError as exc:
+                raise _unwritable(self.folder, exc) from None
 
     def save_round(self, record: RoundRecord, checkpoint: Checkpoint, meta: dict[str, Any]) -> None:
         """After every round, before the next one starts: the record appended to history.jsonl,
@@ -148,15 +161,16 @@ class Results:
                         path, ", ".join(missing), FRESH_START,
                     )  # fmt: skip
                     return None
+                wrong = meta_problem(meta)
+                if wrong is not None:
+                    raise ValueError(wrong)
                 parameters = [data[f"param_{i}"] for i in range(meta["parameters"])]
                 state = {n: [data[f"state_{n}_{i}"] for i in range(k)] for n, k in meta["strategy_state"].items()}
         except (OSError, KeyError, ValueError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
             log.warning("%s cannot be read (%s: %s): not resuming from it; %s",
                         path, exc.__class__.__name__, exc, FRESH_START)  # fmt: skip
             return None
-        return Checkpoint(
-            dict(meta["run"]), int(meta["round"]), bool(meta["finished"]), ndarrays_to_parameters(parameters), state
-        )
+        return Checkpoint(dict(meta["run"]), meta["round"], meta["finished"], ndarrays_to_parameters(parameters), state)
 
     def resume_history(self, checkpoint: Checkpoint) -> list[RoundRecord] | None:
         """The records of rounds 1..checkpoint.round, and history.jsonl rewritten to hold exactly
@@ -192,8 +206,11 @@ class Results:
         records = []
         for number, line in enumerate(complete, start=1):
             try:
-                records.append(RoundRecord.from_line(line))
-            except ValueError as exc:  # json's errors are ValueErrors too
+                record = RoundRecord.from_line(line)
+                if not _whole(record.round):
+                    raise ValueError(f"its round is {record.round!r}, not a whole number")
+                records.append(record)
+            except (ValueError, TypeError) as exc:  # json's errors are ValueErrors too
                 log.warning("%s line %d is not a round record (%s): not resuming; %s", path, number, exc, FRESH_START)
                 return None
         return records
@@ -254,6 +271,28 @@ class Results:
         fig.tight_layout()
         fig.savefig(self.folder / HISTORY_PLOT, dpi=100)
         plt.close(fig)
+
+
+def meta_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with the types of a checkpoint's metadata, or None. Checked before any use:
+    a damaged value must end in a new run, never in a traceback, and "false" (a string) must not
+    read as finished."""
+    if not isinstance(meta["run"], dict):
+        return f"its run is {meta['run']!r}, not a JSON object of settings"
+    if not _whole(meta["round"]) or meta["round"] < 1:
+        return f"its round is {meta['round']!r}, not a whole number from 1"
+    if not isinstance(meta["finished"], bool):
+        return f"its finished is {meta['finished']!r}, not true or false"
+    if not _whole(meta["parameters"]) or meta["parameters"] < 1:
+        return f"its parameters is {meta['parameters']!r}, not a count of arrays from 1"
+    state = meta["strategy_state"]
+    if not isinstance(state, dict) or not all(_whole(k) and k >= 0 for k in state.values()):
+        return f"its strategy_state is {state!r}, not a JSON object of array counts"
+    return None
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _unwritable(folder: Path, exc: OSError) -> BadInput:

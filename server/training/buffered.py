@@ -345,13 +345,14 @@ class BufferedRounds:
             update.res.parameters = ndarrays_to_parameters(rebased)
             results.append((update.proxy, update.res))
         version = self.version + 1
-        self.guard.distance.set_global(current)  # the re-based updates are measured from here
+        self.guard.measure_from(self.parameters, self.version)  # the re-based updates are measured from here
         refusals = list(window.refused.values())
         failures: Failures = [*window.failures.values(), *(ValueError(problem) for _, problem in refusals)]
         report = self.guard.aggregate(version, results, failures)
         refusals = [*refusals, *report.refused]  # every refusal of this version, the guard's (of re-based updates) last
         if report.parameters is not None:
-            self.parameters = self.step(current, report.parameters)
+            # a rolled-back model is the last sound one itself, not a step to take from it
+            self.parameters = report.parameters if report.rolled_back else self.step(current, report.parameters)
         self.version = version
         aggregated = time.perf_counter()
         self.models[version] = self.arrays(self.parameters)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from server.training.strategies import (
 from server.transport.admission import BoundedClientManager
 from server.transport.wiring import Traffic
 from shared import protocol
-from shared.errors import ClientsTimeout
+from shared.errors import ClientsTimeout, RunFailed
 from shared.settings import Settings
 
 log = logging.getLogger("flowerpot.server")
@@ -44,6 +45,10 @@ DISCONNECT_TIMEOUT = 10.0
 # when they all match.
 RUN_SETTINGS = Settings.names_defining("run")
 INITIAL_PARAMETER_TRIES = 3
+# A run whose last this many rounds (all of them, when it has fewer) failed did not train: it
+# ends with RUN_FAILED, not success. One failed round at the end is a bad round; three in a row
+# are a federation that no longer produces a model (every update refused, or rolled back).
+FAILED_FINAL_ROUNDS = 3
 
 
 class Federation:
@@ -130,6 +135,10 @@ class Federation:
             )  # fmt: skip
             for line in report_sites(final, self.results.folder):
                 log.info(line)
+            wrecked = run_failure(self.history, server.parameters, strategy)
+            if wrecked is not None:
+                completed = False
+                raise RunFailed(f"the run FAILED: {wrecked}; its results are in {self.results.folder}")
         finally:  # also when the run fails: connected clients are told to go, not left waiting
             self.live.end(completed)
             server.disconnect_all_clients(timeout=DISCONNECT_TIMEOUT)
@@ -207,6 +216,11 @@ class Federation:
         eval_failures: list = []
         if evaluation is not None:
             eval_loss, eval_metrics, (eval_results, eval_failures) = evaluation
+        refused_evaluations = [str(f) for f in eval_failures if isinstance(f, ValueError)]
+        rolled_back = strategy.check_evaluation(server_round, eval_loss, refused_evaluations)
+        if rolled_back is not None:
+            server.parameters, failed = rolled_back
+            report = replace(report, failed=failed)
         refused = len(report.refused)
         sent, received = self.traffic.take()
         record = RoundRecord(
@@ -245,6 +259,22 @@ class Federation:
             "eval_loss": record.eval_loss,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+
+
+def run_failure(history: list[RoundRecord], final: Parameters, guard: GuardedStrategy) -> str | None:
+    """Why a run that played all its rounds did not produce a usable model, or None."""
+    tail = history[-FAILED_FINAL_ROUNDS:]
+    if tail and all(record.failed for record in tail):
+        return (
+            f"its last {len(tail)} rounds all failed, the last one because {tail[-1].failed}; "
+            f"the final model is that of round {guard.sound[0]} at best"
+        )
+    if not guard.finite(final):
+        return "its final model holds NaN or Inf values"
+    last = history[-1] if history else None
+    if last is not None and last.clients_evaluated == 0 and last.eval_failures > 0:
+        return f"no client could evaluate its final model ({last.eval_failures} evaluations failed or were refused)"
+    return None
 
 
 def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

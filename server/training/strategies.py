@@ -25,6 +25,9 @@ from flwr.server.strategy import Strategy
 
 from server.training.aggregate_metrics import weighted_average
 from server.training.update_checks import (
+    LOSS_EXPLOSION,
+    NORM_MODEL_MULTIPLE,
+    NOT_FINITE,
     UpdateDistance,
     clean_metrics,
     count_problem,
@@ -33,6 +36,8 @@ from server.training.update_checks import (
     l2_norm,
     loss_problem,
     median_bound,
+    median_norm_bound,
+    model_norm_limit,
 )
 from shared import protocol
 from shared.modelfile import npy_view
@@ -91,6 +96,7 @@ def build_strategy(
         evaluate_config,
         max_examples=example_limit(s),
         norm_limit=s.update_norm_limit,
+        norm_median_multiple=s.update_norm_median_multiple,
         min_completion_rate=s.min_completion_rate,
         clip_norm=s.clip_norm,
         known_metrics=known_metrics(task_metrics or {}),
@@ -133,6 +139,7 @@ class FitReport:
     metrics: dict[str, Scalar]
     refused: list[tuple[ClientProxy, str]] = field(default_factory=list)  # the updates refused, and why
     failed: str | None = None  # why the round's result is not applied, or None
+    rolled_back: bool = False  # `parameters` is the last sound model, in place of an unusable one
 
     @property
     def reasons(self) -> list[str]:
@@ -143,8 +150,10 @@ class GuardedStrategy(Strategy):
     """Delegates to a Flower strategy, with these additions.
 
     - Updates with the wrong number of arrays, wrong shapes or dtypes, NaN/Inf values, no
-      examples or more than the data set holds, or further than UPDATE_NORM_LIMIT from the global
-      model are refused, logged, and counted as failures; the round aggregates the rest.
+      examples or more than the data set holds, or further from the global model than
+      UPDATE_NORM_LIMIT (empty: a multiple of the model's own norm) or, with 3 or more sound
+      updates, than UPDATE_NORM_MEDIAN_MULTIPLE x their median, are refused, logged, and
+      counted as failures; the round aggregates the rest.
     - Evaluate results are checked the same way (count, finite loss and metrics, accuracy in
       [0, 1]); refused ones leave the results and count as evaluate failures.
     - Counts far above the round's median are clipped, and only known metrics are kept
@@ -161,19 +170,29 @@ class GuardedStrategy(Strategy):
         num_rounds: int,
         evaluate_config: Callable[[int], dict[str, Scalar]] = lambda _: {},
         max_examples: int = 2**62,
-        norm_limit: float = math.inf,
+        norm_limit: float | None = math.inf,
         min_completion_rate: float = 0.0,
         clip_norm: float = 0.0,
         known_metrics: tuple[dict[str, str], dict[str, str]] = (FIT_METRICS, EVALUATE_METRICS),
+        norm_median_multiple: float = 0.0,
     ) -> None:
         self.clip_norm = clip_norm
         self.fit_metrics, self.evaluate_metrics = known_metrics  # what a client's answer may report
         self.inner, self.num_rounds, self.evaluate_config = inner, num_rounds, evaluate_config
         self.min_completion_rate = min_completion_rate
-        self.max_examples, self.norm_limit = max_examples, norm_limit
+        # norm_limit None: the automatic bound, from the global model's own norm (model_norm_limit)
+        self.max_examples, self.norm_limit, self.norm_median_multiple = max_examples, norm_limit, norm_median_multiple
         self.reference = [TensorLayout.of(t) for t in initial.tensors]
         self.distance = UpdateDistance()
-        self.distance.set_global([ref.view(t) for t, ref in zip(initial.tensors, self.reference)])
+        self.size = sum(ref.view(t).size for t, ref in zip(initial.tensors, self.reference))
+        # The global model updates are measured from, its version, and the last one known sound
+        # (updates trained on it were finite, or its evaluation was) with the inner strategy's
+        # state of then: a model that proves unusable is replaced by it (`roll_back`).
+        self.base, self.base_version = initial, 0
+        self.sound: tuple[int, Parameters, dict[str, list[np.ndarray]]] = (0, initial, {})
+        self.best_loss = math.inf  # the lowest loss of a sound evaluation so far
+        self.evaluated: tuple[int, Parameters] | None = None  # the model the latest evaluation measured
+        self.measure_from(initial, 0)
         self.warned: set[str] = set()  # clients already told about dropped metrics
 
     def __repr__(self) -> str:
@@ -185,10 +204,15 @@ class GuardedStrategy(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        if all(ref.fits(t) for t, ref in zip(parameters.tensors, self.reference)):
-            self.distance.set_global([ref.view(t) for t, ref in zip(parameters.tensors, self.reference)])
+        self.measure_from(parameters, server_round - 1)
         _tell_round(client_manager, server_round, "fit")
         return self.inner.configure_fit(server_round, parameters, client_manager)
+
+    def measure_from(self, parameters: Parameters, version: int) -> None:
+        """Updates are now measured from this global model (of this round or version)."""
+        if all(ref.fits(t) for t, ref in zip(parameters.tensors, self.reference)):
+            self.distance.set_global([ref.view(t) for t, ref in zip(parameters.tensors, self.reference)])
+            self.base, self.base_version = parameters, version
 
     def aggregate_fit(
         self, server_round: int, results: FitResults, failures: Failures
@@ -202,14 +226,27 @@ class GuardedStrategy(Strategy):
         it), and the round failed when too few are sound."""
         refused: list[tuple[ClientProxy, str]] = []
         sound: FitResults = []
+        norms: list[float] = []
+        finite = 0
         for proxy, res in results:
             bad_metric = self.keep_known_metrics(proxy, res, self.fit_metrics)  # always: the history keeps them
-            problem = self.problem(res) or bad_metric
-            if problem is None:
+            problem, distance = self.problem_and_distance(res)
+            problem = problem or bad_metric
+            finite += distance is not None
+            if problem is None and distance is not None:
                 sound.append((proxy, res))
+                norms.append(distance)
             else:
-                refused.append((proxy, problem))
-                log.warning("round %d: refused the update of client %s: %s", server_round, client_label(proxy), problem)
+                self.refuse(refused, server_round, proxy, problem or "")
+        sound = self.within_median(refused, server_round, sound, norms)
+        if finite or any(NOT_FINITE not in str(f) for f in failures if isinstance(f, ValueError)):
+            # a finite update was trained on it (async: refused in the buffer for another reason)
+            self.sound = (self.base_version, self.base, strategy_state(self))
+        elif results or failures:
+            unusable = self.unusable_base(refused, failures)
+            if unusable is not None:
+                last_sound, why = self.roll_back(server_round, unusable)
+                return FitReport(last_sound, {}, refused, why, rolled_back=True)
         completed, sampled = completed_participants(sound, results, failures)
         failed = self.too_few(completed, sampled, len(results) + len(failures))
         if failed is not None:
@@ -264,18 +301,108 @@ class GuardedStrategy(Strategy):
         arrays = [npy_view(t) for t in parameters.tensors]
         return ndarrays_to_parameters([a.astype(ref.dtype) for a, ref in zip(arrays, self.reference)])
 
+    @staticmethod
+    def refuse(refused: list[tuple[ClientProxy, str]], server_round: int, proxy: ClientProxy, problem: str) -> None:
+        refused.append((proxy, problem))
+        log.warning("round %d: refused the update of client %s: %s", server_round, client_label(proxy), problem)
+
+    def within_median(
+        self, refused: list[tuple[ClientProxy, str]], server_round: int, sound: FitResults, norms: list[float]
+    ) -> FitResults:
+        """The updates within UPDATE_NORM_MEDIAN_MULTIPLE x the round's median norm (all of them
+        with fewer than MEDIAN_MIN_REPORTS); the others refused."""
+        bound = median_norm_bound(norms, self.norm_median_multiple)
+        if bound is None:
+            return sound
+        kept = []
+        for (proxy, res), norm in zip(sound, norms):
+            if norm <= bound:
+                kept.append((proxy, res))
+            else:
+                self.refuse(
+                    refused, server_round, proxy,
+                    f"it moves the model by {norm:.4g} (L2 norm), more than UPDATE_NORM_MEDIAN_MULTIPLE="
+                    f"{self.norm_median_multiple:g} x the round's median update norm "
+                    f"{bound / self.norm_median_multiple:.4g}",
+                )  # fmt: skip
+        return kept
+
+    def unusable_base(self, refused: list[tuple[ClientProxy, str]], failures: Failures) -> str | None:
+        """Why the global model the round trained on is unusable: every update came back NaN or
+        Inf (and not only one: a lone client's failure is its own), or None."""
+        problems = [problem for _, problem in refused] + [str(f) for f in failures if isinstance(f, ValueError)]
+        if len(problems) >= 2 and all(NOT_FINITE in p for p in problems) and self.base is not self.sound[1]:
+            return f"every update trained on it ({len(problems)}) was {NOT_FINITE}"
+        return None
+
+    def roll_back(self, server_round: int, why: str) -> tuple[Parameters, str]:
+        """The last sound global model (and the inner strategy's state of then) in place of an
+        unusable one, and why the round failed."""
+        version, parameters, state = self.sound
+        restore_strategy_state(self, state)
+        for name in STATE_ATTRIBUTES:
+            if name not in state and getattr(self.inner, name, None) is not None:
+                setattr(self.inner, name, None)  # a server optimizer's moments start afresh
+        if hasattr(self.inner, "current_weights"):  # FedOpt's own copy of the weights: the rolled-back ones
+            self.inner.current_weights = [npy_view(t).copy() for t in parameters.tensors]
+        failed = f"the global model is unusable ({why}): rolled back to that of round {version}"
+        log.warning("round %d: %s", server_round, failed)
+        self.measure_from(parameters, version)
+        return parameters, failed
+
+    def check_evaluation(
+        self, server_round: int, loss: float | None, refused: list[str]
+    ) -> tuple[Parameters, str] | None:
+        """After the evaluation of round `server_round`'s model: the last sound model when this
+        one is unusable (every evaluation NaN or Inf, or the loss above LOSS_EXPLOSION x the lowest
+        sound one so far), else None (and the model is sound when it was evaluated)."""
+        evaluated = self.evaluated
+        self.evaluated = None
+        if evaluated is None or evaluated[0] != server_round:
+            return None
+        why = None
+        if loss is None and len(refused) >= 1 and all(NOT_FINITE in p for p in refused):
+            why = f"every evaluation of it ({len(refused)}) was {NOT_FINITE}"
+        elif loss is not None and math.isfinite(self.best_loss) and loss > LOSS_EXPLOSION * self.best_loss:
+            why = f"its evaluation loss {loss:.4g} is above {LOSS_EXPLOSION:g} x the run's lowest, {self.best_loss:.4g}"
+        if why is not None and evaluated[1] is not self.sound[1]:
+            return self.roll_back(server_round, why)
+        if loss is not None and math.isfinite(loss):
+            if math.isfinite(self.best_loss):  # the first evaluation only sets the scale
+                self.sound = (server_round, evaluated[1], strategy_state(self))
+            self.best_loss = min(self.best_loss, loss)
+        return None
+
+    def finite(self, parameters: Parameters) -> bool:
+        return all(ref.fits(t) and np.isfinite(ref.view(t)).all() for t, ref in zip(parameters.tensors, self.reference))
+
     def problem(self, res: FitRes) -> str | None:
         """Why a client update cannot be aggregated, or None when it can."""
+        return self.problem_and_distance(res)[0]
+
+    def problem_and_distance(self, res: FitRes) -> tuple[str | None, float | None]:
+        """(why a client update cannot be aggregated or None, its distance from the global model
+        when it is a finite update of the model's layout)."""
         layout = self.layout_problem(res)
         if layout is not None:
-            return layout
+            return layout, None
         distance = self.distance.of([ref.view(t) for t, ref in zip(res.parameters.tensors, self.reference)])
         log.debug("update norm %.4f", distance)
-        return self.norm_problem(distance)
+        return self.norm_problem(distance), distance
 
     def norm_problem(self, distance: float) -> str | None:
-        if not distance <= self.norm_limit:
-            return f"it moves the model by {distance:.4g} (L2 norm), more than UPDATE_NORM_LIMIT={self.norm_limit:g}"
+        """Above the absolute bound: UPDATE_NORM_LIMIT, or the automatic one from the model's norm."""
+        if self.norm_limit is not None:
+            limit = self.norm_limit
+            if not distance <= limit:
+                return f"it moves the model by {distance:.4g} (L2 norm), more than UPDATE_NORM_LIMIT={limit:g}"
+            return None
+        bound = model_norm_limit(self.distance.model_norm, self.size)
+        if not distance <= bound:
+            return (
+                f"it moves the model by {distance:.4g} (L2 norm), more than {bound:.4g} (UPDATE_NORM_LIMIT empty: "
+                f"{NORM_MODEL_MULTIPLE:g} x the global model's own norm, {self.distance.model_norm:.4g})"
+            )
         return None
 
     def layout_problem(self, res: FitRes) -> str | None:
@@ -322,6 +449,7 @@ class GuardedStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         _tell_round(client_manager, server_round, "evaluate")
+        self.evaluated = (server_round, parameters)
         instructions = self.inner.configure_evaluate(server_round, parameters, client_manager)
         if server_round != self.num_rounds:
             return instructions
