@@ -13,7 +13,6 @@ from flwr.common import ndarrays_to_parameters
 
 from conftest import federation_env, free_address, run_cli
 from flowerpot.launcher import Process, clean_env
-
 from server.reporting.record import RoundRecord
 from server.reporting.results import CHECKPOINT, HISTORY_LINES, Checkpoint, Results
 from shared.errors import ExitCode
