@@ -52,6 +52,14 @@ COPY shared/ shared/
 # The code only: client/wheels/ is in the build context for the torch layer, not for the image.
 COPY client/*.py client/
 COPY client/data/ client/data/
+COPY client/tasks/ client/tasks/
+# Your own task (docs/own-model.md), baked in for machines where it is not mounted (EC2 sites,
+# Swarm nodes): --build-arg TASK_DIR=tasks/my_task (a folder under tasks/ or examples/, the ones
+# .dockerignore lets in; docker-compose.yml passes .env's TASK_DIR), run with TASK_DIR=/task.
+# A requirements.txt beside the module is installed here. Without it: the built-in task only.
+ARG TASK_DIR=client/tasks
+COPY ${TASK_DIR}/ /task/
+RUN if [ -f /task/requirements.txt ]; then pip install -r /task/requirements.txt; fi
 USER flowerpot
 ENV DATA_DIR=/data RESULTS_DIR=/results SERVER_ADDRESS=server:8080
 ENTRYPOINT ["python", "-m", "flowerpot"]

@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     from shared.settings import Settings
 
     class AttackingClient(app.FlowerpotClient):
-        def __init__(self, shard, settings: Settings, model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+        def __init__(self, shard, settings: Settings, model_dir: Path, task=None) -> None:  # type: ignore[no-untyped-def]
             if args.attack == "labelflip":
                 shard = dataclasses.replace(shard, y_train=flipped_labels(shard.y_train, shard.spec.num_classes))
-            super().__init__(shard, settings, model_dir)
+            super().__init__(shard, settings, model_dir, task)  # the run's task, attacked like any other
 
         def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
             trained, examples, metrics = super().fit(parameters, config)

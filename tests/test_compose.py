@@ -242,3 +242,20 @@ def test_a_replica_beyond_max_clients_is_refused_once(project, tmp_path: Path) -
     assert log.count("error: the server at server:8080 refused this client: the server is full: MAX_CLIENTS=3") == 1
     assert "restarting" not in log
     assert "refused client" in p.logs("server")
+
+
+def test_a_task_folder_in_task_dir_is_mounted_into_the_clients(project, tmp_path: Path) -> None:
+    """The docs' contract module, copied unchanged into a folder of the user's: TASK_DIR mounts it
+    read-only into the client containers; no image rebuild."""
+    folder = tmp_path / "my_task"
+    folder.mkdir()
+    (folder / "my_task.py").write_text((REPO / "tests" / "contract_task.py.txt").read_text())
+    folder.chmod(0o755)  # the containers' user (uid 10001) reads it
+    (folder / "my_task.py").chmod(0o644)
+    p = project(TASK="my_task", TASK_DIR=str(folder), NUM_ROUNDS="2", LOCAL_EPOCHS="1", LEARNING_RATE="0.005")
+    result, _ = p.up("--scale", "client=3")
+    assert result.returncode == 0, result.stdout[-4000:]
+    rounds = history(p, tmp_path)
+    assert len(rounds) == 2 and rounds[-1]["eval_accuracy"] >= 0.8, rounds[-1]
+    meta = json.loads((tmp_path / f"results-{p.name}" / "final_model.json").read_text())
+    assert meta["task"] == "my_task"

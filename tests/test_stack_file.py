@@ -31,12 +31,13 @@ def services() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def mounts(service: dict[str, Any]) -> dict[str, bool]:
-    """Volume target -> read-only, leaving out /certs: the stack's certificates are secrets."""
+    """Volume target -> read-only, leaving out /certs (the stack's certificates are secrets) and
+    /task (a swarm's nodes have no task folder: it is baked into the client image)."""
     found = {}
     for entry in service.get("volumes", []):
         _, target, *mode = re.sub(r"\$\{[^}]*\}", "VAR", entry).split(":")  # ${NAME:-default} has a colon
         found[target] = mode == ["ro"]
-    return {t: ro for t, ro in found.items() if t not in ("/certs", "/etc/flowerpot/.env")}
+    return {t: ro for t, ro in found.items() if t not in ("/certs", "/etc/flowerpot/.env", "/task")}
 
 
 def test_every_service_of_a_compose_run_is_in_the_stack(services) -> None:
