@@ -30,3 +30,27 @@ def join_value(site: str, shard: str, shard_checksum: str, input_fingerprint: di
 def compatible(version: str) -> bool:
     """Same major.minor as this side."""
     return version.split(".")[:2] == VERSION.split(".")[:2]
+
+
+# Every text a client sends (its name, site, shard, checksum, metric texts) reaches the server's
+# log, history.json, sites.json and metric labels: it is cut to a short length and its control
+# characters (newlines that would forge log lines, escapes that would drive a terminal) replaced.
+# 64: the longest X.509 common name; SITE_NAME and CLIENT_NAME are held to it at the client's start.
+MAX_NAME = 64
+MAX_TEXT = 256  # a text metric
+
+
+def clean_text(value: object, limit: int = MAX_NAME) -> str:
+    """`value` as printable text of at most `limit` characters ("?" for each unprintable one)."""
+    text = str(value)
+    cut = text[:limit]
+    return "".join(ch if ch.isprintable() else "?" for ch in cut) + ("..." if len(text) > limit else "")
+
+
+def text_problem(value: str, limit: int = MAX_NAME) -> str | None:
+    """Why a name a client would send is refused at its start, or None."""
+    if len(value) > limit:
+        return f"{len(value)} characters, more than {limit}"
+    if not value.isprintable():
+        return "it holds control characters"
+    return None

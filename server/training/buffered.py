@@ -53,6 +53,7 @@ from server.training.update_checks import l2_norm
 from server.transport.admission import BoundedClientManager
 from server.transport.wiring import Traffic
 from shared.errors import ClientsTimeout
+from shared.protocol import MAX_TEXT, clean_text
 from shared.settings import Settings
 
 log = logging.getLogger("flowerpot.server")
@@ -266,7 +267,8 @@ class BufferedRounds:
                 self.failed(task, exc, final)
                 continue
             if res.status.code != Code.OK:
-                self.failed(task, RuntimeError(f"client status {res.status.code.name}: {res.status.message}"), final)
+                message = clean_text(res.status.message, MAX_TEXT)
+                self.failed(task, RuntimeError(f"client status {res.status.code.name}: {message}"), final)
             elif task.kind == "fit":
                 self.received(task, res)
                 if len(self.window.buffer) >= self.buffer_size and self.version < self.s.num_rounds:
@@ -523,4 +525,5 @@ def _fmt(value: float | None) -> str:
 
 
 def _why(exc: BaseException) -> str:
-    return f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+    # A client's failure can carry its own text (a status message): cut and cleaned like all of it.
+    return f"{exc.__class__.__name__}: {clean_text(exc, MAX_TEXT)}" if str(exc) else exc.__class__.__name__

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from shared.errors import BadInput
+from shared.protocol import MAX_NAME, MAX_TEXT, clean_text
 from shared.settings import Settings
 
 log = logging.getLogger("flowerpot.server")
@@ -43,7 +44,6 @@ log = logging.getLogger("flowerpot.server")
 DATASET_SIZES = {"digits": 1_797, "mnist": 70_000, "fashion-mnist": 70_000, "cifar10": 60_000}
 MEDIAN_MULTIPLE = 10  # a count above this many times the round's median report is clipped
 MEDIAN_MIN_REPORTS = 3  # below this, a median says nothing about who is lying
-MAX_TEXT = 256  # characters of a text metric that are kept
 # The automatic absolute update bound: this many times the global model's L2 norm, the norm taken
 # as at least NORM_FLOOR_RMS x sqrt(weights) (a model initialised near zero has no size of its
 # own yet). 5: ten times the largest honest ratio measured (0.5, in round 1), room for data sets
@@ -57,10 +57,10 @@ LOSS_EXPLOSION = 100.0
 NOT_FINITE = "NaN or Inf"  # in the problem of every update or evaluation that is not a finite number
 
 # The metrics Flowerpot clients report, with their types; anything else is dropped.
-RATIO, NUMBER, TEXT = "ratio", "number", "text"
-FIT_METRICS = {"train_loss": NUMBER, "train_accuracy": RATIO, "train_seconds": NUMBER, "shard": TEXT,
+RATIO, NUMBER, TEXT, NAME = "ratio", "number", "text", "name"  # a name: a short text
+FIT_METRICS = {"train_loss": NUMBER, "train_accuracy": RATIO, "train_seconds": NUMBER, "shard": NAME,
                "train_proximal_term": NUMBER}  # fmt: skip
-EVALUATE_METRICS = {"accuracy": RATIO, "eval_seconds": NUMBER, "shard": TEXT}
+EVALUATE_METRICS = {"accuracy": RATIO, "eval_seconds": NUMBER, "shard": NAME}
 
 
 def example_limit(settings: Settings) -> int:
@@ -97,14 +97,14 @@ def median_bound(counts: list[int]) -> int | None:
 
 def clean_metrics(metrics: dict[str, Any], known: dict[str, str]) -> tuple[dict[str, Any], list[str], str | None]:
     """(the metrics kept, the keys dropped, a problem that refuses the answer or None).
-    Texts are cut to MAX_TEXT characters; a known number that is not finite, or a ratio outside
-    [0, 1], is a problem."""
+    Texts are cut to MAX_TEXT characters (names to MAX_NAME) and their control characters
+    replaced; a known number that is not finite, or a ratio outside [0, 1], is a problem."""
     kept: dict[str, Any] = {}
     dropped: list[str] = []
     for key, value in metrics.items():
         kind = known.get(key)
-        if kind == TEXT and isinstance(value, str):
-            kept[key] = value[:MAX_TEXT]
+        if kind in (TEXT, NAME) and isinstance(value, str):
+            kept[key] = clean_text(value, MAX_TEXT if kind == TEXT else MAX_NAME)
         elif kind in (NUMBER, RATIO) and isinstance(value, Real) and not isinstance(value, bool):
             number = float(value)
             if not math.isfinite(number):
@@ -113,7 +113,7 @@ def clean_metrics(metrics: dict[str, Any], known: dict[str, str]) -> tuple[dict[
                 return kept, dropped, f"its metric {key} is {number}, outside [0, 1]"
             kept[key] = value
         else:
-            dropped.append(str(key)[:MAX_TEXT])
+            dropped.append(clean_text(key))
     return kept, dropped, None
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.transport.stream import NamedClientProxy
-from shared.protocol import VERSION, compatible
+from shared.protocol import VERSION, clean_text, compatible
 
 log = logging.getLogger("flowerpot.server")
 
@@ -56,9 +56,9 @@ class Join:
         data = json.loads(text)
         if not isinstance(data, dict) or not isinstance(data.get("input"), dict):
             raise ValueError("not a JSON object with an input")
-        return cls(
-            str(data["version"]), str(data["site"]), str(data["shard"]), str(data["shard_checksum"]), data["input"]
-        )
+        # Cut and cleaned (shared/protocol.py): they reach the log, sites.json and metric labels.
+        version, site, shard, checksum = (clean_text(data[k]) for k in ("version", "site", "shard", "shard_checksum"))
+        return cls(version, site, shard, checksum, data["input"])
 
 
 @dataclass

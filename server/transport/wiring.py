@@ -27,7 +27,7 @@ from server.transport.stream import NamedClientProxy as NamedClientProxy  # re-e
 from server.transport.stream import Oversized, new_proxy, open_seat, relay
 from shared.errors import BadInput
 from shared.keepalive import keepalive_options
-from shared.protocol import CLIENT_NAME_KEY, JOIN_KEY
+from shared.protocol import CLIENT_NAME_KEY, JOIN_KEY, clean_text
 from shared.revocation import RevocationList
 
 log = logging.getLogger("flowerpot.server")
@@ -159,7 +159,7 @@ def _refuse(context: grpc.ServicerContext, who: str, code: grpc.StatusCode, reas
 def identify(context: grpc.ServicerContext) -> tuple[str, str]:
     """The name the client gives itself, and a description for logs."""
     given = dict(context.invocation_metadata() or ()).get(CLIENT_NAME_KEY, "")
-    name = str(given) or context.peer()
+    name = clean_text(given) or context.peer()  # the peer: gRPC's own address text
     return name, f"{name} ({context.peer()})"
 
 
@@ -180,7 +180,7 @@ def peer_certificate(context: grpc.ServicerContext) -> x509.Certificate | None:
 
 def common_name(cert: x509.Certificate) -> str:
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if names else cert.subject.rfc4514_string()
+    return clean_text(names[0].value if names else cert.subject.rfc4514_string())
 
 
 def start_grpc_server(
