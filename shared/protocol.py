@@ -34,7 +34,7 @@ MODEL_VERSION = "model_version"  # async: the version the client trains on
 FIT_ID = "fit_id"  # async: a number per fit, which seeds the client's shuffling
 
 # The metrics a Flowerpot client reports, with their types; the server drops any other.
-RATIO, NUMBER, TEXT = "ratio", "number", "text"
+RATIO, NUMBER, TEXT, NAME = "ratio", "number", "text", "name"  # a name: a short text
 TRAIN_LOSS = "train_loss"
 TRAIN_ACCURACY = "train_accuracy"
 TRAIN_SECONDS = "train_seconds"
@@ -42,9 +42,9 @@ TRAIN_PROXIMAL_TERM = "train_proximal_term"  # FedProx's term, on its own (not i
 SHARD = "shard"  # the shard's name, in both phases
 ACCURACY = "accuracy"
 EVAL_SECONDS = "eval_seconds"
-FIT_METRICS = {TRAIN_LOSS: NUMBER, TRAIN_ACCURACY: RATIO, TRAIN_SECONDS: NUMBER, SHARD: TEXT,
+FIT_METRICS = {TRAIN_LOSS: NUMBER, TRAIN_ACCURACY: RATIO, TRAIN_SECONDS: NUMBER, SHARD: NAME,
                TRAIN_PROXIMAL_TERM: NUMBER}  # fmt: skip
-EVALUATE_METRICS = {ACCURACY: RATIO, EVAL_SECONDS: NUMBER, SHARD: TEXT}
+EVALUATE_METRICS = {ACCURACY: RATIO, EVAL_SECONDS: NUMBER, SHARD: NAME}
 
 # A task's METRICS (client/tasks/): declared at join, inside the input ("metrics"), since the
 # server never imports a task. Both sides check a declaration by these rules.
@@ -71,3 +71,27 @@ def join_value(site: str, shard: str, shard_checksum: str, input_fingerprint: di
 def compatible(protocol: int) -> bool:
     """The same protocol version as this side."""
     return protocol == VERSION
+
+
+# Every text a client sends (its name, site, shard, checksum, metric texts) reaches the server's
+# log, history.json, sites.json and metric labels: it is cut to a short length and its control
+# characters (newlines that would forge log lines, escapes that would drive a terminal) replaced.
+# 64: the longest X.509 common name; SITE_NAME and CLIENT_NAME are held to it at the client's start.
+MAX_NAME = 64
+MAX_TEXT = 256  # a text metric
+
+
+def clean_text(value: object, limit: int = MAX_NAME) -> str:
+    """`value` as printable text of at most `limit` characters ("?" for each unprintable one)."""
+    text = str(value)
+    cut = text[:limit]
+    return "".join(ch if ch.isprintable() else "?" for ch in cut) + ("..." if len(text) > limit else "")
+
+
+def text_problem(value: str, limit: int = MAX_NAME) -> str | None:
+    """Why a name a client would send is refused at its start, or None."""
+    if len(value) > limit:
+        return f"{len(value)} characters, more than {limit}"
+    if not value.isprintable():
+        return "it holds control characters"
+    return None

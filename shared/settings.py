@@ -22,6 +22,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import BadInput
+from shared.protocol import text_problem
 from shared.strategy_table import STRATEGIES
 
 Dataset = Literal["digits", "mnist", "fashion-mnist", "cifar10", "folder"]
@@ -241,7 +242,9 @@ class Settings(BaseSettings):
     cert_hosts: str = setting("", NOTHING, allowed="a comma-separated list of extra DNS names or IPs for the server")
     # The name a client gives the server, and with TLS the bundle CERTS_DIR/clients/NAME it uses:
     # one default for both, the same as `flowerpot certs` and docker-compose.yml use.
-    client_name: str = setting(DEFAULT_CLIENT_NAME, NOTHING, allowed="a client name (the certificate to use)")
+    client_name: str = setting(
+        DEFAULT_CLIENT_NAME, NOTHING, allowed="a client name of at most 64 printable characters (its certificate)"
+    )
     # Mutual TLS, revocation and secure defaults
     # Seats one client certificate may hold (replicas of one site); bounded by default, so that
     # one certificate cannot fill MAX_CLIENTS. Not applied without client certificates, where a
@@ -273,7 +276,9 @@ class Settings(BaseSettings):
 
     # Sites: a federation of machines, each with its own disjoint shards
     site_name: str = setting(
-        "", NOTHING, allowed="a site name (empty: the client certificate's name, else the host name)"
+        "",
+        NOTHING,
+        allowed="a site name of at most 64 printable characters (empty: the certificate's name, else the host name)",
     )
     site_shards: str = setting(
         "", NOTHING, allowed="shard numbers below NUM_SHARDS, such as 0-2, 3,4 or 1 (empty: all)"
@@ -307,6 +312,14 @@ class Settings(BaseSettings):
     def _median_multiple(cls, value: float) -> float:
         if 0 < value < 1:
             raise ValueError("below 1 refuses the median update itself")
+        return value
+
+    @field_validator("site_name", "client_name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        problem = text_problem(value)  # the server would cut it, and then not know the name
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("image_channels")
@@ -547,7 +560,8 @@ def _describe(exc: ValidationError) -> str:
     allowed = field.description if field is not None else "see README"
     env_name = name.upper()
     value = err.get("input")
-    return f"{env_name}={value!r} is not valid: use {allowed} (in .env or the environment)"
+    shown = repr(value) if len(repr(value)) <= 80 else f"{str(value)[:40]!r}... ({len(str(value))} characters)"
+    return f"{env_name}={shown} is not valid: use {allowed} (in .env or the environment)"
 
 
 # .env keys that are not settings but fill in the Compose files (docker-compose*.yml), and

@@ -719,6 +719,21 @@ CASES = [
         "UPDATE_NORM_MEDIAN_MULTIPLE='0.5' is not valid: use a number from 0 to 1000000.0 (0: off, otherwise",
     ),
     Case(
+        "site-name-too-long",  # the server would cut it to 64 characters and log a name nobody gave
+        ["client"],
+        {"SITE_NAME": "s" * 7000},
+        2,
+        "SITE_NAME='ssssssssssssssssssssssssssssssssssssssss'... (7000 characters) is not valid: use a site name "
+        "of at most 64 printable characters",
+    ),
+    Case(
+        "client-name-with-a-newline",
+        ["client"],
+        {"CLIENT_NAME": "site-a\nround 5/5"},
+        2,
+        "CLIENT_NAME='site-a\\nround 5/5' is not valid: use a client name of at most 64 printable characters",
+    ),
+    Case(
         "initial-model-missing",
         ["server"],
         {"INITIAL_MODEL": "nope.npz"},

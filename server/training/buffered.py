@@ -54,6 +54,7 @@ from server.transport.admission import BoundedClientManager
 from server.transport.wiring import Traffic
 from shared import protocol
 from shared.errors import ClientsTimeout
+from shared.protocol import MAX_TEXT, clean_text
 from shared.settings import Settings
 from shared.strategy_table import STRATEGIES
 
@@ -269,7 +270,8 @@ class BufferedRounds:
                 self.failed(task, exc)
                 continue
             if res.status.code != Code.OK:
-                self.failed(task, RuntimeError(f"client status {res.status.code.name}: {res.status.message}"))
+                message = clean_text(res.status.message, MAX_TEXT)
+                self.failed(task, RuntimeError(f"client status {res.status.code.name}: {message}"))
             elif task.kind == "fit":
                 self.received(task, res)
                 if len(self.window.buffer) >= self.buffer_size and self.version < self.s.num_rounds:
@@ -527,4 +529,5 @@ def _float(value: Any) -> float | None:
 
 
 def _why(exc: BaseException) -> str:
-    return f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+    # A client's failure can carry its own text (a status message): cut and cleaned like all of it.
+    return f"{exc.__class__.__name__}: {clean_text(exc, MAX_TEXT)}" if str(exc) else exc.__class__.__name__

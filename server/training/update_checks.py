@@ -36,14 +36,13 @@ import numpy as np
 
 from shared.datasets import SIZES
 from shared.errors import BadInput
-from shared.protocol import EVALUATE_METRICS, FIT_METRICS, NUMBER, RATIO, TEXT
+from shared.protocol import EVALUATE_METRICS, FIT_METRICS, MAX_NAME, MAX_TEXT, NAME, NUMBER, RATIO, TEXT, clean_text
 from shared.settings import Settings
 
 log = logging.getLogger("flowerpot.server")
 
 MEDIAN_MULTIPLE = 10  # a count above this many times the round's median report is clipped
 MEDIAN_MIN_REPORTS = 3  # below this, a median says nothing about who is lying
-MAX_TEXT = 256  # characters of a text metric that are kept
 # The automatic absolute update bound: this many times the global model's L2 norm, the norm taken
 # as at least NORM_FLOOR_RMS x sqrt(weights) (a model initialised near zero has no size of its
 # own yet). 5: ten times the largest honest ratio measured (0.5, in round 1), room for data sets
@@ -101,14 +100,14 @@ def median_bound(counts: list[int]) -> int | None:
 def clean_metrics(metrics: dict[str, Any], known: dict[str, str]) -> tuple[dict[str, Any], list[str], str | None]:
     """(the metrics kept, the keys dropped, a problem that refuses the answer or None); `known`
     is shared/protocol.py's FIT_METRICS or EVALUATE_METRICS.
-    Texts are cut to MAX_TEXT characters; a known number that is not finite, or a ratio outside
-    [0, 1], is a problem."""
+    Texts are cut to MAX_TEXT characters (names to MAX_NAME) and their control characters
+    replaced; a known number that is not finite, or a ratio outside [0, 1], is a problem."""
     kept: dict[str, Any] = {}
     dropped: list[str] = []
     for key, value in metrics.items():
         kind = known.get(key)
-        if kind == TEXT and isinstance(value, str):
-            kept[key] = value[:MAX_TEXT]
+        if kind in (TEXT, NAME) and isinstance(value, str):
+            kept[key] = clean_text(value, MAX_TEXT if kind == TEXT else MAX_NAME)
         elif kind in (NUMBER, RATIO) and isinstance(value, Real) and not isinstance(value, bool):
             number = float(value)
             if not math.isfinite(number):
@@ -117,7 +116,7 @@ def clean_metrics(metrics: dict[str, Any], known: dict[str, str]) -> tuple[dict[
                 return kept, dropped, f"its metric {key} is {number}, outside [0, 1]"
             kept[key] = value
         else:
-            dropped.append(str(key)[:MAX_TEXT])
+            dropped.append(clean_text(key))
     return kept, dropped, None
 
 

@@ -40,6 +40,7 @@ from shared.protocol import (
     TASK_METRIC_NAME,
     TASK_METRIC_TYPES,
     VERSION,
+    clean_text,
     compatible,
 )
 from shared.settings import BUILTIN_TASK
@@ -83,14 +84,9 @@ class Join:
         protocol = data.get("protocol", 1)  # Flowerpot 0.1.0 sent none: protocol 1
         if not isinstance(protocol, int) or isinstance(protocol, bool):
             raise ValueError(f"protocol {protocol!r} is not a whole number")
-        return cls(
-            protocol,
-            str(data["version"]),
-            str(data["site"]),
-            str(data["shard"]),
-            str(data["shard_checksum"]),
-            data["input"],
-        )
+        # Cut and cleaned (shared/protocol.py): they reach the log, sites.json and metric labels.
+        version, site, shard, checksum = (clean_text(data[k]) for k in ("version", "site", "shard", "shard_checksum"))
+        return cls(protocol, version, site, shard, checksum, data["input"])
 
 
 @dataclass

@@ -26,7 +26,7 @@ from server.transport.stream import NamedClientProxy as NamedClientProxy  # re-e
 from server.transport.stream import Oversized, new_proxy, open_seat, relay
 from shared.errors import BadInput
 from shared.keepalive import keepalive_options
-from shared.protocol import CLIENT_NAME_KEY, JOIN_KEY
+from shared.protocol import CLIENT_NAME_KEY, JOIN_KEY, clean_text
 from shared.revocation import RevocationList
 from shared.tls_files import common_name
 
@@ -150,7 +150,8 @@ class AdmittingServicer(FlowerServiceServicer):
         if cert is None:  # cannot happen with require_client_auth; refuse rather than trust
             _refuse(context, context.peer(), grpc.StatusCode.UNAUTHENTICATED, "no client certificate in TLS")
         assert cert is not None and self.revocations is not None
-        name = common_name(cert.subject) or cert.subject.rfc4514_string()
+        # Cut and cleaned: the name reaches the log, sites.json and metric labels.
+        name = clean_text(common_name(cert.subject) or cert.subject.rfc4514_string())
         who = f"{name} (certificate, serial {cert.serial_number:x}, {context.peer()})"
         reason = self.revocations.reason(cert.serial_number)
         if reason is not None:
@@ -181,7 +182,7 @@ def _refuse(context: grpc.ServicerContext, who: str, code: grpc.StatusCode, reas
 def identify(context: grpc.ServicerContext) -> tuple[str, str]:
     """The name the client gives itself, and a description for logs."""
     given = dict(context.invocation_metadata() or ()).get(CLIENT_NAME_KEY, "")
-    name = str(given) or context.peer()
+    name = clean_text(given) or context.peer()  # the peer: gRPC's own address text
     return name, f"{name} ({context.peer()})"
 
 
