@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from shared.errors import BadInput
+from shared.protocol import BUILTIN_TASK
 
 FINAL_MODEL = "final_model.npz"  # the model after the last round: in RESULTS_DIR and each client's folder
 PREVIOUS = "previous"  # earlier runs' results in RESULTS_DIR, moved aside when a new run starts
@@ -110,7 +111,7 @@ def load_model(path: Path) -> tuple[list[np.ndarray], dict[str, Any]]:
 def task_of(meta: dict[str, Any]) -> str:
     """The task (TASK) a model file's sidecar names. Files written before tasks existed name
     none: they all hold the built-in CNN."""
-    return str(meta.get("task") or "builtin")
+    return str(meta.get("task") or BUILTIN_TASK)
 
 
 def load_meta(meta_path: Path) -> dict[str, Any]:

@@ -18,6 +18,9 @@ VERSION = 3  # 1: no "protocol" key; 2: no task in the input; 3: the task (name,
 # operator knows which side to update.
 FLOWERPOT_VERSION = "0.1.0"
 
+# The task TASK= (empty) runs, client/tasks/builtin.py: its name, as joins, model files and refusals spell it.
+BUILTIN_TASK = "builtin"
+
 CLIENT_NAME_KEY = "flowerpot-client"  # the name the client gives itself (a certificate's name wins)
 # What the server checks before a client trains: one JSON object, ASCII-escaped (gRPC metadata
 # values are ASCII) with the keys of `join_value`. A plain Flower client sends none of it.

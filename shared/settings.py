@@ -22,7 +22,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import BadInput
-from shared.protocol import text_problem
+from shared.protocol import BUILTIN_TASK, text_problem
 from shared.strategy_table import STRATEGIES
 
 Dataset = Literal["digits", "mnist", "fashion-mnist", "cifar10", "folder"]
@@ -34,7 +34,6 @@ StalenessWeighting = Literal["constant", "polynomial"]
 
 DEFAULT_CLIENT_NAME = "client"
 
-BUILTIN_TASK = "builtin"  # the name of the task TASK= (empty) runs: client/tasks/builtin.py
 _IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
 _TASK_NAME = re.compile(rf"{_IDENTIFIER}(\.{_IDENTIFIER})*(:{_IDENTIFIER}(\.{_IDENTIFIER})*)?")
 _DEVICE = re.compile(r"cpu|cuda(:\d{1,2})?")

@@ -32,8 +32,7 @@ from torch import nn
 
 from client.data.images import ImageSpec
 from shared.errors import BadInput
-from shared.protocol import MAX_TASK_METRICS, TASK_METRIC_NAME, TASK_METRIC_TYPES
-from shared.settings import BUILTIN_TASK
+from shared.protocol import BUILTIN_TASK, MAX_TASK_METRICS, TASK_METRIC_NAME, TASK_METRIC_TYPES
 
 log = logging.getLogger("flowerpot.client")
 

@@ -26,7 +26,7 @@ from flwr.server.client_proxy import ClientProxy
 from server.training.strategies import client_label, participant_of
 from shared.errors import BadInput, ClientsTimeout
 from shared.modelfile import load_model, task_of
-from shared.settings import BUILTIN_TASK
+from shared.protocol import BUILTIN_TASK
 
 log = logging.getLogger("flowerpot.server")
 

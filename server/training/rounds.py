@@ -220,7 +220,8 @@ class Federation:
         rolled_back = strategy.check_evaluation(server_round, eval_loss, refused_evaluations)
         if rolled_back is not None:
             server.parameters, failed = rolled_back
-            report = replace(report, failed=failed)
+            # a fit-phase failure stays in the record beside the evaluation's roll-back
+            report = replace(report, failed=failed if report.failed is None else f"{report.failed}; {failed}")
         refused = len(report.refused)
         sent, received = self.traffic.take()
         record = RoundRecord(

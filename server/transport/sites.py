@@ -35,6 +35,7 @@ from typing import Any
 
 from server.transport.stream import NamedClientProxy
 from shared.protocol import (
+    BUILTIN_TASK,
     FLOWERPOT_VERSION,
     MAX_TASK_METRICS,
     TASK_METRIC_NAME,
@@ -43,7 +44,6 @@ from shared.protocol import (
     clean_text,
     compatible,
 )
-from shared.settings import BUILTIN_TASK
 
 log = logging.getLogger("flowerpot.server")
 
