@@ -29,7 +29,7 @@ from client.tasks import (
     to_data,
 )
 from shared import protocol
-from shared.errors import BadInput
+from shared.errors import BadInput, RunIncomplete
 from shared.logs import tame_flower
 from shared.modelfile import FINAL_MODEL, save_model
 from shared.protocol import join_value
@@ -186,8 +186,12 @@ def run_client(settings: Settings) -> None:
             ),
             **tls_options(settings),
         )
-        wiring.run(client.to_client(), endpoint)
-        log.info("the server ended the run; %s is released", shard.name)
+        if not wiring.run(client.to_client(), endpoint):
+            raise RunIncomplete(
+                f"the server at SERVER_ADDRESS={settings.server_address} ended the run before it completed "
+                f"(its log says why); {shard.name} is released: start the run again"
+            )
+        log.info("the run completed; %s is released", shard.name)
 
 
 def site_name(settings: Settings) -> str:

@@ -11,6 +11,7 @@ class ExitCode(IntEnum):
     REFUSED = 4  # capacity, allow-list, authentication, TLS handshake
     UNREACHABLE = 5  # server not reachable within CONNECT_TIMEOUT
     CLIENTS_TIMEOUT = 6  # too few clients within the wait timeout
+    RUN_INCOMPLETE = 7  # a client: the server ended the run it took part in before the run completed
 
 
 class FlowerpotError(Exception):
@@ -42,3 +43,7 @@ class Unreachable(FlowerpotError):
 
 class ClientsTimeout(FlowerpotError):
     code = ExitCode.CLIENTS_TIMEOUT
+
+
+class RunIncomplete(FlowerpotError):
+    code = ExitCode.RUN_INCOMPLETE

@@ -3,11 +3,15 @@ a typo in .env, a second run, the help texts), each with what they should see.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import free_address, run_cli
+from conftest import PLAIN_CLIENT, federation_env, free_address, run_cli
+from flowerpot.launcher import clean_env
+from shared.errors import ExitCode
 
 # Every test here runs the CLI (or git) as a process.
 pytestmark = pytest.mark.process
@@ -94,3 +98,39 @@ def test_every_command_help_says_what_it_does(tmp_path: Path) -> None:
         assert ran.returncode == 0, ran.stderr
         first = ran.stdout.split("\n\n")[1]  # after the usage lines
         assert first[0].isupper() and first.rstrip().endswith("."), (name, first)
+
+
+def test_a_client_of_a_run_the_server_gave_up_exits_with_run_incomplete(spawn, data_dir: Path, tmp_path: Path) -> None:
+    """The server times out waiting for a second client: the one that came does not exit 0."""
+    env = federation_env(data_dir, tmp_path, free_address(), MIN_AVAILABLE_CLIENTS="2", START_TIMEOUT="4")
+    server = spawn(["server"], **env)
+    server.wait_for("listening on")
+    client = spawn(["client"], **env)
+    assert server.wait(120) == ExitCode.CLIENTS_TIMEOUT, server.output
+    assert client.wait(120) == 7, client.output
+    assert ExitCode(7).name == "RUN_INCOMPLETE"
+    assert "ended the run before it completed" in client.output
+    assert "Traceback" not in client.output
+
+
+def test_clients_of_a_completed_run_exit_0_a_plain_flower_client_too(spawn, data_dir: Path, tmp_path: Path) -> None:
+    """The server's final instruction says the run completed; a plain Flower client answers it."""
+    one = {"MIN_AVAILABLE_CLIENTS": "1", "MIN_FIT_CLIENTS": "1", "MIN_EVALUATE_CLIENTS": "1", "NUM_ROUNDS": "1"}
+    env = federation_env(data_dir, tmp_path, free_address(), **one)
+    server = spawn(["server"], **env)
+    server.wait_for("listening on")
+    client = spawn(["client"], **env)
+    assert server.wait(120) == 0, server.output
+    assert client.wait(60) == 0, client.output
+    assert "the run completed; shard_" in client.output
+
+    env = federation_env(data_dir, tmp_path / "plain", free_address(), **one)
+    server = spawn(["server"], **env)
+    server.wait_for("listening on")
+    plain = subprocess.Popen([sys.executable, str(PLAIN_CLIENT), env["SERVER_ADDRESS"]], env=clean_env())
+    try:
+        assert plain.wait(120) == 0
+        assert server.wait(60) == 0, server.output
+    finally:
+        plain.kill()
+        plain.wait()

@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from flwr.common import Parameters
+from flwr.common import GetPropertiesIns, Parameters
 from flwr.server import Server
 from flwr.server.server import fit_clients
 
@@ -44,6 +45,24 @@ DISCONNECT_TIMEOUT = 10.0
 # when they all match.
 RUN_SETTINGS = Settings.names_defining("run")
 INITIAL_PARAMETER_TRIES = 3
+
+
+def announce_completion(client_manager: BoundedClientManager, timeout: float) -> None:
+    """The run's final instruction to every connected client: the run completed. Once at the end
+    of a run, never per round; a client that does not answer it is told to go all the same."""
+    proxies = list(client_manager.all().values())
+    if not proxies:
+        return
+    ins = GetPropertiesIns(config={protocol.RUN_COMPLETED: True})
+
+    def tell(proxy: Any) -> None:
+        try:
+            proxy.get_properties(ins, timeout, None)
+        except Exception as exc:  # a client gone by now misses nothing it could still act on
+            log.debug("could not tell %s that the run completed: %s", proxy.cid, exc)
+
+    with ThreadPoolExecutor(max_workers=min(32, len(proxies))) as pool:
+        list(pool.map(tell, proxies))
 
 
 class Federation:
@@ -132,6 +151,8 @@ class Federation:
                 log.info(line)
         finally:  # also when the run fails: connected clients are told to go, not left waiting
             self.live.end(completed)
+            if completed:  # before they go: what lets a client tell a completed run from a failed one
+                announce_completion(self.client_manager, DISCONNECT_TIMEOUT)
             server.disconnect_all_clients(timeout=DISCONNECT_TIMEOUT)
             if self.history and self.history[-1].round < s.num_rounds:  # an unfinished run's history too
                 self.results.write_history(self.history)
