@@ -31,7 +31,7 @@ LOCAL_EPOCHS = "local_epochs"
 BATCH_SIZE = "batch_size"
 LEARNING_RATE = "learning_rate"
 PROXIMAL_MU = "proximal_mu"  # FedProx's mu; async mode sends it (Flower's FedProx adds it in sync)
-MODEL_VERSION = "model_version"  # async: the version the client trains on
+MODEL_VERSION = "model_version"  # async: the version the client trains on (or evaluates)
 FIT_ID = "fit_id"  # async: a number per fit, which seeds the client's shuffling
 
 # The server's final instruction of a run that completed: a get_properties whose config holds

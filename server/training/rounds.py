@@ -143,8 +143,9 @@ class Federation:
             completed = True
             final = self.history[-1]
             log.info(
-                "finished %d rounds: final accuracy %s, loss %s over %d clients; results in %s",
-                s.num_rounds, fmt(final.eval_accuracy), fmt(final.eval_loss),
+                "finished %d %s: final accuracy %s, loss %s over %d clients; results in %s",
+                s.num_rounds, "rounds" if s.mode == "sync" else "versions",
+                fmt(final.eval_accuracy), fmt(final.eval_loss),
                 final.clients_evaluated, self.results.folder,
             )  # fmt: skip
             for line in report_sites(final, self.results.folder):
@@ -297,9 +298,16 @@ def round_line(record: RoundRecord, num_rounds: int) -> str:
             f" {failed} failed, {record.updates_stale} too stale"
         )
         measured = "" if record.eval_version is None else f" of version {record.eval_version}"
+    # A round or version that nobody evaluated says nothing about evaluation.
+    evaluated = record.clients_evaluated > 0 or record.eval_loss is not None
     return (
         f"{head} | train loss {fmt(record.train_loss)}"
-        f" | eval{measured} loss {fmt(record.eval_loss)}, accuracy {fmt(record.eval_accuracy)}"
-        f" ({record.clients_evaluated} clients) | {record.seconds:.2f} s"
+        + (
+            f" | eval{measured} loss {fmt(record.eval_loss)}, accuracy {fmt(record.eval_accuracy)}"
+            f" ({record.clients_evaluated} clients)"
+            if evaluated
+            else ""
+        )
+        + f" | {record.seconds:.2f} s"
         + (f" | FAILED, model kept: {record.failed}" if record.failed else "")
     )
