@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PLAIN_CLIENT, federation_env, free_address, run_cli
-from flowerpot.launcher import clean_env
+from flowerpot.launcher import clean_env, free_port
 from shared.errors import ExitCode
 
 # Every test here runs the CLI (or git) as a process.
@@ -98,6 +98,19 @@ def test_every_command_help_says_what_it_does(tmp_path: Path) -> None:
         assert ran.returncode == 0, ran.stderr
         first = ran.stdout.split("\n\n")[1]  # after the usage lines
         assert first[0].isupper() and first.rstrip().endswith("."), (name, first)
+
+
+def test_a_second_run_local_says_a_run_is_already_going(spawn, data_dir: Path, tmp_path: Path) -> None:
+    """Not that METRICS_PORT is taken: that a run already uses this RESULTS_DIR."""
+    env = federation_env(data_dir, tmp_path, free_address(), METRICS_PORT=str(free_port()), START_TIMEOUT="60")
+    first = spawn(["server"], **env)
+    first.wait_for("listening on")
+    second = run_cli(["run-local", "--clients", "1"], cwd=tmp_path, timeout=120, **env)
+    assert second.returncode == 2, second.stderr
+    assert "a run is already going in RESULTS_DIR=" in second.stderr
+    assert "METRICS_PORT=" not in second.stderr.split("a run is already going")[0]
+    assert "Traceback" not in second.stderr
+    assert first.returncode is None  # the first run goes on
 
 
 def test_a_client_of_a_run_the_server_gave_up_exits_with_run_incomplete(spawn, data_dir: Path, tmp_path: Path) -> None:
