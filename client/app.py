@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from pathlib import Path
@@ -200,8 +201,10 @@ def run_client(settings: Settings) -> None:
 
 
 def site_name(settings: Settings) -> str:
-    """SITE_NAME, else the client certificate's name (CLIENT_AUTH=certificate), else the host
-    name: what names this machine in the server's logs, history and metrics."""
+    """SITE_NAME, else the client certificate's name (CLIENT_AUTH=certificate), else
+    FLOWERPOT_DEFAULT_SITE (Compose sets the project's name: a container's host name is an id
+    new every run), else the host name: what names this machine in the server's logs, history
+    and metrics."""
     if settings.site_name:
         return settings.site_name
     if settings.client_auth == "certificate":  # the name the server knows it by: the certificate's
@@ -213,7 +216,7 @@ def site_name(settings: Settings) -> str:
         except (BadInput, ValueError):  # tls_options says what is wrong with the file
             pass
         return settings.client_name
-    return socket.gethostname()
+    return os.environ.get("FLOWERPOT_DEFAULT_SITE") or socket.gethostname()
 
 
 def input_fingerprint(spec: ImageSpec, task: Task, model: torch.nn.Module) -> dict:

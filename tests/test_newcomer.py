@@ -113,6 +113,20 @@ def test_a_second_run_local_says_a_run_is_already_going(spawn, data_dir: Path, t
     assert first.returncode is None  # the first run goes on
 
 
+def test_a_client_without_site_name_takes_the_default_site_compose_gives(spawn, data_dir: Path, tmp_path: Path) -> None:
+    """Under Compose a replica's host name is a container id, new every run: the site is the
+    project's name instead (FLOWERPOT_DEFAULT_SITE, set in docker-compose.yml)."""
+    one = {"MIN_AVAILABLE_CLIENTS": "1", "MIN_FIT_CLIENTS": "1", "MIN_EVALUATE_CLIENTS": "1", "NUM_ROUNDS": "1"}
+    env = federation_env(data_dir, tmp_path, free_address(), **one)
+    server = spawn(["server"], **env)
+    server.wait_for("listening on")
+    spawn(["client"], **env, FLOWERPOT_DEFAULT_SITE="myproject")
+    assert server.wait(120) == 0, server.output
+    assert "round 1 accuracy by site/shard: myproject/shard_" in server.output
+    compose = (Path(__file__).resolve().parents[1] / "docker-compose.yml").read_text()
+    assert "FLOWERPOT_DEFAULT_SITE: ${COMPOSE_PROJECT_NAME}" in compose
+
+
 def test_a_client_of_a_run_the_server_gave_up_exits_with_run_incomplete(spawn, data_dir: Path, tmp_path: Path) -> None:
     """The server times out waiting for a second client: the one that came does not exit 0."""
     env = federation_env(data_dir, tmp_path, free_address(), MIN_AVAILABLE_CLIENTS="2", START_TIMEOUT="4")
