@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from client.tasks import (
     to_data,
 )
 from shared import protocol
-from shared.errors import BadInput
+from shared.errors import BadInput, RunIncomplete
 from shared.logs import tame_flower
 from shared.modelfile import FINAL_MODEL, save_model
 from shared.protocol import join_value
@@ -80,14 +81,13 @@ class FlowerpotClient(NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         self.set_parameters(parameters)
-        server_round = int(config.get(protocol.SERVER_ROUND, 0))
         started, cpu_started = time.perf_counter(), time.process_time()
         run_config = self.round_config(config, fit=True)
         data = to_data(self.shard.x_train, self.shard.y_train, self.shard.spec, self.settings.device)
         try:
             outcome = self.task.fit(self.model, data, run_config)
         except TaskFailed as exc:  # the task's own error: this fit fails, the client stays
-            log.warning("round %s: TASK=%s's train raised %s: the fit failed", server_round or "?", self.task.name, exc)
+            log.warning("%s: TASK=%s's train raised %s: the fit failed", step(config), self.task.name, exc)
             log.debug("the task's traceback", exc_info=exc.__cause__)
             raise wiring.AnswerFailed(f"TASK={self.task.name}'s train raised {exc}") from None
         slowdown = self.settings.client_slowdown
@@ -98,11 +98,9 @@ class FlowerpotClient(NumPyClient):
             cpu = time.process_time() - cpu_started
             time.sleep(max(0.0, slowdown * cpu - (time.perf_counter() - started)))
         seconds = time.perf_counter() - started
-        version = f" on version {config[protocol.MODEL_VERSION]}" if protocol.MODEL_VERSION in config else ""
         log.info(
-            "round %s: trained%s on %d examples, loss %.4f, %.2f s",
-            server_round or "?",
-            version,
+            "%s: trained on %d examples, loss %.4f, %.2f s",
+            step(config),
             len(data),
             outcome["loss"],
             seconds,
@@ -121,14 +119,14 @@ class FlowerpotClient(NumPyClient):
         try:
             outcome = self.task.score(self.model, data, self.round_config(config))
         except TaskFailed as exc:
-            log.warning("round %s: TASK=%s's evaluate raised %s", server_round or "?", self.task.name, exc)
+            log.warning("%s: TASK=%s's evaluate raised %s", step(config), self.task.name, exc)
             log.debug("the task's traceback", exc_info=exc.__cause__)
             raise wiring.AnswerFailed(f"TASK={self.task.name}'s evaluate raised {exc}") from None
         seconds = time.perf_counter() - started
         accuracy = outcome.get(protocol.ACCURACY)
         log.info(
-            "round %s: evaluated on %d examples, loss %.4f, accuracy %s",
-            server_round or "?",
+            "%s: evaluated on %d examples, loss %.4f, accuracy %s",
+            step(config),
             len(data),
             outcome["loss"],
             "n/a" if accuracy is None else f"{accuracy:.4f}",
@@ -151,6 +149,14 @@ class FlowerpotClient(NumPyClient):
         }
         save_model(path, self.get_parameters({}), meta)
         log.info("kept the final global model in %s", path)
+
+
+def step(config: dict) -> str:
+    """What an instruction is for, in its mode's words: "round 3" (sync), "version 2" (async:
+    the model version trained on or evaluated)."""
+    if protocol.MODEL_VERSION in config:
+        return f"version {config[protocol.MODEL_VERSION]}"
+    return f"round {config.get(protocol.SERVER_ROUND) or '?'}"
 
 
 def run_client(settings: Settings) -> None:
@@ -186,13 +192,19 @@ def run_client(settings: Settings) -> None:
             ),
             **tls_options(settings),
         )
-        wiring.run(client.to_client(), endpoint)
-        log.info("the server ended the run; %s is released", shard.name)
+        if not wiring.run(client.to_client(), endpoint):
+            raise RunIncomplete(
+                f"the server at SERVER_ADDRESS={settings.server_address} ended the run before it completed "
+                f"(its log says why); {shard.name} is released: start the run again"
+            )
+        log.info("the run completed; %s is released", shard.name)
 
 
 def site_name(settings: Settings) -> str:
-    """SITE_NAME, else the client certificate's name (CLIENT_AUTH=certificate), else the host
-    name: what names this machine in the server's logs, history and metrics."""
+    """SITE_NAME, else the client certificate's name (CLIENT_AUTH=certificate), else
+    FLOWERPOT_DEFAULT_SITE (Compose sets the project's name: a container's host name is an id
+    new every run), else the host name: what names this machine in the server's logs, history
+    and metrics."""
     if settings.site_name:
         return settings.site_name
     if settings.client_auth == "certificate":  # the name the server knows it by: the certificate's
@@ -204,7 +216,7 @@ def site_name(settings: Settings) -> str:
         except (BadInput, ValueError):  # tls_options says what is wrong with the file
             pass
         return settings.client_name
-    return socket.gethostname()
+    return os.environ.get("FLOWERPOT_DEFAULT_SITE") or socket.gethostname()
 
 
 def input_fingerprint(spec: ImageSpec, task: Task, model: torch.nn.Module) -> dict:

@@ -29,7 +29,7 @@ from flwr.proto.transport_pb2_grpc import FlowerServiceStub
 from client.retry import Backoff
 from shared.errors import BadInput, Refused, Unreachable
 from shared.keepalive import keepalive_options
-from shared.protocol import CLIENT_NAME_KEY, JOIN_KEY
+from shared.protocol import CLIENT_NAME_KEY, JOIN_KEY, RUN_COMPLETED
 from shared.tls_files import client_certificate_problems
 
 log = logging.getLogger("flowerpot.client")
@@ -97,20 +97,22 @@ class Endpoint:
         return self.root_certificates is not None
 
 
-def run(client: Client, endpoint: Endpoint) -> None:
-    """Serve the server's instructions until it ends the run.
+def run(client: Client, endpoint: Endpoint) -> bool:
+    """Serve the server's instructions until it ends the run; True when the server said, before
+    it ended the run, that the run completed (its final instruction, RUN_COMPLETED).
 
     Raises Unreachable when no connection is made within `connect_timeout` (counted afresh
     after every lost connection), Refused when the server turns this client away.
     """
     backoff, handshake_failures = Backoff(endpoint.connect_timeout), 0
+    told = Told()
     while True:
         channel = _open_channel(endpoint)
         try:
             wait = max(0.1, min(ATTEMPT_SECONDS, backoff.remaining()))
             if _ready(channel, wait):
-                if _serve(client, channel, endpoint):
-                    return
+                if _serve(client, channel, endpoint, told):
+                    return told.completed
                 log.warning("lost the connection to the server at %s; reconnecting", endpoint.address)
                 backoff.restart()
                 handshake_failures = 0
@@ -176,7 +178,14 @@ def _ready(channel: grpc.Channel, timeout: float) -> bool:
     return bool(state) and state[0] == grpc.ChannelConnectivity.READY
 
 
-def _serve(client: Client, channel: grpc.Channel, endpoint: Endpoint) -> bool:
+@dataclass
+class Told:
+    """What the server said about the run, over all of this client's streams."""
+
+    completed: bool = False
+
+
+def _serve(client: Client, channel: grpc.Channel, endpoint: Endpoint, told: Told) -> bool:
     """Answer instructions on one stream; True when the server ended the run."""
     outbox: Queue[ClientMessage | None] = Queue(maxsize=1)
     stream = FlowerServiceStub(channel).Join(iter(outbox.get, None), metadata=_metadata(endpoint))
@@ -188,6 +197,10 @@ def _serve(client: Client, channel: grpc.Channel, endpoint: Endpoint) -> bool:
             if kind == "reconnect_ins":
                 outbox.put(ClientMessage(disconnect_res=ClientMessage.DisconnectRes(reason=Reason.ACK)))
                 return True
+            if kind == "get_properties_ins" and RUN_COMPLETED in message.get_properties_ins.config:
+                told.completed = True  # the server's, not the user's client's: answered here
+                outbox.put(ClientMessage(get_properties_res=_NO_PROPERTIES))
+                continue
             outbox.put(_answer(client, kind, message))
     except grpc.RpcError as err:
         if "larger than max" in (err.details() or ""):
@@ -213,6 +226,9 @@ def _serve(client: Client, channel: grpc.Channel, endpoint: Endpoint) -> bool:
 def _metadata(endpoint: Endpoint) -> tuple[tuple[str, str], ...]:
     named = ((CLIENT_NAME_KEY, endpoint.name),)  # with a client certificate the server ignores it
     return (*named, (JOIN_KEY, endpoint.join)) if endpoint.join else named
+
+
+_NO_PROPERTIES = ClientMessage.GetPropertiesRes(status=serde.status_to_proto(Status(Code.OK, "")))
 
 
 def _answer(client: Client, kind: str | None, message: ServerMessage) -> ClientMessage:

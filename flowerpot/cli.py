@@ -2,7 +2,9 @@
 
 Every setting comes from the environment (and `--env-file`, by default ./.env when present);
 see README.md for the table. Exit statuses: 0 success, 2 bad setting or input, 3 no free
-shard, 4 refused by the server, 5 server unreachable, 6 timed out waiting for clients.
+shard, 4 refused by the server, 5 server unreachable, 6 timed out waiting for clients, 7 (the
+server) the run failed: its last rounds failed or its model is unusable, 8 (a client) the server
+ended the run before it completed.
 """
 
 from __future__ import annotations

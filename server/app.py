@@ -35,6 +35,7 @@ def run_server(settings: Settings) -> None:
     if (weak := weak_strategy_warning(settings)) is not None:
         log.warning(weak)  # once, at start
     results = Results(settings.results_dir, settings.keep_all_models)  # fails fast when RESULTS_DIR is not writable
+    results.hold()  # before any port: a second server on this folder says that a run is already going
     example_limit(settings)  # fails fast when the server cannot bound the clients' example counts
     if settings.initial_model is not None:
         load_pinned(settings.initial_model, settings.task_name)  # fails fast on an unusable INITIAL_MODEL
@@ -75,6 +76,7 @@ def run_server(settings: Settings) -> None:
         live.close(linger=False)
         raise
     finally:
+        results.release()  # the run is over: a next server may start while the metrics linger
         live.close()  # after the gRPC port is free: serves the final values a little longer
 
 

@@ -12,6 +12,7 @@ class ExitCode(IntEnum):
     UNREACHABLE = 5  # server not reachable within CONNECT_TIMEOUT
     CLIENTS_TIMEOUT = 6  # too few clients within the wait timeout
     RUN_FAILED = 7  # the server ran every round, but its last rounds all failed or its final model is unusable
+    RUN_INCOMPLETE = 8  # a client: the server ended the run it took part in before the run completed
 
 
 class FlowerpotError(Exception):
@@ -47,3 +48,7 @@ class ClientsTimeout(FlowerpotError):
 
 class RunFailed(FlowerpotError):
     code = ExitCode.RUN_FAILED
+
+
+class RunIncomplete(FlowerpotError):
+    code = ExitCode.RUN_INCOMPLETE

@@ -2,9 +2,9 @@
 joins with, the fit and evaluate config the server sends, and the metrics a client reports.
 Both sides read every key from here, so a key is spelled once.
 
-VERSION is the protocol's: bump it whenever the join metadata or the fit config changes (a key
-added, removed, or its meaning changed). A server refuses a client of another protocol version,
-naming both versions, before it trains.
+VERSION is the protocol's: bump it whenever the join metadata, the fit config or the server's
+final instruction changes (a key added, removed, or its meaning changed). A server refuses a
+client of another protocol version, naming both versions, before it trains.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import json
 import re
 from typing import Any
 
-VERSION = 3  # 1: no "protocol" key; 2: no task in the input; 3: the task (name, layout, METRICS)
+VERSION = 4  # 1: no "protocol" key; 2: no task in the input; 3: the task (name, layout, METRICS);
+# 4: the server tells its clients that a run completed (RUN_COMPLETED)
 # Flowerpot's version (pyproject.toml's, a test keeps them equal): named in a refusal, so that the
 # operator knows which side to update.
 FLOWERPOT_VERSION = "0.1.0"
@@ -33,8 +34,13 @@ LOCAL_EPOCHS = "local_epochs"
 BATCH_SIZE = "batch_size"
 LEARNING_RATE = "learning_rate"
 PROXIMAL_MU = "proximal_mu"  # FedProx's mu; async mode sends it (Flower's FedProx adds it in sync)
-MODEL_VERSION = "model_version"  # async: the version the client trains on
+MODEL_VERSION = "model_version"  # async: the version the client trains on (or evaluates)
 FIT_ID = "fit_id"  # async: a number per fit, which seeds the client's shuffling
+
+# The server's final instruction of a run that completed: a get_properties whose config holds
+# RUN_COMPLETED (a plain Flower client answers it with no properties). A Flowerpot client that
+# is told to leave without it knows that the run failed, and exits with RUN_INCOMPLETE.
+RUN_COMPLETED = "flowerpot_run_completed"
 
 # The metrics a Flowerpot client reports, with their types; the server drops any other.
 RATIO, NUMBER, TEXT, NAME = "ratio", "number", "text", "name"  # a name: a short text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def test_an_async_run_of_three_clients_reaches_095(federation, data_dir: Path, t
         arrays, _ = load_model(kept)
         assert all(np.array_equal(a, b) for a, b in zip(arrays, server_arrays, strict=True))
     # Two fits on one version are two different fits (fit_id seeds the client's shuffling).
-    assert "trained on version 0" in run.clients[0].output
+    assert "version 0: trained on" in run.clients[0].output
 
 
 def local_run(data_dir: Path, tmp_path: Path, slowdowns: tuple[str, ...], **settings: str) -> tuple[str, list[dict]]:
@@ -153,7 +154,7 @@ def test_clients_leave_and_join_mid_run(data_dir: Path, tmp_path: Path) -> None:
         run.start_client()
         run.start_client()
         run.server.wait_for(r"version 3/30")
-        doomed.wait_for(r"round \d+: trained on version")  # it has trained once: kill it during a later fit
+        doomed.wait_for(r"version \d+: trained on")  # it has trained once: kill it during a later fit
         doomed.kill()
         run.server.wait_for(r"the fit of client client-1 on version \d+ failed|client client-1 .* left", timeout=60)
         late = run.start_client(4)
@@ -185,6 +186,26 @@ def test_when_no_update_is_ever_sound_the_versions_fail_and_the_run_ends(federat
     assert all(r["failed"].startswith("no sound update of 3") for r in rounds), rounds
     assert all(r["updates_refused"] == 3 and r["clients_trained"] == 0 for r in rounds)
     assert run.server.output.count("version 2/3: 0 updates") == 1
-    # A run that never trained does not report success (docs/notes-bounds.md: exit status 7).
+    # A run that never trained does not report success (docs/security.md: exit status 7).
     assert code == 7, run.server.output
     assert "the run FAILED: its last 3 rounds all failed" in run.server.output
+
+
+def test_an_async_run_speaks_of_versions_and_prints_no_empty_evaluation(
+    federation, data_dir: Path, tmp_path: Path
+) -> None:
+    """One vocabulary per mode: no "round" in an async run's log, server or client, and a version
+    nobody evaluated says nothing about evaluation."""
+    env = federation_env(
+        data_dir, tmp_path, free_address(), **ASYNC, NUM_ROUNDS="3", FRACTION_EVALUATE="0", MIN_EVALUATE_CLIENTS="0"
+    )
+    run = federation(env, 3)
+    assert run.server.wait(240) == 0, run.server.output
+    assert [c.wait(60) for c in run.clients] == [0, 0, 0], [c.output for c in run.clients]
+    logs = "\n".join([run.server.output, *(c.output for c in run.clients)])
+    assert "version 3/3: " in run.server.output and "finished 3 versions" in run.server.output
+    assert "version 3 accuracy by site/shard" in run.server.output
+    assert "per-client accuracy, version 3: worst" in run.server.output
+    assert re.search(r"version \d+: trained on \d+ examples", run.clients[0].output)
+    assert not re.search(r"\bround\b", logs), [line for line in logs.splitlines() if re.search(r"\bround\b", line)]
+    assert "n/a (0 clients)" not in logs

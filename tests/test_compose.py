@@ -98,7 +98,8 @@ def test_readme_command_runs_the_whole_job(project, tmp_path: Path) -> None:
     result, seconds = p.up("--build", "--scale", "client=3", timeout=900)
     MEASUREMENTS["compose up --build --scale client=3 (images cached)"] = f"{seconds:.1f} s"
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert p.exit_codes("server") == [0] and p.exit_codes("client") == [0, 0, 0] and p.exit_codes("prepare") == [0]
+    codes = (p.exit_codes("server"), p.exit_codes("client"), p.exit_codes("prepare"))
+    assert codes == ([0], [0, 0, 0], [0]), (codes, p.logs("server")[-3000:], p.logs("client")[-2000:])
     assert p.exit_codes("client-slow") == []  # scale 0: started only when asked for
     ran = {c["Service"]: c["Image"] for c in p.containers()}
     assert ran == {"prepare": p.images["client"], "server": p.images["server"], "client": p.images["client"]}
@@ -106,6 +107,7 @@ def test_readme_command_runs_the_whole_job(project, tmp_path: Path) -> None:
     server_log = p.logs("server")
     assert "round 5/5: 3 trained, 0 failed" in server_log
     assert "finished 5 rounds: final accuracy" in server_log
+    assert f"by site/shard: {p.name}/shard_0" in server_log  # the project's name, not a container id
     claimed = sorted(
         line.split("claimed ")[1].split()[0] for line in p.logs("client").splitlines() if "claimed shard" in line
     )

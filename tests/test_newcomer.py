@@ -3,11 +3,15 @@ a typo in .env, a second run, the help texts), each with what they should see.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import free_address, run_cli
+from conftest import PLAIN_CLIENT, federation_env, free_address, run_cli
+from flowerpot.launcher import clean_env, free_port
+from shared.errors import ExitCode
 
 # Every test here runs the CLI (or git) as a process.
 pytestmark = pytest.mark.process
@@ -94,3 +98,66 @@ def test_every_command_help_says_what_it_does(tmp_path: Path) -> None:
         assert ran.returncode == 0, ran.stderr
         first = ran.stdout.split("\n\n")[1]  # after the usage lines
         assert first[0].isupper() and first.rstrip().endswith("."), (name, first)
+
+
+def test_a_second_run_local_says_a_run_is_already_going(spawn, data_dir: Path, tmp_path: Path) -> None:
+    """Not that METRICS_PORT is taken: that a run already uses this RESULTS_DIR."""
+    env = federation_env(data_dir, tmp_path, free_address(), METRICS_PORT=str(free_port()), START_TIMEOUT="60")
+    first = spawn(["server"], **env)
+    first.wait_for("listening on")
+    second = run_cli(["run-local", "--clients", "1"], cwd=tmp_path, timeout=120, **env)
+    assert second.returncode == 2, second.stderr
+    assert "a run is already going in RESULTS_DIR=" in second.stderr
+    assert "METRICS_PORT=" not in second.stderr.split("a run is already going")[0]
+    assert "Traceback" not in second.stderr
+    assert first.returncode is None  # the first run goes on
+
+
+def test_a_client_without_site_name_takes_the_default_site_compose_gives(spawn, data_dir: Path, tmp_path: Path) -> None:
+    """Under Compose a replica's host name is a container id, new every run: the site is the
+    project's name instead (FLOWERPOT_DEFAULT_SITE, set in docker-compose.yml)."""
+    one = {"MIN_AVAILABLE_CLIENTS": "1", "MIN_FIT_CLIENTS": "1", "MIN_EVALUATE_CLIENTS": "1", "NUM_ROUNDS": "1"}
+    env = federation_env(data_dir, tmp_path, free_address(), **one)
+    server = spawn(["server"], **env)
+    server.wait_for("listening on")
+    spawn(["client"], **env, FLOWERPOT_DEFAULT_SITE="myproject")
+    assert server.wait(120) == 0, server.output
+    assert "round 1 accuracy by site/shard: myproject/shard_" in server.output
+    compose = (Path(__file__).resolve().parents[1] / "docker-compose.yml").read_text()
+    assert "FLOWERPOT_DEFAULT_SITE: ${COMPOSE_PROJECT_NAME}" in compose
+
+
+def test_a_client_of_a_run_the_server_gave_up_exits_with_run_incomplete(spawn, data_dir: Path, tmp_path: Path) -> None:
+    """The server times out waiting for a second client: the one that came does not exit 0."""
+    env = federation_env(data_dir, tmp_path, free_address(), MIN_AVAILABLE_CLIENTS="2", START_TIMEOUT="4")
+    server = spawn(["server"], **env)
+    server.wait_for("listening on")
+    client = spawn(["client"], **env)
+    assert server.wait(120) == ExitCode.CLIENTS_TIMEOUT, server.output
+    assert client.wait(120) == 8, client.output
+    assert ExitCode(8).name == "RUN_INCOMPLETE"
+    assert "ended the run before it completed" in client.output
+    assert "Traceback" not in client.output
+
+
+def test_clients_of_a_completed_run_exit_0_a_plain_flower_client_too(spawn, data_dir: Path, tmp_path: Path) -> None:
+    """The server's final instruction says the run completed; a plain Flower client answers it."""
+    one = {"MIN_AVAILABLE_CLIENTS": "1", "MIN_FIT_CLIENTS": "1", "MIN_EVALUATE_CLIENTS": "1", "NUM_ROUNDS": "1"}
+    env = federation_env(data_dir, tmp_path, free_address(), **one)
+    server = spawn(["server"], **env)
+    server.wait_for("listening on")
+    client = spawn(["client"], **env)
+    assert server.wait(120) == 0, server.output
+    assert client.wait(60) == 0, client.output
+    assert "the run completed; shard_" in client.output
+
+    env = federation_env(data_dir, tmp_path / "plain", free_address(), **one)
+    server = spawn(["server"], **env)
+    server.wait_for("listening on")
+    plain = subprocess.Popen([sys.executable, str(PLAIN_CLIENT), env["SERVER_ADDRESS"]], env=clean_env())
+    try:
+        assert plain.wait(120) == 0
+        assert server.wait(60) == 0, server.output
+    finally:
+        plain.kill()
+        plain.wait()

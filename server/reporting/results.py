@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -89,6 +90,28 @@ class Results:
                     log.warning("removed %s, left by a write that did not finish (a full disk?)", torn)
             except OSError as exc:
                 raise _unwritable(self.folder, exc) from None
+
+    def hold(self) -> None:
+        """This server's claim on the folder for as long as it runs: a second server (a second
+        `run-local`) on the same RESULTS_DIR says a run is already going, before it binds any
+        port. A lock on the folder itself (no file in it); the kernel drops it when the process
+        ends, however it ends."""
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BadInput(
+                f"a run is already going in RESULTS_DIR={self.folder} (another server has it): wait for that run "
+                "to end or stop it, or give this one another RESULTS_DIR, SERVER_LISTEN_ADDRESS and METRICS_PORT"
+            ) from None
+        self._held: int | None = fd
+
+    def release(self) -> None:
+        """Give up `hold`'s claim (idempotent)."""
+        fd, self._held = getattr(self, "_held", None), None
+        if fd is not None:
+            os.close(fd)
 
     def save_round(self, record: RoundRecord, checkpoint: Checkpoint, meta: dict[str, Any]) -> None:
         """After every round, before the next one starts: the record appended to history.jsonl,

@@ -42,6 +42,11 @@ def client_entries(
     ]
 
 
+def step(record: RoundRecord) -> str:
+    """What the record is of: a sync round, or an async model version (which has a staleness)."""
+    return "round" if record.staleness_mean is None else "version"
+
+
 def _label(entry: Any) -> str:
     return f"{entry.site or entry.client}/{entry.shard or '?'}"
 
@@ -60,7 +65,7 @@ def clients_line(record: RoundRecord) -> str:
     listed = ", ".join(parts[:MAX_LISTED]) + (
         f", and {len(parts) - MAX_LISTED} more" if len(parts) > MAX_LISTED else ""
     )
-    return f"round {record.round} {what} by site/shard: {listed or 'no client'}"
+    return f"{step(record)} {record.round} {what} by site/shard: {listed or 'no client'}"
 
 
 def site_summary(record: RoundRecord) -> dict[str, Any]:
@@ -95,10 +100,11 @@ def report_sites(final: RoundRecord, folder: Path) -> list[str]:
     summary = site_summary(final)
     write_json(folder / SITES_JSON, summary)
     if "worst" not in summary:
-        return ["no client reported an accuracy in the final round: no per-site report"]
+        return [f"no client reported an accuracy of the final {step(final)}: no per-site report"]
     worst, best = summary["worst"], summary["best"]
     return [
-        f"per-client accuracy, round {final.round}: worst {worst['accuracy']:.4f} ({worst['site']}/{worst['shard']}), "
+        f"per-client accuracy, {step(final)} {final.round}: "
+        f"worst {worst['accuracy']:.4f} ({worst['site']}/{worst['shard']}), "
         f"best {best['accuracy']:.4f} ({best['site']}/{best['shard']}), spread {summary['spread']:.4f}, "
         f"weighted mean {fmt(final.eval_accuracy)} over {len(summary['clients'])} clients; in {folder / SITES_JSON}"
     ]

@@ -217,7 +217,8 @@ class BufferedRounds:
         for proxy in free:
             if evaluation is not None and evaluation.wants(proxy):
                 evaluation.asked.add(proxy.cid)
-                ins = EvaluateIns(evaluation.parameters, self.guard.evaluate_config(evaluation.version))
+                config = {**self.guard.evaluate_config(evaluation.version), protocol.MODEL_VERSION: evaluation.version}
+                ins = EvaluateIns(evaluation.parameters, config)
                 self.submit(pool, proxy, "evaluate", evaluation.version, proxy.evaluate, ins)
             elif self.final is None and training < limit and proxy.cid not in self.window.held:
                 training += 1

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from flwr.common import Parameters
+from flwr.common import GetPropertiesIns, Parameters
 from flwr.server import Server
 from flwr.server.server import fit_clients
 
@@ -49,6 +50,24 @@ INITIAL_PARAMETER_TRIES = 3
 # ends with RUN_FAILED, not success. One failed round at the end is a bad round; three in a row
 # are a federation that no longer produces a model (every update refused, or rolled back).
 FAILED_FINAL_ROUNDS = 3
+
+
+def announce_completion(client_manager: BoundedClientManager, timeout: float) -> None:
+    """The run's final instruction to every connected client: the run completed. Once at the end
+    of a run, never per round; a client that does not answer it is told to go all the same."""
+    proxies = list(client_manager.all().values())
+    if not proxies:
+        return
+    ins = GetPropertiesIns(config={protocol.RUN_COMPLETED: True})
+
+    def tell(proxy: Any) -> None:
+        try:
+            proxy.get_properties(ins, timeout, None)
+        except Exception as exc:  # a client gone by now misses nothing it could still act on
+            log.debug("could not tell %s that the run completed: %s", proxy.cid, exc)
+
+    with ThreadPoolExecutor(max_workers=min(32, len(proxies))) as pool:
+        list(pool.map(tell, proxies))
 
 
 class Federation:
@@ -129,8 +148,9 @@ class Federation:
             completed = True
             final = self.history[-1]
             log.info(
-                "finished %d rounds: final accuracy %s, loss %s over %d clients; results in %s",
-                s.num_rounds, fmt(final.eval_accuracy), fmt(final.eval_loss),
+                "finished %d %s: final accuracy %s, loss %s over %d clients; results in %s",
+                s.num_rounds, "rounds" if s.mode == "sync" else "versions",
+                fmt(final.eval_accuracy), fmt(final.eval_loss),
                 final.clients_evaluated, self.results.folder,
             )  # fmt: skip
             for line in report_sites(final, self.results.folder):
@@ -141,6 +161,8 @@ class Federation:
                 raise RunFailed(f"the run FAILED: {wrecked}; its results are in {self.results.folder}")
         finally:  # also when the run fails: connected clients are told to go, not left waiting
             self.live.end(completed)
+            if completed:  # before they go: what lets a client tell a completed run from a failed one
+                announce_completion(self.client_manager, DISCONNECT_TIMEOUT)
             server.disconnect_all_clients(timeout=DISCONNECT_TIMEOUT)
             if self.history and self.history[-1].round < s.num_rounds:  # an unfinished run's history too
                 self.results.write_history(self.history)
@@ -307,9 +329,16 @@ def round_line(record: RoundRecord, num_rounds: int) -> str:
             f" {failed} failed, {record.updates_stale} too stale"
         )
         measured = "" if record.eval_version is None else f" of version {record.eval_version}"
+    # A round or version that nobody evaluated says nothing about evaluation.
+    evaluated = record.clients_evaluated > 0 or record.eval_loss is not None
     return (
         f"{head} | train loss {fmt(record.train_loss)}"
-        f" | eval{measured} loss {fmt(record.eval_loss)}, accuracy {fmt(record.eval_accuracy)}"
-        f" ({record.clients_evaluated} clients) | {record.seconds:.2f} s"
+        + (
+            f" | eval{measured} loss {fmt(record.eval_loss)}, accuracy {fmt(record.eval_accuracy)}"
+            f" ({record.clients_evaluated} clients)"
+            if evaluated
+            else ""
+        )
+        + f" | {record.seconds:.2f} s"
         + (f" | FAILED, model kept: {record.failed}" if record.failed else "")
     )
