@@ -60,7 +60,11 @@ def test_a_boosted_update_under_the_old_bound_is_refused_and_the_model_stays_sou
     code, output, accuracy = run(four_shards, tmp_path, True, **mode)
     assert "the automatic UPDATE_NORM_LIMIT" in output or "UPDATE_NORM_LIMIT empty" in output, output
     assert code == 0, output
-    assert accuracy is not None and accuracy >= honest - 0.03, (accuracy, honest)
+    # The honest run is synchronous; an async run's result depends on the order updates arrive in
+    # (a point or two between runs, more on a loaded machine), so it gets a wider margin. The
+    # wrecked model this guards against scored 0.02-0.09.
+    margin = 0.03 if not mode else 0.08
+    assert accuracy is not None and accuracy >= honest - margin, (accuracy, honest)
 
 
 def test_with_the_old_fixed_bound_the_wrecked_model_is_rolled_back_or_the_run_fails(
