@@ -97,6 +97,24 @@ def require_secure(settings: Settings) -> None:
     """REQUIRE_TLS (set where the port is published): no plaintext, no unauthenticated clients,
     unless the operator says ALLOW_INSECURE=true. An allow-list without client certificates
     checks only the names clients give themselves: a warning, and refused under REQUIRE_TLS."""
+    missing = (
+        [
+            text
+            for ok, text in (
+                (settings.tls_enabled, "TLS_ENABLED=true"),
+                (settings.client_auth == "certificate", "CLIENT_AUTH=certificate"),
+            )
+            if not ok
+        ]
+        if settings.require_tls
+        else []
+    )
+    if missing and not settings.allow_insecure:  # the first thing a published port needs
+        raise BadInput(
+            f"REQUIRE_TLS=true but the server would run without {' and '.join(missing)}: make certificates with "
+            "`flowerpot certs --client NAME` (docs/deployment.md: Deploy on EC2 with TLS) and set TLS_ENABLED=true and "
+            "CLIENT_AUTH=certificate, or set ALLOW_INSECURE=true to accept the risk"
+        )
     if settings.allowed_client_names and settings.client_auth == "none":
         if settings.require_tls:
             raise BadInput(
@@ -108,24 +126,8 @@ def require_secure(settings: Settings) -> None:
             "ALLOWED_CLIENTS with CLIENT_AUTH=none is not authentication: it checks only the names clients give "
             "themselves; use CLIENT_AUTH=certificate to know who joins"
         )
-    if not settings.require_tls:
-        return
-    missing = [
-        text
-        for ok, text in (
-            (settings.tls_enabled, "TLS_ENABLED=true"),
-            (settings.client_auth == "certificate", "CLIENT_AUTH=certificate"),
-        )
-        if not ok
-    ]
-    if missing and settings.allow_insecure:
+    if missing:
         log.warning("REQUIRE_TLS=true, but ALLOW_INSECURE=true: running without %s", " and ".join(missing))
-    elif missing:
-        raise BadInput(
-            f"REQUIRE_TLS=true but the server would run without {' and '.join(missing)}: make certificates with "
-            "`flowerpot certs --client NAME` (docs/deployment.md: Deploy on EC2 with TLS) and set TLS_ENABLED=true and "
-            "CLIENT_AUTH=certificate, or set ALLOW_INSECURE=true to accept the risk"
-        )
 
 
 def raise_open_file_limit(places: int) -> None:
