@@ -178,11 +178,12 @@ def test_a_second_up_trains_again_and_the_outcome_form_returns_its_status(projec
 
 
 def test_the_outcome_form_returns_the_servers_failure(project) -> None:
-    p = project(MIN_AVAILABLE_CLIENTS="4", START_TIMEOUT="5")
+    # 30 s: three client containers connect well within it even on a loaded 2-core machine
+    p = project(MIN_AVAILABLE_CLIENTS="4", START_TIMEOUT="30")
     assert p.compose("up", "-d", "--scale", "client=3").returncode == 0
     waited = p.compose("wait", "server", timeout=300)
     assert waited.returncode == 6
-    assert "only 3 of MIN_AVAILABLE_CLIENTS=4 clients connected within START_TIMEOUT=5 s" in p.logs("server")
+    assert "only 3 of MIN_AVAILABLE_CLIENTS=4 clients connected within START_TIMEOUT=30 s" in p.logs("server")
 
 
 def test_images_run_as_non_root_and_the_server_has_no_torch() -> None:
