@@ -19,6 +19,9 @@ VERSION = 4  # 1: no "protocol" key; 2: no task in the input; 3: the task (name,
 # operator knows which side to update.
 FLOWERPOT_VERSION = "0.1.0"
 
+# In every refusal or failed answer whose numbers are not finite: the server rolls back on it.
+NOT_FINITE = "NaN or Inf"
+
 # The task TASK= (empty) runs, client/tasks/builtin.py: its name, as joins, model files and refusals spell it.
 BUILTIN_TASK = "builtin"
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from client.data.images import ImageSpec
 from shared.errors import BadInput
-from shared.protocol import BUILTIN_TASK, MAX_TASK_METRICS, TASK_METRIC_NAME, TASK_METRIC_TYPES
+from shared.protocol import BUILTIN_TASK, MAX_TASK_METRICS, NOT_FINITE, TASK_METRIC_NAME, TASK_METRIC_TYPES
 
 log = logging.getLogger("flowerpot.client")
 
@@ -174,6 +174,11 @@ class Task:
                     f"{where} {key}={value!r} ({type(value).__name__}) in round {round_}: return a number (a float)"
                 )
             number = float(value)
+            if not math.isfinite(number) and round_ > 0:
+                # In a round it is the model that diverged (a poisoned global model, too high a
+                # LEARNING_RATE), not the task that broke its contract: this answer fails, the
+                # client stays, and the server, told why, rolls an unusable model back.
+                raise TaskFailed(f"{key}={number} in round {round_}: {NOT_FINITE}, the model diverged")
             if not math.isfinite(number):
                 fix = "lower LEARNING_RATE if training diverges" if key == "loss" else "return a finite number"
                 raise BadInput(f"{where} {key}={number} in round {round_}: {fix}, or fix the task")

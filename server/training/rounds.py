@@ -238,7 +238,9 @@ class Federation:
         eval_failures: list = []
         if evaluation is not None:
             eval_loss, eval_metrics, (eval_results, eval_failures) = evaluation
-        refused_evaluations = [str(f) for f in eval_failures if isinstance(f, ValueError)]
+        refused_evaluations = [str(f) for f in eval_failures if isinstance(f, ValueError)] + [
+            f[1].status.message for f in eval_failures if isinstance(f, tuple) and hasattr(f[1], "status")
+        ]  # the guard's refusals, and answers that failed saying why (a diverged model's NaN loss)
         rolled_back = strategy.check_evaluation(server_round, eval_loss, refused_evaluations)
         if rolled_back is not None:
             server.parameters, failed = rolled_back

@@ -331,6 +331,8 @@ class GuardedStrategy(Strategy):
         """Why the global model the round trained on is unusable: every update came back NaN or
         Inf (and not only one: a lone client's failure is its own), or None."""
         problems = [problem for _, problem in refused] + [str(f) for f in failures if isinstance(f, ValueError)]
+        # a client whose training on it diverged says so in its failed answer
+        problems += [f[1].status.message for f in failures if isinstance(f, tuple) and hasattr(f[1], "status")]
         if len(problems) >= 2 and all(NOT_FINITE in p for p in problems) and self.base is not self.sound[1]:
             return f"every update trained on it ({len(problems)}) was {NOT_FINITE}"
         return None

@@ -36,7 +36,18 @@ import numpy as np
 
 from shared.datasets import SIZES
 from shared.errors import BadInput
-from shared.protocol import EVALUATE_METRICS, FIT_METRICS, MAX_NAME, MAX_TEXT, NAME, NUMBER, RATIO, TEXT, clean_text
+from shared.protocol import (
+    EVALUATE_METRICS,
+    FIT_METRICS,
+    MAX_NAME,
+    MAX_TEXT,
+    NAME,
+    NOT_FINITE,
+    NUMBER,
+    RATIO,
+    TEXT,
+    clean_text,
+)
 from shared.settings import Settings
 
 log = logging.getLogger("flowerpot.server")
@@ -53,7 +64,6 @@ NORM_FLOOR_RMS = 0.01
 # is unusable (rolled back): honest rounds change the loss by a few times at most, a model
 # replaced by a boosted update multiplies it by thousands or makes it NaN.
 LOSS_EXPLOSION = 100.0
-NOT_FINITE = "NaN or Inf"  # in the problem of every update or evaluation that is not a finite number
 
 
 def known_metrics(task_metrics: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
