@@ -79,6 +79,12 @@ class Config:
         return 0.5 * self.proximal_mu * drift  # type: ignore[return-value]
 
 
+def _diverged(model: nn.Module) -> bool:
+    """The model's weights hold NaN or Inf."""
+    with torch.no_grad():
+        return not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 class TaskFailed(Exception):
     """The task's own train or evaluate raised: this answer fails, the client goes on."""
 
@@ -141,7 +147,7 @@ class Task:
             result = run(model, data, config)
         except Exception as exc:
             raise TaskFailed(f"{exc.__class__.__name__}: {exc}") from exc
-        return self._checked("train", result, config.round)
+        return self._checked("train", result, config.round, _diverged(model))
 
     def score(self, model: nn.Module, data: Data, config: Config) -> dict[str, float]:
         """evaluate's metrics, checked like fit's."""
@@ -151,9 +157,9 @@ class Task:
             result = run(model, data, config)
         except Exception as exc:
             raise TaskFailed(f"{exc.__class__.__name__}: {exc}") from exc
-        return self._checked("evaluate", result, config.round)
+        return self._checked("evaluate", result, config.round, _diverged(model))
 
-    def _checked(self, what: str, result: Any, round_: int) -> dict[str, float]:
+    def _checked(self, what: str, result: Any, round_: int, diverged: bool = False) -> dict[str, float]:
         where = f"TASK={self.name}: {what} returned"
         if not isinstance(result, dict):
             raise BadInput(f"{where} {type(result).__name__} in round {round_}: return a dict such as {{'loss': 0.3}}")
@@ -174,10 +180,11 @@ class Task:
                     f"{where} {key}={value!r} ({type(value).__name__}) in round {round_}: return a number (a float)"
                 )
             number = float(value)
-            if not math.isfinite(number) and round_ > 0:
-                # In a round it is the model that diverged (a poisoned global model, too high a
-                # LEARNING_RATE), not the task that broke its contract: this answer fails, the
-                # client stays, and the server, told why, rolls an unusable model back.
+            if not math.isfinite(number) and round_ > 0 and diverged:
+                # The model's own weights are NaN or Inf (a poisoned global model, too high a
+                # LEARNING_RATE): not the task's fault, so this answer fails, the client stays, and
+                # the server, told why, rolls the unusable model back. A NaN loss of a finite
+                # model is the task's bug, refused below.
                 raise TaskFailed(f"{key}={number} in round {round_}: {NOT_FINITE}, the model diverged")
             if not math.isfinite(number):
                 fix = "lower LEARNING_RATE if training diverges" if key == "loss" else "return a finite number"
