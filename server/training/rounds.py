@@ -30,6 +30,7 @@ from server.training.strategies import (
     FitReport,
     GuardedStrategy,
     build_strategy,
+    failure_problems,
     restore_strategy_state,
     strategy_state,
 )
@@ -238,10 +239,7 @@ class Federation:
         eval_failures: list = []
         if evaluation is not None:
             eval_loss, eval_metrics, (eval_results, eval_failures) = evaluation
-        refused_evaluations = [str(f) for f in eval_failures if isinstance(f, ValueError)] + [
-            f[1].status.message for f in eval_failures if isinstance(f, tuple) and hasattr(f[1], "status")
-        ]  # the guard's refusals, and answers that failed saying why (a diverged model's NaN loss)
-        rolled_back = strategy.check_evaluation(server_round, eval_loss, refused_evaluations)
+        rolled_back = strategy.check_evaluation(server_round, eval_loss, failure_problems(eval_failures))
         if rolled_back is not None:
             server.parameters, failed = rolled_back
             # a fit-phase failure stays in the record beside the evaluation's roll-back

@@ -51,6 +51,14 @@ FitResults = list[tuple[ClientProxy, FitRes]]
 Failures = list[tuple[ClientProxy, FitRes] | BaseException]
 
 
+def failure_problems(failures: list[Any]) -> list[str]:
+    """What a round's failures say of themselves: the guard's refusals (ValueError), and answers
+    that failed saying why (a client whose model diverged reports its NaN loss so)."""
+    return [str(f) for f in failures if isinstance(f, ValueError)] + [
+        f[1].status.message for f in failures if isinstance(f, tuple) and hasattr(f[1], "status")
+    ]
+
+
 def build_strategy(
     settings: Settings, initial: Parameters, task_metrics: dict[str, str] | None = None
 ) -> GuardedStrategy:
@@ -330,9 +338,7 @@ class GuardedStrategy(Strategy):
     def unusable_base(self, refused: list[tuple[ClientProxy, str]], failures: Failures) -> str | None:
         """Why the global model the round trained on is unusable: every update came back NaN or
         Inf (and not only one: a lone client's failure is its own), or None."""
-        problems = [problem for _, problem in refused] + [str(f) for f in failures if isinstance(f, ValueError)]
-        # a client whose training on it diverged says so in its failed answer
-        problems += [f[1].status.message for f in failures if isinstance(f, tuple) and hasattr(f[1], "status")]
+        problems = [problem for _, problem in refused] + failure_problems(failures)
         if len(problems) >= 2 and all(NOT_FINITE in p for p in problems) and self.base is not self.sound[1]:
             return f"every update trained on it ({len(problems)}) was {NOT_FINITE}"
         return None
