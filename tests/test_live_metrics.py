@@ -357,6 +357,22 @@ def test_labels_stay_bounded_and_refusals_have_a_few_reasons(tmp_path: Path) -> 
     assert refusal_reason("something new") == OTHER
 
 
+def test_every_counter_is_exposed_at_zero_before_the_first_round(tmp_path: Path) -> None:
+    """A run that ends between two scrapes leaves Prometheus one sample of a counter born at its first
+    round, and rate() of one sample is empty: the dashboard's traffic panel had no data."""
+    live = LiveMetrics(1)
+    run_id = live.begin(tmp_path, False, {}, lambda: 0)
+    exposed = {
+        (s.name, s.labels.get("outcome")) for m in live.registry.collect() for s in m.samples
+        if s.labels.get("run_id") == run_id
+    }  # fmt: skip
+    for name in ("flowerpot_bytes_sent_total", "flowerpot_bytes_received_total",
+                 "flowerpot_round_duration_seconds_count"):  # fmt: skip
+        assert (name, None) in exposed, name
+    for outcome in ("trained", "failed", "refused", "stale"):
+        assert ("flowerpot_fit_results_total", outcome) in exposed, outcome
+
+
 def test_a_server_nobody_scraped_does_not_linger(tmp_path: Path) -> None:
     live = LiveMetrics(1, linger=60)
     port = free_port()

@@ -204,8 +204,13 @@ class LiveMetrics:
         self.rounds.labels(run_id).set(self.num_rounds)
         self.connected.labels(run_id).set_function(connected)
         self.state.labels(run_id).state("waiting")
-        for outcome in ("trained", "failed", "refused"):  # counters exist from the start, at 0
+        # Every counter exists from the start, at 0: a run shorter than Prometheus' scrape interval
+        # would otherwise leave one sample of each, and rate() needs two.
+        for outcome in ("trained", "failed", "refused", "stale"):
             self.fit_results.labels(run_id, outcome)
+        self.sent.labels(run_id)
+        self.received.labels(run_id)
+        self.duration.labels(run_id)
         for reason in (*(label for _, label in REFUSAL_REASONS), OTHER):
             self.refusals.labels(run_id, reason)
         log.info("run id %s", run_id)
