@@ -109,11 +109,41 @@ def test_counts_far_above_the_median_are_clipped_and_above_the_data_set_refused(
     guarded = strategy("fedavg")  # digits: no client can have more than 1,797 examples
     results = [(proxy(i), update(v, n)) for i, (v, n) in enumerate(((1.0, 10), (1.0, 10), (1.0, 10), (9.0, 1500)))]
     parameters, _ = guarded.aggregate_fit(1, results, [])
-    assert results[3][1].num_examples == 100  # 10 x the median
-    assert "client client-3 claims 1500 training examples, far above the others: counted as 100" in caplog.text
-    assert parameters_to_ndarrays(parameters)[0] == pytest.approx(np.full((3, 2), (30 + 900) / 130))
+    assert results[3][1].num_examples == 20  # 2 x the median
+    assert "client client-3 claims 1500 training examples, far above the others: counted as 20" in caplog.text
+    assert parameters_to_ndarrays(parameters)[0] == pytest.approx(np.full((3, 2), (30 + 180) / 50))
     report = guarded.aggregate(2, [(proxy(0), update(1.0)), (proxy(1), update(1.0, 10**12))], [])
     assert "more than the 1797 the data set can give" in report.refused[0][1]
+
+
+@pytest.mark.parametrize("honest", [2, 9])
+def test_a_liar_weighs_at_most_twice_an_honest_client_of_median_size(honest: int) -> None:
+    """Digits split over 3 or 10 clients (479 or 179 examples each): a client claiming the 1,797
+    of the whole data set, the most the bounds allow, kept 65% and 53% of FedAvg's weight when
+    counts were clipped at 10x the median."""
+    size = 1437 // (honest + 1)
+    guarded = strategy("fedavg")
+    results = [(proxy(i), update(0.0, size)) for i in range(honest)] + [(proxy(honest), update(1.0, 1797))]
+    parameters, _ = guarded.aggregate_fit(1, results, [])
+    liar_share = float(parameters_to_ndarrays(parameters)[0].flat[0])  # honest 0, liar 1: its weight
+    assert liar_share <= 2 / (2 + honest) + 1e-6
+    assert results[-1][1].num_examples <= 2 * size
+
+
+def test_one_certificate_with_many_connections_weighs_at_most_twice_a_median_participant() -> None:
+    """The share bound holds per participant: four connections of one certificate, each within
+    the per-connection bound, together count at most twice the median honest participant."""
+    guarded = strategy("fedavg")
+    honest = [(proxy(i), update(0.0, 100)) for i in range(3)]
+    attacker = []
+    for i in range(3, 7):
+        p = proxy(i)
+        p.certificate = "mallory"
+        attacker.append((p, update(1.0, 200)))
+    parameters, _ = guarded.aggregate_fit(1, honest + attacker, [])
+    share = float(parameters_to_ndarrays(parameters)[0].flat[0])
+    assert share <= 200 / (300 + 200) + 1e-6  # the certificate's total counted as 200 at most
+    assert sum(res.num_examples for _, res in attacker) <= 200
 
 
 def test_updates_that_move_the_model_too_far_are_refused() -> None:

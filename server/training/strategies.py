@@ -35,9 +35,9 @@ from server.training.update_checks import (
     known_metrics,
     l2_norm,
     loss_problem,
-    median_bound,
     median_norm_bound,
     model_norm_limit,
+    share_bounds,
 )
 from shared import protocol
 from shared.modelfile import npy_view
@@ -443,15 +443,21 @@ class GuardedStrategy(Strategy):
         return problem
 
     def clip_counts(self, server_round: int, results: list, phase: str) -> None:
-        """No client weighs more than MEDIAN_MULTIPLE x the round's median count."""
-        bound = median_bound([res.num_examples for _, res in results])
+        """No client, and no participant over its connections, weighs more than MEDIAN_MULTIPLE x
+        the round's median (see `share_bounds`)."""
+        by_participant: dict[str, list[FitRes | EvaluateRes]] = {}
         for proxy, res in results:
-            if bound is not None and res.num_examples > bound:
-                log.warning(
-                    "round %d: client %s claims %d %s examples, far above the others: counted as %d",
-                    server_round, client_label(proxy), res.num_examples, phase, bound,
-                )  # fmt: skip
-                res.num_examples = bound
+            by_participant.setdefault(participant_of(proxy), []).append(res)
+        bounded = share_bounds({p: [r.num_examples for r in rs] for p, rs in by_participant.items()})
+        labels = {id(res): client_label(proxy) for proxy, res in results}
+        for participant, answers in by_participant.items():
+            for res, count in zip(answers, bounded[participant]):
+                if count < res.num_examples:
+                    log.warning(
+                        "round %d: client %s claims %d %s examples, far above the others: counted as %d",
+                        server_round, labels[id(res)], res.num_examples, phase, count,
+                    )  # fmt: skip
+                    res.num_examples = count
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
