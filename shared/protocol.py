@@ -53,6 +53,9 @@ TRAIN_SECONDS = "train_seconds"
 TRAIN_PROXIMAL_TERM = "train_proximal_term"  # FedProx's term, on its own (not in TRAIN_LOSS)
 SHARD = "shard"  # the shard's name, in both phases
 ACCURACY = "accuracy"
+# Set by the server on an evaluation it lists but does not count (the client's update of that
+# round was refused): its reason.
+NOT_COUNTED = "not_counted"
 EVAL_SECONDS = "eval_seconds"
 FIT_METRICS = {TRAIN_LOSS: NUMBER, TRAIN_ACCURACY: RATIO, TRAIN_SECONDS: NUMBER, SHARD: NAME,
                TRAIN_PROXIMAL_TERM: NUMBER}  # fmt: skip

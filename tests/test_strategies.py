@@ -252,3 +252,40 @@ def test_clip_norm_pulls_far_updates_back_to_the_bound_and_keeps_near_ones() -> 
     assert np.allclose(far_arrays[0], 2.0 / np.sqrt(8)) and far_arrays[0].dtype == np.float32  # same direction
     assert np.allclose(near_arrays[0], 0.1)
     assert strategy("fedavg").clip_norm == 0.0  # off by default
+
+
+def evaluation(accuracy: float, examples: int = 100, loss: float = 0.5):
+    from flwr.common import EvaluateRes
+
+    return EvaluateRes(Status(Code.OK, ""), loss, examples, {"accuracy": accuracy})
+
+
+def test_a_client_whose_update_was_refused_does_not_count_in_that_rounds_accuracy() -> None:
+    """Reproduced: three honest replicas and a client whose updates were refused every round
+    (weights of 1e30) but whose evaluations said 0.1: the true 0.986 was reported as 0.7935."""
+    guarded = strategy("fedavg", update_norm_limit=10.0)
+    honest = [(proxy(i), update(1.0, 100)) for i in range(3)]
+    report = guarded.aggregate(1, [*honest, (proxy(3), update(1e30, 100))], [])
+    assert [p.name for p, _ in report.refused] == ["client-3"]
+    results = [(proxy(i), evaluation(0.95)) for i in range(3)] + [(proxy(3), evaluation(0.1, 1797))]
+    _, metrics = guarded.aggregate_evaluate(1, results, [])
+    assert metrics["accuracy"] == pytest.approx(0.95)
+    assert len(results) == 4 and "refused" in str(results[3][1].metrics["not_counted"])  # listed, flagged
+    # the next round, with its update sound, the client counts again
+    guarded.aggregate(2, [*honest, (proxy(3), update(1.0, 100))], [])
+    _, metrics = guarded.aggregate_evaluate(2, [(proxy(i), evaluation(0.95)) for i in range(4)], [])
+    assert metrics["accuracy"] == pytest.approx(0.95)
+
+
+@pytest.mark.parametrize(("name", "expected"), [("fedmedian", 0.9), ("fedtrimmedavg", 0.9), ("krum", 0.9)])
+def test_robust_strategies_aggregate_evaluations_robustly(name: str, expected: float) -> None:
+    """A liar claiming accuracy 1.0 (or 0.0) over the most examples the bounds allow cannot move
+    a robust strategy's reported accuracy: medians and trimmed means, not weighted means."""
+    guarded = strategy(name, trim_fraction=0.2)
+    results = [(proxy(i), evaluation(0.9)) for i in range(3)]
+    results += [(proxy(3), evaluation(0.0, 1797, loss=50.0)), (proxy(4), evaluation(1.0, 1797, loss=0.0))]
+    loss, metrics = guarded.aggregate_evaluate(1, results, [])
+    assert metrics["accuracy"] == pytest.approx(expected) and loss == pytest.approx(0.5)
+    _, mean = strategy("fedavg").aggregate_evaluate(1, [(p, evaluation(r.metrics["accuracy"], r.num_examples))
+                                                        for p, r in results], [])  # fmt: skip
+    assert mean["accuracy"] != pytest.approx(expected)  # FedAvg keeps Flower's weighted mean

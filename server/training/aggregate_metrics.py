@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from numbers import Real
 
+import numpy as np
 from flwr.common import Metrics, Scalar
 
 
@@ -18,3 +19,26 @@ def weighted_average(results: list[tuple[int, Metrics]]) -> dict[str, Scalar]:
                 sums[key] = sums.get(key, 0.0) + float(value) * num_examples
                 weights[key] = weights.get(key, 0) + num_examples
     return {key: sums[key] / weights[key] for key in sums if weights[key] > 0}
+
+
+def robust_reduce(values: list[float], trim: float | None) -> float:
+    """The median of `values`, or with `trim` their mean after cutting int(trim x n) from each
+    end (FedTrimmedAvg's rule, applied to evaluations)."""
+    ordered = sorted(values)
+    if trim is None:
+        return float(np.median(ordered))
+    cut = int(trim * len(ordered))
+    kept = ordered[cut : len(ordered) - cut] or ordered
+    return float(np.mean(kept))
+
+
+def robust_average(results: list[tuple[float, Metrics]], trim: float | None) -> tuple[float, dict[str, Scalar]]:
+    """(loss, metrics) of evaluations reduced robustly per value, ignoring the example counts: one
+    client's claim cannot move a median, however many examples it claims."""
+    per_key: dict[str, list[float]] = {}
+    for _, metrics in results:
+        for key, value in metrics.items():
+            if isinstance(value, Real) and not isinstance(value, bool):
+                per_key.setdefault(key, []).append(float(value))
+    loss = robust_reduce([loss for loss, _ in results], trim)
+    return loss, {key: robust_reduce(values, trim) for key, values in per_key.items()}

@@ -23,7 +23,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from server.training.aggregate_metrics import weighted_average
+from server.training.aggregate_metrics import robust_average, weighted_average
 from server.training.update_checks import (
     LOSS_EXPLOSION,
     NORM_MODEL_MULTIPLE,
@@ -202,6 +202,8 @@ class GuardedStrategy(Strategy):
         self.evaluated: tuple[int, Parameters] | None = None  # the model the latest evaluation measured
         self.measure_from(initial, 0)
         self.warned: set[str] = set()  # clients already told about dropped metrics
+        # (round, clients) whose update that round was refused: their evaluation is not counted
+        self.refused_fit: tuple[int, set[str]] = (0, set())
 
     def __repr__(self) -> str:
         return f"Guarded({self.inner!r})"
@@ -247,6 +249,7 @@ class GuardedStrategy(Strategy):
             else:
                 self.refuse(refused, server_round, proxy, problem or "")
         sound = self.within_median(refused, server_round, sound, norms)
+        self.refused_fit = (server_round, {proxy.cid for proxy, _ in refused})
         if finite or any(NOT_FINITE not in str(f) for f in failures if isinstance(f, ValueError)):
             # a finite update was trained on it (async: refused in the buffer for another reason)
             self.sound = (self.base_version, self.base, strategy_state(self))
@@ -254,6 +257,7 @@ class GuardedStrategy(Strategy):
             unusable = self.unusable_base(refused, failures)
             if unusable is not None:
                 last_sound, why = self.roll_back(server_round, unusable)
+                self.refused_fit = (server_round, set())  # the model was at fault, not its clients
                 return FitReport(last_sound, {}, refused, why, rolled_back=True)
         completed, sampled = completed_participants(sound, results, failures)
         failed = self.too_few(completed, sampled, len(results) + len(failures))
@@ -495,10 +499,32 @@ class GuardedStrategy(Strategy):
                 log.warning("round %d: refused the evaluation of client %s: %s", server_round, label, problem)
                 failures.append(ValueError(problem))
         results[:] = sound
+        # A client whose update this round was refused stays listed but is not counted: a liar's
+        # evaluation would otherwise move the reported accuracy of a model it had no part in.
+        refused_round, refused_cids = self.refused_fit
+        if refused_round == server_round and refused_cids:
+            for proxy, res in sound:
+                if proxy.cid in refused_cids:
+                    res.metrics[protocol.NOT_COUNTED] = "its update of this round was refused"
+            sound = [(proxy, res) for proxy, res in sound if proxy.cid not in refused_cids]
         if not sound:
             return None, {}
         self.clip_counts(server_round, sound, "test")
-        return self.inner.aggregate_evaluate(server_round, sorted(sound, key=_stable_order), failures)
+        sound.sort(key=_stable_order)
+        robust = self.robust_evaluation()
+        if robust is not None:
+            return robust_average([(res.loss, res.metrics) for _, res in sound], robust[1])
+        return self.inner.aggregate_evaluate(server_round, sound, failures)
+
+    def robust_evaluation(self) -> tuple[str, float | None] | None:
+        """How a robust strategy reduces evaluations, as it reduces updates: FedMedian, Krum and
+        Bulyan by the median, FedTrimmedAvg by its trimmed mean; None: Flower's weighted mean."""
+        inner = self.inner
+        if isinstance(inner, flwr_strategies.FedTrimmedAvg):
+            return "trimmed mean", float(inner.beta)
+        if isinstance(inner, flwr_strategies.FedMedian | flwr_strategies.Krum | flwr_strategies.Bulyan):
+            return "median", None
+        return None
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         return self.inner.evaluate(server_round, parameters)
