@@ -74,6 +74,20 @@ def _krum_rules(s: Settings) -> list[Rule]:
     ]
 
 
+def _bulyan_rules(s: Settings) -> list[Rule]:
+    # El Mhamdi et al. 2018: Bulyan's guarantee needs n >= 4f + 3 (Flower refuses fewer too).
+    aggregated, per_step = s.updates_per_aggregation
+    raise_it = "BUFFER_SIZE" if s.mode == "async" else "MIN_FIT_CLIENTS (and MIN_AVAILABLE_CLIENTS)"
+    need = 4 * s.krum_malicious_clients + 3
+    return [
+        (
+            aggregated >= need,
+            f"STRATEGY=bulyan needs {per_step} >= 4*KRUM_MALICIOUS_CLIENTS+3 = {need}, but {per_step}={aggregated}",
+            f"raise {raise_it} or lower KRUM_MALICIOUS_CLIENTS",
+        )
+    ]
+
+
 def _trimmed_mean_rules(s: Settings) -> list[Rule]:
     aggregated, per_step = s.updates_per_aggregation
     return [
@@ -122,5 +136,13 @@ STRATEGIES: dict[str, StrategyKind] = {
         lambda s: {"num_malicious_clients": s.krum_malicious_clients, "num_clients_to_keep": s.krum_clients_to_keep},
         robust=True,
         rules=_krum_rules,
+    ),
+    # Krum picks theta = n - 2f updates one by one, then a coordinate-wise trimmed mean of the
+    # beta = theta - 2f closest to the median; KRUM_MALICIOUS_CLIENTS is its f.
+    "bulyan": StrategyKind(
+        "Bulyan",
+        lambda s: {"num_malicious_clients": s.krum_malicious_clients, "to_keep": 0},
+        robust=True,
+        rules=_bulyan_rules,
     ),
 }

@@ -851,6 +851,13 @@ CASES = [
         "STRATEGY=krum needs MIN_FIT_CLIENTS >= 2*KRUM_MALICIOUS_CLIENTS+3 = 5, but MIN_FIT_CLIENTS=3",
     ),
     Case(
+        "bulyan-too-few-clients",
+        ["server"],
+        {"STRATEGY": "bulyan", "MIN_FIT_CLIENTS": "5", "MIN_AVAILABLE_CLIENTS": "5", "KRUM_MALICIOUS_CLIENTS": "1"},
+        2,
+        "STRATEGY=bulyan needs MIN_FIT_CLIENTS >= 4*KRUM_MALICIOUS_CLIENTS+3 = 7, but MIN_FIT_CLIENTS=5",
+    ),
+    Case(
         "trimmedavg-trims-nothing",
         ["server"],
         {"STRATEGY": "fedtrimmedavg", "MIN_FIT_CLIENTS": "3", "TRIM_FRACTION": "0.2"},

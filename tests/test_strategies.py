@@ -184,6 +184,7 @@ def test_bad_evaluations_are_refused(loss: float, count: int, metrics: dict, rea
         ({"strategy": "krum", "min_fit_clients": 3, "krum_malicious_clients": 1}, "MIN_FIT_CLIENTS >= 2*KRUM"),
         ({"strategy": "krum", "min_fit_clients": 2}, "MIN_FIT_CLIENTS >= 2*KRUM_MALICIOUS_CLIENTS+3 = 3"),
         ({"strategy": "fedtrimmedavg", "min_fit_clients": 3, "trim_fraction": 0.2}, "trims nothing"),
+        ({"strategy": "bulyan", "min_fit_clients": 5, "krum_malicious_clients": 1}, "MIN_FIT_CLIENTS >= 4*KRUM"),
     ],
 )
 def test_robust_strategies_that_cannot_defend_are_refused(values: dict, rule: str) -> None:
@@ -196,6 +197,19 @@ def test_robust_strategies_that_cannot_defend_are_refused(values: dict, rule: st
 def test_robust_strategies_at_their_minimum_are_accepted() -> None:
     Settings(strategy="krum", min_fit_clients=5, min_available_clients=5, krum_malicious_clients=1)
     Settings(strategy="fedtrimmedavg", min_fit_clients=5, min_available_clients=5, trim_fraction=0.2)
+    Settings(strategy="bulyan", min_fit_clients=7, min_available_clients=7, krum_malicious_clients=1)
+
+
+def test_bulyan_keeps_one_attacker_of_seven_out() -> None:
+    """Bulyan (El Mhamdi et al. 2018, Flower's implementation) with f=1 and n=7 = 4f+3: an update
+    of 1,000 among honest ones of 1.0-1.6 leaves no trace in the aggregate."""
+    guarded = strategy(
+        "bulyan", min_fit_clients=7, min_available_clients=7, krum_malicious_clients=1, update_norm_limit=1e7
+    )  # the norm bound off: Bulyan itself is tested
+    values = (1.0, 1.1, 1.2, 1.3, 1.4, 1.6, 1000.0)
+    report = guarded.aggregate(1, [(proxy(i), update(v)) for i, v in enumerate(values)], [])
+    assert report.parameters is not None
+    assert 1.0 <= float(parameters_to_ndarrays(report.parameters)[0].flat[0]) <= 1.6
 
 
 def test_fedmedian_below_three_clients_is_warned_about() -> None:
