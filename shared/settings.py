@@ -200,7 +200,9 @@ class Settings(BaseSettings):
     labels_per_client: int = setting(2, DATA, when=("partition", "pathological"), ge=1)
     num_shards: int = setting(3, DATA, ge=1, le=10_000)
     min_shard_size: int = setting(20, DATA, ge=2)
-    test_fraction: float = setting(0.2, DATA, gt=0, lt=1)
+    test_fraction: float = setting(
+        0.2, DATA, gt=0, lt=1, note="digits, folder: MNIST, Fashion-MNIST, CIFAR-10 test on the official test set"
+    )
     max_examples: int = setting(0, DATA, ge=0, note="0: all")
     seed: int = setting(42, DATA, ge=0, le=2**32 - 1)
     shard_id: int | None = setting(None, NOTHING, ge=0)

@@ -178,3 +178,42 @@ def test_mnist_files_are_checked_against_their_archives(tmp_path: Path, monkeypa
     trust(monkeypatch, tmp_path, raw / "train-images-idx3-ubyte.gz")
     with pytest.raises(BadInput, match=r"train-images-idx3-ubyte is not the contents of train-images-idx3-ubyte.gz"):
         load_source(settings_for(tmp_path, dataset="mnist"))
+
+
+def test_the_official_test_set_is_kept_apart_and_divided_like_the_training_data() -> None:
+    """MNIST, Fashion-MNIST and CIFAR-10 merged their official test sets into the pool that was
+    partitioned: no accuracy compared with a published one. On the arrays a loader returns (the
+    training part, then the official test part), every shard trains on training examples only and
+    tests on official test examples only, all of them used once, with its own label mix."""
+    from client.data.datasets import Source
+    from client.data.images import ImageSpec
+    from client.data.shards import shard_splits
+
+    gen = np.random.default_rng(3)
+    train_y, test_y = gen.integers(0, 10, 600), gen.integers(0, 10, 200)
+    y = np.concatenate([train_y, test_y])
+    spec = ImageSpec("mnist", 1, 28, 28, tuple(str(d) for d in range(10)), (0.1,), (0.3,))
+    source = Source(x=np.zeros((800, 1, 28, 28), np.uint8), y=y, spec=spec, test_from=600)
+    for partition, extra in (("iid", {}), ("dirichlet", {"dirichlet_alpha": 0.5})):
+        settings = Settings(dataset="mnist", num_shards=4, min_shard_size=5, partition=partition, **extra)
+        splits = shard_splits(source, settings)
+        train = np.concatenate([s["train"] for s in splits])
+        test = np.concatenate([s["test"] for s in splits])
+        assert np.array_equal(np.sort(train), np.arange(600))  # the training part, each example once
+        assert np.array_equal(np.sort(test), np.arange(600, 800))  # the official test part, each once
+        for split in splits:
+            trained, tested = np.bincount(y[split["train"]], minlength=10), np.bincount(y[split["test"]], minlength=10)
+            # the shard is tested on the labels it trains on (none it never saw, when it lacks one)
+            assert all(t == 0 for t, n in zip(tested, trained) if n == 0)
+            assert np.abs(tested / tested.sum() - trained / trained.sum()).max() < 0.25
+        assert shard_splits(source, settings)[0]["test"].tolist() == splits[0]["test"].tolist()  # every site alike
+
+
+def test_digits_has_no_official_test_set_and_each_shard_splits_its_own(tmp_path: Path) -> None:
+    source = load_source(settings_for(tmp_path))
+    assert source.test_from is None
+    from client.data.shards import shard_splits
+
+    splits = shard_splits(source, settings_for(tmp_path, test_fraction=0.25))
+    for split in splits:
+        assert abs(len(split["test"]) / (len(split["test"]) + len(split["train"])) - 0.25) < 0.01

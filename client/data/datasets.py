@@ -42,6 +42,8 @@ NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
 FOLDER_MEAN, FOLDER_STD = 0.5, 0.25
+# What a loader gives: images, labels, spec, and where the official test set starts (or None).
+Loaded = tuple[np.ndarray, np.ndarray, ImageSpec, int | None]
 
 
 @dataclass
@@ -51,6 +53,18 @@ class Source:
     x: np.ndarray  # uint8 (N, C, H, W)
     y: np.ndarray  # int64 (N,)
     spec: ImageSpec
+    # Examples from this index on are the data set's official test set (MNIST, Fashion-MNIST,
+    # CIFAR-10), kept out of training so that reported accuracies compare with published ones;
+    # None: the data set has no official split (digits, a folder), each shard splits its own.
+    test_from: int | None = None
+
+    @property
+    def train_y(self) -> np.ndarray:
+        return self.y if self.test_from is None else self.y[: self.test_from]
+
+    @property
+    def test_y(self) -> np.ndarray | None:
+        return None if self.test_from is None else self.y[self.test_from :]
 
 
 def load_source(settings: Settings) -> Source:
@@ -61,21 +75,24 @@ def load_source(settings: Settings) -> Source:
         "cifar10": _cifar10,
         "folder": _folder,
     }
-    x, y, spec = loaders[settings.dataset](settings)
+    x, y, spec, test_from = loaders[settings.dataset](settings)
     if settings.max_examples and settings.max_examples < len(y):
+        # a sample of the whole, so the official test set keeps its share of it
         keep = np.sort(np.random.default_rng(settings.seed).permutation(len(y))[: settings.max_examples])
         x, y = x[keep], y[keep]
-    return Source(x=np.ascontiguousarray(x), y=y.astype(np.int64), spec=spec)
+        if test_from is not None:
+            test_from = int(np.searchsorted(keep, test_from))
+    return Source(x=np.ascontiguousarray(x), y=y.astype(np.int64), spec=spec, test_from=test_from)
 
 
-def _digits(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
+def _digits(settings: Settings) -> Loaded:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # values 0..16
     mean, std = NORMALISATION["digits"]
     spec = ImageSpec("digits", 1, 8, 8, DIGIT_NAMES, mean, std, bright_on_dark=True)
-    return x, bunch.target, spec
+    return x, bunch.target, spec, None  # no official test set: each shard splits its own
 
 
 def _torchvision_datasets() -> ModuleType:
@@ -89,7 +106,7 @@ def _torchvision_datasets() -> ModuleType:
     return datasets
 
 
-def _mnist(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
+def _mnist(settings: Settings) -> Loaded:
     datasets = _torchvision_datasets()
 
     fashion = settings.dataset == "fashion-mnist"
@@ -107,10 +124,11 @@ def _mnist(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
     y = np.concatenate([p.targets.numpy() for p in parts])
     mean, std = NORMALISATION[settings.dataset]
     names = FASHION_NAMES if fashion else DIGIT_NAMES
-    return x, y, ImageSpec(settings.dataset, 1, 28, 28, names, mean, std, bright_on_dark=not fashion)
+    spec = ImageSpec(settings.dataset, 1, 28, 28, names, mean, std, bright_on_dark=not fashion)
+    return x, y, spec, len(parts[0].targets)  # the official test set (t10k) after the training one
 
 
-def _cifar10(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
+def _cifar10(settings: Settings) -> Loaded:
     root = _raw_root(settings)
     folder = root / "cifar-10-batches-py"
     if not all((folder / name).is_file() for name in CIFAR10_FILES):
@@ -137,10 +155,11 @@ def _cifar10(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
             ) from None
     x = np.concatenate(xs)
     mean, std = NORMALISATION["cifar10"]
-    return x, np.concatenate(ys), ImageSpec("cifar10", 3, 32, 32, CIFAR10_NAMES, mean, std)
+    spec = ImageSpec("cifar10", 3, 32, 32, CIFAR10_NAMES, mean, std)
+    return x, np.concatenate(ys), spec, len(x) - len(ys[-1])  # test_batch, the official test set, last
 
 
-def _folder(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
+def _folder(settings: Settings) -> Loaded:
     """The folder's images, labelled in CLASSES order when set (every site the same), else in the
     sorted order of the sub-folders found (recorded in the manifest; the server compares it)."""
     root = settings.folder_path
@@ -176,7 +195,7 @@ def _folder(settings: Settings) -> tuple[np.ndarray, np.ndarray, ImageSpec]:
             labels.append(label)
     if not images:
         raise BadInput(f"FOLDER_PATH={root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), spec
+    return np.stack(images), np.asarray(labels, dtype=np.int64), spec, None
 
 
 def _raw_root(settings: Settings) -> Path:

@@ -77,6 +77,24 @@ def pathological(
 SCHEME_VERSIONS = {"pathological": 2}
 
 
+def split_like(train_labels: np.ndarray, parts: list[np.ndarray], test_labels: np.ndarray,
+               rng: np.random.Generator) -> list[np.ndarray]:  # fmt: skip
+    """An official test set divided among the shards, label by label, in proportion to each
+    shard's training examples of that label: disjoint, all of it used, and every shard tested
+    on the label mix it trains on (a label no shard trains on is divided evenly)."""
+    classes = np.unique(np.concatenate([train_labels, test_labels]))
+    pieces: list[list[np.ndarray]] = [[] for _ in parts]
+    for label in classes:
+        pool = rng.permutation(np.flatnonzero(test_labels == label))
+        weights = np.array([np.count_nonzero(train_labels[p] == label) for p in parts], dtype=np.float64)
+        if weights.sum() == 0:
+            weights[:] = 1.0
+        cuts = np.floor(np.cumsum(weights)[:-1] / weights.sum() * len(pool)).astype(int)
+        for shard, piece in enumerate(np.split(pool, cuts)):
+            pieces[shard].append(piece)
+    return [np.sort(np.concatenate(p)).astype(np.int64) for p in pieces]
+
+
 def coverage(labels: np.ndarray, parts: list[np.ndarray]) -> tuple[list[list[int]], int, list[int]]:
     """What the shards cover: each shard's classes, the examples no shard holds, and the
     classes no shard holds."""

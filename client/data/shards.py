@@ -18,7 +18,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from client.data.images import ImageSpec
 from shared.errors import BadInput
 from shared.modelfile import write_json
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from client.data.datasets import Source
 
 log = logging.getLogger("flowerpot.prepare")
 
@@ -40,6 +43,7 @@ def shard_name(index: int) -> str:
     return f"shard_{index:03d}"
 
 
+OFFICIAL_TEST_SETS = ("mnist", "fashion-mnist", "cifar10")  # test splits from the official test set
 NORMALISATION_VERSION = 2  # 1: from the site's pixels (no key in the manifest); 2: fixed per data set
 
 
@@ -55,6 +59,9 @@ def data_settings(settings: Settings) -> dict[str, Any]:
         # Normalisation is a constant per data set now; earlier shards took it from the site's
         # own pixels, which differs except for the whole digits set (the same values then)
         wanted["normalisation"] = NORMALISATION_VERSION
+    if settings.dataset in OFFICIAL_TEST_SETS:
+        # Earlier shards split the merged training and test sets alike: other shards now
+        wanted["test_set"] = "official"
     return wanted
 
 
@@ -100,29 +107,23 @@ def prepare(settings: Settings, force: bool = False) -> dict[str, Any]:
     log.info("loading %s%s", settings.dataset, "" if settings.dataset in ("digits", "folder") else
              f" (downloaded into {settings.raw_dir} unless it is there)")  # fmt: skip
     source = load_source(settings)
-    parts = _partition(source.y, settings)
-    log_coverage(source.y, parts, settings)
-    log.info("writing %d shards (%s) of %d examples", len(parts), settings.partition, len(source.y))
-    every = max(1, len(parts) // 10)  # about ten progress lines, however many shards
-    rng = np.random.default_rng([settings.seed, 1])
+    splits = shard_splits(source, settings)
+    every = max(1, len(splits) // 10)  # about ten progress lines, however many shards
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=root))
     try:
         entries = []
-        for index, part in enumerate(parts):
-            order = rng.permutation(part)  # drawn for every shard: each shard's split is the same on every site
+        for index, split in enumerate(splits):
             if index not in site_shards:
                 continue
-            n_test = max(1, round(len(order) * settings.test_fraction))
-            split = {"train": np.sort(order[n_test:]), "test": np.sort(order[:n_test])}
             entries.append(_write_shard(staging, index, split, source.x, source.y, source.spec, wanted))
-            if (index + 1) % every == 0 or index + 1 == len(parts):
-                log.info("wrote shard %d of %d", index + 1, len(parts))
+            if (index + 1) % every == 0 or index + 1 == len(splits):
+                log.info("wrote shard %d of %d", index + 1, len(splits))
         manifest = {
             "format": FORMAT,
             "settings": wanted,
             "spec": source.spec.to_json(),
-            "total_examples": int(sum(len(p) for p in parts)),
+            "total_examples": int(sum(len(s["train"]) + len(s["test"]) for s in splits)),
             "shards": entries,
         }
         write_json(staging / MANIFEST, manifest)
@@ -166,6 +167,28 @@ def log_coverage(labels: np.ndarray, parts: list[np.ndarray], settings: Settings
                 "less" if achieved > p95 else "more", settings.dirichlet_alpha, achieved, expected, p5, p95,
                 settings.min_shard_size,
             )  # fmt: skip
+
+
+def shard_splits(source: Source, settings: Settings) -> list[dict[str, np.ndarray]]:
+    """Every shard's train and test indices into the source, the same on every site (same SEED).
+    A data set with an official test set: the training set is partitioned and the official test
+    set divided among the shards like their training data (`partition.split_like`); without one
+    (digits, a folder), each shard keeps TEST_FRACTION of its own examples for testing."""
+    parts = _partition(source.train_y, settings)
+    log_coverage(source.train_y, parts, settings)
+    log.info("writing %d shards (%s) of %d examples", len(parts), settings.partition, len(source.y))
+    if source.test_from is not None:
+        assert source.test_y is not None
+        rng = np.random.default_rng([settings.seed, 2])
+        tests = partition.split_like(source.train_y, parts, source.test_y, rng)
+        return [{"train": part, "test": test + source.test_from} for part, test in zip(parts, tests)]
+    rng = np.random.default_rng([settings.seed, 1])
+    splits = []
+    for part in parts:
+        order = rng.permutation(part)
+        n_test = max(1, round(len(order) * settings.test_fraction))
+        splits.append({"train": np.sort(order[n_test:]), "test": np.sort(order[:n_test])})
+    return splits
 
 
 def _partition(labels: np.ndarray, settings: Settings) -> list[np.ndarray]:
