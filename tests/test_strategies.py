@@ -303,3 +303,23 @@ def test_robust_strategies_aggregate_evaluations_robustly(name: str, expected: f
     _, mean = strategy("fedavg").aggregate_evaluate(1, [(p, evaluation(r.metrics["accuracy"], r.num_examples))
                                                         for p, r in results], [])  # fmt: skip
     assert mean["accuracy"] != pytest.approx(expected)  # FedAvg keeps Flower's weighted mean
+
+
+def test_async_failures_count_by_participant_in_the_completion_rate() -> None:
+    """Async mode hands the guard its failures and refusals as exceptions: counted one each, four
+    failing connections of one certificate made every version fail MIN_COMPLETION_RATE=0.5 (3
+    sound of 7). With their clients attached they count as the one participant they are."""
+    from server.training.strategies import ClientFailure, Refused
+
+    guarded = strategy("fedavg", update_norm_limit=10.0, min_completion_rate=0.5)
+    sound = [(proxy(i), update(1.0)) for i in range(3)]
+    mallory = []
+    for i in range(3, 7):
+        p = proxy(i)
+        p.certificate = "mallory"
+        mallory.append(p)
+    failures = [ClientFailure(p, RuntimeError("client status FIT_NOT_IMPLEMENTED: nan loss")) for p in mallory[:2]]
+    failures += [Refused(p, "array 0 holds NaN or Inf values") for p in mallory[2:]]
+    report = guarded.aggregate(1, sound, failures)
+    assert report.parameters is not None, report.failed  # 3 sound of 4 participants
+    assert "only 3 of 7" not in str(report.failed)

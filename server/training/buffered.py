@@ -48,7 +48,14 @@ from flwr.server.strategy import FedProx
 from server.reporting.record import RoundRecord
 from server.reporting.site_report import client_entries, fmt
 from server.training.sampling import stable_key
-from server.training.strategies import Failures, FitReport, GuardedStrategy, client_label
+from server.training.strategies import (
+    ClientFailure,
+    Failures,
+    FitReport,
+    GuardedStrategy,
+    Refused,
+    client_label,
+)
 from server.training.update_checks import l2_norm
 from server.transport.admission import BoundedClientManager
 from server.transport.wiring import Traffic
@@ -92,7 +99,7 @@ class Window:
     # One failure and one refusal per client at most: a client whose fit failed or was refused
     # is held back until the next version (`held`), so a fast bad client can neither flood the
     # log nor outvote the sound updates in MIN_COMPLETION_RATE.
-    failures: dict[str, BaseException] = field(default_factory=dict)
+    failures: dict[str, ClientFailure] = field(default_factory=dict)
     refused: dict[str, tuple[ClientProxy, str]] = field(default_factory=dict)
     held: set[str] = field(default_factory=set)
     stale: int = 0
@@ -129,6 +136,10 @@ class Evaluated:
 def staleness_weight(staleness: int, weighting: str, exponent: float) -> float:
     """FedAsync's polynomial weighting 1/(1+s)^a (FedBuff uses a = 0.5), or 1."""
     return 1.0 if weighting == "constant" else 1.0 / (1.0 + staleness) ** exponent
+
+
+class StatusFailure(RuntimeError):
+    """A client answered with a failing status, saying why."""
 
 
 def relative_weights(weights: list[float], examples: list[int]) -> list[float]:
@@ -272,7 +283,7 @@ class BufferedRounds:
                 continue
             if res.status.code != Code.OK:
                 message = clean_text(res.status.message, MAX_TEXT)
-                self.failed(task, RuntimeError(f"client status {res.status.code.name}: {message}"))
+                self.failed(task, StatusFailure(f"client status {res.status.code.name}: {message}"))
             elif task.kind == "fit":
                 self.received(task, res)
                 if len(self.window.buffer) >= self.buffer_size and self.version < self.s.num_rounds:
@@ -284,7 +295,8 @@ class BufferedRounds:
         label = client_label(task.proxy)
         if task.kind == "fit":
             if self.version < self.s.num_rounds:
-                self.window.failures.setdefault(task.proxy.cid, exc)
+                message = str(exc) if isinstance(exc, StatusFailure) else None
+                self.window.failures.setdefault(task.proxy.cid, ClientFailure(task.proxy, exc, message))
                 self.window.held.add(task.proxy.cid)
             log.warning("the fit of client %s on version %d failed: %s", label, task.version, _why(exc))
             return
@@ -350,7 +362,7 @@ class BufferedRounds:
         version = self.version + 1
         self.guard.measure_from(self.parameters, self.version)  # the re-based updates are measured from here
         refusals = list(window.refused.values())
-        failures: Failures = [*window.failures.values(), *(ValueError(problem) for _, problem in refusals)]
+        failures: Failures = [*window.failures.values(), *(Refused(proxy, problem) for proxy, problem in refusals)]
         report = self.guard.aggregate(version, results, failures)
         refusals = [*refusals, *report.refused]  # every refusal of this version, the guard's (of re-based updates) last
         if report.parameters is not None:

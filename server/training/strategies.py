@@ -51,12 +51,31 @@ FitResults = list[tuple[ClientProxy, FitRes]]
 Failures = list[tuple[ClientProxy, FitRes] | BaseException]
 
 
+class Refused(ValueError):
+    """A refusal of one client's update, with its client (async mode refuses in its buffer)."""
+
+    def __init__(self, proxy: ClientProxy, problem: str) -> None:
+        super().__init__(problem)
+        self.proxy = proxy
+
+
+class ClientFailure(Exception):
+    """One client's failed answer with its client: async mode's counterpart of the (proxy, res)
+    failures Flower gives sync rounds. `message`: what a failing status said (else None)."""
+
+    def __init__(self, proxy: ClientProxy, error: BaseException, message: str | None = None) -> None:
+        super().__init__(str(error))
+        self.proxy, self.error, self.message = proxy, error, message
+
+
 def failure_problems(failures: list[Any]) -> list[str]:
     """What a round's failures say of themselves: the guard's refusals (ValueError), and answers
     that failed saying why (a client whose model diverged reports its NaN loss so)."""
-    return [str(f) for f in failures if isinstance(f, ValueError)] + [
-        f[1].status.message for f in failures if isinstance(f, tuple) and hasattr(f[1], "status")
-    ]
+    return (
+        [str(f) for f in failures if isinstance(f, ValueError)]
+        + [f[1].status.message for f in failures if isinstance(f, tuple) and hasattr(f[1], "status")]
+        + [f.message for f in failures if isinstance(f, ClientFailure) and f.message is not None]
+    )
 
 
 def build_strategy(
@@ -561,7 +580,8 @@ def completed_participants(sound: FitResults, results: FitResults, failures: Fai
     failure without its client (an exception) counts as a participant of its own."""
     sampled = {participant_of(p) for p, _ in results}
     sampled |= {participant_of(f[0]) for f in failures if isinstance(f, tuple)}
-    lone = sum(1 for f in failures if not isinstance(f, tuple))
+    sampled |= {participant_of(f.proxy) for f in failures if isinstance(f, Refused | ClientFailure)}
+    lone = sum(1 for f in failures if not isinstance(f, tuple | Refused | ClientFailure))
     return len({participant_of(p) for p, _ in sound}), len(sampled) + lone
 
 
