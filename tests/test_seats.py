@@ -239,3 +239,38 @@ def test_a_connection_that_never_finishes_its_handshake_is_closed(
     host, port = address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=90) as idle:
         assert idle.recv(1) == b""  # closed by the server, long before the 90 s (or 120 s) pass
+
+
+def test_eleven_hundred_unauthenticated_sockets_do_not_lock_the_sites_out(
+    spawn, data_dir: Path, tmp_path: Path, certs: Path
+) -> None:
+    """Reproduced: 1,100 idle sockets of someone without a certificate against a server under the
+    usual 1,024 open-file limit; every honest site exited 4, told its certificate was "issued by
+    another CA or expired", and the server exited 6. The server raises its soft limit to the hard
+    one at start (and closes unfinished handshakes after HANDSHAKE_SECONDS)."""
+    import resource
+    import socket
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"the hard open-file limit {hard} leaves no room to test above 1,024")
+    env = tls_env(data_dir, tmp_path, free_address(), MIN_AVAILABLE_CLIENTS="2", NUM_ROUNDS="2")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # the server starts under the usual limit
+    try:
+        server = spawn(["server"], **env)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096) if hard == resource.RLIM_INFINITY
+                                                     else min(hard, max(soft, 4096)), hard))  # fmt: skip
+    server.wait_for("listening on")
+    assert "open-file limit 1024:" not in server.output  # raised
+    host, port = env["SERVER_LISTEN_ADDRESS"].rsplit(":", 1)
+    idle = []
+    try:
+        for _ in range(1100):
+            idle.append(socket.create_connection((host, int(port)), timeout=10))
+        honest = [spawn(["client"], **env, CLIENT_NAME=name) for name in ("site-a", "site-b")]
+        assert server.wait(240) == 0, server.output
+        assert [c.wait(60) for c in honest] == [0, 0], [c.output for c in honest]
+    finally:
+        for sock in idle:
+            sock.close()
