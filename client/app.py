@@ -6,7 +6,9 @@ import logging
 import os
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,7 +137,29 @@ class FlowerpotClient(NumPyClient):
             self.keep_final_model(server_round, accuracy, len(data))
         metrics: dict = {key: value for key, value in outcome.items() if key != "loss"}
         metrics.update({protocol.EVAL_SECONDS: seconds, protocol.SHARD: self.shard.name})
+        if config.get(protocol.LOCAL_BASELINE) and server_round == num_rounds:
+            local = self.local_only_accuracy(config, data)
+            if local is not None:
+                metrics[protocol.LOCAL_ACCURACY] = local
         return outcome["loss"], len(data), metrics
+
+    def local_only_accuracy(self, config: dict, test: Any) -> float | None:
+        """LOCAL_BASELINE: the accuracy, on this shard's test split, of the task's fresh model
+        trained on this shard alone for as many epochs as the federation trained (NUM_ROUNDS x
+        LOCAL_EPOCHS): what this site would have without federating."""
+        run = self.round_config(config)
+        epochs = max(1, run.num_rounds * run.epochs)
+        model = self.task.new_model(self.shard.spec, self.settings.seed, self.settings.device)
+        train = to_data(self.shard.x_train, self.shard.y_train, self.shard.spec, self.settings.device)
+        try:
+            self.task.fit(model, train, replace(run, epochs=epochs, global_weights=global_parameters(model)))
+            accuracy = self.task.score(model, test, run).get(protocol.ACCURACY)
+        except TaskFailed as exc:
+            log.warning("LOCAL_BASELINE: TASK=%s failed to train the local-only model: %s", self.task.name, exc)
+            return None
+        if accuracy is not None:
+            log.info("local-only model (%d epochs on this shard alone): accuracy %.4f", epochs, accuracy)
+        return accuracy
 
     def keep_final_model(self, server_round: int, accuracy: float | None, examples: int) -> None:
         path = self.model_dir / FINAL_MODEL

@@ -59,7 +59,11 @@ NOT_COUNTED = "not_counted"
 EVAL_SECONDS = "eval_seconds"
 FIT_METRICS = {TRAIN_LOSS: NUMBER, TRAIN_ACCURACY: RATIO, TRAIN_SECONDS: NUMBER, SHARD: NAME,
                TRAIN_PROXIMAL_TERM: NUMBER}  # fmt: skip
-EVALUATE_METRICS = {ACCURACY: RATIO, EVAL_SECONDS: NUMBER, SHARD: NAME}
+# LOCAL_BASELINE: in the last evaluation's config, asks for the local-only model's accuracy,
+# which the client reports as LOCAL_ACCURACY.
+LOCAL_BASELINE = "local_baseline"
+LOCAL_ACCURACY = "local_accuracy"
+EVALUATE_METRICS = {ACCURACY: RATIO, EVAL_SECONDS: NUMBER, SHARD: NAME, LOCAL_ACCURACY: RATIO}
 
 # A task's METRICS (client/tasks/): declared at join, inside the input ("metrics"), since the
 # server never imports a task. Both sides check a declaration by these rules.

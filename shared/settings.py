@@ -151,6 +151,10 @@ class Settings(BaseSettings):
     # A strategy must not adopt what a few clients sent as if all had: a round in which fewer than
     # this fraction of the sampled clients sent a sound update is not applied (Flower's FaultTolerantFedAvg: 0.5)
     min_completion_rate: float = setting(0.5, RUN, ge=0, le=1)
+    # The personalisation view: at the last evaluation each client also trains a model on its own
+    # shard alone (NUM_ROUNDS x LOCAL_EPOCHS epochs, from the task's fresh model) and reports its
+    # accuracy on the same test split beside the global model's. It costs one local training.
+    local_baseline: bool = setting(False, NOTHING, allowed="true or false")
     # Norm clipping (Sun et al. 2019): each sound update is scaled to at most this L2 distance
     # from the global model before any strategy aggregates it; 0 clips nothing
     clip_norm: float = setting(0.0, RUN, ge=0, le=1e6, note="0: no clipping")

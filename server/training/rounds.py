@@ -156,6 +156,12 @@ class Federation:
             )  # fmt: skip
             for line in report_sites(final, self.results.folder):
                 log.info(line)
+            local = (final.eval_metrics or {}).get(protocol.LOCAL_ACCURACY)
+            if local is not None:
+                log.info(
+                    "personalisation (LOCAL_BASELINE): global model %s against each site's local-only model %s, "
+                    "on the same test splits (weighted mean over sites)", fmt(final.eval_accuracy), fmt(local),
+                )  # fmt: skip
             wrecked = run_failure(self.history, server.parameters, strategy)
             if wrecked is not None:
                 completed = False

@@ -96,7 +96,10 @@ def build_strategy(
         }
 
     def evaluate_config(server_round: int) -> dict[str, Scalar]:
-        return {protocol.SERVER_ROUND: server_round, protocol.NUM_ROUNDS: s.num_rounds}
+        config: dict[str, Scalar] = {protocol.SERVER_ROUND: server_round, protocol.NUM_ROUNDS: s.num_rounds}
+        if s.local_baseline and server_round == s.num_rounds:
+            config[protocol.LOCAL_BASELINE] = True
+        return config
 
     common: dict[str, Any] = {
         "fraction_fit": s.fraction_fit,
