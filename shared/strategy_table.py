@@ -53,10 +53,14 @@ def _fedopt(moments: bool) -> Callable[[Settings], Knobs]:
     return knobs
 
 
+def _raise_it(s: Settings) -> str:
+    """What sets how many updates are aggregated at once: in async mode the buffer's."""
+    return "BUFFER_SIZE" if s.mode == "async" else "MIN_FIT_CLIENTS (and MIN_AVAILABLE_CLIENTS)"
+
+
 def _krum_rules(s: Settings) -> list[Rule]:
-    # In async mode the updates aggregated at once are the buffer's.
     aggregated, per_step = s.updates_per_aggregation
-    raise_it = "BUFFER_SIZE" if s.mode == "async" else "MIN_FIT_CLIENTS (and MIN_AVAILABLE_CLIENTS)"
+    raise_it = _raise_it(s)
     return [
         (
             s.krum_clients_to_keep <= aggregated,
@@ -77,13 +81,12 @@ def _krum_rules(s: Settings) -> list[Rule]:
 def _bulyan_rules(s: Settings) -> list[Rule]:
     # El Mhamdi et al. 2018: Bulyan's guarantee needs n >= 4f + 3 (Flower refuses fewer too).
     aggregated, per_step = s.updates_per_aggregation
-    raise_it = "BUFFER_SIZE" if s.mode == "async" else "MIN_FIT_CLIENTS (and MIN_AVAILABLE_CLIENTS)"
     need = 4 * s.krum_malicious_clients + 3
     return [
         (
             aggregated >= need,
             f"STRATEGY=bulyan needs {per_step} >= 4*KRUM_MALICIOUS_CLIENTS+3 = {need}, but {per_step}={aggregated}",
-            f"raise {raise_it} or lower KRUM_MALICIOUS_CLIENTS",
+            f"raise {_raise_it(s)} or lower KRUM_MALICIOUS_CLIENTS",
         )
     ]
 

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from numbers import Real
 
 import numpy as np
 from flwr.common import Metrics, Scalar
+
+
+def numbers(metrics: Metrics) -> Iterator[tuple[str, float]]:
+    """The metrics that are numbers (not booleans, text or bytes), as floats."""
+    for key, value in metrics.items():
+        if isinstance(value, Real) and not isinstance(value, bool):
+            yield key, float(value)
 
 
 def weighted_average(results: list[tuple[int, Metrics]]) -> dict[str, Scalar]:
@@ -14,10 +22,9 @@ def weighted_average(results: list[tuple[int, Metrics]]) -> dict[str, Scalar]:
     sums: dict[str, float] = {}
     weights: dict[str, int] = {}
     for num_examples, metrics in results:
-        for key, value in metrics.items():
-            if isinstance(value, Real) and not isinstance(value, bool):
-                sums[key] = sums.get(key, 0.0) + float(value) * num_examples
-                weights[key] = weights.get(key, 0) + num_examples
+        for key, value in numbers(metrics):
+            sums[key] = sums.get(key, 0.0) + value * num_examples
+            weights[key] = weights.get(key, 0) + num_examples
     return {key: sums[key] / weights[key] for key in sums if weights[key] > 0}
 
 
@@ -37,8 +44,7 @@ def robust_average(results: list[tuple[float, Metrics]], trim: float | None) -> 
     client's claim cannot move a median, however many examples it claims."""
     per_key: dict[str, list[float]] = {}
     for _, metrics in results:
-        for key, value in metrics.items():
-            if isinstance(value, Real) and not isinstance(value, bool):
-                per_key.setdefault(key, []).append(float(value))
+        for key, value in numbers(metrics):
+            per_key.setdefault(key, []).append(value)
     loss = robust_reduce([loss for loss, _ in results], trim)
     return loss, {key: robust_reduce(values, trim) for key, values in per_key.items()}

@@ -54,6 +54,7 @@ from server.training.strategies import (
     FitReport,
     GuardedStrategy,
     Refused,
+    StatusFailure,
     client_label,
 )
 from server.training.update_checks import l2_norm
@@ -136,10 +137,6 @@ class Evaluated:
 def staleness_weight(staleness: int, weighting: str, exponent: float) -> float:
     """FedAsync's polynomial weighting 1/(1+s)^a (FedBuff uses a = 0.5), or 1."""
     return 1.0 if weighting == "constant" else 1.0 / (1.0 + staleness) ** exponent
-
-
-class StatusFailure(RuntimeError):
-    """A client answered with a failing status, saying why."""
 
 
 def relative_weights(weights: list[float], examples: list[int]) -> list[float]:
@@ -295,8 +292,7 @@ class BufferedRounds:
         label = client_label(task.proxy)
         if task.kind == "fit":
             if self.version < self.s.num_rounds:
-                message = str(exc) if isinstance(exc, StatusFailure) else None
-                self.window.failures.setdefault(task.proxy.cid, ClientFailure(task.proxy, exc, message))
+                self.window.failures.setdefault(task.proxy.cid, ClientFailure(task.proxy, exc))
                 self.window.held.add(task.proxy.cid)
             log.warning("the fit of client %s on version %d failed: %s", label, task.version, _why(exc))
             return

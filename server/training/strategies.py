@@ -59,13 +59,18 @@ class Refused(ValueError):
         self.proxy = proxy
 
 
+class StatusFailure(RuntimeError):
+    """A client answered with a failing status, saying why (async mode; Flower's sync rounds
+    keep the answer itself)."""
+
+
 class ClientFailure(Exception):
     """One client's failed answer with its client: async mode's counterpart of the (proxy, res)
-    failures Flower gives sync rounds. `message`: what a failing status said (else None)."""
+    failures Flower gives sync rounds."""
 
-    def __init__(self, proxy: ClientProxy, error: BaseException, message: str | None = None) -> None:
+    def __init__(self, proxy: ClientProxy, error: BaseException) -> None:
         super().__init__(str(error))
-        self.proxy, self.error, self.message = proxy, error, message
+        self.proxy, self.error = proxy, error
 
 
 def failure_problems(failures: list[Any]) -> list[str]:
@@ -74,7 +79,7 @@ def failure_problems(failures: list[Any]) -> list[str]:
     return (
         [str(f) for f in failures if isinstance(f, ValueError)]
         + [f[1].status.message for f in failures if isinstance(f, tuple) and hasattr(f[1], "status")]
-        + [f.message for f in failures if isinstance(f, ClientFailure) and f.message is not None]
+        + [str(f.error) for f in failures if isinstance(f, ClientFailure) and isinstance(f.error, StatusFailure)]
     )
 
 
@@ -271,7 +276,6 @@ class GuardedStrategy(Strategy):
             else:
                 self.refuse(refused, server_round, proxy, problem or "")
         sound = self.within_median(refused, server_round, sound, norms)
-        self.refused_fit = (server_round, {proxy.cid for proxy, _ in refused})
         if finite or any(NOT_FINITE not in str(f) for f in failures if isinstance(f, ValueError)):
             # a finite update was trained on it (async: refused in the buffer for another reason)
             self.sound = (self.base_version, self.base, strategy_state(self))
@@ -279,8 +283,9 @@ class GuardedStrategy(Strategy):
             unusable = self.unusable_base(refused, failures)
             if unusable is not None:
                 last_sound, why = self.roll_back(server_round, unusable)
-                self.refused_fit = (server_round, set())  # the model was at fault, not its clients
                 return FitReport(last_sound, {}, refused, why, rolled_back=True)
+        # not after a roll-back: the model was at fault then, not its clients
+        self.refused_fit = (server_round, {proxy.cid for proxy, _ in refused})
         completed, sampled = completed_participants(sound, results, failures)
         failed = self.too_few(completed, sampled, len(results) + len(failures))
         if failed is not None:
@@ -471,17 +476,16 @@ class GuardedStrategy(Strategy):
     def clip_counts(self, server_round: int, results: list, phase: str) -> None:
         """No client, and no participant over its connections, weighs more than MEDIAN_MULTIPLE x
         the round's median (see `share_bounds`)."""
-        by_participant: dict[str, list[FitRes | EvaluateRes]] = {}
+        by_participant: dict[str, list[tuple[ClientProxy, FitRes | EvaluateRes]]] = {}
         for proxy, res in results:
-            by_participant.setdefault(participant_of(proxy), []).append(res)
-        bounded = share_bounds({p: [r.num_examples for r in rs] for p, rs in by_participant.items()})
-        labels = {id(res): client_label(proxy) for proxy, res in results}
+            by_participant.setdefault(participant_of(proxy), []).append((proxy, res))
+        bounded = share_bounds({p: [r.num_examples for _, r in answers] for p, answers in by_participant.items()})
         for participant, answers in by_participant.items():
-            for res, count in zip(answers, bounded[participant]):
+            for (proxy, res), count in zip(answers, bounded[participant]):
                 if count < res.num_examples:
                     log.warning(
                         "round %d: client %s claims %d %s examples, far above the others: counted as %d",
-                        server_round, labels[id(res)], res.num_examples, phase, count,
+                        server_round, client_label(proxy), res.num_examples, phase, count,
                     )  # fmt: skip
                     res.num_examples = count
 
@@ -533,20 +537,14 @@ class GuardedStrategy(Strategy):
             return None, {}
         self.clip_counts(server_round, sound, "test")
         sound.sort(key=_stable_order)
-        robust = self.robust_evaluation()
-        if robust is not None:
-            return robust_average([(res.loss, res.metrics) for _, res in sound], robust[1])
-        return self.inner.aggregate_evaluate(server_round, sound, failures)
-
-    def robust_evaluation(self) -> tuple[str, float | None] | None:
-        """How a robust strategy reduces evaluations, as it reduces updates: FedMedian, Krum and
-        Bulyan by the median, FedTrimmedAvg by its trimmed mean; None: Flower's weighted mean."""
         inner = self.inner
+        # A robust strategy reduces evaluations as it reduces updates: FedTrimmedAvg by its
+        # trimmed mean, FedMedian, Krum and Bulyan by the median; the others by Flower's weighted mean.
         if isinstance(inner, flwr_strategies.FedTrimmedAvg):
-            return "trimmed mean", float(inner.beta)
+            return robust_average([(res.loss, res.metrics) for _, res in sound], float(inner.beta))
         if isinstance(inner, flwr_strategies.FedMedian | flwr_strategies.Krum | flwr_strategies.Bulyan):
-            return "median", None
-        return None
+            return robust_average([(res.loss, res.metrics) for _, res in sound], None)
+        return inner.aggregate_evaluate(server_round, sound, failures)
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         return self.inner.evaluate(server_round, parameters)
