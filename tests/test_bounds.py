@@ -67,15 +67,28 @@ def test_a_boosted_update_under_the_old_bound_is_refused_and_the_model_stays_sou
     assert accuracy is not None and accuracy >= honest - margin, (accuracy, honest)
 
 
+# Async: roll-backs cost versions (each is a failed one), so the run gets twice as many.
+ASYNC_LONGER = {"MODE": "async", "BUFFER_SIZE": "3", "NUM_ROUNDS": "10"}
+
+
+@pytest.mark.parametrize("mode", [{}, ASYNC_LONGER], ids=["sync", "async"])
 def test_with_the_old_fixed_bound_the_wrecked_model_is_rolled_back_or_the_run_fails(
-    four_shards: Path, honest: float, tmp_path: Path
+    four_shards: Path, honest: float, tmp_path: Path, mode: dict[str, str]
 ) -> None:
     """The operator's override (the old bound, no median bound): the attacker's update gets in,
-    but the unusable model is rolled back, and a run that never recovers does not exit 0."""
-    code, output, accuracy = run(four_shards, tmp_path, True, UPDATE_NORM_LIMIT="1000", UPDATE_NORM_MEDIAN_MULTIPLE="0")
-    assert "rolled back to that of round" in output, output
-    if code == 0:
+    but the unusable model is rolled back, and a run that never recovers does not exit 0. In
+    async mode the attacker's own finite updates on the wrecked model once vouched for it (every
+    other update was NaN): the model stayed wrecked (0.056) and the run exited 0."""
+    settings = {"UPDATE_NORM_LIMIT": "1000", "UPDATE_NORM_MEDIAN_MULTIPLE": "0", **mode}
+    code, output, accuracy = run(four_shards, tmp_path, True, **settings)
+    assert "the global model is unusable" in output and "rolled back to that of" in output, output
+    if code == 0 and not mode:
         assert accuracy is not None and accuracy >= honest - 0.03, (accuracy, honest)
+    elif code == 0:
+        # The attacker strikes every version it trains, and in async mode its update gets in
+        # whenever it lands in a buffer: each time a version is rolled back, so fewer train.
+        # A sound model, not the honest run's: the wrecked ones scored 0.05-0.16.
+        assert accuracy is not None and accuracy >= 0.6, (accuracy, honest, output)
     else:
         assert code == 7, output
         assert "the run FAILED" in output

@@ -37,7 +37,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -56,13 +56,14 @@ from server.training.strategies import (
     Refused,
     StatusFailure,
     client_label,
+    model_verdict,
 )
 from server.training.update_checks import l2_norm
 from server.transport.admission import BoundedClientManager
 from server.transport.wiring import Traffic
 from shared import protocol
 from shared.errors import ClientsTimeout
-from shared.protocol import MAX_TEXT, clean_text
+from shared.protocol import MAX_TEXT, NOT_FINITE, clean_text
 from shared.settings import Settings
 from shared.strategy_table import STRATEGIES
 
@@ -88,6 +89,7 @@ class Update:
     res: FitRes
     delta: list[np.ndarray]  # trained - the version it was trained on
     staleness: int
+    version: int  # the version it was trained on
 
 
 @dataclass
@@ -132,6 +134,7 @@ class Evaluated:
     metrics: dict[str, Scalar]
     results: list[tuple[ClientProxy, EvaluateRes]]
     failures: int
+    problems: tuple[str, ...] = ()  # what the failed and refused evaluations said
 
 
 def staleness_weight(staleness: int, weighting: str, exponent: float) -> float:
@@ -189,19 +192,29 @@ class BufferedRounds:
         self.version = 0
         self.parameters = Parameters(tensors=[], tensor_type="numpy.ndarray")  # the global model, from run()
         self.models: dict[int, list[np.ndarray]] = {}
+        self.sent: dict[int, Parameters] = {}  # the same versions, as sent (the guard's sound model)
+        # A version whose evaluation found it unusable: (the last sound model, why, that version),
+        # applied as the next version by the loop.
+        self.rollback: tuple[Parameters, str, int] | None = None
+        self.rolled_back: set[int] = set()  # versions replaced: updates trained on them are dropped
+        # Per version: how many updates trained on it were finite, and how many NaN or Inf
+        self.evidence: dict[int, list[int]] = {}
 
     # The loop
 
     def run(self, parameters: Parameters, first: int) -> Parameters:
         self.version, self.parameters = first - 1, parameters
         self.models = {self.version: self.arrays(parameters)}
+        self.sent = {self.version: parameters}
         self.traffic.take()
         pool = ThreadPoolExecutor(max_workers=self.s.max_clients + 1, thread_name_prefix="async")
         try:
             while self.version < self.s.num_rounds:
                 self.dispatch(pool)
                 self.collect(POLL_SECONDS, pool)
-                if self.version < self.s.num_rounds and self.stalled():
+                if self.rollback is not None and self.version < self.s.num_rounds:
+                    self.roll_back(pool)
+                elif self.version < self.s.num_rounds and self.stalled():
                     self.aggregate(pool)  # with what the window has: the guard may fail the version
                 self.keep_clients()
             return self.parameters
@@ -283,7 +296,8 @@ class BufferedRounds:
                 self.failed(task, StatusFailure(f"client status {res.status.code.name}: {message}"))
             elif task.kind == "fit":
                 self.received(task, res)
-                if len(self.window.buffer) >= self.buffer_size and self.version < self.s.num_rounds:
+                full = len(self.window.buffer) >= self.buffer_size
+                if full and self.version < self.s.num_rounds and self.rollback is None:
                     self.aggregate(pool)
             else:
                 self.evaluation_answer(task, res)
@@ -295,6 +309,8 @@ class BufferedRounds:
                 self.window.failures.setdefault(task.proxy.cid, ClientFailure(task.proxy, exc))
                 self.window.held.add(task.proxy.cid)
             log.warning("the fit of client %s on version %d failed: %s", label, task.version, _why(exc))
+            if NOT_FINITE in str(exc):  # the client's training diverged from that version's model
+                self.judge(task.version, finite=False)
             return
         evaluation = self.open_one
         if evaluation is not None and evaluation.version == task.version:
@@ -311,6 +327,12 @@ class BufferedRounds:
             log.info("client %s finished training after the last version: its update is not used", label)
             return
         staleness = self.version - task.version
+        if task.version in self.rolled_back:
+            self.window.stale += 1
+            log.warning(
+                "dropped the update of client %s: trained on version %d, since rolled back", label, task.version
+            )
+            return
         if staleness > self.s.max_staleness or task.version not in self.models:
             self.window.stale += 1
             log.warning(
@@ -319,6 +341,8 @@ class BufferedRounds:
             )  # fmt: skip
             return
         problem = self.guard.layout_problem(res)
+        if problem is None or NOT_FINITE in problem:  # other refusals say nothing of the model
+            self.judge(task.version, finite=problem is None)
         delta: list[np.ndarray] = []
         if problem is None:
             base = self.models[task.version]
@@ -331,7 +355,7 @@ class BufferedRounds:
             self.window.held.add(task.proxy.cid)
             log.warning("version %d: refused the update of client %s: %s", self.version + 1, label, problem)
             return
-        self.window.buffer.append(Update(task.proxy, res, delta, staleness))
+        self.window.buffer.append(Update(task.proxy, res, delta, staleness, task.version))
         if self.one_update_per_client:
             # The median, trimmed mean and Krum defend against a minority of the updates: one
             # fast client may not fill the buffer with its own.
@@ -359,26 +383,71 @@ class BufferedRounds:
         self.guard.measure_from(self.parameters, self.version)  # the re-based updates are measured from here
         refusals = list(window.refused.values())
         failures: Failures = [*window.failures.values(), *(Refused(proxy, problem) for proxy, problem in refusals)]
-        report = self.guard.aggregate(version, results, failures)
+        report = self.guard.aggregate(version, results, failures, trained_on_base=False)
         refusals = [*refusals, *report.refused]  # every refusal of this version, the guard's (of re-based updates) last
         if report.parameters is not None:
             # a rolled-back model is the last sound one itself, not a step to take from it
             self.parameters = report.parameters if report.rolled_back else self.step(current, report.parameters)
+        self.advance(pool, window, taken, report, [problem for _, problem in refusals])
+
+    def judge(self, version: int, finite: bool) -> None:
+        """One more update trained on `version` was finite, or NaN or Inf (any other refusal says
+        nothing of the model): the guard's verdict (model_verdict) proves that version sound, or
+        rolls the model back from it."""
+        if version in self.rolled_back or version not in self.sent or self.rollback is not None:
+            return
+        counts = self.evidence.setdefault(version, [0, 0])
+        counts[0 if finite else 1] += 1
+        verdict = model_verdict(counts[0], counts[1], self.client_manager.num_available())
+        if verdict is True:
+            self.guard.mark_sound(version, self.sent[version])
+        elif verdict is False and self.guard.can_roll_back(version, self.sent[version]):
+            why = f"{counts[1]} of the {sum(counts)} updates trained on it were {NOT_FINITE}"
+            parameters, failed = self.guard.roll_back(version, why, (version, self.sent[version]), "version")
+            self.rollback = (parameters, failed, version)
+
+    def roll_back(self, pool: ThreadPoolExecutor) -> None:
+        """The next version is the last sound model, in place of one whose evaluation found it
+        unusable: the updates trained on that version or later are dropped (as stale), the
+        others stay in the buffer."""
+        assert self.rollback is not None
+        parameters, why, unusable = self.rollback
+        self.rollback = None
+        window, self.window = self.window, Window()
+        self.window.buffer = [u for u in window.buffer if u.version < unusable]
+        window.stale += len(window.buffer) - len(self.window.buffer)
+        self.rolled_back.update(v for v in self.models if v >= unusable)
+        self.parameters = parameters
+        self.advance(pool, window, [], FitReport(parameters, {}, [], why, rolled_back=True), [])
+
+    def advance(
+        self, pool: ThreadPoolExecutor, window: Window, taken: list[Update], report: FitReport, refusals: list[str]
+    ) -> None:
+        """The next version, self.parameters, made from `window`: kept, evaluated when due, recorded."""
+        version = self.version + 1
         self.version = version
         aggregated = time.perf_counter()
-        self.models[version] = self.arrays(self.parameters)
+        self.models[version], self.sent[version] = self.arrays(self.parameters), self.parameters
         # Only the versions that fits still in flight were sent: their updates are deltas from them.
         needed = {version, *(task.version for task in self.tasks.values() if task.kind == "fit")}
-        for old in [v for v in self.models if v not in needed]:
-            del self.models[old]
+        for old in [v for v in self.models if v not in needed or v in self.rolled_back]:
+            del self.models[old], self.sent[old]
+            self.evidence.pop(old, None)
         if version == self.s.num_rounds:
-            evaluated: Evaluated | None = self.final_evaluation(pool)
+            final = self.final_evaluation(pool)
+            evaluated: Evaluated | None = final
+            found = self.guard.check_evaluation(
+                version, final.loss, list(final.problems), (version, self.parameters), "version"
+            )
+            if found is not None:  # the run ends with the last sound model, as a sync run's last round does
+                self.parameters, failed = found
+                report = replace(report, failed=failed if report.failed is None else f"{report.failed}; {failed}")
         else:
             if version % self.s.eval_every == 0:
                 self.open_evaluation(version)  # may close the open one first
             evaluated, self.evaluated = self.evaluated, None
         record = self.record(version, window, taken, report, len(refusals), evaluated, aggregated - window.started)
-        self.finish(record, self.parameters, [problem for _, problem in refusals])
+        self.finish(record, self.parameters, refusals)
 
     def step(self, current: list[np.ndarray], aggregate: Parameters) -> Parameters:
         """SERVER_LEARNING_RATE on the strategies without a server optimizer of their own."""
@@ -440,13 +509,22 @@ class BufferedRounds:
     def close_evaluation(self) -> None:
         evaluation, self.evaluation = self.evaluation, None
         if evaluation is not None and evaluation.answered:
-            self.evaluated = self.aggregate_evaluation(evaluation)
-            log.info(evaluation_line(self.evaluated))
+            evaluated = self.evaluated = self.aggregate_evaluation(evaluation)
+            log.info(evaluation_line(evaluated))
+            if evaluated.version in self.rolled_back or self.rollback is not None:
+                return  # its model (or an older one) was found unusable already: it sets no scale
+            found = self.guard.check_evaluation(
+                evaluated.version, evaluated.loss, list(evaluated.problems), (evaluated.version, evaluation.parameters),
+                "version",
+            )  # fmt: skip
+            if found is not None:
+                self.rollback = (*found, evaluated.version)
 
     def aggregate_evaluation(self, evaluation: Evaluation) -> Evaluated:
         results, failures = list(evaluation.results), list(evaluation.failures)
         loss, metrics = self.guard.aggregate_evaluate(evaluation.version, results, failures)  # type: ignore[arg-type]
-        return Evaluated(evaluation.version, loss, metrics, results, len(failures))
+        problems = tuple(str(f) for f in failures)
+        return Evaluated(evaluation.version, loss, metrics, results, len(failures), problems)
 
     def final_evaluation(self, pool: ThreadPoolExecutor) -> Evaluated:
         """The final model on every connected client, each as soon as it is free (one still

@@ -300,6 +300,11 @@ def run_failure(history: list[RoundRecord], final: Parameters, guard: GuardedStr
         )
     if not guard.finite(final):
         return "its final model holds NaN or Inf values"
+    if history and final is guard.initial:
+        return (
+            f"no model of its {len(history)} rounds was kept: each failed or was rolled back, "
+            "and the final model is the starting one"
+        )
     last = history[-1] if history else None
     if last is not None and last.clients_evaluated == 0 and last.eval_failures > 0:
         return f"no client could evaluate its final model ({last.eval_failures} evaluations failed or were refused)"

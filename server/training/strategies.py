@@ -73,6 +73,19 @@ class ClientFailure(Exception):
         self.proxy, self.error = proxy, error
 
 
+def model_verdict(finite: int, not_finite: int, answers: int) -> bool | None:
+    """What the updates trained on one global model say of it: sound (True) when most of them
+    were finite, from at least 2 clients (1 when only 1 answered); unusable (False) when at least
+    2 were NaN or Inf and they outnumber the finite ones (a lone client's failure is its own, and
+    one attacker's finite update must not vouch for a model that breaks everybody else's
+    training); None when they do not tell."""
+    if not_finite >= 2 and not_finite > finite:
+        return False
+    if finite > not_finite and finite >= min(2, answers):
+        return True
+    return None
+
+
 def failure_problems(failures: list[Any]) -> list[str]:
     """What a round's failures say of themselves: the guard's refusals (ValueError), and answers
     that failed saying why (a client whose model diverged reports its NaN loss so)."""
@@ -224,8 +237,12 @@ class GuardedStrategy(Strategy):
         # (updates trained on it were finite, or its evaluation was) with the inner strategy's
         # state of then: a model that proves unusable is replaced by it (`roll_back`).
         self.base, self.base_version = initial, 0
-        self.sound: tuple[int, Parameters, dict[str, list[np.ndarray]]] = (0, initial, {})
-        self.best_loss = math.inf  # the lowest loss of a sound evaluation so far
+        self.initial = initial  # the starting model (resumed: the checkpoint's), to tell an untrained run
+        # The last few sound models, oldest first, the starting model always kept: a model found
+        # sound and later found unusable (async evidence comes late) gives way to an older one.
+        self.sounds: list[tuple[int, Parameters, dict[str, list[np.ndarray]]]] = [(0, initial, {})]
+        self.eval_losses: dict[int, float] = {}  # the loss of each round's (version's) evaluation
+        self.best_loss = math.inf  # the lowest of them: the scale LOSS_EXPLOSION is measured against
         self.evaluated: tuple[int, Parameters] | None = None  # the model the latest evaluation measured
         self.measure_from(initial, 0)
         self.warned: set[str] = set()  # clients already told about dropped metrics
@@ -258,9 +275,13 @@ class GuardedStrategy(Strategy):
         report = self.aggregate(server_round, results, failures)
         return report.parameters, report.metrics
 
-    def aggregate(self, server_round: int, results: FitResults, failures: Failures) -> FitReport:
+    def aggregate(
+        self, server_round: int, results: FitResults, failures: Failures, trained_on_base: bool = True
+    ) -> FitReport:
         """The sound updates aggregated by the Flower strategy; the others refused (as failures to
-        it), and the round failed when too few are sound."""
+        it), and the round failed when too few are sound. `trained_on_base`: every result was
+        trained on the model updates are measured from (sync rounds), so a finite one proves that
+        model sound; async buffers mix versions and report their evidence (`proven_sound`)."""
         refused: list[tuple[ClientProxy, str]] = []
         sound: FitResults = []
         norms: list[float] = []
@@ -276,14 +297,16 @@ class GuardedStrategy(Strategy):
             else:
                 self.refuse(refused, server_round, proxy, problem or "")
         sound = self.within_median(refused, server_round, sound, norms)
-        if finite or any(NOT_FINITE not in str(f) for f in failures if isinstance(f, ValueError)):
-            # a finite update was trained on it (async: refused in the buffer for another reason)
-            self.sound = (self.base_version, self.base, strategy_state(self))
-        elif results or failures:
-            unusable = self.unusable_base(refused, failures)
-            if unusable is not None:
-                last_sound, why = self.roll_back(server_round, unusable)
-                return FitReport(last_sound, {}, refused, why, rolled_back=True)
+        if trained_on_base:
+            problems = [problem for _, problem in refused] + failure_problems(failures)
+            not_finite = sum(NOT_FINITE in p for p in problems)
+            verdict = model_verdict(finite, not_finite, len(results) + len(failures))
+            if verdict is True:
+                self.mark_sound(self.base_version, self.base)
+            elif verdict is False and self.can_roll_back(self.base_version, self.base):
+                why = f"{not_finite} of the {finite + not_finite} updates trained on it were {NOT_FINITE}"
+                last_sound, rolled = self.roll_back(server_round, why, (self.base_version, self.base))
+                return FitReport(last_sound, {}, refused, rolled, rolled_back=True)
         # not after a roll-back: the model was at fault then, not its clients
         self.refused_fit = (server_round, {proxy.cid for proxy, _ in refused})
         completed, sampled = completed_participants(sound, results, failures)
@@ -366,37 +389,60 @@ class GuardedStrategy(Strategy):
                 )  # fmt: skip
         return kept
 
-    def unusable_base(self, refused: list[tuple[ClientProxy, str]], failures: Failures) -> str | None:
-        """Why the global model the round trained on is unusable: every update came back NaN or
-        Inf (and not only one: a lone client's failure is its own), or None."""
-        problems = [problem for _, problem in refused] + failure_problems(failures)
-        if len(problems) >= 2 and all(NOT_FINITE in p for p in problems) and self.base is not self.sound[1]:
-            return f"every update trained on it ({len(problems)}) was {NOT_FINITE}"
-        return None
+    @property
+    def sound(self) -> tuple[int, Parameters, dict[str, list[np.ndarray]]]:
+        """The last sound model: (its round or version, it, the inner strategy's state of then)."""
+        return self.sounds[-1]
 
-    def roll_back(self, server_round: int, why: str) -> tuple[Parameters, str]:
-        """The last sound global model (and the inner strategy's state of then) in place of an
-        unusable one, and why the round failed."""
-        version, parameters, state = self.sound
+    def mark_sound(self, version: int, parameters: Parameters) -> None:
+        """The updates trained on this model (model_verdict), or its evaluation, found it sound: it
+        is the last sound one unless a newer one already is."""
+        if version > self.sounds[-1][0]:
+            self.sounds.append((version, parameters, strategy_state(self)))
+            del self.sounds[1:-SOUND_MODELS_KEPT]
+
+    def can_roll_back(self, version: int, parameters: Parameters) -> bool:
+        """Whether there is an older sound model than this unusable one (not the starting model)."""
+        return version > self.sounds[0][0] and parameters is not self.sounds[0][1]
+
+    def roll_back(
+        self, server_round: int, why: str, unusable: tuple[int, Parameters], unit: str = "round"
+    ) -> tuple[Parameters, str]:
+        """The last sound global model older than `unusable` (its round or version, and it), with
+        the inner strategy's state of then, in place of it, and why the round failed. What was
+        learnt from the unusable model and later ones is forgotten: that they were sound, and the
+        loss scale their evaluations set."""
+        bad_version, bad = unusable
+        while len(self.sounds) > 1 and (self.sounds[-1][0] >= bad_version or self.sounds[-1][1] is bad):
+            self.sounds.pop()
+        self.eval_losses = {v: loss for v, loss in self.eval_losses.items() if v < bad_version}
+        self.best_loss = min(self.eval_losses.values(), default=math.inf)
+        version, parameters, state = self.sounds[-1]
         restore_strategy_state(self, state)
         for name in STATE_ATTRIBUTES:
             if name not in state and getattr(self.inner, name, None) is not None:
                 setattr(self.inner, name, None)  # a server optimizer's moments start afresh
         if hasattr(self.inner, "current_weights"):  # FedOpt's own copy of the weights: the rolled-back ones
             self.inner.current_weights = [npy_view(t).copy() for t in parameters.tensors]
-        failed = f"the global model is unusable ({why}): rolled back to that of round {version}"
-        log.warning("round %d: %s", server_round, failed)
+        failed = f"the global model is unusable ({why}): rolled back to that of {unit} {version}"
+        log.warning("%s %d: %s", unit, server_round, failed)
         self.measure_from(parameters, version)
         return parameters, failed
 
     def check_evaluation(
-        self, server_round: int, loss: float | None, refused: list[str]
+        self,
+        server_round: int,
+        loss: float | None,
+        refused: list[str],
+        evaluated: tuple[int, Parameters] | None = None,
+        unit: str = "round",
     ) -> tuple[Parameters, str] | None:
         """After the evaluation of round `server_round`'s model: the last sound model when this
         one is unusable (every evaluation NaN or Inf, or the loss above LOSS_EXPLOSION x the lowest
-        sound one so far), else None (and the model is sound when it was evaluated)."""
-        evaluated = self.evaluated
-        self.evaluated = None
+        sound one so far), else None (and the model is sound when it was evaluated). `evaluated`:
+        the version and model that were evaluated (async), else the latest configure_evaluate's."""
+        if evaluated is None:
+            evaluated, self.evaluated = self.evaluated, None
         if evaluated is None or evaluated[0] != server_round:
             return None
         why = None
@@ -404,11 +450,12 @@ class GuardedStrategy(Strategy):
             why = f"every evaluation of it ({len(refused)}) was {NOT_FINITE}"
         elif loss is not None and math.isfinite(self.best_loss) and loss > LOSS_EXPLOSION * self.best_loss:
             why = f"its evaluation loss {loss:.4g} is above {LOSS_EXPLOSION:g} x the run's lowest, {self.best_loss:.4g}"
-        if why is not None and evaluated[1] is not self.sound[1]:
-            return self.roll_back(server_round, why)
+        if why is not None and self.can_roll_back(*evaluated):
+            return self.roll_back(server_round, why, evaluated, unit)
         if loss is not None and math.isfinite(loss):
             if math.isfinite(self.best_loss):  # the first evaluation only sets the scale
-                self.sound = (server_round, evaluated[1], strategy_state(self))
+                self.mark_sound(*evaluated)
+            self.eval_losses[server_round] = loss
             self.best_loss = min(self.best_loss, loss)
         return None
 
@@ -590,6 +637,9 @@ def completed_participants(sound: FitResults, results: FitResults, failures: Fai
 # and FedAdagrad keep moments (m_t, v_t) and their own full-precision weights, FedAvgM its
 # momentum (its weights come back through `initial` when the strategy is built from a checkpoint).
 STATE_ATTRIBUTES = ("current_weights", "m_t", "v_t", "momentum_vector")
+# The sound models a guard keeps besides the starting one (each a reference to arrays the run
+# held anyway; an older one is only needed when several newer ones prove unusable in turn).
+SOUND_MODELS_KEPT = 8
 
 
 def strategy_state(strategy: GuardedStrategy) -> dict[str, list[np.ndarray]]:
