@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    prepare_flower_environment()
+    prepare_flower_environment(server=args.command == "server")
     env_file = args.env_file or (Path(".env") if Path(".env").is_file() else None)
     try:
         if env_file is not None:

@@ -15,8 +15,10 @@ from server.training.rounds import Federation
 from server.training.strategies import weak_strategy_warning
 from server.training.update_checks import example_limit
 from server.transport.admission import Admission, BoundedClientManager
+from server.transport.handshake_log import relay_grpc_stderr
 from server.transport.sites import Sites
 from server.transport.wiring import TlsFiles, Traffic, start_grpc_server
+from shared import logs
 from shared.errors import BadInput
 from shared.logs import tame_flower
 from shared.revocation import REVOKED_FILE, RevocationList
@@ -31,6 +33,7 @@ FILES_IN_USE = 64  # descriptors the server holds besides connections (logs, res
 
 def run_server(settings: Settings) -> None:
     tame_flower(settings.log_level)
+    relay_grpc_stderr(drop_info=logs.GRPC_INFO_FOR_HANDSHAKES)  # refused handshakes, in this log
     require_secure(settings)
     if (weak := weak_strategy_warning(settings)) is not None:
         log.warning(weak)  # once, at start

@@ -4,11 +4,19 @@ import logging
 import os
 import sys
 
+# gRPC's core reports a refused TLS handshake only at INFO verbosity: the server asks for INFO
+# and keeps only those lines of it (server/transport/handshake_log.py). True when it did.
+GRPC_INFO_FOR_HANDSHAKES = False
 
-def prepare_flower_environment() -> None:
-    """Call before importing flwr: no telemetry, and gRPC logs only real errors."""
+
+def prepare_flower_environment(server: bool = False) -> None:
+    """Call before importing flwr: no telemetry, and gRPC logs only real errors (the server: also
+    its reports of refused handshakes). A GRPC_VERBOSITY of the user's own is left alone."""
+    global GRPC_INFO_FOR_HANDSHAKES
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    if "GRPC_VERBOSITY" not in os.environ:
+        os.environ["GRPC_VERBOSITY"] = "INFO" if server else "ERROR"
+        GRPC_INFO_FOR_HANDSHAKES = server
 
 
 def _not_deprecation_banner(record: logging.LogRecord) -> bool:

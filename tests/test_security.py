@@ -232,6 +232,9 @@ def refused_by_tls(spawn, env: dict[str, str], client_env: dict[str, str]) -> st
     errors = [line for line in client.output.splitlines() if "flowerpot client: error:" in line]
     assert len(errors) == 1 and "TLS handshake with the server at localhost:" in errors[0], client.output
     assert "joined" not in server.output
+    # gRPC reports the refusal only on its own stderr; the server turns it into a line of its log
+    server.wait_for("a TLS handshake failed, the connection is refused: ")
+    assert not re.search(r"^I\d{4} ", server.output, re.M), server.output  # gRPC's other INFO lines: dropped
     return errors[0]
 
 

@@ -245,3 +245,19 @@ def test_the_default_max_message_fits_every_shipped_model_with_headroom() -> Non
         largest = max(largest, model_bytes)
         assert UPDATE_SIZE_FACTOR * model_bytes + METADATA_BYTES <= limit, spec.dataset
     assert limit <= 16 * largest  # ample headroom, but not 512 MiB for a 2 MiB model
+
+
+@pytest.mark.unit
+def test_handshake_reports_are_bounded_per_minute(caplog: pytest.LogCaptureFixture) -> None:
+    """A flood of bad handshakes must not flood the server's log: 20 lines a minute, then a count."""
+    from server.transport.handshake_log import LINES_PER_MINUTE, HandshakeReports
+
+    reports = HandshakeReports()
+    with caplog.at_level("WARNING", logger="flowerpot.server"):
+        for _ in range(LINES_PER_MINUTE + 5):
+            reports.report("SSL_ERROR_SSL: CERTIFICATE_VERIFY_FAILED")
+        reports.window -= 60  # a minute later
+        reports.report("SSL_ERROR_SSL: CERTIFICATE_VERIFY_FAILED")
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("a TLS handshake failed" in line for line in lines) == LINES_PER_MINUTE + 1
+    assert "5 more TLS handshakes failed in the last minute" in lines[LINES_PER_MINUTE]
