@@ -5,18 +5,24 @@ import os
 import sys
 
 # gRPC's core reports a refused TLS handshake only at INFO verbosity: the server asks for INFO
-# and keeps only those lines of it (server/transport/handshake_log.py). True when it did.
+# and keeps only those reports of its INFO and WARNING lines (server/transport/handshake_log.py).
+# True when it did.
 GRPC_INFO_FOR_HANDSHAKES = False
 
 
 def prepare_flower_environment(server: bool = False) -> None:
     """Call before importing flwr: no telemetry, and gRPC logs only real errors (the server: also
-    its reports of refused handshakes). A GRPC_VERBOSITY of the user's own is left alone."""
+    its reports of refused handshakes). GRPC_VERBOSITY=DEBUG or INFO shows all of gRPC's lines.
+    (flwr's import sets GRPC_VERBOSITY=error itself, which child processes inherit: a value that
+    is present is no sign that the user chose it.)"""
     global GRPC_INFO_FOR_HANDSHAKES
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    if "GRPC_VERBOSITY" not in os.environ:
-        os.environ["GRPC_VERBOSITY"] = "INFO" if server else "ERROR"
-        GRPC_INFO_FOR_HANDSHAKES = server
+    chosen = os.environ.get("GRPC_VERBOSITY", "ERROR").upper()
+    if server and chosen not in ("DEBUG", "INFO"):
+        os.environ["GRPC_VERBOSITY"] = "INFO"
+        GRPC_INFO_FOR_HANDSHAKES = True
+    else:
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
 def _not_deprecation_banner(record: logging.LogRecord) -> bool:

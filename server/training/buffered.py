@@ -198,7 +198,9 @@ class BufferedRounds:
         self.rollback: tuple[Parameters, str, int] | None = None
         self.rolled_back: set[int] = set()  # versions replaced: updates trained on them are dropped
         # Per version: how many updates trained on it were finite, and how many NaN or Inf
-        self.evidence: dict[int, list[int]] = {}
+        # (clients, not updates: a fast client may send several on one version, and one attacker
+        # must not vouch for a model many times)
+        self.evidence: dict[int, tuple[set[str], set[str]]] = {}
 
     # The loop
 
@@ -310,7 +312,7 @@ class BufferedRounds:
                 self.window.held.add(task.proxy.cid)
             log.warning("the fit of client %s on version %d failed: %s", label, task.version, _why(exc))
             if NOT_FINITE in str(exc):  # the client's training diverged from that version's model
-                self.judge(task.version, finite=False)
+                self.judge(task.proxy.cid, task.version, finite=False)
             return
         evaluation = self.open_one
         if evaluation is not None and evaluation.version == task.version:
@@ -342,7 +344,7 @@ class BufferedRounds:
             return
         problem = self.guard.layout_problem(res)
         if problem is None or NOT_FINITE in problem:  # other refusals say nothing of the model
-            self.judge(task.version, finite=problem is None)
+            self.judge(task.proxy.cid, task.version, finite=problem is None)
         delta: list[np.ndarray] = []
         if problem is None:
             base = self.models[task.version]
@@ -390,19 +392,22 @@ class BufferedRounds:
             self.parameters = report.parameters if report.rolled_back else self.step(current, report.parameters)
         self.advance(pool, window, taken, report, [problem for _, problem in refusals])
 
-    def judge(self, version: int, finite: bool) -> None:
-        """One more update trained on `version` was finite, or NaN or Inf (any other refusal says
-        nothing of the model): the guard's verdict (model_verdict) proves that version sound, or
-        rolls the model back from it."""
-        if version in self.rolled_back or version not in self.sent or self.rollback is not None:
+    def judge(self, client: str, version: int, finite: bool) -> None:
+        """A client's update trained on `version` was finite, or NaN or Inf (any other refusal
+        says nothing of the model): the guard's verdict (model_verdict, over clients) proves that
+        version sound, or rolls the model back from it. Not once the last version exists: a
+        roll-back could no longer be applied."""
+        late = self.version >= self.s.num_rounds or self.final is not None
+        if late or version in self.rolled_back or version not in self.sent or self.rollback is not None:
             return
-        counts = self.evidence.setdefault(version, [0, 0])
-        counts[0 if finite else 1] += 1
-        verdict = model_verdict(counts[0], counts[1], self.client_manager.num_available())
+        sound, broken = self.evidence.setdefault(version, (set(), set()))
+        (sound if finite else broken).add(client)
+        (broken if finite else sound).discard(client)
+        verdict = model_verdict(len(sound), len(broken), self.client_manager.num_available())
         if verdict is True:
             self.guard.mark_sound(version, self.sent[version])
         elif verdict is False and self.guard.can_roll_back(version, self.sent[version]):
-            why = f"{counts[1]} of the {sum(counts)} updates trained on it were {NOT_FINITE}"
+            why = f"{len(broken)} of the {len(sound) + len(broken)} clients that trained on it sent {NOT_FINITE}"
             parameters, failed = self.guard.roll_back(version, why, (version, self.sent[version]), "version")
             self.rollback = (parameters, failed, version)
 
@@ -416,7 +421,10 @@ class BufferedRounds:
         window, self.window = self.window, Window()
         self.window.buffer = [u for u in window.buffer if u.version < unusable]
         window.stale += len(window.buffer) - len(self.window.buffer)
-        self.rolled_back.update(v for v in self.models if v >= unusable)
+        # every version from the unusable one on, also those no fit holds any more
+        self.rolled_back.update(range(unusable, self.version + 1))
+        if self.evaluation is not None and self.evaluation.version >= unusable:
+            self.evaluation = None  # its answers would measure a model given up
         self.parameters = parameters
         self.advance(pool, window, [], FitReport(parameters, {}, [], why, rolled_back=True), [])
 

@@ -2,7 +2,7 @@
 gRPC's core reports each one only on the process's stderr, at INFO verbosity, with the reason
 (e.g. PEER_DID_NOT_RETURN_A_CERTIFICATE) but not the peer's address. So the server asks for
 that verbosity (shared/logs.py) and reads what gRPC's core writes to stderr through a pipe: each
-report becomes one warning of Flowerpot's, gRPC's other INFO lines are dropped, and everything
+report becomes one warning of Flowerpot's, gRPC's other INFO and WARNING lines are dropped, and everything
 else passes on to the real stderr. Python's own output (logging, tracebacks) keeps writing to
 the real stderr directly, so nothing of it waits on the relay or is lost at exit."""
 
@@ -20,7 +20,7 @@ from shared.protocol import MAX_TEXT, clean_text
 log = logging.getLogger("flowerpot.server")
 
 HANDSHAKE_FAILED = re.compile(r"Handshake failed with (?:fatal )?error (.*)$")
-GRPC_INFO_LINE = re.compile(r"^I\d{4} ")
+GRPC_INFO_LINE = re.compile(r"^[IW]\d{4} ")  # gRPC's INFO and WARNING lines
 # A flood of bad handshakes must not flood the log: this many lines a minute, then a count.
 LINES_PER_MINUTE = 20
 
@@ -50,8 +50,8 @@ class HandshakeReports:
 def relay_grpc_stderr(drop_info: bool) -> bool:
     """Route file descriptor 2 (gRPC's core writes there) through the relay; Python's sys.stderr
     and every logging handler on it keep the real stderr. `drop_info`: gRPC's INFO lines were
-    asked for only for the handshake reports. False when the pipe could not be made (nothing
-    changes then)."""
+    asked for only for the handshake reports (its INFO and WARNING lines are dropped). False
+    when the pipe could not be made (nothing changes then)."""
     try:
         real = os.dup(2)
         read_end, write_end = os.pipe()
