@@ -193,8 +193,8 @@ class BufferedRounds:
         self.parameters = Parameters(tensors=[], tensor_type="numpy.ndarray")  # the global model, from run()
         self.models: dict[int, list[np.ndarray]] = {}
         self.sent: dict[int, Parameters] = {}  # the same versions, as sent (the guard's sound model)
-        # A version whose evaluation found it unusable: (the last sound model, why, that version),
-        # applied as the next version by the loop.
+        # A version found unusable (by the updates trained on it or by its evaluation): (the last
+        # sound model, why, that version), applied as the next version by the loop.
         self.rollback: tuple[Parameters, str, int] | None = None
         self.rolled_back: set[int] = set()  # versions replaced: updates trained on them are dropped
         # Per version: how many updates trained on it were finite, and how many NaN or Inf
@@ -412,9 +412,9 @@ class BufferedRounds:
             self.rollback = (parameters, failed, version)
 
     def roll_back(self, pool: ThreadPoolExecutor) -> None:
-        """The next version is the last sound model, in place of one whose evaluation found it
-        unusable: the updates trained on that version or later are dropped (as stale), the
-        others stay in the buffer."""
+        """The next version is the last sound model, in place of one found unusable (`judge`,
+        `close_evaluation`): the updates trained on that version or later are dropped (as stale),
+        the others stay in the buffer."""
         assert self.rollback is not None
         parameters, why, unusable = self.rollback
         self.rollback = None

@@ -237,12 +237,10 @@ class GuardedStrategy(Strategy):
         # (updates trained on it were finite, or its evaluation was) with the inner strategy's
         # state of then: a model that proves unusable is replaced by it (`roll_back`).
         self.base, self.base_version = initial, 0
-        self.initial = initial  # the starting model (resumed: the checkpoint's), to tell an untrained run
         # The last few sound models, oldest first, the starting model always kept: a model found
         # sound and later found unusable (async evidence comes late) gives way to an older one.
         self.sounds: list[tuple[int, Parameters, dict[str, list[np.ndarray]]]] = [(0, initial, {})]
         self.eval_losses: dict[int, float] = {}  # the loss of each round's (version's) evaluation
-        self.best_loss = math.inf  # the lowest of them: the scale LOSS_EXPLOSION is measured against
         self.evaluated: tuple[int, Parameters] | None = None  # the model the latest evaluation measured
         self.measure_from(initial, 0)
         self.warned: set[str] = set()  # clients already told about dropped metrics
@@ -280,8 +278,9 @@ class GuardedStrategy(Strategy):
     ) -> FitReport:
         """The sound updates aggregated by the Flower strategy; the others refused (as failures to
         it), and the round failed when too few are sound. `trained_on_base`: every result was
-        trained on the model updates are measured from (sync rounds), so a finite one proves that
-        model sound; async buffers mix versions and report their evidence (`proven_sound`)."""
+        trained on the model updates are measured from (sync rounds), so they judge that model;
+        async buffers mix versions, and the loop judges each version itself (`mark_sound`,
+        `roll_back`)."""
         refused: list[tuple[ClientProxy, str]] = []
         sound: FitResults = []
         norms: list[float] = []
@@ -390,6 +389,16 @@ class GuardedStrategy(Strategy):
         return kept
 
     @property
+    def initial(self) -> Parameters:
+        """The starting model (resumed: the checkpoint's), to tell a run that kept none of its own."""
+        return self.sounds[0][1]
+
+    @property
+    def best_loss(self) -> float:
+        """The lowest evaluation loss kept: the scale LOSS_EXPLOSION is measured against."""
+        return min(self.eval_losses.values(), default=math.inf)
+
+    @property
     def sound(self) -> tuple[int, Parameters, dict[str, list[np.ndarray]]]:
         """The last sound model: (its round or version, it, the inner strategy's state of then)."""
         return self.sounds[-1]
@@ -416,7 +425,6 @@ class GuardedStrategy(Strategy):
         while len(self.sounds) > 1 and (self.sounds[-1][0] >= bad_version or self.sounds[-1][1] is bad):
             self.sounds.pop()
         self.eval_losses = {v: loss for v, loss in self.eval_losses.items() if v < bad_version}
-        self.best_loss = min(self.eval_losses.values(), default=math.inf)
         version, parameters, state = self.sounds[-1]
         restore_strategy_state(self, state)
         for name in STATE_ATTRIBUTES:
@@ -445,18 +453,17 @@ class GuardedStrategy(Strategy):
             evaluated, self.evaluated = self.evaluated, None
         if evaluated is None or evaluated[0] != server_round:
             return None
-        why = None
+        why, best = None, self.best_loss
         if loss is None and len(refused) >= 1 and all(NOT_FINITE in p for p in refused):
             why = f"every evaluation of it ({len(refused)}) was {NOT_FINITE}"
-        elif loss is not None and math.isfinite(self.best_loss) and loss > LOSS_EXPLOSION * self.best_loss:
-            why = f"its evaluation loss {loss:.4g} is above {LOSS_EXPLOSION:g} x the run's lowest, {self.best_loss:.4g}"
+        elif loss is not None and math.isfinite(best) and loss > LOSS_EXPLOSION * best:
+            why = f"its evaluation loss {loss:.4g} is above {LOSS_EXPLOSION:g} x the run's lowest, {best:.4g}"
         if why is not None and self.can_roll_back(*evaluated):
             return self.roll_back(server_round, why, evaluated, unit)
         if loss is not None and math.isfinite(loss):
-            if math.isfinite(self.best_loss):  # the first evaluation only sets the scale
+            if math.isfinite(best):  # the first evaluation only sets the scale
                 self.mark_sound(*evaluated)
             self.eval_losses[server_round] = loss
-            self.best_loss = min(self.best_loss, loss)
         return None
 
     def finite(self, parameters: Parameters) -> bool:
