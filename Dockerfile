@@ -35,6 +35,28 @@ ENTRYPOINT ["python", "-m", "flowerpot"]
 CMD ["server"]
 
 
+# Your own task (docs/own-model.md), baked in for machines where it is not mounted (EC2 sites,
+# Swarm nodes): --build-arg TASK_DIR=tasks/my_task, run with TASK_DIR=/task; its requirements.txt
+# is installed in the client stage. Only tasks/ and examples/ are in the build context (see
+# .dockerignore), so a folder elsewhere (Compose passes .env's TASK_DIR, say ./my_task, which it
+# mounts instead) leaves /task empty and says so, rather than failing the build.
+FROM base AS task
+ARG TASK_DIR=""
+COPY tasks* /sources/tasks/
+COPY examples/ /sources/examples/
+RUN folder="${TASK_DIR#./}"; folder="${folder%/}"; mkdir /task; \
+    case "$folder" in \
+      "" | client/tasks) ;; \
+      tasks/?* | examples/?*) \
+        if [ ! -d "/sources/$folder" ]; then \
+          echo "error: TASK_DIR=$TASK_DIR: no such folder in the checkout: correct TASK_DIR" >&2; exit 1; \
+        fi; \
+        cp -r "/sources/$folder/." /task/; echo "TASK_DIR=$TASK_DIR baked into the image at /task" ;; \
+      *) echo "TASK_DIR=$TASK_DIR is not under tasks/ or examples/: not baked into the image" \
+              "(Compose mounts it; to bake it in, move it to tasks/)" ;; \
+    esac
+
+
 FROM base AS client
 # Where torch and torchvision come from. The default is PyTorch's CPU-only index (a small image);
 # client/wheels/ is searched first, for machines that have the wheels on disk.
@@ -53,12 +75,7 @@ COPY shared/ shared/
 COPY client/*.py client/
 COPY client/data/ client/data/
 COPY client/tasks/ client/tasks/
-# Your own task (docs/own-model.md), baked in for machines where it is not mounted (EC2 sites,
-# Swarm nodes): --build-arg TASK_DIR=tasks/my_task (a folder under tasks/ or examples/, the ones
-# .dockerignore lets in; docker-compose.yml passes .env's TASK_DIR), run with TASK_DIR=/task.
-# A requirements.txt beside the module is installed here. Without it: the built-in task only.
-ARG TASK_DIR=client/tasks
-COPY ${TASK_DIR}/ /task/
+COPY --from=task /task/ /task/
 RUN if [ -f /task/requirements.txt ]; then pip install -r /task/requirements.txt; fi
 USER flowerpot
 ENV DATA_DIR=/data RESULTS_DIR=/results SERVER_ADDRESS=server:8080

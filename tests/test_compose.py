@@ -8,6 +8,9 @@ reuse them, each with its own project name, its own volumes, and its own edited 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -262,3 +265,60 @@ def test_a_task_folder_in_task_dir_is_mounted_into_the_clients(project, tmp_path
     assert len(rounds) == 2 and rounds[-1]["eval_accuracy"] >= 0.8, rounds[-1]
     meta = json.loads((tmp_path / f"results-{p.name}" / "final_model.json").read_text())
     assert meta["task"] == "my_task"
+
+
+def test_a_task_folder_under_tasks_is_baked_into_the_image_with_its_requirements(tmp_path: Path) -> None:
+    """Where the folder cannot be mounted (an EC2 site, a Swarm node): TASK_DIR=./tasks/NAME at build
+    time copies the folder into the client image at /task and installs its requirements.txt. A
+    folder elsewhere (./my_task, the docs' mounted case) is only mounted: `up --build` still builds."""
+
+    def link_or_copy(source: str, target: str) -> object:
+        try:
+            return os.link(source, target)  # the torch wheel: hundreds of MB
+        except OSError:
+            return shutil.copy2(source, target)
+
+    checkout = tmp_path / "checkout"  # a user's checkout with their task folders
+    checkout.mkdir()
+    for item in ("Dockerfile", ".dockerignore", "docker-compose.yml", ".env"):
+        shutil.copy2(REPO / item, checkout / item)
+    for folder in ("flowerpot", "shared", "server", "client", "examples"):
+        shutil.copytree(REPO / folder, checkout / folder, copy_function=link_or_copy,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    contract = (REPO / "tests" / "contract_task.py.txt").read_text()
+    for folder in (checkout / "tasks" / "table_task", checkout / "my_task"):
+        folder.mkdir(parents=True)
+        (folder / f"{folder.name}.py").write_text("import tabulate  # from requirements.txt\n" + contract)
+        (folder / "requirements.txt").write_text("tabulate==0.9.0\n")
+
+    def build(task_dir: str) -> tuple[Project, subprocess.CompletedProcess[str]]:
+        p = Project(checkout, files=(checkout / "docker-compose.yml",), env={"TASK_DIR": task_dir})
+        return p, p.compose("--progress", "plain", "build", "client", timeout=1800)
+
+    def in_image(p: Project, code: str) -> subprocess.CompletedProcess[str]:
+        return docker("run", "--rm", "--entrypoint", "python", p.images["client"], "-c", code, check=False)
+
+    load = "from pathlib import Path; from client.tasks import load_task; "
+    load += "print(load_task('table_task', Path('/task')).name)"
+    made: list[Project] = []
+    try:
+        p, built = build("./tasks/table_task")
+        made.append(p)
+        assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+        loaded = in_image(p, load + "; import tabulate; print(tabulate.__version__)")
+        assert loaded.returncode == 0, loaded.stderr
+        assert loaded.stdout.split() == ["table_task", "0.9.0"]
+
+        p, built = build("./my_task")
+        made.append(p)
+        assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+        assert in_image(p, "import os; print(os.listdir('/task'))").stdout.strip() == "[]"
+
+        p, built = build("./tasks/tabel_task")
+        made.append(p)
+        assert built.returncode != 0
+        said = built.stdout + built.stderr  # a failed step is never cached: its message is always shown
+        assert "error: TASK_DIR=./tasks/tabel_task: no such folder in the checkout: correct TASK_DIR" in said
+    finally:
+        for p in made:
+            p.down()

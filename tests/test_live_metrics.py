@@ -47,10 +47,10 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def value(samples: dict, name: str, **labels: str) -> float | None:
-    """The one sample of `name` whose labels include `labels`."""
-    found = [v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items()]
-    assert len(found) <= 1, (name, labels, found)
+def value(samples: dict, metric: str, /, **labels: str) -> float | None:
+    """The one sample of `metric` whose labels include `labels` (a label may be called `name`)."""
+    found = [v for (n, ls), v in samples.items() if n == metric and labels.items() <= dict(ls).items()]
+    assert len(found) <= 1, (metric, labels, found)
     return found[0] if found else None
 
 

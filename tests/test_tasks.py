@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+from test_live_metrics import Scraper, value
 
 from conftest import REPO, free_address, run_cli
-from flowerpot.launcher import Process, clean_env
+from flowerpot.launcher import Process, clean_env, free_port
 
 # Every test here runs real clients or the CLI as processes.
 pytestmark = pytest.mark.process
@@ -21,6 +23,16 @@ CONTRACT = REPO / "tests" / "contract_task.py.txt"  # the module of docs/own-mod
 # Two rounds, one local epoch: enough to see a task learn, quick on two cores. Adam wants a
 # smaller learning rate than the built-in task's SGD.
 QUICK = {"NUM_ROUNDS": "2", "LOCAL_EPOCHS": "1", "LEARNING_RATE": "0.005", "METRICS_PORT": "0"}
+
+
+# Appended to the contract module: a predict_transform that notes what it was given.
+TRANSFORM = """
+
+def predict_transform(images):
+    from pathlib import Path
+    Path(__file__).with_name("seen.txt").write_text(" ".join(f"{{i.mode}} {{i.size}}" for i in images))
+    return torch.{out}
+"""
 
 
 def user_task(tmp_path: Path, name: str = "my_task", text: str | None = None) -> Path:
@@ -51,6 +63,23 @@ def test_the_contract_module_federates_predicts_and_makes_its_initial_model(tmp_
     predicted = run_cli(["predict", "--test-split", "--json"], cwd=tmp_path, **task)
     assert predicted.returncode == 0, predicted.stderr
     assert json.loads(predicted.stdout)["accuracy"] == pytest.approx(rounds[-1]["eval_accuracy"], abs=0.02)
+
+    # The same module with a predict_transform: `predict` on image files hands it the opened files.
+    png = tmp_path / "drawn.png"
+    Image.new("L", (32, 32), color=200).save(png)
+    with_transform = user_task(
+        tmp_path / "t", text=CONTRACT.read_text() + TRANSFORM.format(out="zeros(len(images), 1, 8, 8)")
+    )
+    used = run_cli(["predict", "--json", str(png)], cwd=tmp_path, TASK="my_task", TASK_DIR=str(with_transform))
+    assert used.returncode == 0, used.stderr
+    assert json.loads(used.stdout)[0]["label"] in [str(d) for d in range(10)]
+    assert (with_transform / "seen.txt").read_text() == "L (32, 32)"  # as the file was, not resized
+    wrong = user_task(tmp_path / "w", text=CONTRACT.read_text() + TRANSFORM.format(out="zeros(2, 3)"))
+    refused = run_cli(["predict", str(png)], cwd=tmp_path, TASK="my_task", TASK_DIR=str(wrong))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "TASK=my_task: predict_transform returned (2, 3) for 1 images, not a tensor of shape (1, 1, 8, 8)" in (
+        refused.stderr
+    )
 
     # A model of task my_task, under another task (the built-in one): refused by name.
     refused = run_cli(["predict", "--test-split"], cwd=tmp_path)
@@ -97,11 +126,23 @@ def test_the_contract_module_federates_in_async_mode_and_with_fedprox(tmp_path: 
 
 
 def test_the_digits_example_with_adam_reports_its_declared_metric(tmp_path: Path) -> None:
+    """f1, declared in the example's METRICS, reaches the history, the per-site view and the live
+    metrics (the server learns it from the clients' declaration at join; it never imports the task)."""
+    port = free_port()
     env = {**QUICK, "TASK": "wide_cnn", "TASK_DIR": str(REPO / "examples" / "digits_adam"), "NUM_SHARDS": "2"}
     env.update(MIN_AVAILABLE_CLIENTS="2", MIN_FIT_CLIENTS="2", MIN_EVALUATE_CLIENTS="2", STRATEGY="fedprox")
+    env.update(METRICS_PORT=str(port), METRICS_LINGER="60")  # the final values stay until scraped
+    scraper = Scraper(port)
     result = run_cli(["run-local"], cwd=tmp_path, timeout=300, **env)
+    scrapes = [s for s in scraper.stop() if value(s, "flowerpot_round") == 2]
     assert result.returncode == 0, result.stderr[-3000:]
     final = history(tmp_path)[-1]
+    assert scrapes, "the final values were never scraped"
+    live = scrapes[-1]
+    assert value(live, "flowerpot_task_metric", phase="evaluate", name="f1") == final["eval_metrics"]["f1"]
+    for client in (c for c in final["clients"] if c["phase"] == "evaluate"):
+        labels = {"site": client["site"], "shard": client["shard"], "phase": "evaluate", "name": "f1"}
+        assert value(live, "flowerpot_client_task_metric", **labels) == client["metrics"]["f1"]
     assert final["eval_accuracy"] >= 0.8, final
     assert 0.5 <= final["eval_metrics"]["f1"] <= 1  # declared in METRICS: kept, averaged
     evaluated = [c for c in final["clients"] if c["phase"] == "evaluate"]

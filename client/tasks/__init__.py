@@ -262,7 +262,8 @@ def _import(name: str, module_name: str, task_dir: Path | None) -> Any:
         log.debug("TASK=%s: importing %s failed", name, module_name, exc_info=exc)
         raise BadInput(
             f"TASK={name} needs the package {missing}, which is not installed: add it to a requirements.txt "
-            "beside the module (built into the client image, docs/own-model.md), or install it"
+            "beside the module, in a folder under tasks/ for the client image to install it when built "
+            "(docs/own-model.md), or install it"
         ) from None
     except Exception as exc:  # the user's module raised: its line, not Flowerpot's traceback
         log.debug("TASK=%s: importing %s raised", name, module_name, exc_info=exc)
