@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import accuracy, asynchrony, deployment, overhead, report, robustness, round_cost, scale
+from bench.attacker import ATTACKS
 from shared.errors import BadInput
 
 log = logging.getLogger("flowerpot.bench")
@@ -34,15 +35,13 @@ class Plan:
     compose_ladder: list[int]
     round_cost_rounds: int
     round_cost_repeats: int
-    # Robustness under attack: clients; attacking clients for the attacks on the full
-    # grid (`robustness_grid`) and for the others (`robustness_target`, 2 of 10, a fifth of the federation);
-    # attacks, seeds, rounds, local epochs, and the configurations measured (None: all). The
-    # 0-attacker row is run once and shared by every attack.
+    # Robustness under attack: clients, how many of them attack (2 of 10, a fifth of the
+    # federation), the attacks, the partitions, seeds, rounds, local epochs, and the configurations
+    # measured (None: all). The 0-attacker column is run once per partition and configuration.
     robustness_clients: int = 10
-    robustness_attackers: tuple[int, ...] = (0, 1, 2, 3)
-    robustness_attacks: tuple[str, ...] = ("signflip", "gaussian", "labelflip")
-    robustness_grid: tuple[str, ...] = ("signflip",)
-    robustness_target: tuple[int, ...] = (0, 2)
+    robustness_attackers: int = 2
+    robustness_attacks: tuple[str, ...] = ATTACKS
+    robustness_partitions: tuple[str, ...] = ("iid", "dirichlet-0.5")
     robustness_seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
     robustness_rounds: int = 10
     robustness_epochs: int = 2
@@ -57,24 +56,17 @@ class Plan:
     async_rounds: int = 20
     async_epochs: int = 1
 
-    def robustness_levels(self) -> dict[str, list[int]]:
-        """Attack -> attacking-client counts above 0 to measure it at (0 is the shared clean row)."""
-        return {
-            a: [k for k in (self.robustness_attackers if a in self.robustness_grid else self.robustness_target) if k]
-            for a in self.robustness_attacks
-        }
-
     def robustness_runs(self) -> int:
-        """Federations the robustness section starts: the shared clean row, then every attack's."""
-        configs = len(self.robustness_configs) if self.robustness_configs else 6
-        cells = 1 + sum(len(ks) for ks in self.robustness_levels().values())
-        return configs * cells * len(self.robustness_seeds)
+        """Federations the robustness section starts: per partition, the clean column and every attack's."""
+        configs = len(self.robustness_configs) if self.robustness_configs else 8
+        cells = 1 + len(self.robustness_attacks)
+        return configs * cells * len(self.robustness_seeds) * len(self.robustness_partitions)
 
 
 # Clean FedAvg must converge before attacks can be compared: 10 rounds of 2 local epochs with 10
 # clients reach 0.978 on seed 1 (5 rounds of 1 epoch: 0.74; 20 of 1: 0.92), about 2.5 s a run
-# with warm clients. Signflip on the full 0..3 grid; gaussian and labelflip at 2 attackers only:
-# 180 federations, not 300, to stay within the section's 12 minutes on 2 cores.
+# with warm clients. Every attack at 2 of 10 attackers, the issue's target, on two partitions:
+# 8 configurations x 9 columns x 5 seeds x 2 partitions = 720 federations.
 
 
 FULL = Plan(
@@ -105,8 +97,9 @@ QUICK = Plan(
     round_cost_rounds=12,
     round_cost_repeats=1,
     robustness_clients=5,
-    robustness_attackers=(1,),
-    robustness_attacks=("signflip",),
+    robustness_attackers=1,
+    robustness_attacks=("alie", "backdoor"),
+    robustness_partitions=("iid",),
     robustness_seeds=(1,),
     robustness_rounds=1,
     robustness_epochs=1,
@@ -152,8 +145,9 @@ def run(out: Path, quick: bool, compose: bool, command: str, docs: Path | None =
             lambda: robustness.measure(
                 work / "robustness",
                 p.robustness_clients,
-                {a: ["--attack", a] for a in p.robustness_attacks},
-                p.robustness_levels(),
+                p.robustness_attackers,
+                list(p.robustness_attacks),
+                list(p.robustness_partitions),
                 list(p.robustness_seeds),
                 p.robustness_rounds,
                 p.robustness_epochs,

@@ -84,11 +84,15 @@ def test_quick_robustness_section_runs_attackers_and_reports_them(tmp_path: Path
     result = run_cli(["bench", "--quick", "--only", "robustness", "--out", "out"], cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     rob = json.loads((tmp_path / "out" / "results.json").read_text())["robustness"]
-    rows = rob["attacks"]["signflip"]
-    assert set(rows) == {"fedavg (shipped)", "fedmedian"}
-    assert all(0 < row["1"]["mean"] <= 1 and row["1"]["failed"] == 0 for row in rows.values())
+    table = rob["partitions"]["iid"]
+    assert set(table) == {"clean", "alie", "backdoor"}  # the colluding attack and the targeted one
+    for column in table.values():
+        assert set(column) == {"fedavg (shipped)", "fedmedian"}
+        assert all(0 < cell["mean"] <= 1 and cell["failed"] == 0 for cell in column.values())
+    assert all(0 <= cell["asr_mean"] <= 1 for label in ("clean", "backdoor") for cell in table[label].values())
+    assert "asr_mean" not in table["alie"]["fedmedian"]
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "## Robustness under attack" in report and "| fedmedian |" in report
+    assert "## Robustness under attack" in report and "| fedmedian |" in report and "backdoor ASR" in report
     assert (tmp_path / "out" / "robustness.png").stat().st_size > 1000
 
 

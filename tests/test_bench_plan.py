@@ -10,18 +10,21 @@ from bench.attacker import ATTACKS
 from bench.main import FULL, QUICK
 from bench.report import accuracy_markdown, noise, run_error, within_noise
 
-SIX = {"fedavg (shipped)", "fedavg (checks off)", "fedmedian", "fedtrimmedavg", "multi-krum", "norm clipping"}
+EIGHT = {"fedavg (shipped)", "fedavg (checks off)", "fedmedian", "fedtrimmedavg", "multi-krum", "bulyan (f=1)",
+         "norm clipping", robustness.RECOMMENDED}  # fmt: skip
 
 
-def test_full_robustness_plan_covers_the_issue_and_shares_the_clean_row() -> None:
-    assert FULL.robustness_clients == 10 and FULL.robustness_attackers == (0, 1, 2, 3)
-    assert set(FULL.robustness_attacks) == set(ATTACKS) == {"signflip", "gaussian", "labelflip"}
+def test_full_robustness_plan_covers_the_issue() -> None:
+    """2 of 10 attacking, every attack of the literature, IID and Dirichlet(0.5), 5 seeds."""
+    assert FULL.robustness_clients == 10 and FULL.robustness_attackers == 2
+    assert set(FULL.robustness_attacks) == set(ATTACKS)
+    assert set(ATTACKS) == {"signflip", "gaussian", "labelflip", "alie", "ipm", "minmax", "minsum", "backdoor"}
+    assert FULL.robustness_partitions == ("iid", "dirichlet-0.5")
     assert FULL.robustness_configs is None  # all of them
-    assert set(robustness.configurations(FULL.robustness_clients, 3)) == SIX
+    # Bulyan needs n >= 4f + 3: with 10 clients it can be set for one attacker, not two
+    assert set(robustness.configurations(FULL.robustness_clients, 2)) == EIGHT
     assert len(FULL.robustness_seeds) >= 5
-    # signflip on the whole 0..3 grid, the others at the target's 2 of 10; 0 is the shared clean row
-    assert FULL.robustness_levels() == {"signflip": [1, 2, 3], "gaussian": [2], "labelflip": [2]}
-    assert FULL.robustness_runs() == 6 * (1 + 3 + 1 + 1) * 5
+    assert FULL.robustness_runs() == 8 * (1 + 8) * 5 * 2
     # enough training for clean FedAvg to converge (measured 0.978 on seed 1), not 5 rounds x 1 epoch
     assert FULL.robustness_rounds * FULL.robustness_epochs >= 20
 
@@ -73,32 +76,29 @@ def test_the_accuracy_report_marks_strategies_within_noise_of_the_best() -> None
     assert "Every strategy differs from its partition's best by more than the noise." in apart
 
 
-def test_the_robustness_report_marks_cells_within_noise_of_clean_fedavg() -> None:
-    cell = lambda finals: robustness.summary(finals)  # noqa: E731
-    clean = {
-        "fedavg (shipped)": cell([0.97, 0.98, 0.96, 0.97, 0.98]),
-        "fedmedian": cell([0.96, 0.97, 0.96, 0.97, 0.96]),
-    }
-    rob = {
-        "clients": 10,
-        "rounds": 10,
-        "local_epochs": 2,
-        "seeds": [1, 2, 3, 4, 5],
-        "clean": clean,
-        "attacks": {
-            "signflip": {
-                "fedavg (shipped)": {"0": clean["fedavg (shipped)"], "2": cell([0.1, 0.1, 0.09, 0.1, 0.11])},
-                "fedmedian": {"0": clean["fedmedian"], "2": cell([0.97, 0.96, 0.97, 0.97, 0.96])},
-            }
-        },
-    }
+def test_the_robustness_report_marks_cells_within_noise_and_judges_the_recommended_one() -> None:
+    def cell(finals: list[float], asr: list[float] | None = None) -> dict:
+        runs = [{"accuracy": f, **({"asr": a} if asr else {})} for f, a in zip(finals, asr or finals)]
+        return robustness.summary(runs)
+
+    name = robustness.RECOMMENDED
+    table = {
+        "clean": {"fedavg (shipped)": cell([0.97, 0.98, 0.96, 0.97, 0.98], [0.01] * 5),
+                  name: cell([0.96, 0.97, 0.96, 0.97, 0.96], [0.02] * 5)},
+        "alie": {"fedavg (shipped)": cell([0.1, 0.1, 0.09, 0.1, 0.11]), name: cell([0.97, 0.96, 0.97, 0.97, 0.96])},
+        "backdoor": {"fedavg (shipped)": cell([0.97] * 5, [0.9] * 5), name: cell([0.96] * 5, [0.12] * 5)},
+    }  # fmt: skip
+    rob = {"clients": 10, "attackers": 2, "rounds": 10, "local_epochs": 2, "seeds": [1, 2, 3, 4, 5],
+           "recommended": name, "partitions": {"iid": table}}  # fmt: skip
     text = robustness.markdown(rob)
-    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| fed")}
-    assert "| ≈ 96.6 ± 0.5 |" in rows["| fedmedian"] and "≈ 10.0" not in rows["| fedavg (shipped)"]
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "| ≈ 96.6 ± 0.5 |" in rows[f"| **{name}**"] and "≈ 10.0" not in rows["| fedavg (shipped)"]
     assert "| 97.2 ± 0.8 |" in rows["| fedavg (shipped)"]  # the reference itself is not marked
-    assert "shared by every attack" in text
-    (target,) = robustness.targets(rob)
-    assert target["met"] and "fedmedian: 96.6 vs clean FedAvg 97.2" in target["measured"]
+    assert rows["| fedavg (shipped)"].endswith("| 1.0 ± 0.0 | 90.0 ± 0.0 |")  # clean ASR, backdoor ASR
+    assert "named before this run" in text
+    untargeted, backdoor = robustness.targets(rob)
+    assert untargeted["met"] and "worst alie: 96.6 vs clean FedAvg 97.2" in untargeted["measured"]
+    assert not backdoor["met"] and backdoor["measured"].startswith("12.0 %")
 
 
 def test_round_overheads_tell_replicas_of_one_name_apart() -> None:
