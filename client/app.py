@@ -117,7 +117,8 @@ class FlowerpotClient(NumPyClient):
         self.set_parameters(parameters)
         started = time.perf_counter()
         server_round, num_rounds = int(config.get(protocol.SERVER_ROUND, 0)), int(config.get(protocol.NUM_ROUNDS, -1))
-        data = to_data(self.shard.x_test, self.shard.y_test, self.shard.spec, self.settings.device)
+        x, y = self.evaluation_split(config)
+        data = to_data(x, y, self.shard.spec, self.settings.device)
         try:
             outcome = self.task.score(self.model, data, self.round_config(config))
         except TaskFailed as exc:
@@ -142,6 +143,18 @@ class FlowerpotClient(NumPyClient):
             if local is not None:
                 metrics[protocol.LOCAL_ACCURACY] = local
         return outcome["loss"], len(data), metrics
+
+    def evaluation_split(self, config: dict) -> tuple[np.ndarray, np.ndarray]:
+        """The images and labels the server's EVALUATE_SPLIT asks for (the test split by default)."""
+        if config.get(protocol.EVALUATE_SPLIT, "test") != "validation":
+            return self.shard.x_test, self.shard.y_test
+        if self.shard.x_val is None or self.shard.y_val is None:
+            log.warning("%s: the server asks for EVALUATE_SPLIT=validation; %s has none", step(config), self.shard.name)
+            raise wiring.AnswerFailed(
+                f"EVALUATE_SPLIT=validation: {self.shard.name} has no validation split: run `flowerpot prepare` "
+                "with VALIDATION_FRACTION above 0"
+            )
+        return self.shard.x_val, self.shard.y_val
 
     def local_only_accuracy(self, config: dict, test: Any) -> float | None:
         """LOCAL_BASELINE: the accuracy, on this shard's test split, of the task's fresh model
@@ -194,12 +207,20 @@ def run_client(settings: Settings) -> None:
     with claim_shard(settings.data_dir, settings.shard_id, site_shards) as folder:
         shard = load_shard(folder)
         log.info(
-            "claimed %s of %s: %d train and %d test examples",
+            "claimed %s of %s: %d train and %d test examples%s",
             shard.name,
             shard.spec.dataset,
             len(shard.y_train),
             len(shard.y_test),
+            "" if shard.y_val is None else f", {len(shard.y_val)} held out for validation",
         )
+        if settings.evaluate_split == "validation" and shard.y_val is None:
+            # The server's setting is the one that counts (it asks every round); the same .env here
+            # says at once what every round would otherwise fail on.
+            raise BadInput(
+                f"EVALUATE_SPLIT=validation: {shard.name} has no validation split: run `flowerpot prepare` "
+                "with VALIDATION_FRACTION above 0"
+            )
         model_dir = settings.results_dir / f"client_{shard.name}"
         client = FlowerpotClient(shard, settings, model_dir, task)
         endpoint = wiring.Endpoint(

@@ -273,6 +273,23 @@ def _strings(env: Mapping[str, Any]) -> dict[str, str]:
     return {k: os.fspath(v) if isinstance(v, Path) else str(v) for k, v in env.items()}
 
 
+def every_client_refused_its_input(federation: LocalFederation) -> int | None:
+    """Wait while the server runs; BAD_INPUT's status when every client exited with it first (a
+    setting or a shard they refuse at start: the server would wait START_TIMEOUT for nobody)."""
+    from shared.errors import ExitCode
+
+    assert federation.server is not None
+    while federation.server.popen.poll() is None:
+        codes = [c.popen.poll() for c in federation.clients]
+        if codes and all(code == ExitCode.BAD_INPUT for code in codes):
+            return int(ExitCode.BAD_INPUT)
+        if any(code is None for code in codes) or not codes:
+            time.sleep(0.1)
+            continue
+        return None  # all gone, not all for bad input: the server's outcome says the rest
+    return None
+
+
 def run_local(settings: Any, clients: int, env_file: Path | None) -> int:
     """`flowerpot run-local`: prepare, then the server and `clients` clients with their output
     relayed; the server's exit status."""
@@ -293,7 +310,14 @@ def run_local(settings: Any, clients: int, env_file: Path | None) -> int:
             if federation.server is not None and federation.server.returncode is not None:
                 return federation.server.returncode  # it said why in its one line (relayed above)
             raise Unreachable(f"the server did not listen on {federation.address}: see its output above") from None
-        code = federation.wait(timeout=None)  # as long as the run takes: its own waits are bounded
+        refused = every_client_refused_its_input(federation)
+        if refused is not None:
+            log.warning("every client exited %d (bad input, said above): stopping the server", refused)
+            assert federation.server is not None
+            federation.server.stop()  # nothing else will join it
+            code = refused
+        else:
+            code = federation.wait(timeout=None)  # as long as the run takes: its own waits are bounded
         failed = [f"{c.name} ({c.returncode})" for c in federation.clients if c.returncode != 0]
     if failed:
         log.warning("clients that did not exit 0: %s", ", ".join(failed))

@@ -62,6 +62,9 @@ FIT_METRICS = {TRAIN_LOSS: NUMBER, TRAIN_ACCURACY: RATIO, TRAIN_SECONDS: NUMBER,
 # LOCAL_BASELINE: in the last evaluation's config, asks for the local-only model's accuracy,
 # which the client reports as LOCAL_ACCURACY.
 LOCAL_BASELINE = "local_baseline"
+# EVALUATE_SPLIT: in every evaluation's config, the split the clients score ("test" or
+# "validation"); absent (an older server): the test split.
+EVALUATE_SPLIT = "evaluate_split"
 LOCAL_ACCURACY = "local_accuracy"
 EVALUATE_METRICS = {ACCURACY: RATIO, EVAL_SECONDS: NUMBER, SHARD: NAME, LOCAL_ACCURACY: RATIO}
 

@@ -30,6 +30,7 @@ Partition = Literal["iid", "dirichlet", "pathological"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 ClientAuth = Literal["none", "certificate"]
 Mode = Literal["sync", "async"]
+EvaluateSplit = Literal["test", "validation"]
 StalenessWeighting = Literal["constant", "polynomial"]
 
 DEFAULT_CLIENT_NAME = "client"
@@ -155,6 +156,9 @@ class Settings(BaseSettings):
     # shard alone (NUM_ROUNDS x LOCAL_EPOCHS epochs, from the task's fresh model) and reports its
     # accuracy on the same test split beside the global model's. It costs one local training.
     local_baseline: bool = setting(False, NOTHING, allowed="true or false")
+    # What the clients' federated evaluation scores: the test splits (reported), or the
+    # validation splits (VALIDATION_FRACTION above 0 in `prepare`) for tuning settings.
+    evaluate_split: EvaluateSplit = setting("test", RUN, allowed=_one_of(EvaluateSplit))
     # Norm clipping (Sun et al. 2019): each sound update is scaled to at most this L2 distance
     # from the global model before any strategy aggregates it; 0 clips nothing
     clip_norm: float = setting(0.0, RUN, ge=0, le=1e6, note="0: no clipping")
@@ -207,6 +211,9 @@ class Settings(BaseSettings):
     test_fraction: float = setting(
         0.2, DATA, gt=0, lt=1, note="digits, folder: MNIST, Fashion-MNIST, CIFAR-10 test on the official test set"
     )
+    # Held out of each shard's training examples (after its test split, which stays as it was):
+    # the data that settings are tuned on, so that the reported test accuracy is not tuned on.
+    validation_fraction: float = setting(0.0, DATA, ge=0, lt=0.5, note="0: no validation split")
     max_examples: int = setting(0, DATA, ge=0, note="0: all")
     seed: int = setting(42, DATA, ge=0, le=2**32 - 1)
     shard_id: int | None = setting(None, NOTHING, ge=0)

@@ -445,6 +445,21 @@ CASES = [
     ),
     Case("no-free-shard", ["client"], {}, 3, "all 3 shards in DATA_DIR=data are claimed", all_shards_claimed),
     Case(
+        "evaluate-split-without-validation",
+        ["client"],
+        {**CLIENT, "EVALUATE_SPLIT": "validation"},
+        2,
+        "EVALUATE_SPLIT=validation: shard_000 has no validation split: run `flowerpot prepare` with "
+        "VALIDATION_FRACTION above 0",
+    ),
+    Case(
+        "evaluate-split-unknown",
+        ["server"],
+        {"EVALUATE_SPLIT": "train"},
+        2,
+        "EVALUATE_SPLIT='train' is not valid: use one of test, validation",
+    ),
+    Case(
         "shards-of-other-settings",
         ["prepare"],
         {"NUM_SHARDS": "4"},

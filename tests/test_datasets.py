@@ -217,3 +217,19 @@ def test_digits_has_no_official_test_set_and_each_shard_splits_its_own(tmp_path:
     splits = shard_splits(source, settings_for(tmp_path, test_fraction=0.25))
     for split in splits:
         assert abs(len(split["test"]) / (len(split["test"]) + len(split["train"])) - 0.25) < 0.01
+
+
+def test_a_validation_split_comes_from_the_training_part_and_leaves_the_test_split_alone(tmp_path: Path) -> None:
+    """VALIDATION_FRACTION holds out part of each shard's training examples for tuning; the test
+    splits, which are reported, are the same examples as without it; 0 writes what it always did."""
+    from client.data.shards import VALIDATION, shard_splits
+
+    source = load_source(settings_for(tmp_path))
+    before = shard_splits(source, settings_for(tmp_path))
+    assert all(set(split) == {"train", "test"} for split in before)  # 0 (the default): as it always was
+    after = shard_splits(source, settings_for(tmp_path, validation_fraction=0.1))
+    for old, new in zip(before, after):
+        assert np.array_equal(old["test"], new["test"])
+        assert np.array_equal(np.sort(np.concatenate([new["train"], new[VALIDATION]])), old["train"])
+        assert abs(len(new[VALIDATION]) / len(old["train"]) - 0.1) < 0.01
+        assert not set(new[VALIDATION]) & set(new["train"])

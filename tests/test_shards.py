@@ -165,3 +165,21 @@ def test_shards_normalised_by_the_sites_own_pixels_are_refused_not_reused(tmp_pa
     with pytest.raises(BadInput, match=r"NORMALISATION differ.*--force"):
         prepare(settings)
     assert "normalisation" not in prepare(digits(tmp_path / "whole"))["settings"]  # the whole set: as before
+
+
+def test_a_shard_with_a_validation_split_is_read_and_one_without_is_read_as_before(tmp_path: Path) -> None:
+    plain = digits(tmp_path / "a")
+    prepare(plain)
+    shard = load_shard(shard_dirs(plain.data_dir)[0])
+    assert shard.x_val is None and shard.y_val is None
+    held = digits(tmp_path / "b", validation_fraction=0.2)
+    prepare(held)
+    folder = shard_dirs(held.data_dir)[0]
+    with_val = load_shard(folder)
+    assert (
+        with_val.y_val is not None
+        and len(with_val.y_val) == json.loads((folder / "shard.json").read_text())["validation"]
+    )
+    assert np.array_equal(with_val.y_test, shard.y_test)  # the same test examples
+    assert len(with_val.y_train) + len(with_val.y_val) == len(shard.y_train)
+    assert with_val.data_checksum != shard.data_checksum  # other data: two sites cannot mix them

@@ -37,6 +37,8 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 SHARD_META = "shard.json"
 SPLITS = ("train", "test")
+# Written only with VALIDATION_FRACTION above 0; a shard without it is read as it always was.
+VALIDATION = "validation"
 
 
 def shard_name(index: int) -> str:
@@ -181,13 +183,22 @@ def shard_splits(source: Source, settings: Settings) -> list[dict[str, np.ndarra
         assert source.test_y is not None
         rng = np.random.default_rng([settings.seed, 2])
         tests = partition.split_like(source.train_y, parts, source.test_y, rng)
-        return [{"train": part, "test": test + source.test_from} for part, test in zip(parts, tests)]
-    rng = np.random.default_rng([settings.seed, 1])
-    splits = []
-    for part in parts:
-        order = rng.permutation(part)
-        n_test = max(1, round(len(order) * settings.test_fraction))
-        splits.append({"train": np.sort(order[n_test:]), "test": np.sort(order[:n_test])})
+        splits = [{"train": part, "test": test + source.test_from} for part, test in zip(parts, tests)]
+    else:
+        rng = np.random.default_rng([settings.seed, 1])
+        splits = []
+        for part in parts:
+            order = rng.permutation(part)
+            n_test = max(1, round(len(order) * settings.test_fraction))
+            splits.append({"train": np.sort(order[n_test:]), "test": np.sort(order[:n_test])})
+    if settings.validation_fraction > 0:
+        # From the training part only, with a stream of its own: the test splits stay the same
+        # examples as without a validation split, so test accuracies remain comparable.
+        rng = np.random.default_rng([settings.seed, 3])
+        for split in splits:
+            order = rng.permutation(split["train"])
+            n_val = max(1, round(len(order) * settings.validation_fraction))
+            split["train"], split[VALIDATION] = np.sort(order[n_val:]), np.sort(order[:n_val])
     return splits
 
 
@@ -225,6 +236,7 @@ def _write_shard(
         "index": index,
         "train": len(split["train"]),
         "test": len(split["test"]),
+        **({VALIDATION: len(split[VALIDATION])} if VALIDATION in split else {}),
         "label_histogram": {str(int(label)): int(c) for label, c in zip(labels, counts)},
         "files": files,
         "data_checksum": data_checksum(arrays),
@@ -258,6 +270,8 @@ class Shard:
     x_test: np.ndarray
     y_test: np.ndarray
     data_checksum: str = ""  # of the images and labels (see data_checksum): the same data, the same value
+    x_val: np.ndarray | None = None  # the validation split, when the shard has one
+    y_val: np.ndarray | None = None
 
 
 def data_checksum(arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
@@ -265,7 +279,9 @@ def data_checksum(arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
     they were written, so the same shard prepared on two sites has other file checksums but
     this same value. The server compares it to refuse two clients training one shard."""
     digest = hashlib.sha256()
-    for split in SPLITS:
+    for split in (*SPLITS, VALIDATION):
+        if split not in arrays:  # no validation split: the checksum of a shard from before it existed
+            continue
         x, y = arrays[split]
         for array in (np.ascontiguousarray(x, dtype=np.uint8), np.ascontiguousarray(y, dtype=np.int64)):
             digest.update(f"{split}{array.shape}{array.dtype.str}".encode())
@@ -306,13 +322,16 @@ def load_shard(folder: Path) -> Shard:
         files = meta["files"]
     except (KeyError, TypeError) as exc:
         raise BadInput(f"{meta_path} lacks {exc}: run `flowerpot prepare --force` to rebuild the shards") from None
-    if set(files) != {f"{s}.npz" for s in SPLITS}:
-        raise BadInput(f"{meta_path} lists {sorted(files)}, not train.npz and test.npz: rebuild the shards")
+    splits = [*SPLITS, *([VALIDATION] if f"{VALIDATION}.npz" in files else [])]
+    if set(files) != {f"{s}.npz" for s in splits}:
+        raise BadInput(
+            f"{meta_path} lists {sorted(files)}, not train.npz and test.npz (and validation.npz): rebuild the shards"
+        )
     problems = verify_shard(folder, meta)
     if problems:
         raise BadInput(f"{problems[0]}: run `flowerpot prepare` again to rebuild the shards")
     arrays = {}
-    for split in SPLITS:
+    for split in splits:
         path = folder / f"{split}.npz"
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -339,6 +358,8 @@ def load_shard(folder: Path) -> Shard:
         x_test=arrays["test"][0],
         y_test=arrays["test"][1],
         data_checksum=checksum,
+        x_val=arrays[VALIDATION][0] if VALIDATION in arrays else None,
+        y_val=arrays[VALIDATION][1] if VALIDATION in arrays else None,
     )
 
 

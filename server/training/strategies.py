@@ -114,7 +114,11 @@ def build_strategy(
         }
 
     def evaluate_config(server_round: int) -> dict[str, Scalar]:
-        config: dict[str, Scalar] = {protocol.SERVER_ROUND: server_round, protocol.NUM_ROUNDS: s.num_rounds}
+        config: dict[str, Scalar] = {
+            protocol.SERVER_ROUND: server_round,
+            protocol.NUM_ROUNDS: s.num_rounds,
+            protocol.EVALUATE_SPLIT: s.evaluate_split,
+        }
         if s.local_baseline and server_round == s.num_rounds:
             config[protocol.LOCAL_BASELINE] = True
         return config
@@ -565,6 +569,9 @@ class GuardedStrategy(Strategy):
     ) -> tuple[float | None, dict[str, Scalar]]:
         """Refused results leave `results` for `failures` in place: Flower returns these very
         lists to the round, which counts them."""
+        said = failure_problems(failures)  # the clients' own reasons, before the refusals join them
+        if said:
+            log.warning("round %d: %d evaluation(s) failed, the first saying: %s", server_round, len(failures), said[0])
         sound = []
         for proxy, res in results:
             problem = (
