@@ -4,6 +4,8 @@ FedAdam, FedYogi and FedAdagrad at a few server learning rates (eta) with tau=1e
 2021, "Adaptive Federated Optimization", tune eta around 1e-2..1e-1 with tau 1e-3), against
 Flower's legacy defaults (eta=0.1, tau=1e-9) and FedAvg, on digits, Dirichlet 0.5, 3 clients,
 5 rounds, a few seeds. Prints one line per configuration: final accuracy mean and std over seeds.
+The accuracy is on validation splits (VALIDATION_FRACTION of each shard's training examples,
+EVALUATE_SPLIT=validation), never on the test splits that the benchmark reports.
 
     python -m bench.server_opt_sweep --out /tmp/sweep --seeds 1 2
 """
@@ -37,7 +39,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     base = {"PARTITION": "dirichlet", "DIRICHLET_ALPHA": "0.5", "NUM_SHARDS": "3", "NUM_ROUNDS": str(args.rounds),
-            "MIN_FIT_CLIENTS": "3", "MIN_EVALUATE_CLIENTS": "3"}  # fmt: skip
+            "MIN_FIT_CLIENTS": "3", "MIN_EVALUATE_CLIENTS": "3", "VALIDATION_FRACTION": "0.15",
+            "EVALUATE_SPLIT": "validation"}  # fmt: skip
     table = []
     for strategy, knobs in CONFIGS:
         finals = []

@@ -117,8 +117,8 @@ def _median_weakness(s: Settings) -> str | None:
 # Server-optimizer defaults (`tuned`): Flower's legacy ones (eta=0.1, tau=1e-9 for FedAdam and
 # FedAdagrad) make FedAdam's steps sign-like and FedAdagrad oscillate. tau=1e-3 as in Reddi et
 # al. 2021 and Flower's newer strategies; eta chosen by `python -m bench.server_opt_sweep`
-# (digits, Dirichlet 0.5, 3 clients, 5 rounds, seeds 1 and 2, final accuracy; README
-# "Server-optimizer defaults" has the table).
+# (digits, Dirichlet 0.5, 3 clients, 5 rounds, seeds 1 and 2, final accuracy on validation
+# splits; docs/operations.md "Server-optimizer defaults" has the table).
 STRATEGIES: dict[str, StrategyKind] = {
     "fedavg": StrategyKind("FedAvg"),
     "fedprox": StrategyKind("FedProx", lambda s: {"proximal_mu": s.proximal_mu}),
