@@ -215,7 +215,7 @@ def markdown(rob: dict[str, Any]) -> str:
             for label in labels:
                 cell = table[label].get(name, {})
                 if cell.get("mean") is None:
-                    cells.append("failed")
+                    cells.append(f"all {cell.get('failed', 0)} runs failed" if cell.get("failed") else "-")
                     continue
                 failed = f" ({cell['failed']} failed)" if cell["failed"] else ""
                 own = label == "clean" and name == "fedavg (shipped)"
