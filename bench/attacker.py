@@ -235,11 +235,12 @@ def main(argv: list[str] | None = None) -> int:
             server_round = int(config.get(protocol.SERVER_ROUND, 0))
             seed = self.settings.seed * 100_003 + server_round
             if collusion is not None:
-                own = flat(trained) - flat(parameters)
+                start = flat(parameters)
+                own = flat(trained) - start
                 benign = collusion.share(server_round, self.shard.name, own)
                 malicious = colluded_update(args.attack, benign, self.settings.min_fit_clients, args.epsilon,
                                             args.perturbation)  # fmt: skip
-                sent = unflat(flat(parameters) + malicious, parameters)
+                sent = unflat(start + malicious, parameters)
             else:
                 default = 10.0 if args.attack == "signflip" else float(self.settings.min_fit_clients)
                 sent = attacked_update(args.attack, parameters, trained, args.scale or default, args.sigma, seed)

@@ -58,7 +58,8 @@ class Plan:
 
     def robustness_runs(self) -> int:
         """Federations the robustness section starts: per partition, the clean column and every attack's."""
-        configs = len(self.robustness_configs) if self.robustness_configs else 8
+        every = robustness.configurations(self.robustness_clients, self.robustness_attackers)
+        configs = len(self.robustness_configs) if self.robustness_configs else len(every)
         cells = 1 + len(self.robustness_attacks)
         return configs * cells * len(self.robustness_seeds) * len(self.robustness_partitions)
 

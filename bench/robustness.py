@@ -115,13 +115,13 @@ def success_rate(model_path: Path, data_dir: Path) -> float:
     from client.tasks import load_task, to_input
 
     model, spec = load_predictor(model_path, data_dir, load_task())
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return predict_proba(model, to_input(x, spec)).argmax(1)
+
     hits = total = 0
     for folder in shard_dirs(data_dir):
         shard = load_shard(folder)
-
-        def predict(x: np.ndarray) -> np.ndarray:
-            return predict_proba(model, to_input(x, spec)).argmax(1)
-
         h, t = attack_success_rate(predict, shard.x_test, shard.y_test, TARGET)
         hits, total = hits + h, total + t
     return hits / total

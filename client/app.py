@@ -18,7 +18,7 @@ from flwr.compat.client.numpy_client import NumPyClient
 from client import wiring
 from client.claim import claim_shard
 from client.data.images import ImageSpec
-from client.data.shards import Shard, load_shard
+from client.data.shards import Shard, load_shard, no_validation_split
 from client.shards_wait import wait_for_shards
 from client.tasks import (
     Config,
@@ -150,10 +150,7 @@ class FlowerpotClient(NumPyClient):
             return self.shard.x_test, self.shard.y_test
         if self.shard.x_val is None or self.shard.y_val is None:
             log.warning("%s: the server asks for EVALUATE_SPLIT=validation; %s has none", step(config), self.shard.name)
-            raise wiring.AnswerFailed(
-                f"EVALUATE_SPLIT=validation: {self.shard.name} has no validation split: run `flowerpot prepare` "
-                "with VALIDATION_FRACTION above 0"
-            )
+            raise wiring.AnswerFailed(no_validation_split(self.shard))
         return self.shard.x_val, self.shard.y_val
 
     def local_only_accuracy(self, config: dict, test: Any) -> float | None:
@@ -217,10 +214,7 @@ def run_client(settings: Settings) -> None:
         if settings.evaluate_split == "validation" and shard.y_val is None:
             # The server's setting is the one that counts (it asks every round); the same .env here
             # says at once what every round would otherwise fail on.
-            raise BadInput(
-                f"EVALUATE_SPLIT=validation: {shard.name} has no validation split: run `flowerpot prepare` "
-                "with VALIDATION_FRACTION above 0"
-            )
+            raise BadInput(no_validation_split(shard))
         model_dir = settings.results_dir / f"client_{shard.name}"
         client = FlowerpotClient(shard, settings, model_dir, task)
         endpoint = wiring.Endpoint(

@@ -274,6 +274,14 @@ class Shard:
     y_val: np.ndarray | None = None
 
 
+def no_validation_split(shard: Shard) -> str:
+    """What EVALUATE_SPLIT=validation says of a shard prepared without a validation split."""
+    return (
+        f"EVALUATE_SPLIT=validation: {shard.name} has no validation split: run `flowerpot prepare` "
+        "with VALIDATION_FRACTION above 0"
+    )
+
+
 def data_checksum(arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
     """A checksum of a shard's images and labels, not of its files: .npz files carry the time
     they were written, so the same shard prepared on two sites has other file checksums but
