@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from bench import accuracy, asynchrony, deployment, overhead, report, robustness, round_cost, scale
-from bench.attacker import ATTACKS
 from shared.errors import BadInput
 
 log = logging.getLogger("flowerpot.bench")
@@ -40,7 +39,7 @@ class Plan:
     # measured (None: all). The 0-attacker column is run once per partition and configuration.
     robustness_clients: int = 10
     robustness_attackers: int = 2
-    robustness_attacks: tuple[str, ...] = ATTACKS
+    robustness_attacks: tuple[str, ...] = robustness.COLUMNS
     robustness_partitions: tuple[str, ...] = ("iid", "dirichlet-0.5")
     robustness_seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
     robustness_rounds: int = 10

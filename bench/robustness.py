@@ -8,7 +8,8 @@ configurations are Flowerpot as shipped, each robust aggregator set for the numb
 measured: FedAvg with the update checks as shipped and with them off, FedMedian, FedTrimmedAvg,
 multi-Krum, Bulyan (as far as the federation allows), FedAvg with norm clipping, and the
 recommended configuration (RECOMMENDED, named in docs/security.md before it was measured). The
-attacks are bench/attacker.py's, each as its paper defines it. Clients are forked warm
+attacks are bench/attacker.py's, each as its paper defines it, and the backdoor of an attacker
+who knows the median bound as shipped (BOUNDED). Clients are forked warm
 (bench.warm.WarmPopen): what is measured is accuracy, not start-up.
 """
 
@@ -23,11 +24,12 @@ from typing import Any
 import numpy as np
 
 from bench.accuracy import PARTITIONS
-from bench.attacker import COLLUDING, attack_success_rate
+from bench.attacker import ATTACKS, COLLUDING, attack_success_rate
 from bench.federation import prepare
 from bench.report import noise, noise_sentence, within_noise
 from bench.warm import WarmPopen
 from flowerpot.launcher import CLIENT, LocalFederation
+from shared.settings import Settings
 
 log = logging.getLogger("flowerpot.bench")
 
@@ -45,9 +47,13 @@ CLIP_NORM = 1.0
 # bounds the length of any one update, which is what a scaled backdoor and the attacks that stay
 # inside the honest spread (ALIE, IPM, min-max) need.
 RECOMMENDED = "recommended: trimmed mean + clipping"
+# The backdoor of an attacker who knows the median bound as shipped and boosts only up to it.
+BOUNDED = "backdoor-bounded"
 # The backdoor's target class and the attacks that are targeted (scored by success rate too).
 TARGET = 0
-TARGETED = ("backdoor",)
+TARGETED = ("backdoor", BOUNDED)
+# Every column of the full plan: the attacks as bench/attacker.py defines them, and the bounded backdoor.
+COLUMNS = (*ATTACKS, BOUNDED)
 
 
 def configurations(clients: int, attackers: int) -> dict[str, dict[str, Any]]:
@@ -68,6 +74,9 @@ def configurations(clients: int, attackers: int) -> dict[str, dict[str, Any]]:
 
 
 def attack_args(attack: str, clients: int, attackers: int, run_dir: Path) -> list[str]:
+    if attack == BOUNDED:
+        multiple = Settings.load(None).update_norm_median_multiple  # the default, as shipped
+        return ["--attack", "backdoor", "--under-median", f"{multiple:g}"]
     args = ["--attack", attack]
     if attack in COLLUDING:
         args += ["--collude", str(run_dir / "collusion"), "--colluders", str(attackers)]

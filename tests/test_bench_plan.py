@@ -15,16 +15,17 @@ EIGHT = {"fedavg (shipped)", "fedavg (checks off)", "fedmedian", "fedtrimmedavg"
 
 
 def test_full_robustness_plan_covers_the_issue() -> None:
-    """2 of 10 attacking, every attack of the literature, IID and Dirichlet(0.5), 5 seeds."""
+    """2 of 10 attacking, every attack of the literature and a backdoor that knows the median
+    bound, IID and Dirichlet(0.5), 5 seeds."""
     assert FULL.robustness_clients == 10 and FULL.robustness_attackers == 2
-    assert set(FULL.robustness_attacks) == set(ATTACKS)
+    assert set(FULL.robustness_attacks) == {*ATTACKS, robustness.BOUNDED}
     assert set(ATTACKS) == {"signflip", "gaussian", "labelflip", "alie", "ipm", "minmax", "minsum", "backdoor"}
     assert FULL.robustness_partitions == ("iid", "dirichlet-0.5")
     assert FULL.robustness_configs is None  # all of them
     # Bulyan needs n >= 4f + 3: with 10 clients it can be set for one attacker, not two
     assert set(robustness.configurations(FULL.robustness_clients, 2)) == EIGHT
     assert len(FULL.robustness_seeds) >= 5
-    assert FULL.robustness_runs() == 8 * (1 + 8) * 5 * 2
+    assert FULL.robustness_runs() == 8 * (1 + 9) * 5 * 2
     # enough training for clean FedAvg to converge (measured 0.978 on seed 1), not 5 rounds x 1 epoch
     assert FULL.robustness_rounds * FULL.robustness_epochs >= 20
 

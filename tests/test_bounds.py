@@ -26,15 +26,18 @@ def four_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data
 
 
-def run(data: Path, place: Path, attacker: bool, **settings: str) -> tuple[int, str, float | None]:
-    """(the server's exit status, its output, the final model's true accuracy on every test split)."""
+def run(
+    data: Path, place: Path, attacker: bool, attack: list[str] = BOOSTED, **settings: str
+) -> tuple[int, str, float | None]:
+    """(the server's exit status, its output, the final model's true accuracy on every test split),
+    client 4 running `attack` when there is an `attacker`."""
     env = {"DATA_DIR": data, "NUM_SHARDS": 4, "NUM_ROUNDS": 5, "MIN_AVAILABLE_CLIENTS": 4, "MIN_FIT_CLIENTS": 4,
            "MIN_EVALUATE_CLIENTS": 4, "RESULTS_DIR": place / "results", "START_TIMEOUT": 120,
            "ROUND_TIMEOUT": 120, **settings}  # fmt: skip
     with LocalFederation(env, cwd=place) as federation:
         federation.start_server()
         for i in range(4):
-            federation.start_client(i + 1, args=BOOSTED if attacker and i == 3 else CLIENT, SHARD_ID=i)
+            federation.start_client(i + 1, args=attack if attacker and i == 3 else CLIENT, SHARD_ID=i)
         code = federation.wait(timeout=600, client_grace=60)
         output = federation.server.output if federation.server else ""
     model = place / "results" / "final_model.npz"
@@ -92,3 +95,17 @@ def test_with_the_old_fixed_bound_the_wrecked_model_is_rolled_back_or_the_run_fa
     else:
         assert code == 7, output
         assert "the run FAILED" in output
+
+
+def test_a_backdoor_boosted_only_up_to_the_median_bound_gets_past_it(four_shards: Path, tmp_path: Path) -> None:
+    """The benchmark's bounded backdoor, an attacker who knows UPDATE_NORM_MEDIAN_MULTIPLE as
+    shipped (4): model replacement's full boost (gamma = n = 4) is refused every round; stretched
+    to 4 / 2 x its own honest update's norm, the same backdoor is let through (measured: 5
+    refusals against 0)."""
+    backdoor = ["-m", "bench.attacker", "--attack", "backdoor"]
+    (tmp_path / "full").mkdir(), (tmp_path / "bounded").mkdir()
+    _, full, _ = run(four_shards, tmp_path / "full", True, backdoor)
+    _, bounded, _ = run(four_shards, tmp_path / "bounded", True, [*backdoor, "--under-median", "4"])
+    refused = "more than UPDATE_NORM_MEDIAN_MULTIPLE"
+    assert full.count(refused) == 5, full
+    assert bounded.count(refused) <= 1, bounded
