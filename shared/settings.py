@@ -32,6 +32,7 @@ ClientAuth = Literal["none", "certificate"]
 Mode = Literal["sync", "async"]
 EvaluateSplit = Literal["test", "validation"]
 StalenessWeighting = Literal["constant", "polynomial"]
+AsyncStep = Literal["fedbuff", "buffer-relative"]
 
 DEFAULT_CLIENT_NAME = "client"
 
@@ -178,6 +179,9 @@ class Settings(BaseSettings):
     staleness_exponent: float = setting(
         0.5, RUN, when=("mode", "async"), ge=0, le=10, note="async, polynomial: 1/(1+staleness)^this"
     )
+    # FedBuff's step as published (each update scaled by its staleness weight, unnormalised), or
+    # Flowerpot's earlier rule (staleness weights divided by the buffer's mean), kept to compare.
+    async_step: AsyncStep = setting("fedbuff", RUN, when=("mode", "async"), allowed=_one_of(AsyncStep))
     eval_every: int = setting(1, NOTHING, ge=1, le=100_000, note="async: evaluate every this many versions")
 
     # Local training
@@ -302,7 +306,8 @@ class Settings(BaseSettings):
         allowed="comma-separated class names in label order (empty: the folders found)",
     )
 
-    @field_validator("strategy", "dataset", "partition", "client_auth", "mode", "staleness_weighting", mode="before")
+    @field_validator("strategy", "dataset", "partition", "client_auth", "mode", "staleness_weighting",
+                     "async_step", mode="before")  # fmt: skip
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value

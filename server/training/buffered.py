@@ -9,14 +9,18 @@ advances. A slow client's update arrives some versions later (its staleness s) a
 1/(1+s)^STALENESS_EXPONENT; one staler than MAX_STALENESS is dropped and counted.
 
 How the buffer meets Flower's strategies (a guard around them, not a re-implementation): each
-buffered update is re-based onto the current model as `current + weight * delta`, its staleness
-weight relative to the buffer's (`relative_weights`). FedAvg's example-weighted mean of these is
-the current model plus the buffer's mean update weighted by staleness and examples (FedBuff's
-step); FedMedian, FedTrimmedAvg and Krum take the median, trimmed mean or Krum's
-choice of the updates; FedAdam, FedYogi, FedAdagrad and FedAvgM take the buffer's mean update as
-their pseudo-gradient, with their moments as in sync mode. SERVER_LEARNING_RATE (empty: 1) scales
-the step of the strategies that have no server optimizer: new = w + eta * (aggregate - w). The
-guard checks every update as in sync mode, its distance measured from the model it was trained on.
+buffered update is first checked and clipped as it was trained (its difference from the version
+it was trained on: UPDATE_NORM_MEDIAN_MULTIPLE x the buffer's median raw norm, then CLIP_NORM),
+then scaled by its staleness weight s and re-based onto the current model as `current + s *
+delta`. FedAvg's example-weighted mean of these is the current model plus the mean of the
+weighted updates, and SERVER_LEARNING_RATE (eta_g; empty: 1) scales that step: w + eta_g *
+sum(n_i s_i delta_i) / sum(n_i), FedBuff's update (the paper's 1/K mean, here with the bounded
+example weights of sync mode), a buffer of stale updates being a smaller step (ASYNC_STEP=fedbuff).
+ASYNC_STEP=buffer-relative divides the staleness weights by their buffer's example-weighted mean
+instead (`relative_weights`), so only an update's staleness against its buffer-mates counts.
+FedMedian, FedTrimmedAvg and Krum take the median, trimmed mean or Krum's choice of the weighted
+updates; FedAdam, FedYogi, FedAdagrad and FedAvgM take their mean as the pseudo-gradient, with
+their moments as in sync mode (their own server step instead of SERVER_LEARNING_RATE's).
 
 Evaluation never stops training: every EVAL_EVERY versions the next clients that come free
 evaluate that version (a short call before their next fit), and the result goes into the record
@@ -88,6 +92,7 @@ class Update:
     proxy: ClientProxy
     res: FitRes
     delta: list[np.ndarray]  # trained - the version it was trained on
+    norm: float  # the delta's L2 norm
     staleness: int
     version: int  # the version it was trained on
 
@@ -142,14 +147,18 @@ def staleness_weight(staleness: int, weighting: str, exponent: float) -> float:
     return 1.0 if weighting == "constant" else 1.0 / (1.0 + staleness) ** exponent
 
 
+def step_weights(weights: list[float], examples: list[int], rule: str) -> list[float]:
+    """The factors the buffer's updates are scaled by: their staleness weights as they are
+    (ASYNC_STEP=fedbuff), or relative to the buffer's (buffer-relative)."""
+    return relative_weights(weights, examples) if rule == "buffer-relative" else list(weights)
+
+
 def relative_weights(weights: list[float], examples: list[int]) -> list[float]:
     """Staleness weights divided by their example-weighted mean: FedAvg's example-weighted mean of
     the re-based updates is then the buffer's mean update weighted by staleness x examples. So the
     staleness weighting decides how much each update counts against the others in its buffer, and
-    the step's size is SERVER_LEARNING_RATE's: a buffer of stale updates is not a smaller step.
-    (FedBuff's paper scales without normalising and tunes its server learning rate to make up
-    for it; measured here with clients of equal speed, where about 3 in 4 updates are one version
-    old, the unnormalised step reached 0.95 1.3 times later than sync and ended 1.2 points lower.)"""
+    the step's size is SERVER_LEARNING_RATE's: a buffer of stale updates is not a smaller step,
+    unlike FedBuff's, and a fresh update among stale ones is scaled by more than 1."""
     total = sum(examples)
     mean = sum(w * n for w, n in zip(weights, examples)) / total if total > 0 else 0.0
     return [w / mean for w in weights] if mean > 0 else weights
@@ -357,7 +366,7 @@ class BufferedRounds:
             self.window.held.add(task.proxy.cid)
             log.warning("version %d: refused the update of client %s: %s", self.version + 1, label, problem)
             return
-        self.window.buffer.append(Update(task.proxy, res, delta, staleness, task.version))
+        self.window.buffer.append(Update(task.proxy, res, delta, norm, staleness, task.version))
         if self.one_update_per_client:
             # The median, trimmed mean and Krum defend against a minority of the updates: one
             # fast client may not fill the buffer with its own.
@@ -368,12 +377,15 @@ class BufferedRounds:
         (also when the guard finds too few sound ones: the model then stays, as a failed round
         keeps it in sync mode)."""
         window, self.window = self.window, Window()
-        taken = window.buffer  # never more than BUFFER_SIZE: `collect` applies it the moment it is full
+        version = self.version + 1
+        # never more than BUFFER_SIZE: `collect` applies it the moment it is full
+        taken, raw_refusals = self.checked_as_trained(version, window.buffer)
         current = self.models[self.version]
         results = []
-        weights = relative_weights(
+        weights = step_weights(
             [staleness_weight(u.staleness, self.s.staleness_weighting, self.s.staleness_exponent) for u in taken],
             [u.res.num_examples for u in taken],
+            self.s.async_step,
         )
         for update, weight in zip(taken, weights):
             rebased = [
@@ -381,16 +393,33 @@ class BufferedRounds:
             ]
             update.res.parameters = ndarrays_to_parameters(rebased)
             results.append((update.proxy, update.res))
-        version = self.version + 1
         self.guard.measure_from(self.parameters, self.version)  # the re-based updates are measured from here
-        refusals = list(window.refused.values())
+        refusals = [*window.refused.values(), *raw_refusals]
         failures: Failures = [*window.failures.values(), *(Refused(proxy, problem) for proxy, problem in refusals)]
-        report = self.guard.aggregate(version, results, failures, trained_on_base=False)
+        report = self.guard.aggregate(version, results, failures, trained_on_base=False, checked_as_trained=True)
         refusals = [*refusals, *report.refused]  # every refusal of this version, the guard's (of re-based updates) last
         if report.parameters is not None:
             # a rolled-back model is the last sound one itself, not a step to take from it
             self.parameters = report.parameters if report.rolled_back else self.step(current, report.parameters)
         self.advance(pool, window, taken, report, [problem for _, problem in refusals])
+
+    def checked_as_trained(
+        self, version: int, buffer: list[Update]
+    ) -> tuple[list[Update], list[tuple[ClientProxy, str]]]:
+        """The buffer's updates within the median bound of their raw norms, each clipped to
+        CLIP_NORM, and the refused ones: checked as they were trained, before any staleness
+        weight shrinks them (a stale update scaled down must neither pass a bound it breaks nor
+        be clipped by less than a fresh one)."""
+        refused: list[tuple[ClientProxy, str]] = []
+        kept = self.guard.within_median(refused, version, [(u.proxy, u.res) for u in buffer], [u.norm for u in buffer])
+        sound = {id(res) for _, res in kept}
+        taken = [u for u in buffer if id(u.res) in sound]
+        bound = self.s.clip_norm
+        for update in taken:
+            if bound > 0 and update.norm > bound:
+                update.delta = [d * (bound / update.norm) for d in update.delta]
+                update.norm = bound
+        return taken, refused
 
     def judge(self, client: str, version: int, finite: bool) -> None:
         """A client's update trained on `version` was finite, or NaN or Inf (any other refusal

@@ -278,13 +278,20 @@ class GuardedStrategy(Strategy):
         return report.parameters, report.metrics
 
     def aggregate(
-        self, server_round: int, results: FitResults, failures: Failures, trained_on_base: bool = True
+        self,
+        server_round: int,
+        results: FitResults,
+        failures: Failures,
+        trained_on_base: bool = True,
+        checked_as_trained: bool = False,
     ) -> FitReport:
         """The sound updates aggregated by the Flower strategy; the others refused (as failures to
         it), and the round failed when too few are sound. `trained_on_base`: every result was
         trained on the model updates are measured from (sync rounds), so they judge that model;
         async buffers mix versions, and the loop judges each version itself (`mark_sound`,
-        `roll_back`)."""
+        `roll_back`). `checked_as_trained`: the median bound and CLIP_NORM were applied to the
+        updates as they were trained, before async weighting (`BufferedRounds.checked_as_trained`),
+        so they are not applied again here."""
         refused: list[tuple[ClientProxy, str]] = []
         sound: FitResults = []
         norms: list[float] = []
@@ -299,7 +306,8 @@ class GuardedStrategy(Strategy):
                 norms.append(distance)
             else:
                 self.refuse(refused, server_round, proxy, problem or "")
-        sound = self.within_median(refused, server_round, sound, norms)
+        if not checked_as_trained:
+            sound = self.within_median(refused, server_round, sound, norms)
         if trained_on_base:
             problems = [problem for _, problem in refused] + failure_problems(failures)
             not_finite = sum(NOT_FINITE in p for p in problems)
@@ -311,7 +319,9 @@ class GuardedStrategy(Strategy):
                 last_sound, rolled = self.roll_back(server_round, why, (self.base_version, self.base))
                 return FitReport(last_sound, {}, refused, rolled, rolled_back=True)
         # not after a roll-back: the model was at fault then, not its clients
-        self.refused_fit = (server_round, {proxy.cid for proxy, _ in refused})
+        # async mode refuses in its buffer too: those clients are as refused as the guard's
+        earlier = {f.proxy.cid for f in failures if isinstance(f, Refused)}
+        self.refused_fit = (server_round, {proxy.cid for proxy, _ in refused} | earlier)
         completed, sampled = completed_participants(sound, results, failures)
         failed = self.too_few(completed, sampled, len(results) + len(failures))
         if failed is not None:
@@ -319,7 +329,7 @@ class GuardedStrategy(Strategy):
             log.warning("round %d failed, its result is not applied: %s", server_round, failed)
             return FitReport(None, {}, refused, failed)
         self.clip_counts(server_round, sound, "training")
-        if self.clip_norm > 0:
+        if self.clip_norm > 0 and not checked_as_trained:
             self.clip_updates(sound)
         sound.sort(key=_stable_order)
         as_failures = [ValueError(problem) for _, problem in refused]
