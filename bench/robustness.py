@@ -290,7 +290,7 @@ def targets(rob: dict[str, Any]) -> list[dict[str, Any]]:
             if cell.get("asr_mean") is not None:
                 found.append({
                     "target": f"{partition}, {k} of {n} attacking: the recommended configuration keeps the "
-                              f"{attack}'s success rate under 10 %",
+                              f"{attack} attack's success rate under 10 %",
                     "measured": f"{cell['asr_mean'] * 100:.1f} % ± {cell['asr_std'] * 100:.1f}",
                     "met": cell["asr_mean"] < 0.10,
                 })  # fmt: skip
