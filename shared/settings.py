@@ -183,6 +183,9 @@ class Settings(BaseSettings):
     # Flowerpot's earlier rule (staleness weights divided by the buffer's mean), kept to compare.
     async_step: AsyncStep = setting("fedbuff", RUN, when=("mode", "async"), allowed=_one_of(AsyncStep))
     eval_every: int = setting(1, NOTHING, ge=1, le=100_000, note="async: evaluate every this many versions")
+    final_eval_timeout: float = setting(
+        30, NOTHING, ge=0, le=604_800, unit="seconds", note="async: the final evaluation's wait for clients training"
+    )
 
     # Local training
     local_epochs: int = setting(3, RUN, ge=1, le=1000)

@@ -209,3 +209,23 @@ def test_an_async_run_speaks_of_versions_and_prints_no_empty_evaluation(
     assert re.search(r"version \d+: trained on \d+ examples", run.clients[0].output)
     assert not re.search(r"\bround\b", logs), [line for line in logs.splitlines() if re.search(r"\bround\b", line)]
     assert "n/a (0 clients)" not in logs
+
+
+def test_the_final_evaluation_does_not_wait_for_a_straggler_past_its_timeout(data_dir: Path, tmp_path: Path) -> None:
+    """A client whose one fit outlasts the run: the final report leaves it out (named) after
+    FINAL_EVAL_TIMEOUT instead of waiting, and it still gets the final model when its fit ends."""
+    output, rounds = local_run(
+        data_dir, tmp_path, ("150", "3", "3"), MODE="async", BUFFER_SIZE="2", NUM_ROUNDS="4", LOCAL_EPOCHS="1",
+        FINAL_EVAL_TIMEOUT="5",
+    )  # fmt: skip
+    final = rounds[-1]
+    assert final["round"] == 4 and final["clients_evaluated"] == 2, final
+    assert "the final evaluation leaves out 1 client(s) still training after FINAL_EVAL_TIMEOUT=5 s: client-1" in output
+    finished = output.index("finished 4 versions")
+    assert output.index("the final model went also to client-1", finished) > finished
+    server_arrays, _ = load_model(tmp_path / "results" / FINAL_MODEL)
+    kept = sorted((tmp_path / "results").glob(f"client_shard_*/{FINAL_MODEL}"))
+    assert len(kept) == 3
+    for path in kept:
+        arrays, _ = load_model(path)
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, server_arrays, strict=True))

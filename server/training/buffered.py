@@ -210,6 +210,7 @@ class BufferedRounds:
         # (clients, not updates: a fast client may send several on one version, and one attacker
         # must not vouch for a model many times)
         self.evidence: dict[int, tuple[set[str], set[str]]] = {}
+        self.shard_names: dict[str, str] = {}  # per client: its label and the shard its fits said
 
     # The loop
 
@@ -334,6 +335,8 @@ class BufferedRounds:
         trained on; or dropped as too stale, or refused (the client is then held back until the
         next version)."""
         label = client_label(task.proxy)
+        shard = res.metrics.get(protocol.SHARD)
+        self.shard_names[task.proxy.cid] = f"{label} (shard {shard})" if isinstance(shard, str) else label
         if self.version >= self.s.num_rounds:
             log.info("client %s finished training after the last version: its update is not used", label)
             return
@@ -564,13 +567,17 @@ class BufferedRounds:
         return Evaluated(evaluation.version, loss, metrics, results, len(failures), problems)
 
     def final_evaluation(self, pool: ThreadPoolExecutor) -> Evaluated:
-        """The final model on every connected client, each as soon as it is free (one still
-        training finishes first; its update is not used), within ROUND_TIMEOUT."""
+        """The final model on every connected client, each as soon as it is free, within
+        ROUND_TIMEOUT; a client still training (its update is not used) is waited for at most
+        FINAL_EVAL_TIMEOUT, so that one straggler does not hold the run's report. Those left out
+        are named here and get the final model afterwards (`deliver`)."""
         self.evaluation = None
         final = self.final = Evaluation(self.version, self.parameters, wanted=self.client_manager.num_available())
-        deadline = time.monotonic() + self.s.round_timeout
+        started = time.monotonic()
+        deadline, report_by = started + self.s.round_timeout, started + self.s.final_eval_timeout
         while time.monotonic() < deadline:
-            connected = set(self.client_manager.all())
+            proxies = self.client_manager.all()
+            connected = set(proxies)
             final.wanted = len(final.asked | connected)
             self.dispatch(pool)
             asked_open = any(t.kind == "evaluate" for t in self.tasks.values())
@@ -578,8 +585,46 @@ class BufferedRounds:
                 break
             if not connected - final.asked and not asked_open:
                 break  # every client asked has answered or left
+            if time.monotonic() >= report_by and not asked_open:
+                left_out = sorted(self.named(proxies[cid]) for cid in connected - final.asked)
+                log.warning(
+                    "the final evaluation leaves out %d client(s) still training after FINAL_EVAL_TIMEOUT=%g s: %s; "
+                    "they get the final model when their fit ends", len(left_out), self.s.final_eval_timeout,
+                    ", ".join(left_out),
+                )  # fmt: skip
+                break
             self.collect(POLL_SECONDS, pool)
         return self.aggregate_evaluation(final)
+
+    def named(self, proxy: ClientProxy) -> str:
+        return self.shard_names.get(proxy.cid) or client_label(proxy)
+
+    def deliver(self) -> None:
+        """The final model to every client the final evaluation did not wait for, as soon as its
+        fit ends (within ROUND_TIMEOUT): what a client keeps for predict. Their answers are not
+        counted: the run's report is written already."""
+        final = self.final
+        if final is None:
+            return
+        proxies = self.client_manager.all()
+        waiting = {cid: proxy for cid, proxy in proxies.items() if cid not in final.asked}
+        if not waiting:
+            return
+        deadline = time.monotonic() + self.s.round_timeout
+        pool = ThreadPoolExecutor(max_workers=len(waiting) + 1, thread_name_prefix="deliver")
+        try:
+            while time.monotonic() < deadline:
+                connected = set(self.client_manager.all())
+                final.wanted = len(final.asked | connected)
+                self.dispatch(pool)
+                if not connected - final.asked and not any(t.kind == "evaluate" for t in self.tasks.values()):
+                    break
+                self.collect(POLL_SECONDS, pool)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        late = sorted(self.named(proxy) for cid, proxy in waiting.items() if cid in final.asked)
+        if late:
+            log.info("the final model went also to %s (evaluated, not counted)", ", ".join(late))
 
     # Clients
 

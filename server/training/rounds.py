@@ -137,10 +137,11 @@ class Federation:
                 log.info(clients_line(record))
                 self.live.round_done(record, refusals)
 
-            if s.mode == "async":
-                server.parameters = BufferedRounds(s, self.client_manager, strategy, self.traffic, finish).run(
-                    initial, first
-                )
+            buffered = (
+                BufferedRounds(s, self.client_manager, strategy, self.traffic, finish) if s.mode == "async" else None
+            )
+            if buffered is not None:
+                server.parameters = buffered.run(initial, first)
             else:
                 for server_round in range(first, s.num_rounds + 1):
                     record, refusals = self.play_round(server, strategy, server_round)
@@ -162,6 +163,8 @@ class Federation:
                     "personalisation (LOCAL_BASELINE): global model %s against each site's local-only model %s, "
                     "on the same test splits (weighted mean over sites)", fmt(final.eval_accuracy), fmt(local),
                 )  # fmt: skip
+            if buffered is not None:
+                buffered.deliver()  # after the report: clients the final evaluation did not wait for
             wrecked = run_failure(self.history, server.parameters, strategy)
             if wrecked is not None:
                 completed = False
