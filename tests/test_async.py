@@ -220,7 +220,7 @@ def test_the_final_evaluation_does_not_wait_for_a_straggler_past_its_timeout(dat
     )  # fmt: skip
     final = rounds[-1]
     assert final["round"] == 4 and final["clients_evaluated"] == 2, final
-    assert "the final evaluation leaves out 1 client(s) still training after FINAL_EVAL_TIMEOUT=5 s: client-1" in output
+    assert "the final evaluation leaves out 1 client(s) busy after FINAL_EVAL_TIMEOUT=5 s: client-1" in output
     finished = output.index("finished 4 versions")
     assert output.index("the final model went also to client-1", finished) > finished
     server_arrays, _ = load_model(tmp_path / "results" / FINAL_MODEL)

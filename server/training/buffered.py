@@ -25,7 +25,9 @@ their moments as in sync mode (their own server step instead of SERVER_LEARNING_
 Evaluation never stops training: every EVAL_EVERY versions the next clients that come free
 evaluate that version (a short call before their next fit), and the result goes into the record
 of the version being written when it completes (`eval_version` says which one it measured). The
-last version is evaluated on every connected client, as the last round is in sync mode.
+last version is evaluated on every connected client, as the last round is in sync mode, but a
+client still training is waited for at most FINAL_EVAL_TIMEOUT; it gets the final model after
+the report (`deliver`).
 
 Threads: Flower's client proxies block until their client answers, so each instruction runs in a
 pool thread; this loop (in the main thread, where SIGTERM arrives) only dispatches, collects and
@@ -211,6 +213,7 @@ class BufferedRounds:
         # must not vouch for a model many times)
         self.evidence: dict[int, tuple[set[str], set[str]]] = {}
         self.shard_names: dict[str, str] = {}  # per client: its label and the shard its fits said
+        self.delivering = False  # after the report: the final model to clients left out of it
 
     # The loop
 
@@ -251,6 +254,8 @@ class BufferedRounds:
             if evaluation is not None and evaluation.wants(proxy):
                 evaluation.asked.add(proxy.cid)
                 config = {**self.guard.evaluate_config(evaluation.version), protocol.MODEL_VERSION: evaluation.version}
+                if self.delivering:
+                    config.pop(protocol.LOCAL_BASELINE, None)
                 ins = EvaluateIns(evaluation.parameters, config)
                 self.submit(pool, proxy, "evaluate", evaluation.version, proxy.evaluate, ins)
             elif self.final is None and training < limit and proxy.cid not in self.window.held:
@@ -336,7 +341,8 @@ class BufferedRounds:
         next version)."""
         label = client_label(task.proxy)
         shard = res.metrics.get(protocol.SHARD)
-        self.shard_names[task.proxy.cid] = f"{label} (shard {shard})" if isinstance(shard, str) else label
+        if isinstance(shard, str):  # the client's own text: cut and cleaned before any log line
+            self.shard_names[task.proxy.cid] = f"{label} (shard {clean_text(shard, MAX_TEXT)})"
         if self.version >= self.s.num_rounds:
             log.info("client %s finished training after the last version: its update is not used", label)
             return
@@ -588,8 +594,8 @@ class BufferedRounds:
             if time.monotonic() >= report_by and not asked_open:
                 left_out = sorted(self.named(proxies[cid]) for cid in connected - final.asked)
                 log.warning(
-                    "the final evaluation leaves out %d client(s) still training after FINAL_EVAL_TIMEOUT=%g s: %s; "
-                    "they get the final model when their fit ends", len(left_out), self.s.final_eval_timeout,
+                    "the final evaluation leaves out %d client(s) busy after FINAL_EVAL_TIMEOUT=%g s: %s; "
+                    "they get the final model when they are free", len(left_out), self.s.final_eval_timeout,
                     ", ".join(left_out),
                 )  # fmt: skip
                 break
@@ -606,6 +612,10 @@ class BufferedRounds:
         final = self.final
         if final is None:
             return
+        # The model the server kept (the last sound one when the final evaluation rolled back),
+        # and no LOCAL_BASELINE: a local-only training would be thrown away.
+        final.parameters = self.parameters
+        self.delivering = True
         proxies = self.client_manager.all()
         waiting = {cid: proxy for cid, proxy in proxies.items() if cid not in final.asked}
         if not waiting:
@@ -622,7 +632,8 @@ class BufferedRounds:
                 self.collect(POLL_SECONDS, pool)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
-        late = sorted(self.named(proxy) for cid, proxy in waiting.items() if cid in final.asked)
+        answered = {proxy.cid for proxy, _ in final.results}
+        late = sorted(self.named(proxy) for cid, proxy in waiting.items() if cid in answered)
         if late:
             log.info("the final model went also to %s (evaluated, not counted)", ", ".join(late))
 
