@@ -43,6 +43,7 @@ def run_server(settings: Settings) -> None:
     if settings.initial_model is not None:
         load_pinned(settings.initial_model, settings.task_name)  # fails fast on an unusable INITIAL_MODEL
     client_manager = BoundedClientManager(wait_timeout=settings.rejoin_timeout, seed=settings.seed)
+    client_manager.busy_wait = settings.round_timeout  # a late fit ends by then: answered or timed out
     certified = settings.client_auth == "certificate"
     # Without client certificates a client names itself: a bound per name would stop nobody.
     per_certificate = settings.max_connections_per_client if certified else 0

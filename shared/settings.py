@@ -153,6 +153,14 @@ class Settings(BaseSettings):
     # A strategy must not adopt what a few clients sent as if all had: a round in which fewer than
     # this fraction of the sampled clients sent a sound update is not applied (Flower's FaultTolerantFedAvg: 0.5)
     min_completion_rate: float = setting(0.5, RUN, ge=0, le=1)
+    # Over-selection (Bonawitz et al. 2019): a sync round aggregates the first answers and does
+    # not wait for stragglers, whose late answers are dropped and counted.
+    fit_quorum: float = setting(
+        1.0, RUN, when=("mode", "sync"), gt=0, le=1, note="sync: share of the sampled clients whose answers end the fit"
+    )
+    round_deadline: float | None = setting(
+        None, RUN, when=("mode", "sync"), gt=0, le=604_800, unit="seconds", note="sync: empty = none"
+    )
     # The personalisation view: at the last evaluation each client also trains a model on its own
     # shard alone (NUM_ROUNDS x LOCAL_EPOCHS epochs, from the task's fresh model) and reports its
     # accuracy on the same test split beside the global model's. It costs one local training.

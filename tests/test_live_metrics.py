@@ -369,7 +369,7 @@ def test_every_counter_is_exposed_at_zero_before_the_first_round(tmp_path: Path)
     for name in ("flowerpot_bytes_sent_total", "flowerpot_bytes_received_total",
                  "flowerpot_round_duration_seconds_count"):  # fmt: skip
         assert (name, None) in exposed, name
-    for outcome in ("trained", "failed", "refused", "stale"):
+    for outcome in ("trained", "failed", "refused", "stale", "late"):
         assert ("flowerpot_fit_results_total", outcome) in exposed, outcome
 
 

@@ -28,6 +28,9 @@ from shared.errors import BadInput
 
 log = logging.getLogger("flowerpot.server")
 
+# What became of the fits a round or version asked for: flowerpot_fit_results_total{outcome}.
+FIT_OUTCOMES = ("trained", "failed", "refused", "stale", "late")
+
 RUN_FILE = "run.json"  # in RESULTS_DIR: the run's id, read again when an unfinished run resumes
 STATES = ("waiting", "running", "finished", "failed")
 # Round wall times from a tenth of a second (digits on loopback) to half an hour (large models).
@@ -206,7 +209,7 @@ class LiveMetrics:
         self.state.labels(run_id).state("waiting")
         # Every counter exists from the start, at 0: a run shorter than Prometheus' scrape interval
         # would otherwise leave one sample of each, and rate() needs two.
-        for outcome in ("trained", "failed", "refused", "stale"):
+        for outcome in FIT_OUTCOMES:
             self.fit_results.labels(run_id, outcome)
         self.sent.labels(run_id)
         self.received.labels(run_id)
@@ -233,7 +236,9 @@ class LiveMetrics:
         self.refused.labels(run).set(refused)
         self.evaluated.labels(run).set(_get(record, "clients_evaluated") or 0)
         stale = _get(record, "updates_stale") or 0  # async mode: dropped as staler than MAX_STALENESS
-        for outcome, count in (("trained", trained), ("failed", failed), ("refused", refused), ("stale", stale)):
+        late = _get(record, "updates_late") or 0  # sync over-selection: not waited for, dropped
+        counts = {"trained": trained, "failed": failed, "refused": refused, "stale": stale, "late": late}
+        for outcome, count in counts.items():
             self.fit_results.labels(run, outcome).inc(count)
         for problem in refusals:
             self.refusals.labels(run, refusal_reason(problem)).inc()

@@ -46,9 +46,10 @@ class ClientEntry:
         )
 
 
-def _async_only() -> Any:
-    """A field only async records have (None in sync ones): a column of an async run's history.csv."""
-    return field(default=None, metadata={"async": True})
+def _when_present() -> Any:
+    """A field only some records have (None in the others): a column of history.csv when any
+    of the run's records has it (async runs' staleness, sync rounds' late answers)."""
+    return field(default=None, metadata={"when_present": True})
 
 
 # A field that is also a column of history.csv: `field(metadata=CSV)`, spelled out so that type
@@ -87,10 +88,13 @@ class RoundRecord:
     # how many updates were dropped as staler than MAX_STALENESS, and which version the
     # evaluation in this record measured (evaluations finish while training goes on). Sync
     # records, and histories written before, lack these keys and read as None.
-    staleness_mean: float | None = _async_only()
-    staleness_max: int | None = _async_only()
-    updates_stale: int | None = _async_only()
-    eval_version: int | None = _async_only()
+    staleness_mean: float | None = _when_present()
+    staleness_max: int | None = _when_present()
+    updates_stale: int | None = _when_present()
+    eval_version: int | None = _when_present()
+    # Sync over-selection (FIT_QUORUM, ROUND_DEADLINE): fits the round did not wait for, whose
+    # answers were dropped. Rounds without any, and histories written before, lack the key.
+    updates_late: int | None = _when_present()
 
     def to_json(self) -> dict[str, Any]:
         # Shallow, not dataclasses.asdict: no deep copy of every metric, every round.
@@ -127,4 +131,4 @@ class RoundRecord:
 
 OPTIONAL = frozenset(f.name for f in fields(RoundRecord) if f.default is None)  # keys added later, default None
 CSV_COLUMNS = tuple(f.name for f in fields(RoundRecord) if f.metadata.get("csv"))
-ASYNC_COLUMNS = tuple(f.name for f in fields(RoundRecord) if f.metadata.get("async"))
+WHEN_PRESENT_COLUMNS = tuple(f.name for f in fields(RoundRecord) if f.metadata.get("when_present"))

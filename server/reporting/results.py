@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from flwr.common import Parameters, ndarrays_to_parameters
 
-from server.reporting.record import ASYNC_COLUMNS, CSV_COLUMNS, RoundRecord
+from server.reporting.record import CSV_COLUMNS, WHEN_PRESENT_COLUMNS, RoundRecord
 from shared.errors import BadInput
 from shared.modelfile import FINAL_MODEL, PREVIOUS, save_model, to_npy, write_json, write_npz
 
@@ -260,7 +260,7 @@ class Results:
             tmp = self.folder / f".{HISTORY_CSV}.tmp"
             with open(tmp, "w", newline="") as fh:
                 # Async runs add their staleness columns; a sync history.csv is as it always was.
-                extra = [k for k in ASYNC_COLUMNS if any(k in row for row in rows)]
+                extra = [k for k in WHEN_PRESENT_COLUMNS if any(k in row for row in rows)]
                 writer = csv.DictWriter(fh, fieldnames=[*CSV_COLUMNS, *extra], extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(rows)

@@ -9,16 +9,17 @@ in one line and checkpointed before the next one starts, and the run can start f
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from flwr.common import GetPropertiesIns, Parameters
+from flwr.common import Code, EvaluateIns, FitIns, FitRes, GetPropertiesIns, Parameters
 from flwr.server import Server
-from flwr.server.server import fit_clients
+from flwr.server.client_proxy import ClientProxy
 
 from server.reporting.live_metrics import LiveMetrics, write_run_file
 from server.reporting.record import RoundRecord
@@ -30,6 +31,7 @@ from server.training.strategies import (
     FitReport,
     GuardedStrategy,
     build_strategy,
+    client_label,
     failure_problems,
     restore_strategy_state,
     strategy_state,
@@ -85,6 +87,8 @@ class Federation:
         self.task_metrics = task_metrics  # the METRICS the clients' task declared when they joined
         self.live = live or LiveMetrics(settings.num_rounds)  # without an endpoint: in-memory values only
         self.history: list[RoundRecord] = []
+        self.late_clients = 0  # sync: clients a round did not wait for (FIT_QUORUM, ROUND_DEADLINE)
+        self.last_evaluated: set[str] = set()  # the clients that evaluated the latest round
 
     def run(self) -> list[RoundRecord]:
         s = self.settings
@@ -163,12 +167,16 @@ class Federation:
                     "personalisation (LOCAL_BASELINE): global model %s against each site's local-only model %s, "
                     "on the same test splits (weighted mean over sites)", fmt(final.eval_accuracy), fmt(local),
                 )  # fmt: skip
-            if buffered is not None:
-                buffered.deliver()  # after the report: clients the final evaluation did not wait for
             wrecked = run_failure(self.history, server.parameters, strategy)
             if wrecked is not None:
                 completed = False
                 raise RunFailed(f"the run FAILED: {wrecked}; its results are in {self.results.folder}")
+            # After the report, and only for a run that completed: the final model to the clients
+            # the last evaluation did not wait for (async FINAL_EVAL_TIMEOUT, sync FIT_QUORUM).
+            if buffered is not None:
+                buffered.deliver()
+            elif self.late_clients:
+                self.deliver_final(strategy, server.parameters)
         finally:  # also when the run fails: connected clients are told to go, not left waiting
             self.live.end(completed)
             if completed:  # before they go: what lets a client tell a completed run from a failed one
@@ -231,11 +239,10 @@ class Federation:
         report = FitReport(None, {})
         fit_results: list = []
         fit_failures: list = []
+        late = 0
         instructions = strategy.configure_fit(server_round, server.parameters, self.client_manager)
         if instructions:  # Flower's Server.fit_round, with the guard's report kept
-            fit_results, fit_failures = fit_clients(
-                instructions, max_workers=server.max_workers, timeout=self.settings.round_timeout, group_id=server_round
-            )
+            fit_results, fit_failures, late = self.fit_first(instructions, server_round, started)
             report = strategy.aggregate(server_round, fit_results, fit_failures)
             if report.parameters is not None:
                 server.parameters = report.parameters
@@ -248,6 +255,7 @@ class Federation:
         eval_failures: list = []
         if evaluation is not None:
             eval_loss, eval_metrics, (eval_results, eval_failures) = evaluation
+        self.last_evaluated = {proxy.cid for proxy, _ in eval_results}
         rolled_back = strategy.check_evaluation(server_round, eval_loss, failure_problems(eval_failures))
         if rolled_back is not None:
             server.parameters, failed = rolled_back
@@ -276,8 +284,77 @@ class Federation:
             eval_metrics=eval_metrics,
             failed=report.failed,
             clients=client_entries(fit_results, eval_results),
+            updates_late=late or None,
         )
         return record, report.reasons
+
+    def deliver_final(self, strategy: GuardedStrategy, parameters: Parameters) -> None:
+        """The final model, after the report, to the clients that were still busy with a late fit
+        when the last round evaluated: what each client keeps for predict. Not counted."""
+        s = self.settings
+        self.client_manager.wait_free(s.round_timeout)
+        missing = [p for cid, p in self.client_manager.all().items() if cid not in self.last_evaluated]
+        if not missing:
+            return
+        # The model the server kept (the last sound one after a final roll-back), and no
+        # LOCAL_BASELINE: a local-only training would be thrown away.
+        config = {k: v for k, v in strategy.evaluate_config(s.num_rounds).items() if k != protocol.LOCAL_BASELINE}
+        ins = EvaluateIns(parameters, config)
+
+        def give(proxy: ClientProxy) -> bool:
+            try:
+                return proxy.evaluate(ins, s.round_timeout, s.num_rounds).status.code == Code.OK
+            except Exception as exc:  # a client gone by now keeps the model it had
+                log.warning("could not give client %s the final model: %s", client_label(proxy), exc)
+                return False
+
+        with ThreadPoolExecutor(max_workers=len(missing)) as pool:
+            given = [p for p, ok in zip(missing, pool.map(give, missing)) if ok]
+        if given:
+            names = ", ".join(sorted(client_label(p) for p in given))
+            log.info("the final model went also to %s (evaluated, not counted)", names)
+
+    def fit_first(
+        self, instructions: list[tuple[ClientProxy, FitIns]], server_round: int, started: float
+    ) -> tuple[list[tuple[ClientProxy, FitRes]], list, int]:
+        """Flower's fit_clients, ending with the first FIT_QUORUM share of the sampled clients'
+        answers or at ROUND_DEADLINE (over-selection): (results, failures, late). A late client
+        is held (not sampled) until its answer, which is dropped, arrives or times out."""
+        s = self.settings
+        quorum = max(1, math.ceil(s.fit_quorum * len(instructions)))
+        pool = ThreadPoolExecutor(max_workers=len(instructions), thread_name_prefix=f"fit-{server_round}")
+        pending: dict[Future, ClientProxy] = {
+            pool.submit(proxy.fit, ins, s.round_timeout, server_round): proxy for proxy, ins in instructions
+        }
+        pool.shutdown(wait=False)  # late fits end on their own; nothing waits for them
+        results: list[tuple[ClientProxy, FitRes]] = []
+        failures: list = []
+        end = None if s.round_deadline is None else started + s.round_deadline
+        while pending and len(results) < quorum:
+            left = None if end is None else max(0.0, end - time.perf_counter())
+            done, _ = wait(list(pending), timeout=left, return_when=FIRST_COMPLETED)
+            if not done:
+                break  # ROUND_DEADLINE
+            for future in done:
+                proxy = pending.pop(future)
+                exc = future.exception()
+                if exc is not None:
+                    failures.append(exc)
+                elif future.result().status.code == Code.OK:
+                    results.append((proxy, future.result()))
+                else:
+                    failures.append((proxy, future.result()))
+        for future, proxy in pending.items():
+            self.client_manager.hold(proxy.cid)
+            future.add_done_callback(lambda _, cid=proxy.cid: self.client_manager.release(cid))
+        self.late_clients += len(pending)
+        if pending:
+            why = "ROUND_DEADLINE" if len(results) < quorum else f"FIT_QUORUM={s.fit_quorum:g}"
+            log.info(
+                "round %d: did not wait for %d late client(s) (%s): %s; their answers are dropped",
+                server_round, len(pending), why, ", ".join(sorted(client_label(p) for p in pending.values())),
+            )  # fmt: skip
+        return results, failures, len(pending)
 
     def model_meta(self, record: RoundRecord) -> dict[str, Any]:
         s = self.settings
@@ -336,6 +413,8 @@ def round_line(record: RoundRecord, num_rounds: int) -> str:
     failed = record.clients_failed + record.updates_refused
     if record.staleness_mean is None:
         head, measured = f"round {record.round}/{num_rounds}: {record.clients_trained} trained, {failed} failed", ""
+        if record.updates_late:
+            head += f", {record.updates_late} late"
     else:  # async mode: one line per model version, whose evaluation may be of an earlier one
         head = (
             f"version {record.round}/{num_rounds}: {record.clients_trained} updates"

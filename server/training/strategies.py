@@ -299,6 +299,8 @@ class GuardedStrategy(Strategy):
         for proxy, res in results:
             bad_metric = self.keep_known_metrics(proxy, res, self.fit_metrics)  # always: the history keeps them
             problem, distance = self.problem_and_distance(res)
+            if checked_as_trained and problem is not None and distance is not None:
+                problem = None  # a norm bound: the raw update passed it, its weighted one may exceed it
             problem = problem or bad_metric
             finite += distance is not None
             if problem is None and distance is not None:
@@ -569,7 +571,10 @@ class GuardedStrategy(Strategy):
         # Flower's strategies give no instructions at all): the run's final accuracy covers all
         # shards, and every client keeps the final model.
         ins = instructions[0][1] if instructions else EvaluateIns(parameters, self.evaluate_config(server_round))
-        return [(proxy, ins) for proxy in client_manager.all().values()]
+        # A client still busy with a fit its round stopped waiting for (FIT_QUORUM) cannot take
+        # it now: it gets the final model when it is free (Federation.deliver_final).
+        busy = getattr(client_manager, "busy", set())
+        return [(proxy, ins) for cid, proxy in client_manager.all().items() if cid not in busy]
 
     def aggregate_evaluate(
         self,

@@ -89,6 +89,30 @@ class BoundedClientManager(SimpleClientManager):
         self.wait_timeout = wait_timeout
         self.seed = seed
         self.round, self.phase = 0, "fit"
+        # Clients still working on an instruction a sync round stopped waiting for (FIT_QUORUM,
+        # ROUND_DEADLINE): not sampled until they answer, since their stream takes one
+        # instruction at a time.
+        self.busy: set[str] = set()
+        self.busy_wait = wait_timeout  # how long sampling waits for busy clients (server: ROUND_TIMEOUT)
+
+    def hold(self, cid: str) -> None:
+        with self._cv:
+            self.busy.add(cid)
+
+    def release(self, cid: str) -> None:
+        with self._cv:
+            self.busy.discard(cid)
+            self._cv.notify_all()
+
+    def wait_free(self, timeout: float) -> bool:
+        """Wait until no client is busy with an instruction a round stopped waiting for."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self.busy, timeout=timeout)
+
+    def num_available(self) -> int:
+        """Connected clients that can take an instruction now."""
+        with self._cv:
+            return len(self.clients.keys() - self.busy)
 
     def for_round(self, server_round: int, phase: str) -> None:
         self.round, self.phase = server_round, phase
@@ -107,11 +131,14 @@ class BoundedClientManager(SimpleClientManager):
         needed = max(num_clients, min_num_clients or 0)
         if not self.wait_for(needed):
             raise ClientsTimeout(
-                f"only {self.num_available()} of the {needed} clients this round needs were connected "
+                f"only {len(self.clients)} of the {needed} clients this round needs were connected "
                 f"within REJOIN_TIMEOUT={self.wait_timeout:g} s: restart clients, or lower MIN_FIT_CLIENTS"
                 " / MIN_EVALUATE_CLIENTS"
             )
-        available = [p for p in list(self.clients.values()) if criterion is None or criterion.select(p)]
+        with self._cv:  # a late client is released by its answer or its request's timeout
+            self._cv.wait_for(lambda: len(self.clients.keys() - self.busy) >= needed, timeout=self.busy_wait)
+            free = [p for cid, p in self.clients.items() if cid not in self.busy]
+        available = [p for p in free if criterion is None or criterion.select(p)]
         if num_clients > len(available):
             log.info("sampling failed: %d clients available, %d requested", len(available), num_clients)
             return []
