@@ -8,6 +8,7 @@ in one line and checkpointed before the next one starts, and the run can start f
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -314,6 +315,9 @@ class Federation:
             names = ", ".join(sorted(client_label(p) for p in given))
             log.info("the final model went also to %s (evaluated, not counted)", names)
 
+    def release_late(self, cid: str, _: Future) -> None:
+        self.client_manager.release(cid)  # its late answer arrived (dropped) or timed out
+
     def fit_first(
         self, instructions: list[tuple[ClientProxy, FitIns]], server_round: int, started: float
     ) -> tuple[list[tuple[ClientProxy, FitRes]], list, int]:
@@ -346,7 +350,7 @@ class Federation:
                     failures.append((proxy, future.result()))
         for future, proxy in pending.items():
             self.client_manager.hold(proxy.cid)
-            future.add_done_callback(lambda _, cid=proxy.cid: self.client_manager.release(cid))
+            future.add_done_callback(functools.partial(self.release_late, proxy.cid))
         self.late_clients += len(pending)
         if pending:
             why = "ROUND_DEADLINE" if len(results) < quorum else f"FIT_QUORUM={s.fit_quorum:g}"

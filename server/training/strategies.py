@@ -573,7 +573,7 @@ class GuardedStrategy(Strategy):
         ins = instructions[0][1] if instructions else EvaluateIns(parameters, self.evaluate_config(server_round))
         # A client still busy with a fit its round stopped waiting for (FIT_QUORUM) cannot take
         # it now: it gets the final model when it is free (Federation.deliver_final).
-        busy = getattr(client_manager, "busy", set())
+        busy: set[str] = getattr(client_manager, "busy", set())
         return [(proxy, ins) for cid, proxy in client_manager.all().items() if cid not in busy]
 
     def aggregate_evaluate(
