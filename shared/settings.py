@@ -190,7 +190,12 @@ class Settings(BaseSettings):
     # FedBuff's step as published (each update scaled by its staleness weight, unnormalised), or
     # Flowerpot's earlier rule (staleness weights divided by the buffer's mean), kept to compare.
     async_step: AsyncStep = setting("fedbuff", RUN, when=("mode", "async"), allowed=_one_of(AsyncStep))
-    eval_every: int = setting(1, NOTHING, ge=1, le=100_000, note="async: evaluate every this many versions")
+    # Empty: evaluate once per connected clients' worth of updates (every ceil(clients / BUFFER_SIZE)
+    # versions), so that async asks its clients for as many evaluations per update as sync
+    # rounds do; every version would take 1.5 x that with 3 clients and the default buffer of 2.
+    eval_every: int | None = setting(
+        None, NOTHING, ge=1, le=100_000, note="async: evaluate every this many versions; empty: see .env"
+    )
     final_eval_timeout: float = setting(
         30, NOTHING, ge=0, le=604_800, unit="seconds", note="async: the final evaluation's wait for clients training"
     )
@@ -502,6 +507,12 @@ class Settings(BaseSettings):
                 self.client_auth == "none" or self.tls_enabled,
                 f"CLIENT_AUTH={self.client_auth} needs TLS_ENABLED=true",
                 "set TLS_ENABLED=true or CLIENT_AUTH=none",
+            ),
+            (
+                self.final_eval_timeout < self.round_timeout,
+                f"FINAL_EVAL_TIMEOUT={self.final_eval_timeout:g} is not below ROUND_TIMEOUT={self.round_timeout:g}",
+                "set FINAL_EVAL_TIMEOUT below ROUND_TIMEOUT (it bounds the wait for a client still training, "
+                "which ROUND_TIMEOUT bounds already)",
             ),
             *STRATEGIES[self.strategy].rules(self),  # a strategy that cannot do its job here
             (

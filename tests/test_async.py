@@ -57,6 +57,18 @@ def test_an_async_run_of_three_clients_reaches_095(federation, data_dir: Path, t
     assert "version 0: trained on" in run.clients[0].output
 
 
+def test_evaluation_comes_once_per_clients_worth_of_updates(federation, data_dir: Path, tmp_path: Path) -> None:
+    """EVAL_EVERY empty: with 3 clients and a buffer of 1, every third version is evaluated (each
+    client evaluates once per 3 updates, as in sync rounds of 3), not every version."""
+    env = federation_env(data_dir, tmp_path, free_address(), **{**ASYNC, "BUFFER_SIZE": "1"}, NUM_ROUNDS="10")
+    run = federation(env, 3)
+    assert run.server.wait(240) == 0, run.server.output
+    rounds = history(tmp_path / "results")
+    measured = [r["eval_version"] for r in rounds[:-1] if r.get("eval_version") is not None]
+    assert measured and all(v % 3 == 0 for v in measured), measured
+    assert rounds[-1]["eval_version"] == 10
+
+
 def local_run(data_dir: Path, tmp_path: Path, slowdowns: tuple[str, ...], **settings: str) -> tuple[str, list[dict]]:
     """A run with results in tmp_path/results and one client per CLIENT_SLOWDOWN in `slowdowns`
     (client-1, client-2, ...), all of which must exit 0; the server's output and the history."""

@@ -22,7 +22,10 @@ FedMedian, FedTrimmedAvg and Krum take the median, trimmed mean or Krum's choice
 updates; FedAdam, FedYogi, FedAdagrad and FedAvgM take their mean as the pseudo-gradient, with
 their moments as in sync mode (their own server step instead of SERVER_LEARNING_RATE's).
 
-Evaluation never stops training: every EVAL_EVERY versions the next clients that come free
+Evaluation never stops training: every EVAL_EVERY versions (empty: every ceil(connected clients /
+BUFFER_SIZE), so that evaluation costs a client as much per update as in sync rounds: measured
+with 3 clients, one 4x slow, evaluating every version took 13 s against 11 s without any
+evaluation, 12 versions of 8 epochs) the next clients that come free
 evaluate that version (a short call before their next fit), and the result goes into the record
 of the version being written when it completes (`eval_version` says which one it measured). The
 last version is evaluated on every connected client, as the last round is in sync mode, but a
@@ -214,11 +217,13 @@ class BufferedRounds:
         self.evidence: dict[int, tuple[set[str], set[str]]] = {}
         self.shard_names: dict[str, str] = {}  # per client: its label and the shard its fits said
         self.delivering = False  # after the report: the final model to clients left out of it
+        self.eval_due_from = 0
 
     # The loop
 
     def run(self, parameters: Parameters, first: int) -> Parameters:
         self.version, self.parameters = first - 1, parameters
+        self.eval_due_from = self.version  # the version from which the next evaluation is counted
         self.models = {self.version: self.arrays(parameters)}
         self.sent = {self.version: parameters}
         self.traffic.take()
@@ -489,11 +494,18 @@ class BufferedRounds:
                 self.parameters, failed = found
                 report = replace(report, failed=failed if report.failed is None else f"{report.failed}; {failed}")
         else:
-            if version % self.s.eval_every == 0:
+            if version - self.eval_due_from >= self.eval_every():
+                self.eval_due_from = version
                 self.open_evaluation(version)  # may close the open one first
             evaluated, self.evaluated = self.evaluated, None
         record = self.record(version, window, taken, report, len(refusals), evaluated, aggregated - window.started)
         self.finish(record, self.parameters, refusals)
+
+    def eval_every(self) -> int:
+        """EVAL_EVERY, or (empty) the versions that take as many updates as there are clients
+        connected: then async asks each client for one evaluation per N updates, as sync does."""
+        connected = max(1, self.client_manager.num_available())
+        return self.s.eval_every or max(1, math.ceil(connected / self.buffer_size))
 
     def step(self, current: list[np.ndarray], aggregate: Parameters) -> Parameters:
         """SERVER_LEARNING_RATE on the strategies without a server optimizer of their own."""
