@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -128,21 +130,43 @@ def test_readme_command_runs_the_whole_job(project, tmp_path: Path) -> None:
     ]
 
 
-def test_async_mode_with_a_slow_client_service_completes(project, tmp_path: Path) -> None:
-    """README's async example: two clients and one on an emulated slow device (client-slow)."""
-    p = project(MODE="async", NUM_ROUNDS="8", BUFFER_SIZE="2", LOCAL_EPOCHS="2")
-    result, _ = p.up("--scale", "client=2", "--scale", "client-slow=1", timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:]
-    assert p.exit_codes("server") == [0], p.logs("server")
-    assert p.exit_codes("client") == [0, 0] and p.exit_codes("client-slow") == [0]
+def training_span(p: Project) -> float:
+    """Seconds from the server's "starting" line to its line of the last round or version, by
+    Docker's timestamps (the log's own are whole seconds): the training, without containers
+    starting or stopping and without writing the report."""
+    lines = p.compose("logs", "--no-color", "--no-log-prefix", "--timestamps", "server", check=True).stdout.splitlines()
+
+    def at(pattern: str) -> float:
+        line = next(line for line in lines if re.search(pattern, line))
+        return datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp()
+
+    return at(r"server: (round|version) (\d+)/\2:") - at(r"server: starting \d+ ")
+
+
+def test_async_with_a_slow_client_service_is_clearly_faster_than_sync(project, tmp_path: Path) -> None:
+    """README's async example: two clients and one on an emulated slow device (client-slow), the
+    committed .env with only MODE changed. Async does not wait for the slow client: measured
+    here, 1.4 s of training against sync's 3.3 s; the bound leaves room for a loaded machine."""
+    spans = {}
+    for mode in ("sync", "async"):
+        p = project(MODE=mode)
+        result, _ = p.up("--scale", "client=2", "--scale", "client-slow=1", timeout=900)
+        assert result.returncode == 0, result.stdout[-4000:]
+        assert p.exit_codes("server") == [0], p.logs("server")
+        assert p.exit_codes("client") == [0, 0] and p.exit_codes("client-slow") == [0]
+        spans[mode] = training_span(p)
+    MEASUREMENTS["compose training span, 2 clients + client-slow, sync / async"] = (
+        f"{spans['sync']:.1f} s / {spans['async']:.1f} s"
+    )
+    assert spans["async"] < 0.75 * spans["sync"], spans
     slow = next(c["Name"] for c in p.containers() if c["Service"] == "client-slow")
     environment = docker("inspect", "-f", "{{json .Config.Env}}", slow).stdout
     assert "CLIENT_SLOWDOWN=4" in environment  # SLOW_CLIENT_SLOWDOWN's default, from .env
     rounds = history(p, tmp_path)
-    assert [r["round"] for r in rounds] == list(range(1, 9))
+    assert [r["round"] for r in rounds] == list(range(1, 6))
     assert all(r["staleness_max"] is not None for r in rounds)
     assert rounds[-1]["clients_evaluated"] == 3 and rounds[-1]["eval_accuracy"] >= 0.9
-    assert "version 8/8:" in p.logs("server")
+    assert "version 5/5:" in p.logs("server")
 
 
 def test_env_changes_are_honoured(project, tmp_path: Path) -> None:
