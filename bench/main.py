@@ -45,15 +45,21 @@ class Plan:
     robustness_rounds: int = 10
     robustness_epochs: int = 2
     robustness_configs: tuple[str, ...] | None = None
-    # Async against sync: clients, how many of them 4x slow, seeds (all for accuracy
-    # without slow clients, the first async_timing_seeds for the timings with), rounds (versions),
-    # local epochs
+    # Async against the sync baselines (bench/asynchrony.py): clients, partitions, levels of slow
+    # clients, seeds of every row; the K x eta_g grid and its seeds (IID, one slow client, on
+    # validation); rounds (client updates = rounds x clients in every row) of local epochs; the
+    # chosen FedBuff again at big_clients with big_seeds (0: not).
     async_clients: int = 5
-    async_slow: tuple[int, ...] = (0, 1, 2)
+    async_partitions: tuple[str, ...] = ("iid", "pathological")
+    async_slow: tuple[int, ...] = (0, 1)
     async_seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
-    async_timing_seeds: int = 3
+    async_grid_buffers: tuple[int, ...] = (1, 2, 5)
+    async_grid_rates: tuple[float, ...] = (0.5, 1.0, 2.0)
+    async_grid_seeds: tuple[int, ...] = (1, 2, 3)
     async_rounds: int = 20
     async_epochs: int = 1
+    async_big_clients: int = 10
+    async_big_seeds: tuple[int, ...] = (1, 2, 3)
 
     def robustness_runs(self) -> int:
         """Federations the robustness section starts: per partition, the clean column and every attack's."""
@@ -105,11 +111,16 @@ QUICK = Plan(
     robustness_epochs=1,
     robustness_configs=("fedavg (shipped)", "fedmedian"),
     async_clients=3,
+    async_partitions=("iid",),
     async_slow=(1,),
     async_seeds=(1,),
-    async_timing_seeds=1,
+    async_grid_buffers=(1, 3),
+    async_grid_rates=(1.0,),
+    async_grid_seeds=(1,),
     async_rounds=3,
     async_epochs=1,
+    async_big_clients=0,
+    async_big_seeds=(),
 )
 
 # The sections `--only` can pick, in the order they run; the Compose ones need a Docker engine.
@@ -159,11 +170,16 @@ def run(out: Path, quick: bool, compose: bool, command: str, docs: Path | None =
             lambda: asynchrony.measure(
                 work / "async",
                 p.async_clients,
+                list(p.async_partitions),
                 list(p.async_slow),
                 list(p.async_seeds),
-                p.async_timing_seeds,
+                list(p.async_grid_buffers),
+                list(p.async_grid_rates),
+                list(p.async_grid_seeds),
                 p.async_rounds,
                 p.async_epochs,
+                p.async_big_clients,
+                p.async_big_seeds,
                 warm=True,
             ),
         ),

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
+import zlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -92,7 +94,7 @@ class FlowerpotClient(NumPyClient):
             log.warning("%s: TASK=%s's train raised %s: the fit failed", step(config), self.task.name, exc)
             log.debug("the task's traceback", exc_info=exc.__cause__)
             raise wiring.AnswerFailed(f"TASK={self.task.name}'s train raised {exc}") from None
-        slowdown = self.settings.client_slowdown
+        slowdown = self.emulated_slowdown(run_config.seed)
         if slowdown > 1:
             # CLIENT_SLOWDOWN, an emulated slow device: the fit takes this many times its training's
             # CPU time. CPU time, not wall time: processes sharing the machine's cores would
@@ -112,6 +114,15 @@ class FlowerpotClient(NumPyClient):
         metrics: dict = {f"train_{key}": value for key, value in outcome.items()}
         metrics.update({protocol.TRAIN_SECONDS: seconds, protocol.SHARD: self.shard.name})
         return self.get_parameters({}), len(data), metrics
+
+    def emulated_slowdown(self, fit_seed: int) -> float:
+        """CLIENT_SLOWDOWN, times a log-normal factor per fit with CLIENT_SLOWDOWN_SPREAD: drawn
+        from the fit's own seed and the shard, so that a run is repeatable and two clients differ."""
+        s = self.settings
+        if s.client_slowdown_spread == 0:
+            return s.client_slowdown
+        rng = np.random.default_rng([fit_seed, zlib.crc32(self.shard.name.encode())])
+        return max(1.0, s.client_slowdown * math.exp(s.client_slowdown_spread * rng.standard_normal()))
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         self.set_parameters(parameters)

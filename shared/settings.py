@@ -215,6 +215,10 @@ class Settings(BaseSettings):
     # An emulation knob for tests and benchmarks, not a feature: a client with CLIENT_SLOWDOWN=4
     # waits after its real training until the fit took 4 times as long (a slow device).
     client_slowdown: float = setting(1.0, NOTHING, ge=1, le=1000)
+    # With it, each fit's slowdown is CLIENT_SLOWDOWN x exp(sigma x Z), Z standard normal drawn
+    # from SEED, the shard and the fit (log-normal, heavy-tailed as real devices' fit times are;
+    # never below 1): the benchmark's devices whose speed varies from fit to fit.
+    client_slowdown_spread: float = setting(0.0, NOTHING, ge=0, le=3, note="log-normal sigma; 0: constant")
 
     # Data
     dataset: Dataset = setting("digits", DATA, allowed=_one_of(Dataset))
