@@ -61,7 +61,10 @@ TARGET = 0.95
 SMOOTH = 3  # consecutive versions averaged for the smoothed target
 BUDGETS = (3.0, 6.0, 12.0)  # wall-clock seconds at which every row's accuracy is read
 VALIDATION_FRACTION = 0.15  # of each shard's training examples, for the grid
-PARTITIONS = {"iid": {"PARTITION": "iid"}, "pathological": {"PARTITION": "pathological", "LABELS_PER_CLIENT": 2}}
+PARTITIONS: dict[str, dict[str, Any]] = {
+    "iid": {"PARTITION": "iid"},
+    "pathological": {"PARTITION": "pathological", "LABELS_PER_CLIENT": 2},
+}
 FIT_LINE = re.compile(r"trained(?: on version \d+)? on \d+ examples, loss [\d.naninf]+, ([\d.]+) s")
 
 
