@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from flwr.common import Code, EvaluateIns, FitIns, FitRes, GetPropertiesIns, Parameters
+from flwr.common import Code, FitIns, FitRes, GetPropertiesIns, Parameters
 from flwr.server import Server
 from flwr.server.client_proxy import ClientProxy
 
@@ -27,6 +27,7 @@ from server.reporting.record import RoundRecord
 from server.reporting.results import Checkpoint, Results
 from server.reporting.site_report import client_entries, clients_line, fmt, report_sites
 from server.training.buffered import BufferedRounds
+from server.training.final_model import hand_out
 from server.training.initial_weights import NoAnswers, agreed_parameters, load_pinned
 from server.training.strategies import (
     FitReport,
@@ -88,7 +89,6 @@ class Federation:
         self.task_metrics = task_metrics  # the METRICS the clients' task declared when they joined
         self.live = live or LiveMetrics(settings.num_rounds)  # without an endpoint: in-memory values only
         self.history: list[RoundRecord] = []
-        self.late_clients = 0  # sync: clients a round did not wait for (FIT_QUORUM, ROUND_DEADLINE)
         self.last_evaluated: set[str] = set()  # the clients that evaluated the latest round
 
     def run(self) -> list[RoundRecord]:
@@ -176,7 +176,7 @@ class Federation:
             # the last evaluation did not wait for (async FINAL_EVAL_TIMEOUT, sync FIT_QUORUM).
             if buffered is not None:
                 buffered.deliver()
-            elif self.late_clients:
+            elif any(record.updates_late for record in self.history):
                 self.deliver_final(strategy, server.parameters)
         finally:  # also when the run fails: connected clients are told to go, not left waiting
             self.live.end(completed)
@@ -291,29 +291,11 @@ class Federation:
 
     def deliver_final(self, strategy: GuardedStrategy, parameters: Parameters) -> None:
         """The final model, after the report, to the clients that were still busy with a late fit
-        when the last round evaluated: what each client keeps for predict. Not counted."""
+        when the last round evaluated (their stream takes one instruction at a time)."""
         s = self.settings
         self.client_manager.wait_free(s.round_timeout)
         missing = [p for cid, p in self.client_manager.all().items() if cid not in self.last_evaluated]
-        if not missing:
-            return
-        # The model the server kept (the last sound one after a final roll-back), and no
-        # LOCAL_BASELINE: a local-only training would be thrown away.
-        config = {k: v for k, v in strategy.evaluate_config(s.num_rounds).items() if k != protocol.LOCAL_BASELINE}
-        ins = EvaluateIns(parameters, config)
-
-        def give(proxy: ClientProxy) -> bool:
-            try:
-                return proxy.evaluate(ins, s.round_timeout, s.num_rounds).status.code == Code.OK
-            except Exception as exc:  # a client gone by now keeps the model it had
-                log.warning("could not give client %s the final model: %s", client_label(proxy), exc)
-                return False
-
-        with ThreadPoolExecutor(max_workers=len(missing)) as pool:
-            given = [p for p, ok in zip(missing, pool.map(give, missing)) if ok]
-        if given:
-            names = ", ".join(sorted(client_label(p) for p in given))
-            log.info("the final model went also to %s (evaluated, not counted)", names)
+        hand_out(missing, parameters, strategy.evaluate_config(s.num_rounds), s.round_timeout, s.num_rounds)
 
     def release_late(self, cid: str, _: Future) -> None:
         self.client_manager.release(cid)  # its late answer arrived (dropped) or timed out
@@ -344,14 +326,12 @@ class Federation:
                 exc = future.exception()
                 if exc is not None:
                     failures.append(exc)
-                elif future.result().status.code == Code.OK:
-                    results.append((proxy, future.result()))
-                else:
-                    failures.append((proxy, future.result()))
+                    continue
+                res = future.result()
+                (results if res.status.code == Code.OK else failures).append((proxy, res))
         for future, proxy in pending.items():
             self.client_manager.hold(proxy.cid)
             future.add_done_callback(functools.partial(self.release_late, proxy.cid))
-        self.late_clients += len(pending)
         if pending:
             why = "ROUND_DEADLINE" if len(results) < quorum else f"FIT_QUORUM={s.fit_quorum:g}"
             log.info(
