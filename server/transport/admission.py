@@ -109,10 +109,14 @@ class BoundedClientManager(SimpleClientManager):
         with self._cv:
             return self._cv.wait_for(lambda: not self.busy, timeout=timeout)
 
+    def _free(self) -> dict[str, ClientProxy]:
+        """Connected clients not busy (the caller holds the lock)."""
+        return {cid: p for cid, p in self.clients.items() if cid not in self.busy}
+
     def num_available(self) -> int:
         """Connected clients that can take an instruction now."""
         with self._cv:
-            return len(self.clients.keys() - self.busy)
+            return len(self._free())
 
     def for_round(self, server_round: int, phase: str) -> None:
         self.round, self.phase = server_round, phase
@@ -136,8 +140,8 @@ class BoundedClientManager(SimpleClientManager):
                 " / MIN_EVALUATE_CLIENTS"
             )
         with self._cv:  # a late client is released by its answer or its request's timeout
-            self._cv.wait_for(lambda: len(self.clients.keys() - self.busy) >= needed, timeout=self.busy_wait)
-            free = [p for cid, p in self.clients.items() if cid not in self.busy]
+            self._cv.wait_for(lambda: len(self._free()) >= needed, timeout=self.busy_wait)
+            free = list(self._free().values())
         available = [p for p in free if criterion is None or criterion.select(p)]
         if num_clients > len(available):
             log.info("sampling failed: %d clients available, %d requested", len(available), num_clients)
