@@ -92,3 +92,21 @@ def test_the_median_bound_judges_the_raw_update_not_the_weighted_one() -> None:
     updates = buffered([0, 0, 8], [per_value, per_value, 3.5 * per_value])
     assert step(rounds, updates) == pytest.approx(per_value, rel=1e-5)
     assert records[-1].updates_refused == 1 and records[-1].clients_trained == 2
+
+
+def test_staleness_is_counted_against_the_version_the_update_is_applied_to() -> None:
+    """An update that arrived fresh at version 5 and is applied after a version of its own (a
+    roll-back to the last sound model makes one) is 1 version stale: weighted s(1), not 1."""
+    rounds, _ = loop()
+    updates = buffered([0, 0, 0], [0.2, 0.2, 0.2])
+    rounds.version = 6  # version 6 came in between
+    rounds.models[6], rounds.sent[6] = rounds.models[5], rounds.sent[5]
+    assert step(rounds, updates) == pytest.approx(0.2 / np.sqrt(2), rel=1e-5)
+
+
+def test_an_update_that_became_too_stale_in_the_buffer_is_dropped_and_counted() -> None:
+    rounds, records = loop(max_staleness=1)
+    rounds.version = 7
+    rounds.models[7], rounds.sent[7] = rounds.models[5], rounds.sent[5]
+    assert step(rounds, buffered([0, 0, 0], [0.2, 0.2, 0.2])) == 0.0  # 2 versions stale: none applied
+    assert records[-1].updates_stale == 3

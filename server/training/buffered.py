@@ -56,6 +56,7 @@ from flwr.server.strategy import FedProx
 
 from server.reporting.record import RoundRecord
 from server.reporting.site_report import client_entries, fmt
+from server.training.final_model import hand_out
 from server.training.sampling import stable_key
 from server.training.strategies import (
     ClientFailure,
@@ -216,7 +217,6 @@ class BufferedRounds:
         # must not vouch for a model many times)
         self.evidence: dict[int, tuple[set[str], set[str]]] = {}
         self.shard_names: dict[str, str] = {}  # per client: its label and the shard its fits said
-        self.delivering = False  # after the report: the final model to clients left out of it
         self.eval_due_from = 0
 
     # The loop
@@ -259,8 +259,6 @@ class BufferedRounds:
             if evaluation is not None and evaluation.wants(proxy):
                 evaluation.asked.add(proxy.cid)
                 config = {**self.guard.evaluate_config(evaluation.version), protocol.MODEL_VERSION: evaluation.version}
-                if self.delivering:
-                    config.pop(protocol.LOCAL_BASELINE, None)
                 ins = EvaluateIns(evaluation.parameters, config)
                 self.submit(pool, proxy, "evaluate", evaluation.version, proxy.evaluate, ins)
             elif self.final is None and training < limit and proxy.cid not in self.window.held:
@@ -392,8 +390,19 @@ class BufferedRounds:
         keeps it in sync mode)."""
         window, self.window = self.window, Window()
         version = self.version + 1
+        # Staleness against the version the buffer is applied to: a roll-back since an update
+        # arrived (a version of its own) made it staler than it was then.
+        for update in window.buffer:
+            update.staleness = self.version - update.version
+        buffer = [u for u in window.buffer if u.staleness <= self.s.max_staleness]
+        if len(buffer) < len(window.buffer):
+            window.stale += len(window.buffer) - len(buffer)
+            log.warning(
+                "dropped %d buffered update(s): more than MAX_STALENESS=%d versions old by the time they were applied",
+                len(window.buffer) - len(buffer), self.s.max_staleness,
+            )  # fmt: skip
         # never more than BUFFER_SIZE: `collect` applies it the moment it is full
-        taken, raw_refusals = self.checked_as_trained(version, window.buffer)
+        taken, raw_refusals = self.checked_as_trained(version, buffer)
         current = self.models[self.version]
         results = []
         weights = step_weights(
@@ -618,36 +627,17 @@ class BufferedRounds:
         return self.shard_names.get(proxy.cid) or client_label(proxy)
 
     def deliver(self) -> None:
-        """The final model to every client the final evaluation did not wait for, as soon as its
-        fit ends (within ROUND_TIMEOUT): what a client keeps for predict. Their answers are not
-        counted: the run's report is written already."""
+        """The final model to every client the final evaluation did not wait for, once its fit
+        ends (within ROUND_TIMEOUT): what a client keeps for predict."""
         final = self.final
         if final is None:
             return
-        # The model the server kept (the last sound one when the final evaluation rolled back),
-        # and no LOCAL_BASELINE: a local-only training would be thrown away.
-        final.parameters = self.parameters
-        self.delivering = True
-        proxies = self.client_manager.all()
-        waiting = {cid: proxy for cid, proxy in proxies.items() if cid not in final.asked}
-        if not waiting:
-            return
-        deadline = time.monotonic() + self.s.round_timeout
-        pool = ThreadPoolExecutor(max_workers=len(waiting) + 1, thread_name_prefix="deliver")
-        try:
-            while time.monotonic() < deadline:
-                connected = set(self.client_manager.all())
-                final.wanted = len(final.asked | connected)
-                self.dispatch(pool)
-                if not connected - final.asked and not any(t.kind == "evaluate" for t in self.tasks.values()):
-                    break
-                self.collect(POLL_SECONDS, pool)
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-        answered = {proxy.cid for proxy, _ in final.results}
-        late = sorted(self.named(proxy) for cid, proxy in waiting.items() if cid in answered)
-        if late:
-            log.info("the final model went also to %s (evaluated, not counted)", ", ".join(late))
+        left_out = set(self.client_manager.all()) - final.asked
+        # their streams take one instruction at a time: the fit first (its update is not used)
+        wait([f for f, task in self.tasks.items() if task.proxy.cid in left_out], timeout=self.s.round_timeout)
+        proxies = [p for cid, p in self.client_manager.all().items() if cid in left_out]
+        config = {**self.guard.evaluate_config(self.version), protocol.MODEL_VERSION: self.version}
+        hand_out(proxies, self.parameters, config, self.s.round_timeout, self.version, label=self.named)
 
     # Clients
 
