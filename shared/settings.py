@@ -512,12 +512,6 @@ class Settings(BaseSettings):
                 f"CLIENT_AUTH={self.client_auth} needs TLS_ENABLED=true",
                 "set TLS_ENABLED=true or CLIENT_AUTH=none",
             ),
-            (
-                self.final_eval_timeout < self.round_timeout,
-                f"FINAL_EVAL_TIMEOUT={self.final_eval_timeout:g} is not below ROUND_TIMEOUT={self.round_timeout:g}",
-                "set FINAL_EVAL_TIMEOUT below ROUND_TIMEOUT (it bounds the wait for a client still training, "
-                "which ROUND_TIMEOUT bounds already)",
-            ),
             *STRATEGIES[self.strategy].rules(self),  # a strategy that cannot do its job here
             (
                 self.metrics_port == 0 or self.metrics_port != _port(self.server_listen_address),

@@ -907,13 +907,6 @@ CASES = [
     ),
     Case("negative-staleness-exponent", ["server"], {"STALENESS_EXPONENT": "-1"}, 2, "STALENESS_EXPONENT='-1'"),
     Case("eval-every-zero", ["server"], {"EVAL_EVERY": "0"}, 2, "EVAL_EVERY='0' is not valid"),
-    Case(
-        "final-eval-timeout-above-round-timeout",
-        ["server"],
-        {"FINAL_EVAL_TIMEOUT": "900", "ROUND_TIMEOUT": "600"},
-        2,
-        "FINAL_EVAL_TIMEOUT=900 is not below ROUND_TIMEOUT=600: set FINAL_EVAL_TIMEOUT below ROUND_TIMEOUT",
-    ),
     Case("keep-all-models-maybe", ["server"], {"KEEP_ALL_MODELS": "maybe"}, 2, "KEEP_ALL_MODELS='maybe' is not valid"),
     Case("slowdown-below-one", ["client"], {"CLIENT_SLOWDOWN": "0.5"}, 2, "CLIENT_SLOWDOWN='0.5' is not valid"),
     Case(
