@@ -102,22 +102,16 @@ def buffered(k: int, eta: float) -> Config:
 SHIPPED = Config("async as shipped", {"MODE": "async"}, evaluates=True)
 
 
-def union(data: Path, split: str) -> tuple[np.ndarray, np.ndarray, Any]:
-    from client.data.shards import load_shard, shard_dirs
-
-    shards = [load_shard(d) for d in shard_dirs(data)]
+def union(shards: list[Any], split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of every shard's `split` (test or validation), as one set."""
     xs = [s.x_val if split == "validation" else s.x_test for s in shards]
     ys = [s.y_val if split == "validation" else s.y_test for s in shards]
-    return np.concatenate(xs), np.concatenate(ys), shards[0].spec  # type: ignore[arg-type]
+    return np.concatenate(xs), np.concatenate(ys)
 
 
-def shard_tests(data: Path) -> list[tuple[np.ndarray, np.ndarray]]:
-    from client.data.shards import load_shard, shard_dirs
-
-    return [(s.x_test, s.y_test) for s in (load_shard(d) for d in shard_dirs(data))]
-
-
-def curve(results: Path, x: np.ndarray, y: np.ndarray, spec: Any, seed: int) -> tuple[list[list[float]], Any]:
+def curve(
+    results: Path, history: list[dict[str, Any]], x: np.ndarray, y: np.ndarray, spec: Any, seed: int
+) -> tuple[list[list[float]], Any]:
     """[seconds since the first round started, accuracy, client updates so far] per version, and
     the final model (to score per shard)."""
     import torch
@@ -126,7 +120,6 @@ def curve(results: Path, x: np.ndarray, y: np.ndarray, spec: Any, seed: int) -> 
     from shared.modelfile import load_model
 
     torch.set_num_threads(1)
-    history = json.loads((results / "history.json").read_text())
     start = history[0]["started_at"]
     task = load_task()  # the built-in task
     model = task.new_model(spec, seed)
@@ -186,14 +179,16 @@ def run_one(run_dir: Path, data: Path, config: Config, clients: int, slow: int, 
         code = federation.wait(timeout=1800)
     if code != 0:
         return {"ok": False, "server_code": code}
-    x, y, spec = union(data, split)
-    points, (task, model) = curve(run_dir / "results", x, y, spec, seed)
-    history = json.loads((run_dir / "results" / "history.json").read_text())
-    seconds = points[-1][0]
-    found = reached(points)
+    from client.data.shards import load_shard, shard_dirs
     from client.tasks import evaluate_arrays
 
-    per_shard = [evaluate_arrays(task, model, xs, ys, spec)["accuracy"] for xs, ys in shard_tests(data)]
+    shards = [load_shard(d) for d in shard_dirs(data)]
+    spec = shards[0].spec
+    history = json.loads((run_dir / "results" / "history.json").read_text())
+    points, (task, model) = curve(run_dir / "results", history, *union(shards, split), spec, seed)
+    seconds = points[-1][0]
+    found = reached(points)
+    per_shard = [evaluate_arrays(task, model, s.x_test, s.y_test, spec)["accuracy"] for s in shards]
     idle = idle_fractions(run_dir, clients, seconds)
     return {
         "ok": True,
