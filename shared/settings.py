@@ -11,8 +11,10 @@ Each field says, where it is declared, everything the rest of the code needs to 
 from __future__ import annotations
 
 import enum
+import io
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -22,7 +24,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import BadInput
-from shared.protocol import BUILTIN_TASK, text_problem
+from shared.protocol import BUILTIN_TASK, clean_text, text_problem
 from shared.strategy_table import STRATEGIES
 
 Dataset = Literal["digits", "mnist", "fashion-mnist", "cifar10", "folder"]
@@ -32,7 +34,6 @@ ClientAuth = Literal["none", "certificate"]
 Mode = Literal["sync", "async"]
 EvaluateSplit = Literal["test", "validation"]
 StalenessWeighting = Literal["constant", "polynomial"]
-AsyncStep = Literal["fedbuff", "buffer-relative"]
 
 DEFAULT_CLIENT_NAME = "client"
 
@@ -187,9 +188,6 @@ class Settings(BaseSettings):
     staleness_exponent: float = setting(
         0.5, RUN, when=("mode", "async"), ge=0, le=10, note="async, polynomial: 1/(1+staleness)^this"
     )
-    # FedBuff's step as published (each update scaled by its staleness weight, unnormalised), or
-    # Flowerpot's earlier rule (staleness weights divided by the buffer's mean), kept to compare.
-    async_step: AsyncStep = setting("fedbuff", RUN, when=("mode", "async"), allowed=_one_of(AsyncStep))
     # Empty: evaluate once per connected clients' worth of updates (every ceil(clients / BUFFER_SIZE)
     # versions), so that async asks its clients for as many evaluations per update as sync
     # rounds do; every version would take 1.5 x that with 3 clients and the default buffer of 2.
@@ -326,8 +324,7 @@ class Settings(BaseSettings):
         allowed="comma-separated class names in label order (empty: the folders found)",
     )
 
-    @field_validator("strategy", "dataset", "partition", "client_auth", "mode", "staleness_weighting",
-                     "async_step", mode="before")  # fmt: skip
+    @field_validator("strategy", "dataset", "partition", "client_auth", "mode", "staleness_weighting", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
@@ -455,6 +452,7 @@ class Settings(BaseSettings):
     @classmethod
     def load(cls, env_file: str | os.PathLike[str] | None = None) -> Settings:
         """Read and validate; any bad value raises BadInput with a one-line message."""
+        check_retired_environment()
         try:
             return cls(_env_file=env_file)  # type: ignore[call-arg]
         except ValidationError as exc:
@@ -611,15 +609,49 @@ DOCKER_PREFIXES = ("COMPOSE_", "DOCKER_")
 _KEY = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=", re.M)
 
 
+# Settings that earlier versions had, with the value that behaves as this version does and why
+# the others went: a file or checkpoint naming that value is read as it was meant; any other value
+# is refused, since ignoring it would run something else than it asked for.
+RETIRED: dict[str, tuple[str, str]] = {
+    "async_step": (
+        "fedbuff",
+        "the buffer-relative step was dropped for FedBuff's, the only one benchmarked (docs/async.md)",
+    ),
+}
+
+
+def retired_problem(name: str, value: object, where: str) -> str | None:
+    """The refusal for a retired setting set to a value this version no longer runs, or None."""
+    kept, why = RETIRED[name.lower()]
+    if str(value).strip().lower() == kept:
+        return None
+    return f"{name.upper()}={clean_text(value, 40)} is no longer offered: {why} (in {where}: remove that line)"
+
+
+def check_retired_environment(environ: Mapping[str, str] | None = None) -> None:
+    """BadInput for a retired setting in the environment with a value this version cannot honour."""
+    for key, value in (os.environ if environ is None else environ).items():
+        if key.lower() in RETIRED and (problem := retired_problem(key, value, "the environment")):
+            raise BadInput(problem)
+
+
 def check_env_keys(path: str | os.PathLike[str], shown: str | None = None) -> None:
     """BadInput naming the first key of the settings file that is not a setting (with the
     closest one): a misspelt name would otherwise be ignored and its default used."""
     import difflib
 
+    from dotenv import dotenv_values
+
+    text = Path(path).read_text(encoding="utf-8")
     known = {n.upper() for n in Settings.model_fields}
-    for key in _KEY.findall(Path(path).read_text(encoding="utf-8")):
+    values = {k.upper(): v for k, v in dotenv_values(stream=io.StringIO(text)).items()}
+    for key in _KEY.findall(text):
         name = key.upper()
         if name in known or name in COMPOSE_ONLY_KEYS or name.startswith(DOCKER_PREFIXES):
+            continue
+        if name.lower() in RETIRED:
+            if problem := retired_problem(name, values.get(name) or "", shown or str(path)):
+                raise BadInput(problem)
             continue
         close = difflib.get_close_matches(name, sorted(known | COMPOSE_ONLY_KEYS), n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else "see the names in the committed .env"

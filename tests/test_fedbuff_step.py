@@ -71,11 +71,6 @@ def test_the_step_is_fedbuffs_formula_with_the_server_learning_rate() -> None:
     assert step(loop(server_learning_rate=1.5)[0], buffered(staleness, values)) == pytest.approx(expected, rel=1e-5)
 
 
-def test_buffer_relative_keeps_the_old_rule_a_stale_buffer_is_a_full_step() -> None:
-    stale = step(loop(async_step="buffer-relative")[0], buffered([3, 3, 3], [0.1, 0.2, 0.3]))
-    assert stale == pytest.approx(0.2, rel=1e-5)
-
-
 def test_clipping_happens_before_the_staleness_weight() -> None:
     """Clipped as trained: an update of norm 10 clipped to 1, then weighted by s(3) = 1/2. Clipping
     the weighted update (norm 5) to 1 would have erased its staleness."""

@@ -69,6 +69,20 @@ def test_a_misspelt_setting_in_env_stops_before_any_work(tmp_path: Path) -> None
     assert not (tmp_path / "data").exists()
 
 
+def test_a_retired_setting_is_refused_unless_it_asks_for_what_this_version_does(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("ASYNC_STEP=buffer-relative\nDATA_DIR=data\n")
+    ran = run_cli(["prepare"], cwd=tmp_path)
+    assert ran.returncode == 2 and ran.stderr.count("\n") == 1 and "Traceback" not in ran.stderr
+    assert "ASYNC_STEP=buffer-relative is no longer offered" in ran.stderr and "remove that line" in ran.stderr
+    assert not (tmp_path / "data").exists()
+    (tmp_path / ".env").write_text("ASYNC_STEP=fedbuff\n")  # what runs anyway: read as meant
+    ran = run_cli(["predict"], cwd=tmp_path)
+    assert ran.returncode == 2 and "ASYNC_STEP" not in ran.stderr and "give image files" in ran.stderr
+    (tmp_path / ".env").write_text("")
+    ran = run_cli(["predict"], cwd=tmp_path, ASYNC_STEP="Buffer-Relative")
+    assert ran.returncode == 2 and "ASYNC_STEP=Buffer-Relative is no longer offered" in ran.stderr
+
+
 def test_compose_only_and_docker_keys_are_not_typos(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text(
         "COMPOSE_PROJECT_NAME=mine\nDOCKER_HOST=unix:///x\nCLIENT_CPUS=1\nGRAFANA_PORT=3001\nexport NUM_ROUNDS=2\n"

@@ -332,3 +332,12 @@ def test_a_previous_versions_run_is_the_same_run_while_new_settings_keep_their_d
     assert changed_settings(saved, current) == []
     assert changed_settings({**saved, "num_rounds": saved["num_rounds"] + 1}, current) == ["NUM_ROUNDS"]
     assert changed_settings(saved, {**current, "update_norm_limit": 5.0}) == ["UPDATE_NORM_LIMIT"]
+
+
+def test_a_checkpoint_of_a_retired_rule_does_not_resume_under_another() -> None:
+    from server.training.rounds import RUN_SETTINGS, changed_settings
+    from shared.settings import Settings
+
+    current = Settings(mode="async").fingerprint(RUN_SETTINGS)
+    assert changed_settings({**current, "async_step": "fedbuff"}, current) == []
+    assert changed_settings({**current, "async_step": "buffer-relative"}, current) == ["ASYNC_STEP"]

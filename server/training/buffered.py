@@ -15,9 +15,7 @@ then scaled by its staleness weight s and re-based onto the current model as `cu
 delta`. FedAvg's example-weighted mean of these is the current model plus the mean of the
 weighted updates, and SERVER_LEARNING_RATE (eta_g; empty: 1) scales that step: w + eta_g *
 sum(n_i s_i delta_i) / sum(n_i), FedBuff's update (the paper's 1/K mean, here with the bounded
-example weights of sync mode), a buffer of stale updates being a smaller step (ASYNC_STEP=fedbuff).
-ASYNC_STEP=buffer-relative divides the staleness weights by their buffer's example-weighted mean
-instead (`relative_weights`), so only an update's staleness against its buffer-mates counts.
+example weights of sync mode), a buffer of stale updates being a smaller step.
 FedMedian, FedTrimmedAvg and Krum take the median, trimmed mean or Krum's choice of the weighted
 updates; FedAdam, FedYogi, FedAdagrad and FedAvgM take their mean as the pseudo-gradient, with
 their moments as in sync mode (their own server step instead of SERVER_LEARNING_RATE's).
@@ -151,23 +149,6 @@ class Evaluated:
 def staleness_weight(staleness: int, weighting: str, exponent: float) -> float:
     """FedAsync's polynomial weighting 1/(1+s)^a (FedBuff uses a = 0.5), or 1."""
     return 1.0 if weighting == "constant" else 1.0 / (1.0 + staleness) ** exponent
-
-
-def step_weights(weights: list[float], examples: list[int], rule: str) -> list[float]:
-    """The factors the buffer's updates are scaled by: their staleness weights as they are
-    (ASYNC_STEP=fedbuff), or relative to the buffer's (buffer-relative)."""
-    return relative_weights(weights, examples) if rule == "buffer-relative" else list(weights)
-
-
-def relative_weights(weights: list[float], examples: list[int]) -> list[float]:
-    """Staleness weights divided by their example-weighted mean: FedAvg's example-weighted mean of
-    the re-based updates is then the buffer's mean update weighted by staleness x examples. So the
-    staleness weighting decides how much each update counts against the others in its buffer, and
-    the step's size is SERVER_LEARNING_RATE's: a buffer of stale updates is not a smaller step,
-    unlike FedBuff's, and a fresh update among stale ones is scaled by more than 1."""
-    total = sum(examples)
-    mean = sum(w * n for w, n in zip(weights, examples)) / total if total > 0 else 0.0
-    return [w / mean for w in weights] if mean > 0 else weights
 
 
 class BufferedRounds:
@@ -405,12 +386,8 @@ class BufferedRounds:
         taken, raw_refusals = self.checked_as_trained(version, buffer)
         current = self.models[self.version]
         results = []
-        weights = step_weights(
-            [staleness_weight(u.staleness, self.s.staleness_weighting, self.s.staleness_exponent) for u in taken],
-            [u.res.num_examples for u in taken],
-            self.s.async_step,
-        )
-        for update, weight in zip(taken, weights):
+        for update in taken:
+            weight = staleness_weight(update.staleness, self.s.staleness_weighting, self.s.staleness_exponent)
             rebased = [
                 (c + weight * d).astype(ref.dtype) for c, d, ref in zip(current, update.delta, self.guard.reference)
             ]

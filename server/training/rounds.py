@@ -42,7 +42,7 @@ from server.transport.admission import BoundedClientManager
 from server.transport.wiring import Traffic
 from shared import protocol
 from shared.errors import ClientsTimeout, RunFailed
-from shared.settings import Settings
+from shared.settings import RETIRED, Settings
 
 log = logging.getLogger("flowerpot.server")
 
@@ -381,11 +381,14 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     unchanged while it has its default: that version ran as if it had."""
     fields = Settings.model_fields
     defaults = {n: str(d) if isinstance(d := fields[n].default, Path) else d for n in current}
-    return sorted(
-        name.upper()
+    changed = [
+        name
         for name, value in current.items()
         if saved.get(name, defaults[name] if value == defaults[name] else object()) != value
-    )
+    ]
+    # a setting since retired: its run resumes only if it ran as this version does
+    changed += [name for name, (kept, _) in RETIRED.items() if name in saved and str(saved[name]).lower() != kept]
+    return sorted(name.upper() for name in changed)
 
 
 def strategy_buffer(settings: Settings) -> str:
