@@ -228,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     collusion = Collusion(args.collude, args.colluders) if args.attack in COLLUDING else None
 
     class AttackingClient(app.FlowerpotClient):
-        def __init__(self, shard: Any, settings: Settings, model_dir: Path, task: Any = None) -> None:
+        def __init__(
+            self, shard: Any, settings: Settings, model_dir: Path | None, task: Any = None, slot: Any = None
+        ) -> None:
             if args.attack == "labelflip":
                 shard = dataclasses.replace(shard, y_train=flipped_labels(shard.y_train, shard.spec.num_classes))
             self.claimed = len(shard.y_train)  # the count it reports: its shard's, as an honest client's
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.attack == "backdoor":
                 x, y = backdoor_data(shard.x_train, shard.y_train, args.target)
                 shard = dataclasses.replace(shard, x_train=x, y_train=y)
-            super().__init__(shard, settings, model_dir, task)  # the run's task, attacked like any other
+            super().__init__(shard, settings, model_dir, task, slot)  # the run's task, attacked like any other
 
         def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
             trained, _, metrics = super().fit(parameters, config)

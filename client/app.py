@@ -6,8 +6,10 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 import zlib
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from client import wiring
 from client.claim import claim_shard
 from client.data.images import ImageSpec
 from client.data.shards import Shard, load_shard, no_validation_split
+from client.fleet import run_fleet
 from client.shards_wait import wait_for_shards
 from client.tasks import (
     Config,
@@ -44,14 +47,30 @@ from shared.tls_files import bundle, check_pair, common_name, read_pem
 log = logging.getLogger("flowerpot.client")
 
 
+_BUILDING = threading.Lock()
+
+
 class FlowerpotClient(NumPyClient):
     """get_parameters / set_parameters / fit / evaluate, as in Flower's PyTorch tutorial."""
 
-    def __init__(self, shard: Shard, settings: Settings, model_dir: Path, task: Task | None = None) -> None:
+    def __init__(
+        self,
+        shard: Shard,
+        settings: Settings,
+        model_dir: Path | None,
+        task: Task | None = None,
+        slot: AbstractContextManager[Any] | None = None,
+    ) -> None:
+        # model_dir None: another logical client of this process keeps the final model's copy.
+        # slot: held while training or evaluating, so that a process's logical clients take turns.
         self.shard, self.settings, self.model_dir = shard, settings, model_dir
+        self.slot = slot or nullcontext()
         self.task = task or load_task(settings.task, settings.task_dir)
         # Checked before the client connects: a task that cannot build or run its model says so here.
-        self.model = self.task.check(shard.spec, settings.seed, settings.device)
+        # One at a time: torch's seed is the process's, and every client of a run must start from
+        # the same weights (the server compares them), also logical clients built side by side.
+        with _BUILDING:
+            self.model = self.task.check(shard.spec, settings.seed, settings.device)
         check_message_size(self.task, self.model, settings)
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
@@ -84,6 +103,10 @@ class FlowerpotClient(NumPyClient):
         )
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        with self.slot:
+            return self._fit(parameters, config)
+
+    def _fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         self.set_parameters(parameters)
         started, cpu_started = time.perf_counter(), time.process_time()
         run_config = self.round_config(config, fit=True)
@@ -125,6 +148,10 @@ class FlowerpotClient(NumPyClient):
         return max(1.0, s.client_slowdown * math.exp(s.client_slowdown_spread * rng.standard_normal()))
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
+        with self.slot:
+            return self._evaluate(parameters, config)
+
+    def _evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         self.set_parameters(parameters)
         started = time.perf_counter()
         server_round, num_rounds = int(config.get(protocol.SERVER_ROUND, 0)), int(config.get(protocol.NUM_ROUNDS, -1))
@@ -183,6 +210,8 @@ class FlowerpotClient(NumPyClient):
         return accuracy
 
     def keep_final_model(self, server_round: int, accuracy: float | None, examples: int) -> None:
+        if self.model_dir is None:
+            return
         path = self.model_dir / FINAL_MODEL
         meta = {
             "round": server_round,
@@ -205,49 +234,65 @@ def step(config: dict) -> str:
 
 
 def run_client(settings: Settings) -> None:
-    """Claim a shard, connect (with retries), train for the whole run, keep the final model."""
+    """Claim a shard (or CLIENTS_PER_PROCESS of them), connect (with retries), train for the
+    whole run, keep the final model."""
     tame_flower(settings.log_level)
     torch.set_num_threads(settings.torch_threads)
     task = load_task(settings.task, settings.task_dir)  # a task that cannot be imported says so first
     check_device(settings.device)
     wait_for_shards(settings.data_dir, settings.shards_timeout)
     site_shards = settings.site_shard_indices if settings.site_shards else None
+    if settings.clients_per_process > 1:
+        run_fleet(settings, site_shards, lambda folder, slot, keeps: serve_shard(settings, task, folder, slot, keeps))
+        return
     with claim_shard(settings.data_dir, settings.shard_id, site_shards) as folder:
-        shard = load_shard(folder)
-        log.info(
-            "claimed %s of %s: %d train and %d test examples%s",
+        serve_shard(settings, task, folder)
+
+
+def serve_shard(
+    settings: Settings,
+    task: Task,
+    folder: Path,
+    slot: AbstractContextManager[Any] | None = None,
+    keeps_final_model: bool = True,
+) -> None:
+    """One client's run on its claimed shard's folder: load it, join the server, serve until the
+    run ends. RunIncomplete when the server ended the run before it completed."""
+    shard = load_shard(folder)
+    log.info(
+        "claimed %s of %s: %d train and %d test examples%s",
+        shard.name,
+        shard.spec.dataset,
+        len(shard.y_train),
+        len(shard.y_test),
+        "" if shard.y_val is None else f", {len(shard.y_val)} held out for validation",
+    )
+    if settings.evaluate_split == "validation" and shard.y_val is None:
+        # The server's setting is the one that counts (it asks every round); the same .env here
+        # says at once what every round would otherwise fail on.
+        raise BadInput(no_validation_split(shard))
+    model_dir = settings.results_dir / f"client_{shard.name}" if keeps_final_model else None
+    client = FlowerpotClient(shard, settings, model_dir, task, slot)
+    endpoint = wiring.Endpoint(
+        address=settings.server_address,
+        name=settings.client_name,
+        max_message_bytes=settings.max_message_bytes,
+        connect_timeout=settings.connect_timeout,
+        keepalive_seconds=settings.keepalive_seconds,
+        join=join_value(
+            site_name(settings),
             shard.name,
-            shard.spec.dataset,
-            len(shard.y_train),
-            len(shard.y_test),
-            "" if shard.y_val is None else f", {len(shard.y_val)} held out for validation",
+            shard.data_checksum,
+            input_fingerprint(shard.spec, client.task, client.model),
+        ),
+        **tls_options(settings),
+    )
+    if not wiring.run(client.to_client(), endpoint):
+        raise RunIncomplete(
+            f"the server at SERVER_ADDRESS={settings.server_address} ended the run before it completed "
+            f"(its log says why); {shard.name} is released: start the run again"
         )
-        if settings.evaluate_split == "validation" and shard.y_val is None:
-            # The server's setting is the one that counts (it asks every round); the same .env here
-            # says at once what every round would otherwise fail on.
-            raise BadInput(no_validation_split(shard))
-        model_dir = settings.results_dir / f"client_{shard.name}"
-        client = FlowerpotClient(shard, settings, model_dir, task)
-        endpoint = wiring.Endpoint(
-            address=settings.server_address,
-            name=settings.client_name,
-            max_message_bytes=settings.max_message_bytes,
-            connect_timeout=settings.connect_timeout,
-            keepalive_seconds=settings.keepalive_seconds,
-            join=join_value(
-                site_name(settings),
-                shard.name,
-                shard.data_checksum,
-                input_fingerprint(shard.spec, client.task, client.model),
-            ),
-            **tls_options(settings),
-        )
-        if not wiring.run(client.to_client(), endpoint):
-            raise RunIncomplete(
-                f"the server at SERVER_ADDRESS={settings.server_address} ended the run before it completed "
-                f"(its log says why); {shard.name} is released: start the run again"
-            )
-        log.info("the run completed; %s is released", shard.name)
+    log.info("the run completed; %s is released", shard.name)
 
 
 def site_name(settings: Settings) -> str:

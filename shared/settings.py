@@ -204,6 +204,13 @@ class Settings(BaseSettings):
     learning_rate: float = setting(0.05, RUN, gt=0, le=10)
     client_restarts: int = setting(0, NOTHING, ge=0, le=100)
     torch_threads: int = setting(1, NOTHING, ge=1, le=256)
+    # Many logical clients in one process (load tests, many small devices emulated on a few
+    # machines): each claims its own shard and holds its own stream, identity, seed and model;
+    # they share the process's PyTorch, so memory grows by a shard and a model, not a runtime.
+    # 1,000 is where one process's threads and memory stop being a sane unit: run more processes.
+    clients_per_process: int = setting(1, NOTHING, ge=1, le=1000)
+    # How many of one process's logical clients train or evaluate at once; the others wait.
+    training_slots: int = setting(1, NOTHING, ge=1, le=64)
     # The user's model as a task plug-in (client/tasks/): a module, or module:object, with
     # build_model(spec) and optionally train, evaluate, METRICS and predict_transform. Another
     # task is another run; the folder it is imported from is each machine's own affair.
@@ -489,6 +496,12 @@ class Settings(BaseSettings):
                 self.shard_id is None or self.shard_id < self.num_shards,
                 f"SHARD_ID={self.shard_id} is not below NUM_SHARDS={self.num_shards}",
                 "pick a SHARD_ID from 0 to NUM_SHARDS-1, or leave it empty",
+            ),
+            (
+                self.shard_id is None or self.clients_per_process == 1,
+                f"SHARD_ID={self.shard_id} names one shard, and CLIENTS_PER_PROCESS={self.clients_per_process} "
+                "logical clients need one each",
+                "leave SHARD_ID empty (they claim free shards; SITE_SHARDS limits which) or set CLIENTS_PER_PROCESS=1",
             ),
             (
                 all(i < self.num_shards for i in parse_shard_list(self.site_shards)),

@@ -407,6 +407,23 @@ CASES = [
     ),
     Case("folder-without-path", ["prepare"], {"DATASET": "folder"}, 2, "DATASET=folder needs FOLDER_PATH"),
     Case("shard-id-too-big", ["client"], {"SHARD_ID": "7"}, 2, "SHARD_ID=7 is not below NUM_SHARDS=3"),
+    *(
+        Case(
+            f"clients-per-process-{value}",
+            ["client"],
+            {"CLIENTS_PER_PROCESS": value},
+            2,
+            f"CLIENTS_PER_PROCESS='{value}' is not valid: use a whole number from 1 to 1000",
+        )
+        for value in ("0", "-3", "1001", "many")
+    ),
+    Case(
+        "shard-id-with-logical-clients",
+        ["client"],
+        {"SHARD_ID": "1", "CLIENTS_PER_PROCESS": "5"},
+        2,
+        "SHARD_ID=1 names one shard, and CLIENTS_PER_PROCESS=5 logical clients need one each: leave SHARD_ID empty",
+    ),
     Case(
         "negative-timeout", ["server"], {"START_TIMEOUT": "-5"}, 2, "START_TIMEOUT='-5' is not valid: use seconds > 0"
     ),

@@ -1,0 +1,116 @@
+"""Many logical clients in one process (CLIENTS_PER_PROCESS): load tests, and many small devices
+emulated on a few machines.
+
+Why in one process: a client process carries its own PyTorch runtime (about 200 MB in a
+container), so a machine holds a few dozen; logical clients share it, and each costs its shard
+and a model. Each still is a client in every way the server can see: its own shard claim, its
+own gRPC stream, join value and seed, its own state; they are threads of one process, so they
+share its machine and are not isolated from each other (a bug in a user's task that corrupts
+the process ends them all; one whose training raises fails only that client's fit).
+
+Each logical client runs in a thread of its own, named after its shard, and prefixes its log
+lines with it; at most TRAINING_SLOTS of them train or evaluate at once, the others wait their
+turn. The first keeps the final model's copy for the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+from client.claim import Claim, candidate_folders, claim_free, no_free_shard
+from shared.errors import ExitCode, FlowerpotError
+from shared.settings import Settings
+
+log = logging.getLogger("flowerpot.client")
+
+Serve = Callable[[Path, AbstractContextManager[Any], bool], None]
+
+
+class LogicalClientFailed(FlowerpotError):
+    """Logical clients of this process ended without completing the run: the exit status is
+    the first one's."""
+
+
+class _ThreadName(logging.Filter):
+    """Prefixes the lines logged from a logical client's thread with its shard's name."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        super().__init__()
+        self.names = names
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = threading.current_thread().name
+        if name in self.names and not getattr(record, "_flowerpot_named", False):
+            record.msg, record._flowerpot_named = f"{name}: {record.msg}", True
+        return True
+
+
+def run_fleet(settings: Settings, site_shards: tuple[int, ...] | None, serve: Serve) -> None:
+    """Claim up to CLIENTS_PER_PROCESS free shards and serve each in a thread until all end."""
+    wanted = settings.clients_per_process
+    folders = candidate_folders(settings.data_dir, settings.shard_id, site_shards)
+    claims = claim_free(folders, wanted)
+    if not claims:
+        raise no_free_shard(settings.data_dir, folders, settings.shard_id)
+    if len(claims) < wanted:
+        log.warning(
+            "starting %d of CLIENTS_PER_PROCESS=%d logical clients: only %d of the %d shards in DATA_DIR=%s "
+            "are free (prepare more shards, raise NUM_SHARDS, or lower CLIENTS_PER_PROCESS)",
+            len(claims), wanted, len(claims), len(folders), settings.data_dir,
+        )  # fmt: skip
+    else:
+        log.info("starting %d logical clients, at most %d training at once", len(claims), settings.training_slots)
+    slots = threading.BoundedSemaphore(settings.training_slots)
+    outcomes: dict[str, BaseException | None] = {}
+    named = _ThreadName(frozenset(c.folder.name for c in claims))
+    logging.getLogger("flowerpot").addFilter(named)
+    log.addFilter(named)
+
+    def one(claim: Claim, keeps: bool) -> None:
+        try:
+            serve(claim.folder, slots, keeps)
+            outcomes[claim.folder.name] = None
+        except BaseException as exc:  # recorded and said at the end; the others go on
+            outcomes[claim.folder.name] = exc
+            if isinstance(exc, FlowerpotError):
+                log.error("stopped: %s", exc)
+            else:
+                log.error("crashed", exc_info=exc)
+        finally:
+            claim.release()
+
+    threads = [
+        threading.Thread(target=one, args=(claim, i == 0), name=claim.folder.name, daemon=True)
+        for i, claim in enumerate(claims)
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        while any(thread.is_alive() for thread in threads):
+            time.sleep(0.2)  # not join(): the main thread must stay free to take SIGTERM
+    finally:
+        for claim in claims:  # a stop (SIGTERM) ends the process: its claims go with it
+            claim.release()
+        log.removeFilter(named)
+        logging.getLogger("flowerpot").removeFilter(named)
+    raise_first_failure(outcomes)
+
+
+def raise_first_failure(outcomes: dict[str, BaseException | None]) -> None:
+    failed = {name: exc for name, exc in sorted(outcomes.items()) if exc is not None}
+    if not failed:
+        log.info("all %d logical clients completed the run", len(outcomes))
+        return
+    name, first = next(iter(failed.items()))
+    code = first.code if isinstance(first, FlowerpotError) else ExitCode.CRASH
+    raise LogicalClientFailed(
+        f"{len(failed)} of {len(outcomes)} logical clients did not complete the run; {name}'s reason: {first}"
+        + ("" if isinstance(first, FlowerpotError) else " (its traceback is logged above)"),
+        code,
+    )

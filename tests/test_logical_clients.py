@@ -1,0 +1,143 @@
+"""Many logical clients in one process (CLIENTS_PER_PROCESS): real processes, real gRPC."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from test_tasks import CONTRACT, user_task
+
+from client.claim import claim_free
+from client.data.shards import shard_dirs
+from conftest import free_address, run_cli
+
+pytestmark = pytest.mark.process
+
+SHARDS = 20
+
+
+@pytest.fixture(scope="module")
+def twenty_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = tmp_path_factory.mktemp("twenty") / "data"
+    result = run_cli(["prepare"], cwd=data.parent, DATA_DIR=str(data), NUM_SHARDS=str(SHARDS))
+    assert result.returncode == 0, result.stderr
+    return data
+
+
+def fleet_env(data: Path, tmp_path: Path, **overrides: str) -> dict[str, str]:
+    address = free_address()
+    return {
+        "DATA_DIR": str(data),
+        "RESULTS_DIR": str(tmp_path / "results"),
+        "SERVER_LISTEN_ADDRESS": address,
+        "SERVER_ADDRESS": address,
+        "NUM_SHARDS": str(SHARDS),
+        "NUM_ROUNDS": "3",
+        "LOCAL_EPOCHS": "1",
+        "MAX_CLIENTS": str(SHARDS),
+        "MIN_AVAILABLE_CLIENTS": str(SHARDS),
+        "MIN_FIT_CLIENTS": "2",
+        "MIN_EVALUATE_CLIENTS": "2",
+        "FRACTION_FIT": "0.1",
+        "FRACTION_EVALUATE": "0.1",
+        "CLIENTS_PER_PROCESS": str(SHARDS // 2),
+        "START_TIMEOUT": "60",
+        "CONNECT_TIMEOUT": "30",
+        "ROUND_TIMEOUT": "60",
+        "METRICS_PORT": "0",
+        **overrides,
+    }
+
+
+def history(tmp_path: Path) -> list[dict]:
+    return json.loads((tmp_path / "results" / "history.json").read_text())
+
+
+def test_two_processes_of_ten_logical_clients_federate_a_tenth_per_round(spawn, twenty_shards, tmp_path) -> None:
+    env = fleet_env(twenty_shards, tmp_path)
+    server = spawn(["server"], **env)
+    server.wait_for("listening", timeout=30)
+    clients = [spawn(["client"], **env) for _ in range(2)]
+    assert server.wait(timeout=180) == 0, server.output[-3000:]
+    for client in clients:
+        assert client.wait(timeout=30) == 0, client.output[-3000:]
+        assert "all 10 logical clients completed the run" in client.output
+    records = history(tmp_path)
+    assert [r["clients_trained"] for r in records] == [2, 2, 2]  # max(int(20 x 0.1), MIN_FIT_CLIENTS)
+    assert {c["shard"] for r in records for c in r["clients"]} <= {f"shard_{i:03d}" for i in range(SHARDS)}
+    assert records[-1]["clients_evaluated"] == SHARDS  # the last round, on every client
+    evaluated = {c["shard"] for c in records[-1]["clients"] if c["phase"] == "evaluate"}
+    assert evaluated == {f"shard_{i:03d}" for i in range(SHARDS)}
+    # one copy of the final model per process, not one per logical client
+    assert len(list((tmp_path / "results").glob("client_shard_*/final_model.npz"))) == 2
+    # every logical client's lines say whose they are
+    claimed = [line for c in clients for line in c.output.splitlines() if " claimed shard_" in line]
+    assert len(claimed) == SHARDS and all("client: shard_0" in line for line in claimed)
+
+
+RAISES_ONCE_PER_PROCESS = CONTRACT.read_text().replace(
+    "    opt = torch.optim.Adam",
+    "    global RAISED\n"
+    "    if not globals().get('RAISED'):\n"
+    "        RAISED = True\n"
+    '        raise RuntimeError("boom")\n'
+    "    opt = torch.optim.Adam",
+)
+
+
+def test_one_logical_clients_training_raising_is_its_failed_fit_and_the_others_go_on(
+    spawn, twenty_shards, tmp_path
+) -> None:
+    folder = user_task(tmp_path, text=RAISES_ONCE_PER_PROCESS)
+    env = fleet_env(
+        twenty_shards, tmp_path, TASK="my_task", TASK_DIR=str(folder), LEARNING_RATE="0.005",
+        CLIENTS_PER_PROCESS=str(SHARDS), MIN_FIT_CLIENTS="4", FRACTION_FIT="0.2",
+    )  # fmt: skip
+    server = spawn(["server"], **env)
+    server.wait_for("listening", timeout=30)
+    client = spawn(["client"], **env)
+    assert server.wait(timeout=180) == 0, server.output[-3000:]
+    assert client.wait(timeout=30) == 0, client.output[-3000:]
+    assert client.output.count("train raised RuntimeError: boom: the fit failed") == 1
+    records = history(tmp_path)
+    assert records[0]["clients_failed"] == 1 and records[0]["clients_trained"] == 3
+    assert all(r["clients_failed"] == 0 and r["clients_trained"] == 4 for r in records[1:])
+    assert "all 20 logical clients completed the run" in client.output and "Traceback" not in client.output
+
+
+def test_sigterm_stops_a_process_of_many_logical_clients_soon_and_frees_every_shard(
+    spawn, twenty_shards, tmp_path
+) -> None:
+    # The server waits for more clients than there are: the logical clients sit connected.
+    env = fleet_env(twenty_shards, tmp_path, MAX_CLIENTS="40", MIN_AVAILABLE_CLIENTS="40", START_TIMEOUT="300")
+    server = spawn(["server"], **env)
+    server.wait_for("listening", timeout=30)
+    client = spawn(["client"], **{**env, "CLIENTS_PER_PROCESS": str(SHARDS)})
+    server.wait_for(rf"\({SHARDS} connected\)", timeout=60)
+    assert not claim_free(shard_dirs(twenty_shards), SHARDS)  # all held
+    started = time.monotonic()
+    client.popen.terminate()
+    code = client.wait(timeout=30)
+    assert time.monotonic() - started < 10 and code == 143, client.output[-2000:]
+    assert "Traceback" not in client.output
+    claims = claim_free(shard_dirs(twenty_shards), SHARDS)
+    assert len(claims) == SHARDS  # every claim went with the process
+    for claim in claims:
+        claim.release()
+    server.wait_for(r"\(0 connected\)", timeout=30)
+
+
+def test_more_logical_clients_than_free_shards_start_those_they_can_and_say_so(spawn, twenty_shards, tmp_path) -> None:
+    env = fleet_env(twenty_shards, tmp_path, MIN_AVAILABLE_CLIENTS=str(SHARDS), NUM_ROUNDS="1")
+    server = spawn(["server"], **env)
+    server.wait_for("listening", timeout=30)
+    first = spawn(["client"], **{**env, "CLIENTS_PER_PROCESS": "15"})
+    first.wait_for(r"starting 15 logical clients", timeout=60)
+    second = spawn(["client"], **{**env, "CLIENTS_PER_PROCESS": "15"})
+    second.wait_for(r"starting 5 of CLIENTS_PER_PROCESS=15 logical clients: only 5 of the 20 shards", timeout=60)
+    assert server.wait(timeout=120) == 0, server.output[-3000:]
+    assert first.wait(timeout=30) == 0 and second.wait(timeout=30) == 0, second.output[-3000:]
+    third = run_cli(["client"], cwd=tmp_path, **{**env, "CLIENTS_PER_PROCESS": "15", "CONNECT_TIMEOUT": "1"})
+    assert third.returncode != 3  # the shards are free again once the others stopped
