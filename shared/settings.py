@@ -27,7 +27,7 @@ from shared.errors import BadInput
 from shared.protocol import BUILTIN_TASK, clean_text, text_problem
 from shared.strategy_table import STRATEGIES
 
-Dataset = Literal["digits", "mnist", "fashion-mnist", "cifar10", "folder"]
+Dataset = Literal["digits", "mnist", "fashion-mnist", "cifar10", "folder", "synthetic"]
 Partition = Literal["iid", "dirichlet", "pathological"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 ClientAuth = Literal["none", "certificate"]
@@ -232,6 +232,9 @@ class Settings(BaseSettings):
     )
     image_size: int = setting(32, DATA, when=("dataset", "folder"), ge=4, le=512)
     image_channels: int = setting(3, DATA, when=("dataset", "folder"), allowed="1 (grayscale) or 3 (RGB)")
+    # Generated 8x8 images of 10 classes, deterministic from SEED: load tests with many clients
+    # (digits' 1,797 images are too few for 1,000 shards).
+    synthetic_examples: int = setting(60_000, DATA, when=("dataset", "synthetic"), ge=100, le=2_000_000)
     partition: Partition = setting("iid", DATA, allowed=_one_of(Partition))
     dirichlet_alpha: float = setting(0.5, DATA, when=("partition", "dirichlet"), gt=0, le=1000)
     labels_per_client: int = setting(2, DATA, when=("partition", "pathological"), ge=1)

@@ -233,3 +233,27 @@ def test_a_validation_split_comes_from_the_training_part_and_leaves_the_test_spl
         assert np.array_equal(np.sort(np.concatenate([new["train"], new[VALIDATION]])), old["train"])
         assert abs(len(new[VALIDATION]) / len(old["train"]) - 0.1) < 0.01
         assert not set(new[VALIDATION]) & set(new["train"])
+
+
+def test_the_synthetic_set_is_the_same_for_a_seed_balanced_and_as_normalised_as_declared(tmp_path: Path) -> None:
+    from client.data.datasets import NORMALISATION
+
+    first = load_source(settings_for(tmp_path, dataset="synthetic", synthetic_examples=3000))
+    again = load_source(settings_for(tmp_path, dataset="synthetic", synthetic_examples=3000))
+    other = load_source(settings_for(tmp_path, dataset="synthetic", synthetic_examples=3000, seed=7))
+    assert first.x.shape == (3000, 1, 8, 8) and first.x.dtype == np.uint8 and first.test_from is None
+    assert np.array_equal(first.x, again.x) and np.array_equal(first.y, again.y)
+    assert not np.array_equal(first.x, other.x)
+    assert np.bincount(first.y).tolist() == [300] * 10
+    (mean,), (std,) = NORMALISATION["synthetic"]
+    assert abs(first.x.mean() / 255 - mean) < 0.03 and abs(first.x.std() / 255 - std) < 0.03
+
+
+def test_a_thousand_synthetic_shards_prepare_offline(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", download_dir=tmp_path / "raw", dataset="synthetic", num_shards=1000)
+    prepare(settings)
+    folders = shard_dirs(tmp_path / "data")
+    assert len(folders) == 1000
+    shard = load_shard(folders[-1])
+    assert len(shard.y_train) + len(shard.y_test) == 60 and shard.spec.dataset == "synthetic"
+    assert not (tmp_path / "raw").exists()  # nothing to download, nothing kept

@@ -166,6 +166,7 @@ def test_the_run_and_data_fingerprints_come_from_the_marks() -> None:
         "image_size",
         "image_channels",
         "classes",
+        "synthetic_examples",
     }
     assert data_settings(Settings(partition="iid", dirichlet_alpha=0.1)) == iid  # unused: same shards
     assert data_settings(Settings(partition="dirichlet", dirichlet_alpha=0.1))["dirichlet_alpha"] == 0.1

@@ -89,6 +89,8 @@ def example_limit(settings: Settings) -> int:
         return settings.max_examples
     if settings.dataset in SIZES:
         return SIZES[settings.dataset]
+    if settings.dataset == "synthetic":
+        return settings.synthetic_examples
     raise BadInput(
         f"DATASET={settings.dataset} has no size the server knows, so it cannot bound the example counts "
         "clients claim: set MAX_CLIENT_EXAMPLES to the largest shard a client may have (or MAX_EXAMPLES) "
