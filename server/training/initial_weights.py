@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +35,7 @@ log = logging.getLogger("flowerpot.server")
 # Sending the starting weights takes a client no training: one that has not answered within this
 # (or ROUND_TIMEOUT, if shorter) never will, and loses its seat instead of holding up the run.
 VOTE_SECONDS = 60.0
+MAX_NAMED = 20  # participants named in the agreement's log line; the rest are counted
 
 
 class NoAnswers(ClientsTimeout):
@@ -82,15 +84,29 @@ def agreed_parameters(client_manager: ClientManager, asked: int, timeout: float,
     proxies = list(client_manager.all().values())
     if not proxies:
         raise NoAnswers("no client was connected to send initial parameters: check the clients' logs")
+    # One copy of each distinct answer, not one per client: with a thousand clients sending the
+    # same model, the vote holds one model, not a thousand.
+    kept: dict[str, Parameters] = {}
+    keeping = threading.Lock()
+
+    def digest_of(proxy: ClientProxy) -> str | None:
+        parameters = _ask(proxy, timeout, max_message_mb)
+        if parameters is None:
+            return None
+        digest = checksum(parameters)
+        with keeping:
+            kept.setdefault(digest, parameters)
+        return digest
+
     with ThreadPoolExecutor(max_workers=len(proxies)) as pool:
-        answers = list(pool.map(lambda proxy: _ask(proxy, timeout, max_message_mb), proxies))
-    silent = [proxy for proxy, parameters in zip(proxies, answers) if parameters is None]
+        answers = list(pool.map(digest_of, proxies))
+    silent = [proxy for proxy, digest in zip(proxies, answers) if digest is None]
     for proxy in silent:
         _drop(client_manager, proxy, f"it sent no usable initial parameters within {timeout:g} s")
-    by_participant: dict[str, dict[str, list[tuple[ClientProxy, Parameters]]]] = defaultdict(lambda: defaultdict(list))
-    for proxy, parameters in zip(proxies, answers):
-        if parameters is not None:
-            by_participant[participant_of(proxy)][checksum(parameters)].append((proxy, parameters))
+    by_participant: dict[str, dict[str, list[ClientProxy]]] = defaultdict(lambda: defaultdict(list))
+    for proxy, digest in zip(proxies, answers):
+        if digest is not None:
+            by_participant[participant_of(proxy)][digest].append(proxy)
     if not by_participant:
         raise NoAnswers(
             f"none of the {len(proxies)} clients asked sent usable initial parameters: check the clients' logs"
@@ -106,10 +122,10 @@ def agreed_parameters(client_manager: ClientManager, asked: int, timeout: float,
             f"strict majority ({groups}): start clients with the same DATASET and SEED, or set INITIAL_MODEL to a "
             "model file"
         )
-    group = [(p, params) for sent in by_participant.values() for p, params in sent.get(winner, [])]
+    group = [p for sent in by_participant.values() for p in sent.get(winner, [])]
     for sent in by_participant.values():
         for digest, others in sent.items():
-            for proxy, _ in others if digest != winner else []:
+            for proxy in others if digest != winner else []:
                 _drop(
                     client_manager,
                     proxy,
@@ -120,21 +136,23 @@ def agreed_parameters(client_manager: ClientManager, asked: int, timeout: float,
     if len(group) == 1:
         log.warning(
             "initial parameters from the only client that answered, %s, unverified: set INITIAL_MODEL to pin them",
-            client_label(group[0][0]),
+            client_label(group[0]),
         )
-        return group[0][1]
-    arrays = parameters_to_ndarrays(group[0][1])
+        return kept[winner]
+    arrays = parameters_to_ndarrays(kept[winner])
+    named = sorted(agreeing)
     log.info(
         "initial parameters agreed by %d clients of %d participant(s) (%s): %d arrays, %d values",
-        len(group), len(agreeing), ", ".join(client_label(p) for p, _ in group), len(arrays),
-        sum(a.size for a in arrays),
+        len(group), len(agreeing),
+        ", ".join(named[:MAX_NAMED]) + (f", and {len(named) - MAX_NAMED} more" if len(named) > MAX_NAMED else ""),
+        len(arrays), sum(a.size for a in arrays),
     )  # fmt: skip
     if len(agreeing) == 1:
         log.warning(
             "initial parameters from a single participant (%s), unverified by any other: set INITIAL_MODEL to pin them",
             agreeing[0],
         )
-    return group[0][1]
+    return kept[winner]
 
 
 def _drop(client_manager: ClientManager, proxy: ClientProxy, reason: str) -> None:
