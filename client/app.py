@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -243,21 +244,22 @@ def run_client(settings: Settings) -> None:
     wait_for_shards(settings.data_dir, settings.shards_timeout)
     site_shards = settings.site_shard_indices if settings.site_shards else None
     if settings.clients_per_process > 1:
-        run_fleet(settings, site_shards, lambda folder, slot, keeps: serve_shard(settings, task, folder, slot, keeps))
+        run_fleet(settings, site_shards, lambda folder, slot, keeps: ready_client(settings, task, folder, slot, keeps))
         return
     with claim_shard(settings.data_dir, settings.shard_id, site_shards) as folder:
-        serve_shard(settings, task, folder)
+        ready_client(settings, task, folder)()
 
 
-def serve_shard(
+def ready_client(
     settings: Settings,
     task: Task,
     folder: Path,
     slot: AbstractContextManager[Any] | None = None,
     keeps_final_model: bool = True,
-) -> None:
-    """One client's run on its claimed shard's folder: load it, join the server, serve until the
-    run ends. RunIncomplete when the server ended the run before it completed."""
+) -> Callable[[], None]:
+    """One client on its claimed shard's folder, loaded and built (what can fail before any
+    connection fails here); what it returns joins the server and serves until the run ends
+    (RunIncomplete when the server ended the run before it completed)."""
     shard = load_shard(folder)
     log.info(
         "claimed %s of %s: %d train and %d test examples%s",
@@ -287,12 +289,16 @@ def serve_shard(
         ),
         **tls_options(settings),
     )
-    if not wiring.run(client.to_client(), endpoint):
-        raise RunIncomplete(
-            f"the server at SERVER_ADDRESS={settings.server_address} ended the run before it completed "
-            f"(its log says why); {shard.name} is released: start the run again"
-        )
-    log.info("the run completed; %s is released", shard.name)
+
+    def serve() -> None:
+        if not wiring.run(client.to_client(), endpoint):
+            raise RunIncomplete(
+                f"the server at SERVER_ADDRESS={settings.server_address} ended the run before it completed "
+                f"(its log says why); {shard.name} is released: start the run again"
+            )
+        log.info("the run completed; %s is released", shard.name)
+
+    return serve
 
 
 def site_name(settings: Settings) -> str:

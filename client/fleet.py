@@ -8,9 +8,11 @@ own gRPC stream, join value and seed, its own state; they are threads of one pro
 share its machine and are not isolated from each other (a bug in a user's task that corrupts
 the process ends them all; one whose training raises fails only that client's fit).
 
-Each logical client runs in a thread of its own, named after its shard, and prefixes its log
-lines with it; at most TRAINING_SLOTS of them train or evaluate at once, the others wait their
-turn. The first keeps the final model's copy for the process.
+All are loaded and built first, one after the other (a shard or task that cannot work fails
+the process before any connection), then each joins the server from a thread of its own, all
+at once, named after its shard, and prefixes its log lines with it; at most TRAINING_SLOTS of
+them train or evaluate at once, the others wait their turn. The first keeps the final model's
+copy for the process.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from shared.settings import Settings
 
 log = logging.getLogger("flowerpot.client")
 
-Serve = Callable[[Path, AbstractContextManager[Any], bool], None]
+# (shard folder, training slot, keeps the final model) -> the built client's serve()
+Ready = Callable[[Path, AbstractContextManager[Any], bool], Callable[[], None]]
 
 
 class LogicalClientFailed(FlowerpotError):
@@ -51,7 +54,7 @@ class _ThreadName(logging.Filter):
         return True
 
 
-def run_fleet(settings: Settings, site_shards: tuple[int, ...] | None, serve: Serve) -> None:
+def run_fleet(settings: Settings, site_shards: tuple[int, ...] | None, ready: Ready) -> None:
     """Claim up to CLIENTS_PER_PROCESS free shards and serve each in a thread until all end."""
     wanted = settings.clients_per_process
     folders = candidate_folders(settings.data_dir, settings.shard_id, site_shards)
@@ -72,9 +75,9 @@ def run_fleet(settings: Settings, site_shards: tuple[int, ...] | None, serve: Se
     logging.getLogger("flowerpot").addFilter(named)
     log.addFilter(named)
 
-    def one(claim: Claim, keeps: bool) -> None:
+    def one(claim: Claim, serve: Callable[[], None]) -> None:
         try:
-            serve(claim.folder, slots, keeps)
+            serve()
             outcomes[claim.folder.name] = None
         except BaseException as exc:  # recorded and said at the end; the others go on
             outcomes[claim.folder.name] = exc
@@ -85,11 +88,14 @@ def run_fleet(settings: Settings, site_shards: tuple[int, ...] | None, serve: Se
         finally:
             claim.release()
 
-    threads = [
-        threading.Thread(target=one, args=(claim, i == 0), name=claim.folder.name, daemon=True)
-        for i, claim in enumerate(claims)
-    ]
     try:
+        built = time.monotonic()
+        clients = [ready(claim.folder, slots, i == 0) for i, claim in enumerate(claims)]
+        log.info("built %d logical clients in %.1f s; joining the server", len(clients), time.monotonic() - built)
+        threads = [
+            threading.Thread(target=one, args=(claim, serve), name=claim.folder.name, daemon=True)
+            for claim, serve in zip(claims, clients)
+        ]
         for thread in threads:
             thread.start()
         while any(thread.is_alive() for thread in threads):
