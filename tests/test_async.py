@@ -225,9 +225,11 @@ def test_an_async_run_speaks_of_versions_and_prints_no_empty_evaluation(
 
 def test_the_final_evaluation_does_not_wait_for_a_straggler_past_its_timeout(data_dir: Path, tmp_path: Path) -> None:
     """A client whose one fit outlasts the run: the final report leaves it out (named) after
-    FINAL_EVAL_TIMEOUT instead of waiting, and it still gets the final model when its fit ends."""
+    FINAL_EVAL_TIMEOUT instead of waiting, and it still gets the final model when its fit ends.
+    Its fit takes 400 x its CPU time, about 25 s: a loaded machine stretches the others' run, not
+    its sleep, and 150 x (10 s) was once short enough to arrive in time."""
     output, rounds = local_run(
-        data_dir, tmp_path, ("150", "3", "3"), MODE="async", BUFFER_SIZE="2", NUM_ROUNDS="4", LOCAL_EPOCHS="1",
+        data_dir, tmp_path, ("400", "3", "3"), MODE="async", BUFFER_SIZE="2", NUM_ROUNDS="4", LOCAL_EPOCHS="1",
         FINAL_EVAL_TIMEOUT="5",
     )  # fmt: skip
     final = rounds[-1]
