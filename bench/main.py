@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import accuracy, asynchrony, deployment, overhead, report, robustness, round_cost, scale
+from bench import accuracy, asynchrony, cross_device, deployment, overhead, report, robustness, round_cost, scale
 from shared.errors import BadInput
 
 log = logging.getLogger("flowerpot.bench")
@@ -60,6 +60,10 @@ class Plan:
     async_epochs: int = 1
     async_big_clients: int = 10
     async_big_seeds: tuple[int, ...] = (1, 2, 3)
+    # Cross-device (bench/cross_device.py): connected clients of the capacity rows (the first also
+    # all sampled), and the logical clients of one process whose memory is measured.
+    cross_ladder: tuple[int, ...] = (100, 1000, 10_000)
+    cross_memory: tuple[int, ...] = (1, 10, 100, 250)
 
     def robustness_runs(self) -> int:
         """Federations the robustness section starts: per partition, the clean column and every attack's."""
@@ -121,10 +125,14 @@ QUICK = Plan(
     async_epochs=1,
     async_big_clients=0,
     async_big_seeds=(),
+    cross_ladder=(20,),
+    cross_memory=(1, 5),
 )
 
 # The sections `--only` can pick, in the order they run; the Compose ones need a Docker engine.
-SECTIONS = ("accuracy", "overhead", "round-cost", "scale", "deployment", "scale-compose", "robustness", "async")
+SECTIONS = (
+    "accuracy", "overhead", "round-cost", "scale", "deployment", "scale-compose", "robustness", "async", "cross-device"
+)  # fmt: skip
 COMPOSE_SECTIONS = ("deployment", "scale-compose")
 
 
@@ -183,6 +191,10 @@ def run(out: Path, quick: bool, compose: bool, command: str, docs: Path | None =
                 warm=True,
             ),
         ),
+        (
+            "cross-device",
+            lambda: cross_device.measure(work / "cross-device", list(p.cross_ladder), list(p.cross_memory)),
+        ),
     ]
     steps = [(n, step) for n, step in steps if (n == only if only else compose or n not in COMPOSE_SECTIONS)]
     for number, (name, step) in enumerate(steps, 1):
@@ -235,6 +247,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         found += robustness.targets(results["robustness"])
     if "async" in results:
         found += asynchrony.targets(results["async"])
+    if "cross_device" in results:
+        found += cross_device.targets(results["cross_device"])
     ladder = results.get("scale", {}).get("local processes")
     if ladder:
         largest = max((r["clients"] for r in ladder if r["ok"]), default=0)

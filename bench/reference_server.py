@@ -55,10 +55,15 @@ def main() -> None:
         "batch_size": int(env.get("BATCH_SIZE", "32")),
         "learning_rate": float(env.get("LEARNING_RATE", "0.05")),
     }
+    # Every client each round, unless FRACTION_FIT / FRACTION_EVALUATE sample (the cross-device
+    # rows), then with Flowerpot's MIN_FIT_CLIENTS / MIN_EVALUATE_CLIENTS as the floor.
+    fit, evaluate = float(env.get("FRACTION_FIT", "1")), float(env.get("FRACTION_EVALUATE", "1"))
     strategy = TimedFedAvg(
         rounds,
-        min_fit_clients=clients,
-        min_evaluate_clients=clients,
+        fraction_fit=fit,
+        fraction_evaluate=evaluate,
+        min_fit_clients=clients if fit == 1 else int(env.get("MIN_FIT_CLIENTS", "2")),
+        min_evaluate_clients=clients if evaluate == 1 else int(env.get("MIN_EVALUATE_CLIENTS", "2")),
         min_available_clients=clients,
         on_fit_config_fn=lambda r: {"server_round": r, "num_rounds": rounds, **config},
         on_evaluate_config_fn=lambda r: {"server_round": r, "num_rounds": rounds},

@@ -192,6 +192,10 @@ def to_markdown(results: dict[str, Any], plots: list[str]) -> str:
         from bench import asynchrony
 
         parts.append(asynchrony.markdown(results["async"]))
+    if "cross_device" in results:
+        from bench import cross_device
+
+        parts.append(cross_device.markdown(results["cross_device"]))
     parts += [f"![{p}]({p})\n" for p in plots]
     return "\n".join(parts)
 

@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         metavar="SECTION",
         default=None,
-        help="run one section alone: accuracy, overhead, round-cost, scale, deployment, scale-compose, robustness "
-        "or async",
+        help="run one section alone: accuracy, overhead, round-cost, scale, deployment, scale-compose, robustness, "
+        "async or cross-device",
     )
 
     local = sub.add_parser("run-local", help="prepare, then run the server and N clients as local processes")

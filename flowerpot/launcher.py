@@ -78,6 +78,8 @@ class Process:
         popen: PopenFactory | None = None,
     ) -> None:
         self.name, self.args = name, args
+        # Opened first: a log that cannot be written must not leave a started process behind.
+        self._log = open(log_file, "w") if log_file else None  # noqa: SIM115 (closed by the reader)
         self.popen: Any
         if popen is not None:
             self.popen = popen(args, env, cwd)
@@ -86,7 +88,6 @@ class Process:
                 [sys.executable, *args], env=dict(env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
             )
         self.lines: list[str] = []
-        self._log = open(log_file, "w") if log_file else None  # noqa: SIM115 (closed by the reader)
         self._relay = relay
         self._reader = threading.Thread(target=self._read, name=f"output-{name}", daemon=True)
         self._reader.start()

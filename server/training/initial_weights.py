@@ -35,6 +35,10 @@ log = logging.getLogger("flowerpot.server")
 # Sending the starting weights takes a client no training: one that has not answered within this
 # (or ROUND_TIMEOUT, if shorter) never will, and loses its seat instead of holding up the run.
 VOTE_SECONDS = 60.0
+# Asked at once: each is a thread on top of the streams' own (two per client). Honest clients
+# answer in milliseconds; a silent one holds its thread for the whole bound, so the vote waits
+# another bound only for every MAX_ASKING silent clients.
+MAX_ASKING = 1024
 MAX_NAMED = 20  # participants named in the agreement's log line; the rest are counted
 
 
@@ -73,7 +77,7 @@ def checksum(parameters: Parameters) -> str:
 
 
 def agreed_parameters(client_manager: ClientManager, asked: int, timeout: float, max_message_mb: int) -> Parameters:
-    """Ask every connected client at once for its weights (at most MAX_CLIENTS; the run waited
+    """Ask every connected client for its weights (MAX_ASKING at once; the run waited
     for `asked`), within `timeout` or VOTE_SECONDS; every participant has one vote, whatever its
     number of connections: the weights most of its own connections sent. The weights a strict
     majority of the participants that answered sent byte for byte win; a lone participant's are
@@ -98,7 +102,7 @@ def agreed_parameters(client_manager: ClientManager, asked: int, timeout: float,
             kept.setdefault(digest, parameters)
         return digest
 
-    with ThreadPoolExecutor(max_workers=len(proxies)) as pool:
+    with ThreadPoolExecutor(max_workers=min(len(proxies), MAX_ASKING)) as pool:
         answers = list(pool.map(digest_of, proxies))
     silent = [proxy for proxy, digest in zip(proxies, answers) if digest is None]
     for proxy in silent:
