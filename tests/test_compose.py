@@ -346,3 +346,28 @@ def test_a_task_folder_under_tasks_is_baked_into_the_image_with_its_requirements
     finally:
         for p in made:
             p.down()
+
+
+def test_four_containers_of_25_logical_clients_federate_a_tenth_a_round(project, tmp_path: Path) -> None:
+    """Cross-device on Compose: `--scale client=4` with CLIENTS_PER_PROCESS=25 is 100 clients on
+    100 digits shards, about 10 of them trained a round; the global model is sensible on every
+    shard's test split."""
+    p = project(
+        NUM_SHARDS="100", MIN_SHARD_SIZE="10", CLIENTS_PER_PROCESS="25", MAX_CLIENTS="100",
+        MIN_AVAILABLE_CLIENTS="100", FRACTION_FIT="0.1", FRACTION_EVALUATE="0.1", NUM_ROUNDS="30",
+        LOCAL_EPOCHS="5", BATCH_SIZE="10",
+    )  # fmt: skip
+    result, _ = p.up("--scale", "client=4", timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert p.exit_codes("server") == [0] and p.exit_codes("client") == [0] * 4, p.logs("server")[-3000:]
+    server_log = p.logs("server")
+    assert "(100 connected)" in server_log and "starting 30 rounds of fedavg with 100 clients" in server_log
+    rounds = history(p, tmp_path)
+    assert len(rounds) == 30 and all(r["clients_trained"] == 10 for r in rounds)
+    assert rounds[-1]["clients_evaluated"] == 100  # the last round, on every client
+    clients_log = p.logs("client")
+    assert clients_log.count("all 25 logical clients completed the run") == 4
+    predicted = p.compose("run", "--rm", "predict", "--test-split", "--json", timeout=300)
+    assert predicted.returncode == 0, predicted.stdout + predicted.stderr
+    accuracy = json.loads(predicted.stdout)["accuracy"]
+    assert accuracy >= 0.85, (accuracy, server_log[-3000:])
