@@ -33,6 +33,8 @@ from flowerpot.launcher import SERVER, LocalFederation, descendants
 
 ROUNDS = 6
 FRACTION = 0.1
+# A join storm still going after this long is where the machine stops (the report says how far).
+JOIN_LIMIT_S = 600.0
 FLOWER_POOL = 1000  # flwr's start_grpc_server(max_concurrent_workers=1000): one worker per stream
 
 
@@ -107,7 +109,21 @@ def capacity_row(workdir: Path, clients: int, fraction: float, reference: bool =
         peak_clients = 0.0
         connected = re.compile(rf"\({clients} connected\)")
         deadline = time.monotonic() + 1800
+        join_deadline = time.monotonic() + JOIN_LIMIT_S
         while time.monotonic() < deadline and server.returncode is None:
+            if time.monotonic() > join_deadline:  # where it stops: say how far it got, and stop it
+                counts = [int(n) for n in re.findall(r"\((\d+) connected\)", server.output)]
+                row.update(
+                    stopped=f"{max(counts, default=0):,} of {clients:,} connected after {JOIN_LIMIT_S:.0f} s",
+                    server_pss_at_stop_mb=tree_pss_mb(server.pid),
+                    server_threads_at_stop=threads(server.pid),
+                    client_pss_total_mb=sum(tree_pss_mb(p.pid) for p in procs),
+                    connected_at_stop=max(counts, default=0),
+                )
+                for proc in procs:
+                    proc.kill()
+                server.kill()
+                break
             joining = [p for p in procs if "joining the server" in p.output]
             if joining and first_joining is None:
                 first_joining = time.monotonic()
@@ -131,6 +147,8 @@ def capacity_row(workdir: Path, clients: int, fraction: float, reference: bool =
             time.sleep(0.5)
         code = federation.wait(timeout=max(1.0, deadline - time.monotonic()), client_grace=60)
     row["seconds"] = time.monotonic() - started
+    if "stopped" in row:
+        return row
     row["client_pss_total_mb"] = peak_clients
     history_file = settings["RESULTS_DIR"] / ("reference.json" if reference else "history.json")
     history = json.loads(history_file.read_text()) if history_file.is_file() else []
@@ -254,6 +272,7 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         found.append({
             "target": "ambition: 10,000 connected clients",
             "measured": huge.get("skipped")
+            or (f"stopped: {huge['stopped']}" if huge.get("stopped") else None)
             or ("completed" if huge.get("ok") else f"failed after {huge.get('rounds')} rounds"),
             "met": bool(huge.get("ok")),
         })  # fmt: skip
@@ -272,6 +291,16 @@ def markdown(res: dict[str, Any]) -> str:
         sampled = f"{r['fraction']:.0%}"
         if r.get("skipped"):
             rows.append([f"{r['clients']:,}", sampled, r["server"], r["skipped"], *["n/a"] * 6])
+            continue
+        if r.get("stopped"):
+            at = r.get("connected_at_stop") or 1
+            per = (r["server_pss_at_stop_mb"] - r["server_pss_listening_mb"]) * 1024 / at
+            rows.append([
+                f"{r['clients']:,}", sampled, r["server"], f"no: stopped, {r['stopped']}", "n/a", "n/a",
+                f"{_f(r['server_pss_listening_mb'], 0)} / {_f(r['server_pss_at_stop_mb'], 0)} (at the stop)",
+                _f(per, 0), f"{r['server_threads_listening']} / {r['server_threads_at_stop']}",
+                _f(r.get("client_pss_total_mb"), 0),
+            ])  # fmt: skip
             continue
         rows.append([
             f"{r['clients']:,}", sampled, r["server"], "yes" if r["ok"] else f"no ({r.get('rounds')} rounds)",

@@ -110,23 +110,35 @@ def test_one_logical_clients_training_raising_is_its_failed_fit_and_the_others_g
     assert "all 20 logical clients completed the run" in client.output and "Traceback" not in client.output
 
 
-def test_sigterm_stops_a_process_of_many_logical_clients_soon_and_frees_every_shard(
-    spawn, twenty_shards, tmp_path
+@pytest.fixture(scope="module")
+def synthetic_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = tmp_path_factory.mktemp("synthetic") / "data"
+    made = run_cli(["prepare"], cwd=data.parent, DATA_DIR=str(data), DATASET="synthetic", NUM_SHARDS="250")
+    assert made.returncode == 0, made.stderr
+    return data
+
+
+def test_sigterm_stops_a_process_of_250_logical_clients_within_10_s_and_frees_every_shard(
+    spawn, synthetic_shards, tmp_path
 ) -> None:
     # The server waits for more clients than there are: the logical clients sit connected.
-    env = fleet_env(twenty_shards, tmp_path, MAX_CLIENTS="40", MIN_AVAILABLE_CLIENTS="40", START_TIMEOUT="300")
+    many = 250
+    env = fleet_env(
+        synthetic_shards, tmp_path, DATASET="synthetic", NUM_SHARDS=str(many), MAX_CLIENTS="300",
+        MIN_AVAILABLE_CLIENTS="300", START_TIMEOUT="300", CLIENTS_PER_PROCESS=str(many),
+    )  # fmt: skip
     server = spawn(["server"], **env)
     server.wait_for("listening", timeout=30)
-    client = spawn(["client"], **{**env, "CLIENTS_PER_PROCESS": str(SHARDS)})
-    server.wait_for(rf"\({SHARDS} connected\)", timeout=60)
-    assert not claim_free(shard_dirs(twenty_shards), SHARDS)  # all held
+    client = spawn(["client"], **env)
+    server.wait_for(rf"\({many} connected\)", timeout=120)
+    assert not claim_free(shard_dirs(synthetic_shards), many)  # all held
     started = time.monotonic()
     client.popen.terminate()
     code = client.wait(timeout=30)
     assert time.monotonic() - started < 10 and code == 143, client.output[-2000:]
     assert "Traceback" not in client.output
-    claims = claim_free(shard_dirs(twenty_shards), SHARDS)
-    assert len(claims) == SHARDS  # every claim went with the process
+    claims = claim_free(shard_dirs(synthetic_shards), many)
+    assert len(claims) == many  # every claim went with the process
     for claim in claims:
         claim.release()
     server.wait_for(r"\(0 connected\)", timeout=30)

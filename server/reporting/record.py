@@ -95,6 +95,10 @@ class RoundRecord:
     # Sync over-selection (FIT_QUORUM, ROUND_DEADLINE): fits the round did not wait for, whose
     # answers were dropped. Rounds without any, and histories written before, lack the key.
     updates_late: int | None = _when_present()
+    # Clients connected when the round began (async: when the version was made): with
+    # FRACTION_FIT below 1, how many the trained ones were sampled from. Histories written
+    # before lack it and read as None.
+    clients_connected: int | None = field(default=None, metadata=CSV)
 
     def to_json(self) -> dict[str, Any]:
         # Shallow, not dataclasses.asdict: no deep copy of every metric, every round.

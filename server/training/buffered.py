@@ -672,6 +672,7 @@ class BufferedRounds:
             staleness_max=max(staleness, default=0),
             updates_stale=window.stale,
             eval_version=evaluated.version if evaluated else None,
+            clients_connected=self.client_manager.num_available(),
         )
 
 

@@ -236,6 +236,7 @@ class Federation:
     def play_round(self, server: Server, strategy: GuardedStrategy, server_round: int) -> tuple[RoundRecord, list[str]]:
         """The round's record, and why each refused update was refused."""
         started, started_at = time.perf_counter(), time.time()
+        connected = self.client_manager.num_available()
         self.traffic.take()
         report = FitReport(None, {})
         fit_results: list = []
@@ -286,6 +287,7 @@ class Federation:
             failed=report.failed,
             clients=client_entries(fit_results, eval_results),
             updates_late=late or None,
+            clients_connected=connected,
         )
         return record, report.reasons
 
@@ -420,5 +422,6 @@ def round_line(record: RoundRecord, num_rounds: int) -> str:
             else ""
         )
         + f" | {record.seconds:.2f} s"
+        + ("" if record.clients_connected is None else f", {record.clients_connected} connected")
         + (f" | FAILED, model kept: {record.failed}" if record.failed else "")
     )

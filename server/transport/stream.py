@@ -35,6 +35,7 @@ from flwr.server.superlink.fleet.grpc_bidi.grpc_client_proxy import GrpcClientPr
 from iterators import TimeoutIterator
 
 from server.transport.admission import Admission
+from server.transport.churn_log import ChurnLog
 
 log = logging.getLogger("flowerpot.server")
 
@@ -128,8 +129,11 @@ class Seat:
     """What one stream holds: a place in Admission (and one of its name's connections, see
     MAX_CONNECTIONS_PER_CLIENT) and a client-manager entry, until `close`."""
 
-    def __init__(self, admission: Admission, client_manager: ClientManager, name: str, who: str) -> None:
+    def __init__(
+        self, admission: Admission, client_manager: ClientManager, name: str, who: str, churn: ChurnLog | None = None
+    ) -> None:
         self.admission, self.client_manager, self.name, self.who = admission, client_manager, name, who
+        self.churn = churn or ChurnLog(lambda: admission.connected, lines=1_000_000)
         self.proxy: NamedClientProxy | None = None
         self._lock = threading.Lock()
         self._closed = self._placed = False
@@ -150,7 +154,7 @@ class Seat:
             self._placed, self.proxy = True, proxy
             proxy.release = self.close
             self.client_manager.register(proxy)
-        log.info("client %s joined (%d connected)", self.who, self.admission.connected)
+        self.churn.note(self.who, "joined")
         return None
 
     def close(self) -> None:
@@ -166,14 +170,19 @@ class Seat:
                 self.admission.release_name(self.name)
                 self.admission.release()
         if self._placed:
-            log.info("client %s left (%d connected)", self.who, self.admission.connected)
+            self.churn.note(self.who, "left")
 
 
 def open_seat(
-    context: grpc.ServicerContext, admission: Admission, client_manager: ClientManager, name: str, who: str
+    context: grpc.ServicerContext,
+    admission: Admission,
+    client_manager: ClientManager,
+    name: str,
+    who: str,
+    churn: ChurnLog | None = None,
 ) -> Seat | None:
     """A seat whose release is tied to the end of the call; None when the call has already ended."""
-    seat = Seat(admission, client_manager, name, who)
+    seat = Seat(admission, client_manager, name, who, churn)
     if not context.add_callback(seat.close) or not context.is_active():
         seat.close()
         log.debug("stream from %s ended before it joined", who)

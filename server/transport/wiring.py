@@ -21,6 +21,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import FlowerServiceServicer
 
 from server.transport.admission import Admission
+from server.transport.churn_log import ChurnLog
 from server.transport.sites import Sites
 from server.transport.stream import NamedClientProxy as NamedClientProxy  # re-exported: the strategies' tests use it
 from server.transport.stream import Oversized, new_proxy, open_seat, relay
@@ -110,6 +111,7 @@ class AdmittingServicer(FlowerServiceServicer):
         super().__init__(client_manager)
         self.admission, self.revocations = admission, revocations
         self.sites = sites or Sites()
+        self.churn = ChurnLog(lambda: admission.connected)
 
     def Join(  # noqa: N802 (gRPC's method name)
         self, request_iterator: Iterator[ClientMessage], context: grpc.ServicerContext
@@ -122,7 +124,7 @@ class AdmittingServicer(FlowerServiceServicer):
         refusal = self.admission.not_allowed(name)
         if refusal is not None:
             _refuse(context, who, grpc.StatusCode.PERMISSION_DENIED, refusal)
-        seat = open_seat(context, self.admission, self.client_manager, name, who)
+        seat = open_seat(context, self.admission, self.client_manager, name, who, self.churn)
         if seat is None:  # the call ended already (a cancelled stream): it takes nothing
             return
         proxy = new_proxy(context, name)
