@@ -20,8 +20,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +31,13 @@ import numpy as np
 
 from bench.federation import REFERENCE_SERVER, prepare, pss_kb
 from bench.scale import memory_available_mb
-from flowerpot.launcher import SERVER, LocalFederation, descendants
+from flowerpot.launcher import SERVER, LocalFederation, descendants, free_port
 
 ROUNDS = 6
 FRACTION = 0.1
 # A join storm still going after this long is where the machine stops (the report says how far).
 JOIN_LIMIT_S = 600.0
+IDLE_SAMPLE_S = 5.0  # how long an idle federation's CPU use is sampled
 FLOWER_POOL = 1000  # flwr's start_grpc_server(max_concurrent_workers=1000): one worker per stream
 
 
@@ -44,6 +47,34 @@ def threads(pid: int) -> int:
             return next(int(line.split()[1]) for line in fh if line.startswith("Threads:"))
     except (OSError, StopIteration):
         return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process, all its threads."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def idle_cpu_percent(pids: list[int], seconds: float = IDLE_SAMPLE_S) -> list[float]:
+    """Each process's CPU use over `seconds` in which nothing is asked of it (% of one core)."""
+    before = [cpu_seconds(pid) for pid in pids]
+    time.sleep(seconds)
+    return [100 * (cpu_seconds(pid) - b) / seconds for pid, b in zip(pids, before)]
+
+
+def anon_mb(pid: int) -> float:
+    """Anonymous memory (heap, stacks): what the process itself allocated. Its PSS and even its
+    private pages fall as client processes start and share its libraries' pages; this grows only
+    with what it holds."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("Anonymous:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
 
 
 def tree_pss_mb(pid: int) -> float:
@@ -70,17 +101,31 @@ def per_process(clients: int) -> int:
     return 1000 if clients >= 10_000 else min(250, clients)
 
 
+def connected_now(port: int) -> int | None:
+    """The server's own count of connected clients (its live-metrics gauge), or None."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return None
+    found = re.search(r"^flowerpot_connected_clients\{[^}]*\} ([0-9.e+]+)$", text, re.M)
+    return int(float(found.group(1))) if found else None
+
+
 def capacity_row(workdir: Path, clients: int, fraction: float, reference: bool = False) -> dict[str, Any]:
-    _, data_settings = data_for(workdir, clients)
+    """`clients` connect and sit idle (the server waits for one more, which the bench adds once
+    they are measured), then ROUNDS rounds with `fraction` sampled."""
+    _, data_settings = data_for(workdir, clients + 1)
     each = per_process(clients)
+    port = free_port()
     settings = {
         **data_settings,
         "RESULTS_DIR": workdir / f"results-{clients}-{fraction}-{'bare' if reference else 'ours'}",
         "TASK": "bench.idle_task",
         "NUM_ROUNDS": ROUNDS,
         "LOCAL_EPOCHS": 1,
-        "MAX_CLIENTS": clients,
-        "MIN_AVAILABLE_CLIENTS": clients,
+        "MAX_CLIENTS": clients + 1,
+        "MIN_AVAILABLE_CLIENTS": clients + 1,
         "MIN_FIT_CLIENTS": 2,
         "MIN_EVALUATE_CLIENTS": 2,
         "FRACTION_FIT": fraction,
@@ -89,7 +134,7 @@ def capacity_row(workdir: Path, clients: int, fraction: float, reference: bool =
         "START_TIMEOUT": 1800,
         "CONNECT_TIMEOUT": 900,
         "ROUND_TIMEOUT": 900,
-        "METRICS_PORT": 0,
+        "METRICS_PORT": port,  # the server's own count of connected clients, polled
     }
     row: dict[str, Any] = {
         "clients": clients, "fraction": fraction, "server": "bare Flower" if reference else "Flowerpot",
@@ -100,50 +145,61 @@ def capacity_row(workdir: Path, clients: int, fraction: float, reference: bool =
         settings, cwd=workdir, server_args=REFERENCE_SERVER if reference else SERVER, log_dir=settings["RESULTS_DIR"]
     )
     started = time.monotonic()
+    peak_clients = 0.0
+    code = -1
     with federation:
         server = federation.start_server(wait_seconds=120)
         time.sleep(1.0)
-        row.update(server_pss_listening_mb=tree_pss_mb(server.pid), server_threads_listening=threads(server.pid))
+        row.update(server_anon_listening_mb=anon_mb(server.pid), server_threads_listening=threads(server.pid))
         procs = [federation.start_client() for _ in range(row["processes"])]
         first_joining = last_joining = None
-        peak_clients = 0.0
-        connected = re.compile(rf"\({clients} connected\)")
         deadline = time.monotonic() + 1800
         join_deadline = time.monotonic() + JOIN_LIMIT_S
+        last_count = 0
         while time.monotonic() < deadline and server.returncode is None:
-            if time.monotonic() > join_deadline:  # where it stops: say how far it got, and stop it
-                counts = [int(n) for n in re.findall(r"\((\d+) connected\)", server.output)]
-                row.update(
-                    stopped=f"{max(counts, default=0):,} of {clients:,} connected after {JOIN_LIMIT_S:.0f} s",
-                    server_pss_at_stop_mb=tree_pss_mb(server.pid),
-                    server_threads_at_stop=threads(server.pid),
-                    client_pss_total_mb=sum(tree_pss_mb(p.pid) for p in procs),
-                    connected_at_stop=max(counts, default=0),
-                )
-                for proc in procs:
-                    proc.kill()
-                server.kill()
-                break
             joining = [p for p in procs if "joining the server" in p.output]
             if joining and first_joining is None:
                 first_joining = time.monotonic()
             if len(joining) == len(procs) and last_joining is None:
                 last_joining = time.monotonic()
-            if not reference and connected.search(server.output):
-                now = time.monotonic()
+            if reference:
+                if last_joining is not None:  # bare Flower counts nothing it shows: give the storm time
+                    time.sleep(max(5.0, 0.01 * clients))
+                    break
+            else:
+                last_count = connected_now(port) or last_count
+                if last_count >= clients:
+                    now = time.monotonic()
+                    row.update(
+                        join_storm_s=now - (first_joining or now), join_after_last_process_s=now - (last_joining or now)
+                    )
+                    break
+            if time.monotonic() > join_deadline:  # where it stops: say how far it got, and stop it
                 row.update(
-                    join_storm_s=now - (first_joining or now),
-                    join_after_last_process_s=now - (last_joining or now),
-                    server_pss_connected_mb=tree_pss_mb(server.pid),
-                    server_threads_connected=threads(server.pid),
+                    stopped=f"{last_count:,} of {clients:,} connected after {JOIN_LIMIT_S:.0f} s",
+                    connected_at_stop=last_count,
+                    server_anon_at_stop_mb=anon_mb(server.pid),
+                    server_threads_at_stop=threads(server.pid),
+                    client_pss_total_mb=sum(tree_pss_mb(p.pid) for p in procs),
                 )
+                for proc in procs:
+                    proc.kill()
+                server.kill()
                 break
-            if reference and last_joining is not None:
-                break  # bare Flower says nothing per client: its memory is sampled during the run
-            time.sleep(0.05)
+            time.sleep(0.2)
+        if "stopped" not in row and server.returncode is None:
+            cpu = idle_cpu_percent([server.pid, *(p.pid for p in procs)])
+            row.update(
+                server_anon_connected_mb=anon_mb(server.pid),
+                server_threads_connected=threads(server.pid),
+                server_idle_cpu_percent=cpu[0],
+                clients_idle_cpu_percent=sum(cpu[1:]),
+                client_pss_idle_mb=sum(tree_pss_mb(p.pid) for p in procs),
+            )
+            procs.append(federation.start_client(CLIENTS_PER_PROCESS=1))  # the one more: the run starts
         while server.returncode is None and time.monotonic() < deadline:
             peak_clients = max(peak_clients, sum(tree_pss_mb(p.pid) for p in procs))
-            row["server_pss_peak_mb"] = max(row.get("server_pss_peak_mb", 0.0), tree_pss_mb(server.pid))
+            row["server_anon_peak_mb"] = max(row.get("server_anon_peak_mb", 0.0), anon_mb(server.pid))
             time.sleep(0.5)
         code = federation.wait(timeout=max(1.0, deadline - time.monotonic()), client_grace=60)
     row["seconds"] = time.monotonic() - started
@@ -158,9 +214,9 @@ def capacity_row(workdir: Path, clients: int, fraction: float, reference: bool =
     row["round_s"] = float(np.median(per_round)) if per_round else None
     if not reference and history:
         row["trained_per_round"] = float(np.median([r["clients_trained"] for r in history]))
-    if row.get("server_pss_connected_mb") is not None:
+    if row.get("server_anon_connected_mb") is not None:
         row["server_kib_per_idle_client"] = (
-            (row["server_pss_connected_mb"] - row["server_pss_listening_mb"]) * 1024 / clients
+            (row["server_anon_connected_mb"] - row["server_anon_listening_mb"]) * 1024 / clients
         )
         row["server_threads_per_client"] = (row["server_threads_connected"] - row["server_threads_listening"]) / clients
     return row
@@ -176,7 +232,7 @@ def too_big(clients: int, rows: list[dict[str, Any]], memory: list[dict[str, Any
     last = max(done, key=lambda r: r["clients"])
     base = memory[0]["pss_mb"]
     added = memory[-1].get("mb_per_added_client") or 0.0  # the largest process measured: its own rate
-    server = last["server_pss_listening_mb"] + clients * max(last["server_kib_per_idle_client"], 0.0) / 1024
+    server = last["server_anon_listening_mb"] + clients * max(last["server_kib_per_idle_client"], 0.0) / 1024
     needed = 1.15 * (math.ceil(clients / per_process(clients)) * base + clients * added + server)
     available = memory_available_mb()
     if needed <= 0.85 * available:
@@ -206,7 +262,11 @@ def client_memory(workdir: Path, counts: list[int]) -> list[dict[str, Any]]:
             client = federation.start_client()
             server.wait_for(rf"\({n} connected\)", timeout=600)
             time.sleep(2.0)
-            rows.append({"logical_clients": n, "pss_mb": tree_pss_mb(client.pid), "threads": threads(client.pid)})
+            client_cpu, server_cpu = idle_cpu_percent([client.pid, server.pid])
+            rows.append({
+                "logical_clients": n, "pss_mb": tree_pss_mb(client.pid), "threads": threads(client.pid),
+                "idle_cpu_percent": client_cpu, "server_idle_cpu_percent": server_cpu,
+            })  # fmt: skip
     one = rows[0]["pss_mb"] if rows and rows[0]["logical_clients"] == 1 else None
     for row in rows:
         if one is not None and row["logical_clients"] > 1:
@@ -284,48 +344,59 @@ def _f(value: Any, digits: int = 2) -> str:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    header = ["clients", "sampled", "server", "completed", "join storm s", "round s", "server PSS MB alone / connected",
-              "KiB per idle client", "server threads", "client PSS MB (all processes)"]  # fmt: skip
+    header = ["clients", "sampled", "server", "completed", "join storm s", "round s",
+              "server heap MB alone / connected",
+              "KiB per idle client", "server threads", "idle CPU % server / clients",
+              "client PSS MB (all processes)"]  # fmt: skip
     rows = []
     for r in res["capacity"]:
         sampled = f"{r['fraction']:.0%}"
         if r.get("skipped"):
-            rows.append([f"{r['clients']:,}", sampled, r["server"], r["skipped"], *["n/a"] * 6])
+            rows.append([f"{r['clients']:,}", sampled, r["server"], r["skipped"], *["n/a"] * 7])
             continue
         if r.get("stopped"):
             at = r.get("connected_at_stop") or 1
-            per = (r["server_pss_at_stop_mb"] - r["server_pss_listening_mb"]) * 1024 / at
+            per = (r["server_anon_at_stop_mb"] - r["server_anon_listening_mb"]) * 1024 / at
             rows.append([
                 f"{r['clients']:,}", sampled, r["server"], f"no: stopped, {r['stopped']}", "n/a", "n/a",
-                f"{_f(r['server_pss_listening_mb'], 0)} / {_f(r['server_pss_at_stop_mb'], 0)} (at the stop)",
-                _f(per, 0), f"{r['server_threads_listening']} / {r['server_threads_at_stop']}",
+                f"{_f(r['server_anon_listening_mb'], 0)} / {_f(r['server_anon_at_stop_mb'], 0)} (at the stop)",
+                _f(per, 0), f"{r['server_threads_listening']} / {r['server_threads_at_stop']}", "n/a",
                 _f(r.get("client_pss_total_mb"), 0),
             ])  # fmt: skip
             continue
         rows.append([
             f"{r['clients']:,}", sampled, r["server"], "yes" if r["ok"] else f"no ({r.get('rounds')} rounds)",
             _f(r.get("join_storm_s"), 1), _f(r.get("round_s"), 3),
-            f"{_f(r.get('server_pss_listening_mb'), 0)} / "
-            f"{_f(r.get('server_pss_connected_mb') or r.get('server_pss_peak_mb'), 0)}",
+            f"{_f(r.get('server_anon_listening_mb'), 0)} / {_f(r.get('server_anon_connected_mb'), 0)}",
             _f(r.get("server_kib_per_idle_client"), 0),
             f"{r.get('server_threads_listening', 'n/a')} / {r.get('server_threads_connected', 'n/a')}",
+            f"{_f(r.get('server_idle_cpu_percent'), 0)} / {_f(r.get('clients_idle_cpu_percent'), 0)}",
             _f(r.get("client_pss_total_mb"), 0),
         ])  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(x) + " |" for x in rows]
-    memory = ["| logical clients | PSS MB | MB per added client | threads |", "|---|---|---|---|"] + [
-        f"| {m['logical_clients']} | {m['pss_mb']:.0f} | {_f(m.get('mb_per_added_client'))} | {m['threads']} |"
+    memory = [
+        "| logical clients | PSS MB | MB per added client | threads | idle CPU % (client / server) |",
+        "|---|---|---|---|---|",
+    ] + [
+        f"| {m['logical_clients']} | {m['pss_mb']:.0f} | {_f(m.get('mb_per_added_client'))} | {m['threads']} | "
+        f"{_f(m.get('idle_cpu_percent'), 0)} / {_f(m.get('server_idle_cpu_percent'), 0)} |"
         for m in res["client_memory"]
     ]
     return (
         "## Cross-device scale: connected clients and what each costs\n\n"
         f"Logical clients (`CLIENTS_PER_PROCESS`) that train nothing (`bench/idle_task.py`, the built-in CNN's arrays) "
         f'on the generated data set, {res["rounds"]} rounds; "round s" is the median from a round\'s start to the '
-        "next, rounds 2 to N-1 (the last evaluates every client). Server PSS and threads: listening alone, then "
-        "with every client connected and idle (bare Flower logs no joins: its peak during the run). The join storm "
-        'runs from the first process\'s "joining the server" to the server\'s "N connected"; every logical '
-        "client is built before any joins.\n\n"
+        "next, rounds 2 to N-1 (the last evaluates every client). The server waits for one client more than the "
+        "row's: with the row's clients connected and idle, the bench measures the server's heap (anonymous memory: "
+        "its PSS falls as client processes share its libraries' pages), threads and CPU "
+        f"use ({IDLE_SAMPLE_S:g} s, % of one core) and the client processes', then starts the one more (a process "
+        "of one logical client) and the rounds begin. Bare Flower shows no count of its clients: its PSS is the "
+        'peak during the run. The join storm runs from the first process\'s "joining the server" to the '
+        "server's own count (its live-metrics gauge) reaching the row's clients; every logical client is built "
+        "before any joins. Client PSS: the processes' peak together.\n\n"
         + "\n".join(lines)
-        + "\n\nOne client process against its number of logical clients, all connected and idle:\n\n"
+        + "\n\nOne client process against its number of logical clients, all connected and idle (the server waits "
+        f"for one more); CPU use over {IDLE_SAMPLE_S:g} s of that idleness, % of one core:\n\n"
         + "\n".join(memory)
         + "\n"
     )
