@@ -124,8 +124,10 @@ def capacity_row(workdir: Path, clients: int, fraction: float, reference: bool =
         "TASK": "bench.idle_task",
         "NUM_ROUNDS": ROUNDS,
         "LOCAL_EPOCHS": 1,
-        "MAX_CLIENTS": clients + 1,
-        "MIN_AVAILABLE_CLIENTS": clients + 1,
+        # Bare Flower's pool holds 1,000 streams, so it waits for the row's clients only (and is
+        # measured during its run): the one more is for the idle measurement of ours.
+        "MAX_CLIENTS": clients + (0 if reference else 1),
+        "MIN_AVAILABLE_CLIENTS": clients + (0 if reference else 1),
         "MIN_FIT_CLIENTS": 2,
         "MIN_EVALUATE_CLIENTS": 2,
         "FRACTION_FIT": fraction,
@@ -163,9 +165,7 @@ def capacity_row(workdir: Path, clients: int, fraction: float, reference: bool =
             if len(joining) == len(procs) and last_joining is None:
                 last_joining = time.monotonic()
             if reference:
-                if last_joining is not None:  # bare Flower counts nothing it shows: give the storm time
-                    time.sleep(max(5.0, 0.01 * clients))
-                    break
+                break  # bare Flower shows no count of its clients: measured during its run only
             else:
                 last_count = connected_now(port) or last_count
                 if last_count >= clients:
@@ -187,7 +187,7 @@ def capacity_row(workdir: Path, clients: int, fraction: float, reference: bool =
                 server.kill()
                 break
             time.sleep(0.2)
-        if "stopped" not in row and server.returncode is None:
+        if "stopped" not in row and server.returncode is None and not reference:
             cpu = idle_cpu_percent([server.pid, *(p.pid for p in procs)])
             row.update(
                 server_anon_connected_mb=anon_mb(server.pid),
@@ -390,8 +390,9 @@ def markdown(res: dict[str, Any]) -> str:
         "row's: with the row's clients connected and idle, the bench measures the server's heap (anonymous memory: "
         "its PSS falls as client processes share its libraries' pages), threads and CPU "
         f"use ({IDLE_SAMPLE_S:g} s, % of one core) and the client processes', then starts the one more (a process "
-        "of one logical client) and the rounds begin. Bare Flower shows no count of its clients: its PSS is the "
-        'peak during the run. The join storm runs from the first process\'s "joining the server" to the '
+        "of one logical client) and the rounds begin. Bare Flower shows no count of its clients (and its pool of "
+        "1,000 streams has no room for one more): it waits for the row's clients, and only its rounds and its "
+        "clients' peak PSS are measured. The join storm runs from the first process's \"joining the server\" to the "
         "server's own count (its live-metrics gauge) reaching the row's clients; every logical client is built "
         "before any joins. Client PSS: the processes' peak together.\n\n"
         + "\n".join(lines)
