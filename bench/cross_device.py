@@ -113,9 +113,9 @@ def connected_now(port: int) -> int | None:
 
 
 def capacity_row(workdir: Path, clients: int, fraction: float, reference: bool = False) -> dict[str, Any]:
-    """`clients` connect and sit idle (the server waits for one more, which the bench adds once
-    they are measured), then ROUNDS rounds with `fraction` sampled."""
-    _, data_settings = data_for(workdir, clients + 1)
+    """All but one of `clients` connect and sit idle (the server waits for the last, which the
+    bench adds once they are measured), then ROUNDS rounds with `fraction` sampled."""
+    _, data_settings = data_for(workdir, clients)
     each = per_process(clients)
     port = free_port()
     settings = {
@@ -124,10 +124,8 @@ def capacity_row(workdir: Path, clients: int, fraction: float, reference: bool =
         "TASK": "bench.idle_task",
         "NUM_ROUNDS": ROUNDS,
         "LOCAL_EPOCHS": 1,
-        # Bare Flower's pool holds 1,000 streams, so it waits for the row's clients only (and is
-        # measured during its run): the one more is for the idle measurement of ours.
-        "MAX_CLIENTS": clients + (0 if reference else 1),
-        "MIN_AVAILABLE_CLIENTS": clients + (0 if reference else 1),
+        "MAX_CLIENTS": clients,
+        "MIN_AVAILABLE_CLIENTS": clients,
         "MIN_FIT_CLIENTS": 2,
         "MIN_EVALUATE_CLIENTS": 2,
         "FRACTION_FIT": fraction,
@@ -153,7 +151,13 @@ def capacity_row(workdir: Path, clients: int, fraction: float, reference: bool =
         server = federation.start_server(wait_seconds=120)
         time.sleep(1.0)
         row.update(server_anon_listening_mb=anon_mb(server.pid), server_threads_listening=threads(server.pid))
-        procs = [federation.start_client() for _ in range(row["processes"])]
+        # All but one join first (NUM_SHARDS and MAX_CLIENTS stop at 10,000): measured idle, then
+        # the last one starts the run. Bare Flower shows no count: it gets the last one at once.
+        idle = clients - 1
+        sizes = [min(each, idle - i * each) for i in range(math.ceil(idle / each))]
+        procs = [federation.start_client(CLIENTS_PER_PROCESS=n) for n in sizes]
+        if reference:
+            procs.append(federation.start_client(CLIENTS_PER_PROCESS=1))
         first_joining = last_joining = None
         deadline = time.monotonic() + 1800
         join_deadline = time.monotonic() + JOIN_LIMIT_S
@@ -168,7 +172,7 @@ def capacity_row(workdir: Path, clients: int, fraction: float, reference: bool =
                 break  # bare Flower shows no count of its clients: measured during its run only
             else:
                 last_count = connected_now(port) or last_count
-                if last_count >= clients:
+                if last_count >= idle:
                     now = time.monotonic()
                     row.update(
                         join_storm_s=now - (first_joining or now), join_after_last_process_s=now - (last_joining or now)
@@ -196,7 +200,7 @@ def capacity_row(workdir: Path, clients: int, fraction: float, reference: bool =
                 clients_idle_cpu_percent=sum(cpu[1:]),
                 client_pss_idle_mb=sum(tree_pss_mb(p.pid) for p in procs),
             )
-            procs.append(federation.start_client(CLIENTS_PER_PROCESS=1))  # the one more: the run starts
+            procs.append(federation.start_client(CLIENTS_PER_PROCESS=1))  # the last one: the run starts
         while server.returncode is None and time.monotonic() < deadline:
             peak_clients = max(peak_clients, sum(tree_pss_mb(p.pid) for p in procs))
             row["server_anon_peak_mb"] = max(row.get("server_anon_peak_mb", 0.0), anon_mb(server.pid))
@@ -216,7 +220,7 @@ def capacity_row(workdir: Path, clients: int, fraction: float, reference: bool =
         row["trained_per_round"] = float(np.median([r["clients_trained"] for r in history]))
     if row.get("server_anon_connected_mb") is not None:
         row["server_kib_per_idle_client"] = (
-            (row["server_anon_connected_mb"] - row["server_anon_listening_mb"]) * 1024 / clients
+            (row["server_anon_connected_mb"] - row["server_anon_listening_mb"]) * 1024 / (clients - 1)
         )
         row["server_threads_per_client"] = (row["server_threads_connected"] - row["server_threads_listening"]) / clients
     return row
@@ -386,14 +390,14 @@ def markdown(res: dict[str, Any]) -> str:
         "## Cross-device scale: connected clients and what each costs\n\n"
         f"Logical clients (`CLIENTS_PER_PROCESS`) that train nothing (`bench/idle_task.py`, the built-in CNN's arrays) "
         f'on the generated data set, {res["rounds"]} rounds; "round s" is the median from a round\'s start to the '
-        "next, rounds 2 to N-1 (the last evaluates every client). The server waits for one client more than the "
-        "row's: with the row's clients connected and idle, the bench measures the server's heap (anonymous memory: "
+        "next, rounds 2 to N-1 (the last evaluates every client). With all but one of the row's clients connected "
+        "and idle (the server waits for the last), the bench measures the server's heap (anonymous memory: "
         "its PSS falls as client processes share its libraries' pages), threads and CPU "
-        f"use ({IDLE_SAMPLE_S:g} s, % of one core) and the client processes', then starts the one more (a process "
-        "of one logical client) and the rounds begin. Bare Flower shows no count of its clients (and its pool of "
-        "1,000 streams has no room for one more): it waits for the row's clients, and only its rounds and its "
-        "clients' peak PSS are measured. The join storm runs from the first process's \"joining the server\" to the "
-        "server's own count (its live-metrics gauge) reaching the row's clients; every logical client is built "
+        f"use ({IDLE_SAMPLE_S:g} s, % of one core) and the client processes', then starts the last one (a process "
+        "of one logical client) and the rounds begin. Bare Flower shows no count of its clients: it gets the last "
+        "one at once, and only its rounds and its clients' peak PSS are measured. The join storm runs from the "
+        "first process's \"joining the server\" to the server's own count (its live-metrics gauge) reaching all "
+        "but one; every logical client is built "
         "before any joins. Client PSS: the processes' peak together.\n\n"
         + "\n".join(lines)
         + "\n\nOne client process against its number of logical clients, all connected and idle (the server waits "
