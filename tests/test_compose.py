@@ -361,9 +361,13 @@ def test_four_containers_of_25_logical_clients_federate_a_tenth_a_round(project,
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert p.exit_codes("server") == [0] and p.exit_codes("client") == [0] * 4, p.logs("server")[-3000:]
     server_log = p.logs("server")
-    assert "(100 connected)" in server_log and "starting 30 rounds of fedavg with 100 clients" in server_log
+    assert "starting 30 rounds of fedavg with 100 clients" in server_log
+    assert re.search(r"round 1/30: 10 trained, 0 failed \|.*, 100 connected", server_log), server_log[-3000:]
     rounds = history(p, tmp_path)
-    assert len(rounds) == 30 and all(r["clients_trained"] == 10 for r in rounds)
+    assert len(rounds) == 30 and all(r["clients_connected"] == 100 for r in rounds)
+    # 10 sampled a round; the update checks may refuse an outlier of these tiny shards (14 images)
+    assert all(r["clients_trained"] + r["updates_refused"] + r["clients_failed"] == 10 for r in rounds)
+    assert sum(r["clients_trained"] for r in rounds) >= 8 * 30
     assert rounds[-1]["clients_evaluated"] == 100  # the last round, on every client
     clients_log = p.logs("client")
     assert clients_log.count("all 25 logical clients completed the run") == 4
