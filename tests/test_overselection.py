@@ -13,15 +13,16 @@ from shared.modelfile import FINAL_MODEL, load_model
 
 
 def run_with_a_straggler(data_dir: Path, tmp_path: Path, **settings: str) -> tuple[str, list[dict]]:
-    """3 rounds of client-1, whose one fit outlasts the run (150 x its training's CPU time),
-    and two clients of normal speed; every process must exit 0."""
+    """3 rounds of client-1, whose one fit outlasts the run (400 x its training's CPU time, about
+    25 s: at 150 x a fit of little CPU once ended inside a 6 s ROUND_DEADLINE), and two clients
+    of normal speed; every process must exit 0."""
     env = federation_env(
         data_dir, tmp_path, free_address(), NUM_ROUNDS="3", LOCAL_EPOCHS="1", MIN_FIT_CLIENTS="2",
         MIN_EVALUATE_CLIENTS="2", **settings,
     )  # fmt: skip
     with LocalFederation(env, cwd=tmp_path, address=env["SERVER_ADDRESS"]) as run:
         run.start_server()
-        for slowdown in ("150", "3", "3"):
+        for slowdown in ("400", "3", "3"):
             run.start_client(CLIENT_SLOWDOWN=slowdown)
         assert run.wait(300) == 0, run.server.output
         assert all(c.returncode == 0 for c in run.clients), [c.output for c in run.clients]
