@@ -62,10 +62,14 @@ def clients_line(record: RoundRecord) -> str:
         fits = [c for c in record.clients if c.phase == "fit"]
         parts = [f"{_label(c)} {fmt(c.metrics.get(protocol.TRAIN_LOSS))}" for c in fits]
         what = "train loss"
-    listed = ", ".join(parts[:MAX_LISTED]) + (
-        f", and {len(parts) - MAX_LISTED} more" if len(parts) > MAX_LISTED else ""
-    )
-    return f"{step(record)} {record.round} {what} by site/shard: {listed or 'no client'}"
+    return f"{step(record)} {record.round} {what} by site/shard: {named_list(parts) or 'no client'}"
+
+
+def named_list(parts: list[str], limit: int = MAX_LISTED) -> str:
+    """The first `limit` of `parts`, comma-separated, and how many more: a log line that names
+    clients stays readable with a thousand of them."""
+    more = f", and {len(parts) - limit} more" if len(parts) > limit else ""
+    return ", ".join(parts[:limit]) + more
 
 
 def site_summary(record: RoundRecord) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from flwr.common import Code, GetParametersIns, Parameters, ndarrays_to_paramete
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 
+from server.reporting.site_report import named_list
 from server.training.strategies import client_label, participant_of
 from shared.errors import BadInput, ClientsTimeout
 from shared.modelfile import load_model, task_of
@@ -39,7 +40,6 @@ VOTE_SECONDS = 60.0
 # answer in milliseconds; a silent one holds its thread for the whole bound, so the vote waits
 # another bound only for every MAX_ASKING silent clients.
 MAX_ASKING = 1024
-MAX_NAMED = 20  # participants named in the agreement's log line; the rest are counted
 
 
 class NoAnswers(ClientsTimeout):
@@ -144,12 +144,9 @@ def agreed_parameters(client_manager: ClientManager, asked: int, timeout: float,
         )
         return kept[winner]
     arrays = parameters_to_ndarrays(kept[winner])
-    named = sorted(agreeing)
     log.info(
         "initial parameters agreed by %d clients of %d participant(s) (%s): %d arrays, %d values",
-        len(group), len(agreeing),
-        ", ".join(named[:MAX_NAMED]) + (f", and {len(named) - MAX_NAMED} more" if len(named) > MAX_NAMED else ""),
-        len(arrays), sum(a.size for a in arrays),
+        len(group), len(agreeing), named_list(sorted(agreeing)), len(arrays), sum(a.size for a in arrays),
     )  # fmt: skip
     if len(agreeing) == 1:
         log.warning(
