@@ -42,7 +42,7 @@ from server.transport.admission import BoundedClientManager
 from server.transport.wiring import Traffic
 from shared import protocol
 from shared.errors import ClientsTimeout, RunFailed
-from shared.settings import RETIRED, Settings
+from shared.settings import RETIRED, Settings, retired_problem
 
 log = logging.getLogger("flowerpot.server")
 
@@ -389,7 +389,7 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str
         if saved.get(name, defaults[name] if value == defaults[name] else object()) != value
     ]
     # a setting since retired: its run resumes only if it ran as this version does
-    changed += [name for name, (kept, _) in RETIRED.items() if name in saved and str(saved[name]).lower() != kept]
+    changed += [name for name in RETIRED if name in saved and retired_problem(name, saved[name], "") is not None]
     return sorted(name.upper() for name in changed)
 
 
