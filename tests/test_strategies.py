@@ -323,3 +323,29 @@ def test_async_failures_count_by_participant_in_the_completion_rate() -> None:
     report = guarded.aggregate(1, sound, failures)
     assert report.parameters is not None, report.failed  # 3 sound of 4 participants
     assert "only 3 of 7" not in str(report.failed)
+
+
+def model(value: float):
+    return ndarrays_to_parameters([np.full_like(a, value) for a in GLOBAL])
+
+
+@pytest.mark.parametrize("evaluates", [True, False], ids=["evaluated-run", "no-evaluations"])
+def test_a_roll_back_goes_to_an_evaluated_model_not_one_finite_updates_vouched_for(evaluates: bool) -> None:
+    """A wrecked model with huge but finite weights still yields finite updates (an attacker's and
+    one honest client's): those once made it the model to roll back to, and a run whose last
+    model was unusable ended on the wreck (0.117) with exit 0. In a run that evaluates, only an
+    evaluation proves a model sound; without evaluations the updates are all the evidence."""
+    values = {} if evaluates else {"fraction_evaluate": 0.0, "min_evaluate_clients": 0}
+    guard = strategy("fedavg", **values)
+    first, second, wrecked, after = model(1.0), model(2.0), model(1e6), model(1e6 + 1)
+    assert guard.check_evaluation(1, 1.0, [], (1, first)) is None  # sets the loss scale
+    assert guard.check_evaluation(2, 0.9, [], (2, second)) is None  # sound, by its evaluation
+    guard.measure_from(wrecked, 3)
+    guard.aggregate(4, [(proxy(i), update(1e6)) for i in range(2)], [])  # 2 finite updates on the wreck
+    rolled = guard.check_evaluation(4, 1e7, [], (4, after))
+    assert rolled is not None
+    parameters, why = rolled
+    if evaluates:
+        assert parameters is second and why.endswith("rolled back to that of round 2"), why
+    else:
+        assert parameters is wrecked and why.endswith("rolled back to that of round 3"), why

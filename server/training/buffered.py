@@ -423,9 +423,9 @@ class BufferedRounds:
 
     def judge(self, client: str, version: int, finite: bool) -> None:
         """A client's update trained on `version` was finite, or NaN or Inf (any other refusal
-        says nothing of the model): the guard's verdict (model_verdict, over clients) proves that
-        version sound, or rolls the model back from it. Not once the last version exists: a
-        roll-back could no longer be applied."""
+        says nothing of the model): the guard's verdict (model_verdict, over clients) vouches for
+        that version (a proof only in a run without evaluations), or rolls the model back from
+        it. Not once the last version exists: a roll-back could no longer be applied."""
         late = self.version >= self.s.num_rounds or self.final is not None
         if late or version in self.rolled_back or version not in self.sent or self.rollback is not None:
             return
@@ -434,7 +434,7 @@ class BufferedRounds:
         (broken if finite else sound).discard(client)
         verdict = model_verdict(len(sound), len(broken), self.client_manager.num_available())
         if verdict is True:
-            self.guard.mark_sound(version, self.sent[version])
+            self.guard.mark_sound(version, self.sent[version], from_updates=True)
         elif verdict is False and self.guard.can_roll_back(version, self.sent[version]):
             why = f"{len(broken)} of the {len(sound) + len(broken)} clients that trained on it sent {NOT_FINITE}"
             parameters, failed = self.guard.roll_back(version, why, (version, self.sent[version]), "version")

@@ -152,6 +152,7 @@ def build_strategy(
         min_completion_rate=s.min_completion_rate,
         clip_norm=s.clip_norm,
         known_metrics=known_metrics(task_metrics or {}),
+        evaluates=s.fraction_evaluate > 0 or s.min_evaluate_clients > 0,
     )
 
 
@@ -227,8 +228,14 @@ class GuardedStrategy(Strategy):
         clip_norm: float = 0.0,
         known_metrics: tuple[dict[str, str], dict[str, str]] = (FIT_METRICS, EVALUATE_METRICS),
         norm_median_multiple: float = 0.0,
+        evaluates: bool = True,
     ) -> None:
         self.clip_norm = clip_norm
+        # Whether the run evaluates between rounds: then only an evaluation proves a model sound.
+        # Finite updates are weak evidence: a wrecked model with huge but finite weights still
+        # yields finite updates (an attacker's and an honest client's), and rolling back to it
+        # kept the wreck. Without evaluations they are all the evidence there is.
+        self.evaluates = evaluates
         self.fit_metrics, self.evaluate_metrics = known_metrics  # what a client's answer may report
         self.inner, self.num_rounds, self.evaluate_config = inner, num_rounds, evaluate_config
         self.min_completion_rate = min_completion_rate
@@ -315,7 +322,7 @@ class GuardedStrategy(Strategy):
             not_finite = sum(NOT_FINITE in p for p in problems)
             verdict = model_verdict(finite, not_finite, len(results) + len(failures))
             if verdict is True:
-                self.mark_sound(self.base_version, self.base)
+                self.mark_sound(self.base_version, self.base, from_updates=True)
             elif verdict is False and self.can_roll_back(self.base_version, self.base):
                 why = f"{not_finite} of the {finite + not_finite} updates trained on it were {NOT_FINITE}"
                 last_sound, rolled = self.roll_back(server_round, why, (self.base_version, self.base))
@@ -419,9 +426,12 @@ class GuardedStrategy(Strategy):
         """The last sound model: (its round or version, it, the inner strategy's state of then)."""
         return self.sounds[-1]
 
-    def mark_sound(self, version: int, parameters: Parameters) -> None:
-        """The updates trained on this model (model_verdict), or its evaluation, found it sound: it
-        is the last sound one unless a newer one already is."""
+    def mark_sound(self, version: int, parameters: Parameters, *, from_updates: bool = False) -> None:
+        """This model's evaluation or (`from_updates`) the updates trained on it (model_verdict)
+        found it sound: it is the last sound one, a model to roll back to, unless a newer one
+        already is. Updates prove nothing in a run that evaluates (`evaluates`)."""
+        if from_updates and self.evaluates:
+            return
         if version > self.sounds[-1][0]:
             self.sounds.append((version, parameters, strategy_state(self)))
             del self.sounds[1:-SOUND_MODELS_KEPT]
