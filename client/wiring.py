@@ -144,6 +144,9 @@ def run(client: Client, endpoint: Endpoint) -> bool:
         time.sleep(delay)
 
 
+PROBE_METHOD = "/flowerpot.Probe/Handshake"  # served by no one: see _failure_details
+
+
 def _open_channel(endpoint: Endpoint) -> grpc.Channel:
     options = [
         ("grpc.max_send_message_length", endpoint.max_message_bytes),
@@ -260,11 +263,15 @@ def _tcp_problem(address: str) -> str | None:
 
 
 def _failure_details(channel: grpc.Channel) -> str:
-    """gRPC's own reason why the channel does not connect (e.g. an SSL handshake error)."""
+    """gRPC's own reason why the channel does not connect (e.g. an SSL handshake error). The probe
+    calls a method no server has, so that a channel that does connect by now is answered
+    UNIMPLEMENTED: a Join stream would be seated as a client for a moment (one without join
+    metadata) and could be sampled into a round it then fails."""
     try:
-        for _ in FlowerServiceStub(channel).Join(iter(()), timeout=2):
-            break
+        channel.unary_unary(PROBE_METHOD)(b"", timeout=2)
     except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return ""
         return err.details() or ""
     return ""
 

@@ -88,3 +88,24 @@ def test_a_refused_client_is_not_retried(allow_list_server: str, caplog: pytest.
     refusals = [r for r in caplog.records if r.name == "flowerpot.server" and "refused client" in r.getMessage()]
     assert len(refusals) == 1  # one try: a refusal ends it, well before CONNECT_TIMEOUT=30 s
     assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+
+
+def test_the_handshake_probe_is_not_seated_as_a_client(caplog: pytest.LogCaptureFixture) -> None:
+    """A client whose handshake failed asks gRPC why with a probe. The probe was a Join stream
+    without join metadata: a server just starting seated it as a plain Flower client, sampled it
+    into the resumed round and counted a failed fit when it left (seen in a resume test)."""
+    address = free_address()
+    manager = BoundedClientManager(wait_timeout=5)
+    server = start_grpc_server(manager, Admission(capacity=5), Traffic(), address, max_message_bytes=1 << 20)
+    caplog.set_level(logging.INFO)
+    try:
+        channel = wiring._open_channel(
+            wiring.Endpoint(address=address, name="probe", max_message_bytes=1 << 20, connect_timeout=5)
+        )
+        try:
+            assert wiring._failure_details(channel) == ""  # the channel connects by now: no reason to give
+        finally:
+            channel.close()
+    finally:
+        server.stop(grace=None)
+    assert "join metadata" not in caplog.text and "joined" not in caplog.text, caplog.text
