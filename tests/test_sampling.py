@@ -73,13 +73,17 @@ def test_same_seed_samples_the_same_shards_in_a_rerun_and_after_resume(
     calm_model, _ = load_model(tmp_path / "calm" / "results" / "final_model.npz")
 
     env = federation_env(data_dir, tmp_path, free_address(), **settings)
-    interrupted = start_pinned(federation, env)
+    # Each fit sleeps as long again as 30 fits (results unchanged): round 4 is still training when
+    # the kill lands after round 3's line, so the run resumes at round 4 (a round takes 40 ms).
+    interrupted = start_pinned(federation, {**env, "CLIENT_SLOWDOWN": "30"})
     interrupted.server.wait_for("round 3/6", timeout=240)
     interrupted.server.popen.send_signal(signal.SIGKILL)
     interrupted.server.wait()
     second = spawn(["server"], **env)
     assert second.wait(300) == 0, second.output
-    assert "resuming the unfinished run at round 4 of 6" in second.output
-    assert fit_shards(tmp_path / "results") == expected  # rounds 1-3: a rerun; 4-6: resumed
+    assert "resuming the unfinished run at round 4 of 6" in second.output, second.output
+    clients = "\n".join(c.output for c in interrupted.clients)
+    # rounds 1-3: a rerun; 4-6: resumed
+    assert fit_shards(tmp_path / "results") == expected, second.output + clients
     model, _ = load_model(tmp_path / "results" / "final_model.npz")
     assert all(np.array_equal(a, b) for a, b in zip(model, calm_model))
