@@ -405,3 +405,49 @@ def markdown(res: dict[str, Any]) -> str:
         + "\n".join(memory)
         + "\n"
     )
+
+
+def plot(res: dict[str, Any], path: Path) -> Path:
+    """Per-round time and memory against connected clients (the 10 %-sampled capacity rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for server, marker, colour in (("Flowerpot", "o", "tab:blue"), ("bare Flower", "s", "tab:orange")):
+        done = sorted(
+            (r for r in res["capacity"] if r["server"] == server and r["fraction"] == FRACTION and r.get("ok")),
+            key=lambda r: r["clients"],
+        )
+        if done and all(r.get("round_s") for r in done):
+            left.plot([r["clients"] for r in done], [r["round_s"] for r in done], marker=marker, color=colour,
+                      label=server)  # fmt: skip
+        every = [r for r in res["capacity"] if r["server"] == server and r["fraction"] == 1.0 and r.get("round_s")]
+        if every:
+            left.plot([r["clients"] for r in every], [r["round_s"] for r in every], marker=marker, ls="none",
+                      mfc="none", color=colour, label=f"{server}, all sampled")  # fmt: skip
+        if done:
+            right.plot([r["clients"] for r in done], [r["client_pss_total_mb"] / 1024 for r in done], marker=marker,
+                       color=colour, label=f"client processes, {server}")  # fmt: skip
+        if server == "Flowerpot" and done:
+            heap = [
+                (r["clients"], r["server_anon_connected_mb"] / 1024) for r in done if r.get("server_anon_connected_mb")
+            ]
+            if heap:
+                right.plot(*zip(*heap), marker="^", color="tab:green", label="server heap, all connected and idle")
+    stopped = [r for r in res["capacity"] if r.get("stopped") and r["server"] == "Flowerpot"]
+    for r in stopped:
+        right.plot([r["connected_at_stop"]], [r["client_pss_total_mb"] / 1024], "x", color="red",
+                   label=f"{r['clients']:,} tried: stopped at {r['connected_at_stop']:,} connected")  # fmt: skip
+    left.set(xscale="log", xlabel="connected clients (10 % sampled unless marked)", ylabel="seconds per round (median)",
+             title="per-round time, trivial training")  # fmt: skip
+    right.set(xscale="log", xlabel="connected clients", ylabel="GiB (PSS; server: anonymous)",
+              title="memory")  # fmt: skip
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -68,6 +68,10 @@ def write(results: dict[str, Any], out: Path) -> Path:
         from bench import asynchrony
 
         plots.append(asynchrony.plot(results["async"], out / "async.png"))
+    if "cross_device" in results:
+        from bench import cross_device
+
+        plots.append(cross_device.plot(results["cross_device"], out / "cross-device.png"))
     markdown = out / "report.md"
     markdown.write_text(to_markdown(results, [p.name for p in plots]))
     return markdown
@@ -196,6 +200,10 @@ def to_markdown(results: dict[str, Any], plots: list[str]) -> str:
         from bench import cross_device
 
         parts.append(cross_device.markdown(results["cross_device"]))
+    if "cross_device_learning" in results:
+        from bench import cross_device_learning
+
+        parts.append(cross_device_learning.markdown(results["cross_device_learning"]))
     parts += [f"![{p}]({p})\n" for p in plots]
     return "\n".join(parts)
 
