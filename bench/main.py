@@ -14,7 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import accuracy, asynchrony, cross_device, deployment, overhead, report, robustness, round_cost, scale
+from bench import (
+    accuracy,
+    asynchrony,
+    cross_device,
+    cross_device_learning,
+    deployment,
+    overhead,
+    report,
+    robustness,
+    round_cost,
+    scale,
+)
 from shared.errors import BadInput
 
 log = logging.getLogger("flowerpot.bench")
@@ -64,6 +75,9 @@ class Plan:
     # all sampled), and the logical clients of one process whose memory is measured.
     cross_ladder: tuple[int, ...] = (100, 1000, 10_000)
     cross_memory: tuple[int, ...] = (1, 10, 100, 250)
+    # Cross-device learning (bench/cross_device_learning.py): its cohorts and seeds.
+    cross_learning: tuple[cross_device_learning.Cohort, ...] = cross_device_learning.COHORTS
+    cross_learning_seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
 
     def robustness_runs(self) -> int:
         """Federations the robustness section starts: per partition, the clean column and every attack's."""
@@ -127,11 +141,14 @@ QUICK = Plan(
     async_big_seeds=(),
     cross_ladder=(20,),
     cross_memory=(1, 5),
+    cross_learning=cross_device_learning.QUICK_COHORTS,
+    cross_learning_seeds=(1,),
 )
 
 # The sections `--only` can pick, in the order they run; the Compose ones need a Docker engine.
 SECTIONS = (
-    "accuracy", "overhead", "round-cost", "scale", "deployment", "scale-compose", "robustness", "async", "cross-device"
+    "accuracy", "overhead", "round-cost", "scale", "deployment", "scale-compose", "robustness", "async", "cross-device",
+    "cross-device-learning",
 )  # fmt: skip
 COMPOSE_SECTIONS = ("deployment", "scale-compose")
 
@@ -194,6 +211,12 @@ def run(out: Path, quick: bool, compose: bool, command: str, docs: Path | None =
         (
             "cross-device",
             lambda: cross_device.measure(work / "cross-device", list(p.cross_ladder), list(p.cross_memory)),
+        ),
+        (
+            "cross-device-learning",
+            lambda: cross_device_learning.measure(
+                work / "cross-device-learning", p.cross_learning, list(p.cross_learning_seeds)
+            ),
         ),
     ]
     steps = [(n, step) for n, step in steps if (n == only if only else compose or n not in COMPOSE_SECTIONS)]
@@ -316,7 +339,7 @@ def publish(out: Path, markdown: Path, docs: Path) -> None:
     """docs/benchmarks.md: the report, with its plots beside it."""
     docs.parent.mkdir(parents=True, exist_ok=True)
     text = markdown.read_text()
-    for plot in ("accuracy.png", "overhead.png", "robustness.png", "async.png"):
+    for plot in ("accuracy.png", "overhead.png", "robustness.png", "async.png", "cross-device.png"):
         if (out / plot).is_file():
             shutil.copy(out / plot, docs.parent / f"benchmark-{plot}")
             text = text.replace(f"]({plot})", f"](benchmark-{plot})")

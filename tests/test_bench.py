@@ -70,7 +70,7 @@ def test_only_runs_one_section_and_refuses_an_unknown_one(tmp_path: Path) -> Non
     assert result.returncode == 2 and not (tmp_path / "bench-results").exists()
     assert result.stderr.strip().splitlines() == [
         "flowerpot bench: error: --only 'speed' is not a section of the benchmark: use one of accuracy, overhead, "
-        "round-cost, scale, deployment, scale-compose, robustness, async, cross-device"
+        "round-cost, scale, deployment, scale-compose, robustness, async, cross-device, cross-device-learning"
     ]
     result = run_cli(["bench", "--quick", "--only", "round-cost", "--out", "out"], cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
