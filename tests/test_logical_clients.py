@@ -156,3 +156,68 @@ def test_more_logical_clients_than_free_shards_start_those_they_can_and_say_so(s
     assert first.wait(timeout=30) == 0 and second.wait(timeout=30) == 0, second.output[-3000:]
     third = run_cli(["client"], cwd=tmp_path, **{**env, "CLIENTS_PER_PROCESS": "15", "CONNECT_TIMEOUT": "1"})
     assert third.returncode != 3  # the shards are free again once the others stopped
+
+
+@pytest.fixture(scope="module")
+def thousand_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = tmp_path_factory.mktemp("thousand") / "data"
+    made = run_cli(["prepare"], cwd=data.parent, DATA_DIR=str(data), DATASET="synthetic", NUM_SHARDS="1000",
+                   SYNTHETIC_EXAMPLES="30000")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    return data
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [{}, {"MODE": "async", "CONCURRENCY": "100", "BUFFER_SIZE": "10", "NUM_ROUNDS": "30"}],
+    ids=["sync", "async-fedbuff-regime"],
+)
+def test_a_thousand_logical_clients_in_four_processes_federate_a_tenth_per_round(
+    spawn, thousand_shards, tmp_path, mode: dict[str, str]
+) -> None:
+    """The cross-device regime on one machine: 1,000 connected clients, 100 train per round
+    (async: FedBuff's, 100 training at any time, 10 updates per version, 30 versions: the same
+    300 updates as sync's 3 rounds). Five local epochs, so that 3 rounds learn above chance."""
+    many = 1000
+    env = fleet_env(
+        thousand_shards, tmp_path, DATASET="synthetic", NUM_SHARDS=str(many), MAX_CLIENTS=str(many),
+        MIN_AVAILABLE_CLIENTS=str(many), CLIENTS_PER_PROCESS="250", START_TIMEOUT="600", CONNECT_TIMEOUT="300",
+        ROUND_TIMEOUT="300", LOCAL_EPOCHS="5", **mode,
+    )  # fmt: skip
+    server = spawn(["server"], **env)
+    server.wait_for("listening", timeout=30)
+    clients = [spawn(["client"], **env) for _ in range(4)]
+    assert server.wait(timeout=900) == 0, server.output[-3000:]
+    for client in clients:
+        assert client.wait(timeout=60) == 0, client.output[-3000:]
+        assert "all 250 logical clients completed the run" in client.output
+    records = history(tmp_path)
+    assert len(records) == int(env["NUM_ROUNDS"])
+    assert all(r["clients_connected"] == many for r in records), [r["clients_connected"] for r in records]
+    per_version = 10 if mode else 100  # BUFFER_SIZE, or FRACTION_FIT x 1,000
+    assert all(r["clients_trained"] == per_version for r in records), [r["clients_trained"] for r in records]
+    assert records[-1]["clients_evaluated"] == many  # the final evaluation, on every client
+    assert records[-1]["eval_accuracy"] > 0.2, records[-1]["eval_accuracy"]  # 10 classes: chance is 0.1
+
+
+def test_logical_clients_join_a_tls_server_under_their_process_certificate(spawn, twenty_shards, tmp_path) -> None:
+    """Mutual TLS: every logical client of a process presents the process's one certificate, so
+    MAX_CONNECTIONS_PER_CLIENT must hold CLIENTS_PER_PROCESS of them (docs/cross-device.md)."""
+    made = run_cli(["certs", "--client", "site-a", "--client", "site-b"], cwd=tmp_path, CERTS_DIR="certs")
+    assert made.returncode == 0, made.stderr
+    env = fleet_env(twenty_shards, tmp_path, MAX_CONNECTIONS_PER_CLIENT=str(SHARDS // 2))
+    env |= {
+        "SERVER_ADDRESS": env["SERVER_ADDRESS"].replace("127.0.0.1", "localhost"),  # a name in the certificate
+        "CERTS_DIR": str(tmp_path / "certs"),
+        "TLS_ENABLED": "true",
+        "CLIENT_AUTH": "certificate",
+    }
+    server = spawn(["server"], **env)
+    server.wait_for("listening", timeout=30)
+    assert "(TLS, client certificates required)" in server.output
+    clients = [spawn(["client"], **env, CLIENT_NAME=name) for name in ("site-a", "site-b")]
+    assert server.wait(timeout=180) == 0, server.output[-3000:]
+    for client in clients:
+        assert client.wait(timeout=30) == 0, client.output[-3000:]
+    joined = [line for line in server.output.splitlines() if "(certificate, serial" in line and "joined" in line]
+    assert [sum(f"client {name} (" in line for line in joined) for name in ("site-a", "site-b")] == [10, 10]
