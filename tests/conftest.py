@@ -181,6 +181,10 @@ def _check_kind(event: str, args: tuple[Any, ...]) -> None:
         raise RuntimeError(f"{test} is marked {kind} but runs docker: mark it compose")
 
 
+# Matplotlib builds its font cache on a machine's first plot by running fc-list: built here,
+# before the hook, a unit test that plots on a fresh machine is not taken for one starting a process.
+import matplotlib.font_manager  # noqa: E402, F401
+
 sys.addaudithook(_check_kind)
 
 
