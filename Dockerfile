@@ -16,8 +16,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN python -m venv /opt/venv
 # A non-root user owning the mount points, so that fresh named volumes get its ownership.
 RUN useradd --create-home --uid 10001 flowerpot \
-    && mkdir -p /data /results /certs \
-    && chown flowerpot:flowerpot /data /results /certs
+    && mkdir -p /data /results /certs /privacy \
+    && chown flowerpot:flowerpot /data /results /certs /privacy
 WORKDIR /app
 
 
@@ -75,6 +75,7 @@ COPY shared/ shared/
 COPY client/*.py client/
 COPY client/data/ client/data/
 COPY client/tasks/ client/tasks/
+COPY client/privacy/ client/privacy/
 COPY --from=task /task/ /task/
 RUN if [ -f /task/requirements.txt ]; then pip install -r /task/requirements.txt; fi
 USER flowerpot

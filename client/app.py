@@ -25,6 +25,7 @@ from client.claim import claim_shard
 from client.data.images import ImageSpec
 from client.data.shards import Shard, load_shard, no_validation_split
 from client.fleet import run_fleet
+from client.privacy.training import PrivateTraining
 from client.shards_wait import wait_for_shards
 from client.tasks import (
     Config,
@@ -73,6 +74,9 @@ class FlowerpotClient(NumPyClient):
         with _BUILDING:
             self.model = self.task.check(shard.spec, settings.seed, settings.device)
         check_message_size(self.task, self.model, settings)
+        self.privacy = (
+            PrivateTraining.start(shard, settings, self.task, self.model) if settings.dp == "record" else None
+        )
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
         return get_weights(self.model)
@@ -112,8 +116,9 @@ class FlowerpotClient(NumPyClient):
         started, cpu_started = time.perf_counter(), time.process_time()
         run_config = self.round_config(config, fit=True)
         data = to_data(self.shard.x_train, self.shard.y_train, self.shard.spec, self.settings.device)
+        private = self.privacy.plan(run_config, step(config)) if self.privacy is not None else None
         try:
-            outcome = self.task.fit(self.model, data, run_config)
+            outcome = self.task.fit(self.model, data, run_config, private.loop if private is not None else None)
         except TaskFailed as exc:  # the task's own error: this fit fails, the client stays
             log.warning("%s: TASK=%s's train raised %s: the fit failed", step(config), self.task.name, exc)
             log.debug("the task's traceback", exc_info=exc.__cause__)
@@ -136,7 +141,11 @@ class FlowerpotClient(NumPyClient):
         # The task's names under the server's: train_loss, train_accuracy, train_proximal_term
         # (FedProx's term on its own, not in train_loss), train_<metric> for METRICS.
         metrics: dict = {f"train_{key}": value for key, value in outcome.items()}
+        if private is not None and self.settings.dp_metrics == "withheld":
+            metrics = {}  # computed on the private records, without noise: DP_METRICS=withheld keeps them here
         metrics.update({protocol.TRAIN_SECONDS: seconds, protocol.SHARD: self.shard.name})
+        if private is not None and self.privacy is not None:
+            metrics.update(self.privacy.spent(private, step(config)))  # on the ledger before the update leaves
         return self.get_parameters({}), len(data), metrics
 
     def emulated_slowdown(self, fit_seed: int) -> float:
@@ -177,11 +186,23 @@ class FlowerpotClient(NumPyClient):
             self.keep_final_model(server_round, accuracy, len(data))
         metrics: dict = {key: value for key, value in outcome.items() if key != "loss"}
         metrics.update({protocol.EVAL_SECONDS: seconds, protocol.SHARD: self.shard.name})
-        if config.get(protocol.LOCAL_BASELINE) and server_round == num_rounds:
+        if (
+            config.get(protocol.LOCAL_BASELINE)
+            and server_round == num_rounds
+            and not self.withholds(protocol.LOCAL_BASELINE)
+        ):
             local = self.local_only_accuracy(config, data)
             if local is not None:
                 metrics[protocol.LOCAL_ACCURACY] = local
         return outcome["loss"], len(data), metrics
+
+    def withholds(self, what: str) -> bool:
+        """DP_METRICS=withheld under DP=record: `what`, computed on training records, is not
+        sent (said in the log)."""
+        if self.privacy is None or self.settings.dp_metrics != "withheld":
+            return False
+        log.info("%s: not run, DP_METRICS=withheld (it would report on the private training records)", what)
+        return True
 
     def evaluation_split(self, config: dict) -> tuple[np.ndarray, np.ndarray]:
         """The images and labels the server's EVALUATE_SPLIT asks for (the test split by default)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from server.reporting.live_metrics import LiveMetrics, metrics_host
 from server.reporting.results import Results
 from server.shutdown import stop_on_signal
+from server.training.client_privacy import ClientLevel, planned_line
 from server.training.initial_weights import load_pinned
 from server.training.rounds import Federation
 from server.training.strategies import weak_strategy_warning
@@ -42,7 +43,14 @@ def run_server(settings: Settings) -> None:
     example_limit(settings)  # fails fast when the server cannot bound the clients' example counts
     if settings.initial_model is not None:
         load_pinned(settings.initial_model, settings.task_name)  # fails fast on an unusable INITIAL_MODEL
-    client_manager = BoundedClientManager(wait_timeout=settings.rejoin_timeout, seed=settings.seed)
+    if (client_level := ClientLevel.from_settings(settings)) is not None:  # fails fast over DP_EPSILON_BUDGET
+        planned = client_level.check_budget(settings.num_rounds, settings.dp_epsilon_budget)
+        log.info(planned_line(client_level, settings.num_rounds, planned))
+    client_manager = BoundedClientManager(
+        wait_timeout=settings.rejoin_timeout,
+        seed=settings.seed,
+        poisson_rate=settings.fraction_fit if settings.dp == "client" else None,
+    )
     client_manager.busy_wait = settings.round_timeout  # a late fit ends by then: answered or timed out
     certified = settings.client_auth == "certificate"
     # Without client certificates a client names itself: a bound per name would stop nobody.

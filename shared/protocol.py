@@ -57,8 +57,22 @@ ACCURACY = "accuracy"
 # round was refused): its reason.
 NOT_COUNTED = "not_counted"
 EVAL_SECONDS = "eval_seconds"
+# DP=record: what the shard's privacy ledger holds after the fit (client/privacy/): epsilon at
+# delta, this run's mechanism (noise multiplier, clip norm, sample rate), the ledger's steps and
+# the ledger itself as JSON [[noise multiplier, sample rate, steps], ...] when it fits in MAX_TEXT.
+PRIVACY_EPSILON = "privacy_epsilon"
+PRIVACY_DELTA = "privacy_delta"
+PRIVACY_NOISE_MULTIPLIER = "privacy_noise_multiplier"
+PRIVACY_CLIP_NORM = "privacy_clip_norm"
+PRIVACY_SAMPLE_RATE = "privacy_sample_rate"
+PRIVACY_STEPS = "privacy_steps"
+PRIVACY_LEDGER = "privacy_ledger"
+PRIVACY_ACCOUNTANT = "privacy_accountant"  # its name and version, e.g. "opacus 1.6.0 RDP"
+PRIVACY_METRICS = {PRIVACY_EPSILON: NUMBER, PRIVACY_DELTA: NUMBER, PRIVACY_NOISE_MULTIPLIER: NUMBER,
+                   PRIVACY_CLIP_NORM: NUMBER, PRIVACY_SAMPLE_RATE: RATIO, PRIVACY_STEPS: NUMBER,
+                   PRIVACY_LEDGER: TEXT, PRIVACY_ACCOUNTANT: TEXT}  # fmt: skip
 FIT_METRICS = {TRAIN_LOSS: NUMBER, TRAIN_ACCURACY: RATIO, TRAIN_SECONDS: NUMBER, SHARD: NAME,
-               TRAIN_PROXIMAL_TERM: NUMBER}  # fmt: skip
+               TRAIN_PROXIMAL_TERM: NUMBER, **PRIVACY_METRICS}  # fmt: skip
 # LOCAL_BASELINE: in the last evaluation's config, asks for the local-only model's accuracy,
 # which the client reports as LOCAL_ACCURACY.
 LOCAL_BASELINE = "local_baseline"

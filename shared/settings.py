@@ -34,6 +34,8 @@ ClientAuth = Literal["none", "certificate"]
 Mode = Literal["sync", "async"]
 EvaluateSplit = Literal["test", "validation"]
 StalenessWeighting = Literal["constant", "polynomial"]
+Privacy = Literal["off", "record", "client"]
+PrivateMetrics = Literal["sent", "withheld"]
 
 DEFAULT_CLIENT_NAME = "client"
 
@@ -62,7 +64,7 @@ def setting(
     defines: Defines,
     *,
     allowed: str | None = None,
-    when: tuple[str, str] | None = None,
+    when: tuple[str, str | list[str]] | None = None,
     unit: str | None = None,
     note: str | None = None,
     ge: float | None = None,
@@ -73,7 +75,7 @@ def setting(
     """A settings field with its marks. A number gives only its bounds (ge, gt, le, lt): its
     "allowed" text is derived from them and from its type (see `allowed_text`); other fields
     say it in `allowed`. `when=(name, value)`: the setting shapes the data only while setting
-    `name` has `value` (DIRICHLET_ALPHA shapes only dirichlet shards)."""
+    `name` has `value`, or one of a list of values (DIRICHLET_ALPHA shapes only dirichlet shards)."""
     extra: dict[str, Any] = {"defines": [k for k, flag in _KINDS.items() if flag in defines]}
     if when is not None:
         extra["when"] = list(when)
@@ -172,6 +174,34 @@ class Settings(BaseSettings):
     # Norm clipping (Sun et al. 2019): each sound update is scaled to at most this L2 distance
     # from the global model before any strategy aggregates it; 0 clips nothing
     clip_norm: float = setting(0.0, RUN, ge=0, le=1e6, note="0: no clipping")
+
+    # Differential privacy (docs/privacy.md). record (client/privacy/): each site trains with
+    # DP-SGD, per-example clipping and secure Gaussian noise, and its shard's ledger composes
+    # every step ever released from it; a site whose next fit would pass the budget declines it.
+    # client (server/training/client_privacy.py): the server samples clients by secure Poisson
+    # sampling, clips each update and adds noise to their equal-weight sum: DP-FedAvg.
+    dp: Privacy = setting("off", RUN, allowed=_one_of(Privacy))
+    dp_noise_multiplier: float = setting(1.0, RUN, when=("dp", ["record", "client"]), ge=0.1, le=100)
+    dp_clip_norm: float = setting(1.0, RUN, when=("dp", ["record", "client"]), gt=0, le=1e6)
+    dp_delta: float = setting(
+        1e-5,
+        RUN,
+        when=("dp", ["record", "client"]),
+        gt=0,
+        lt=1,
+        note="at most 1/(2 x a shard's training examples); DP=client: 1/(2 x MAX_CLIENTS)",
+    )
+    dp_epsilon_budget: float | None = setting(
+        None, NOTHING, when=("dp", ["record", "client"]), gt=0, le=1000, note="empty: no budget"
+    )
+    # What a private site reports besides its update: sent, every metric as computed (the
+    # training loss and accuracy read the private records and carry no noise); withheld, none
+    # computed on training records (no training metrics, no LOCAL_BASELINE): evaluations of the
+    # global model on the test or validation split are still sent.
+    dp_metrics: PrivateMetrics = setting("sent", NOTHING, when=("dp", "record"), allowed=_one_of(PrivateMetrics))
+    dp_ledger_dir: Path | None = setting(
+        None, NOTHING, allowed="a writable folder for the shards' privacy ledgers (empty: DATA_DIR/privacy)"
+    )
 
     # Asynchronous training (server/training/buffered.py), so that a slow client does not hold up
     # the rest: FedBuff's buffer of client updates, FedAsync's staleness weighting. NUM_ROUNDS
@@ -334,7 +364,17 @@ class Settings(BaseSettings):
         allowed="comma-separated class names in label order (empty: the folders found)",
     )
 
-    @field_validator("strategy", "dataset", "partition", "client_auth", "mode", "staleness_weighting", mode="before")
+    @field_validator(
+        "strategy",
+        "dataset",
+        "partition",
+        "client_auth",
+        "mode",
+        "staleness_weighting",
+        "dp",
+        "dp_metrics",
+        mode="before",
+    )
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
@@ -527,6 +567,31 @@ class Settings(BaseSettings):
                 "set TLS_ENABLED=true or CLIENT_AUTH=none",
             ),
             *STRATEGIES[self.strategy].rules(self),  # a strategy that cannot do its job here
+            # DP=client's guarantee holds for one equal-weight average of the clipped updates,
+            # made once per round: not for a buffer of stale ones, a server optimizer's step or
+            # a robust rule whose output one update can move by more than the clip norm.
+            (
+                self.dp != "client" or self.mode == "sync",
+                "DP=client is defined for sync rounds (one noisy average per round), not MODE=async",
+                "set MODE=sync, or DP=record (each site's own DP-SGD works in async mode)",
+            ),
+            (
+                self.dp != "client" or self.strategy in ("fedavg", "fedprox"),
+                f"DP=client adds its noise to an equal-weight average of the clipped updates, which "
+                f"STRATEGY={self.strategy} does not make",
+                "set STRATEGY=fedavg or fedprox, or DP=record",
+            ),
+            (
+                self.dp != "client" or self.clip_norm == 0,
+                f"CLIP_NORM={self.clip_norm:g} with DP=client: DP_CLIP_NORM clips every update under DP=client",
+                "set CLIP_NORM=0 (and DP_CLIP_NORM to the bound you want)",
+            ),
+            (
+                self.dp != "client" or self.dp_delta <= 1 / (2 * self.max_clients),
+                f"DP_DELTA={self.dp_delta:g} is not well below 1/{self.max_clients} for the MAX_CLIENTS="
+                f"{self.max_clients} clients DP=client protects",
+                f"set DP_DELTA at most {1 / (2 * self.max_clients):.1e}",
+            ),
             (
                 self.metrics_port == 0 or self.metrics_port != _port(self.server_listen_address),
                 f"METRICS_PORT={self.metrics_port} is SERVER_LISTEN_ADDRESS's port",
@@ -548,7 +613,10 @@ class Settings(BaseSettings):
         PARTITION=dirichlet, BUFFER_SIZE without MODE=async), so that changing it makes neither
         other shards nor another run."""
         when = _marks(type(self).model_fields[name]).get("when")
-        return when is None or getattr(self, when[0]) == when[1]
+        if when is None:
+            return True
+        values = when[1] if isinstance(when[1], list) else [when[1]]
+        return getattr(self, when[0]) in values
 
     def fingerprint(self, names: tuple[str, ...]) -> dict[str, Any]:
         """The named settings as JSON-friendly values, to compare two runs or two data sets."""

@@ -424,6 +424,109 @@ CASES = [
         2,
         "SHARD_ID=1 names one shard, and CLIENTS_PER_PROCESS=5 logical clients need one each: leave SHARD_ID empty",
     ),
+    # differential privacy: its settings, what a shard or task cannot do privately (DP=record),
+    # and what DP=client cannot combine with
+    Case("dp-unknown", ["client"], {"DP": "maybe"}, 2, "DP='maybe' is not valid: use one of off, record, client"),
+    Case(
+        "dp-noise-too-small",
+        ["client"],
+        {"DP": "record", "DP_NOISE_MULTIPLIER": "0"},
+        2,
+        "DP_NOISE_MULTIPLIER='0' is not valid: use a number from 0.1 to 100",
+    ),
+    Case(
+        "dp-clip-norm-zero",
+        ["client"],
+        {"DP": "record", "DP_CLIP_NORM": "0"},
+        2,
+        "DP_CLIP_NORM='0' is not valid: use a number > 0",
+    ),
+    Case("dp-delta-one", ["client"], {"DP_DELTA": "1"}, 2, "DP_DELTA='1' is not valid: use a number > 0 and < 1"),
+    Case(
+        "dp-budget-negative",
+        ["server"],
+        {"DP_EPSILON_BUDGET": "-1"},
+        2,
+        "DP_EPSILON_BUDGET='-1' is not valid: use a number > 0",
+    ),
+    Case(
+        "dp-delta-too-large-for-the-shard",
+        ["client"],
+        {**CLIENT, "DP": "record", "DP_DELTA": "0.01"},
+        2,
+        "DP_DELTA=0.01 is not well below 1/479 for the 479 training examples of shard_000: set DP_DELTA at most",
+    ),
+    Case(
+        "dp-task-with-its-own-train",
+        ["client"],
+        {**CLIENT, "DP": "record"},
+        2,
+        "DP=record: TASK=t brings its own train, whose loop cannot be made private from outside: remove train",
+        mlp_task(),
+    ),
+    Case(
+        "dp-batchnorm",
+        ["client"],
+        {**CLIENT, "DP": "record"},
+        2,
+        "DP=record: TASK=t's model has the layer 1 (BatchNorm2d), which DP-SGD cannot train",
+        task_module(
+            "from torch import nn\n\ndef build_model(spec):\n    c, h, w = spec.shape\n    return nn.Sequential("
+            "nn.Conv2d(c, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * h * w, spec.num_classes))\n"
+        ),
+    ),
+    Case(
+        "dp-metrics-unknown",
+        ["client"],
+        {"DP": "record", "DP_METRICS": "some"},
+        2,
+        "DP_METRICS='some' is not valid: use one of sent, withheld",
+    ),
+    Case(
+        "dp-ledger-dir-not-writable",
+        ["client"],
+        {**CLIENT, "DP": "record", "DP_LEDGER_DIR": "a-file/ledgers"},
+        2,
+        "DP_LEDGER_DIR=a-file/ledgers cannot be written (Not a directory): make it a writable folder",
+        make("a-file", file=True),
+    ),
+    Case(
+        "dp-client-async",
+        ["server"],
+        {"DP": "client", "MODE": "async"},
+        2,
+        "DP=client is defined for sync rounds (one noisy average per round), not MODE=async: set MODE=sync",
+    ),
+    Case(
+        "dp-client-robust-strategy",
+        ["server"],
+        {"DP": "client", "STRATEGY": "fedmedian", "MIN_FIT_CLIENTS": "3", "MIN_AVAILABLE_CLIENTS": "3"},
+        2,
+        "DP=client adds its noise to an equal-weight average of the clipped updates, which STRATEGY=fedmedian "
+        "does not make: set STRATEGY=fedavg or fedprox, or DP=record",
+    ),
+    Case(
+        "dp-client-with-clip-norm",
+        ["server"],
+        {"DP": "client", "CLIP_NORM": "5"},
+        2,
+        "CLIP_NORM=5 with DP=client: DP_CLIP_NORM clips every update under DP=client: set CLIP_NORM=0",
+    ),
+    Case(
+        "dp-client-delta-for-max-clients",
+        ["server"],
+        {"DP": "client", "DP_DELTA": "0.01", "MAX_CLIENTS": "100"},
+        2,
+        "DP_DELTA=0.01 is not well below 1/100 for the MAX_CLIENTS=100 clients DP=client protects: "
+        "set DP_DELTA at most 5.0e-03",
+    ),
+    Case(
+        "dp-client-over-budget",
+        ["server"],
+        {"DP": "client", "DP_EPSILON_BUDGET": "1", "NUM_ROUNDS": "50", "FRACTION_FIT": "1"},
+        2,
+        "DP_EPSILON_BUDGET=1: NUM_ROUNDS=50 at FRACTION_FIT=1 and DP_NOISE_MULTIPLIER=1 spend epsilon",
+    ),
     Case(
         "negative-timeout", ["server"], {"START_TIMEOUT": "-5"}, 2, "START_TIMEOUT='-5' is not valid: use seconds > 0"
     ),

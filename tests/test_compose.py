@@ -348,6 +348,28 @@ def test_a_task_folder_under_tasks_is_baked_into_the_image_with_its_requirements
             p.down()
 
 
+def test_a_private_run_writes_its_report_and_a_second_continues_the_ledgers(project, tmp_path: Path) -> None:
+    """DP=record in Compose: privacy.json from the run, and the shards' ledgers in their own
+    volume, so that a second `up` on the same shards starts from the first one's spend."""
+    p = project(DP="record", NUM_ROUNDS="2")
+    first, _ = p.up("--scale", "client=3")
+    assert first.returncode == 0 and p.exit_codes("server") == [0], p.logs("server")[-3000:]
+    report = json.loads((p.copy_results(tmp_path / "r1") / "privacy.json").read_text())
+    assert report["mode"] == "record" and len(report["sites"]) == 3
+    assert all(0 < site["epsilon"] < 100 for site in report["sites"])
+    assert "privacy spent (DP=record, per site" in p.logs("server")
+    assert p.compose("up", "-d", "--scale", "client=3").returncode == 0
+    assert p.compose("wait", "server", timeout=300).returncode == 0, p.logs("server")[-3000:]
+    ledgers = tmp_path / "ledgers"
+    p.compose("cp", "client:/privacy", str(ledgers), check=True)
+    steps = {site["shard"]: site["steps"] for site in report["sites"]}
+    files = sorted(ledgers.glob("shard_*.json"))
+    assert len(files) == 3
+    for ledger in files:
+        data = json.loads(ledger.read_text())
+        assert sum(n for _, _, n in data["spends"]) == 2 * steps[data["shard"]]
+
+
 def test_four_containers_of_25_logical_clients_federate_a_tenth_a_round(project, tmp_path: Path) -> None:
     """Cross-device on Compose: `--scale client=4` with CLIENTS_PER_PROCESS=25 is 100 clients on
     100 digits shards, about 10 of them trained a round; the global model is sensible on every

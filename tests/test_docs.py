@@ -10,7 +10,7 @@ from shared.settings import Settings
 from shared.settings_doc import PAGE, render
 
 README = (REPO / "README.md").read_text()
-PAGES = ("deployment", "security", "async", "cross-device", "monitoring", "operations", "settings")
+PAGES = ("deployment", "security", "async", "cross-device", "privacy", "monitoring", "operations", "settings")
 
 
 def test_the_settings_page_is_generated_from_settings() -> None:

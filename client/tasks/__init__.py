@@ -138,9 +138,12 @@ class Task:
             )
         return model
 
-    def fit(self, model: nn.Module, data: Data, config: Config) -> dict[str, float]:
-        """train's metrics, checked; TaskFailed when it raised, BadInput when it broke the contract."""
-        run = self.train or builtin_module().train
+    def fit(
+        self, model: nn.Module, data: Data, config: Config, loop: Callable[[Any, Any, Any], Any] | None = None
+    ) -> dict[str, float]:
+        """train's metrics, checked; TaskFailed when it raised, BadInput when it broke the contract.
+        `loop` trains in the task's place (DP=record's DP-SGD)."""
+        run = loop or self.train or builtin_module().train
         torch.manual_seed(config.seed)  # the task's own randomness (dropout, ...) is the run's too
         model.train()
         try:

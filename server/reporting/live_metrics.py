@@ -157,6 +157,7 @@ class LiveMetrics:
                 ("eval_loss", "Local evaluation loss of the latest evaluation"),
                 ("eval_accuracy", "Local evaluation accuracy of the latest evaluation"),
                 ("examples", "Training examples of the latest round"),
+                ("privacy_epsilon", "Epsilon its shard's privacy ledger has spent (DP=record), after its latest fit"),
             )
         }
 
@@ -271,6 +272,7 @@ class LiveMetrics:
         if phase == "fit":
             self._set(values["train_loss"], site, shard, metrics.get(protocol.TRAIN_LOSS))
             self._set(values["examples"], site, shard, _get(client, "num_examples"))
+            self._set(values["privacy_epsilon"], site, shard, metrics.get(protocol.PRIVACY_EPSILON))
         else:
             self._set(values["eval_loss"], site, shard, metrics.get("loss"))
             self._set(values["eval_accuracy"], site, shard, metrics.get(protocol.ACCURACY))

@@ -8,6 +8,8 @@ from numbers import Real
 import numpy as np
 from flwr.common import Metrics, Scalar
 
+from shared.protocol import PRIVACY_METRICS
+
 
 def numbers(metrics: Metrics) -> Iterator[tuple[str, float]]:
     """The metrics that are numbers (not booleans, text or bytes), as floats."""
@@ -17,15 +19,19 @@ def numbers(metrics: Metrics) -> Iterator[tuple[str, float]]:
 
 
 def weighted_average(results: list[tuple[int, Metrics]]) -> dict[str, Scalar]:
-    """Average each numeric metric weighted by example counts; text and bytes are skipped here
-    (they stay in the per-client records of the history)."""
+    """Average each numeric metric weighted by example counts (the privacy metrics: their
+    maximum); text and bytes are skipped here (they stay in the per-client records of the history)."""
     sums: dict[str, float] = {}
     weights: dict[str, int] = {}
     for num_examples, metrics in results:
         for key, value in numbers(metrics):
             sums[key] = sums.get(key, 0.0) + value * num_examples
             weights[key] = weights.get(key, 0) + num_examples
-    return {key: sums[key] / weights[key] for key in sums if weights[key] > 0}
+    averaged: dict[str, Scalar] = {key: sums[key] / weights[key] for key in sums if weights[key] > 0}
+    # The privacy spent is every site's own: a round's is its most spent site's, never a mean.
+    for key in averaged.keys() & PRIVACY_METRICS.keys():
+        averaged[key] = max(float(m[key]) for _, m in results if key in dict(numbers(m)))
+    return averaged
 
 
 def robust_reduce(values: list[float], trim: float | None) -> float:

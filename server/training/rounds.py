@@ -23,10 +23,12 @@ from flwr.server import Server
 from flwr.server.client_proxy import ClientProxy
 
 from server.reporting.live_metrics import LiveMetrics, write_run_file
+from server.reporting.privacy import report_privacy
 from server.reporting.record import RoundRecord
 from server.reporting.results import Checkpoint, Results
 from server.reporting.site_report import client_entries, clients_line, fmt, report_sites
 from server.training.buffered import BufferedRounds
+from server.training.client_privacy import ClientLevel
 from server.training.final_model import hand_out
 from server.training.initial_weights import NoAnswers, agreed_parameters, load_pinned
 from server.training.strategies import (
@@ -161,6 +163,8 @@ class Federation:
                 final.clients_evaluated, self.results.folder,
             )  # fmt: skip
             for line in report_sites(final, self.results.folder):
+                log.info(line)
+            for line in report_privacy(self.history, self.results.folder, s.dp, ClientLevel.from_settings(s)):
                 log.info(line)
             local = (final.eval_metrics or {}).get(protocol.LOCAL_ACCURACY)
             if local is not None:

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from flwr.server.client_proxy import ClientProxy
 
+from shared import secure_random
+
 PHASES = {"fit": 0, "evaluate": 1}
 
 
@@ -34,3 +36,9 @@ def seeded_sample(
     rng = np.random.default_rng([seed, server_round, PHASES.get(phase, 2)])
     picked = sorted(rng.choice(len(ordered), size=num_clients, replace=False).tolist())
     return [ordered[i] for i in picked]
+
+
+def poisson_sample(proxies: Sequence[ClientProxy], rate: float) -> list[ClientProxy]:
+    """Each of `proxies` with probability `rate`, independently, from the secure source (DP=client)."""
+    ordered = sorted(proxies, key=stable_key)
+    return [proxy for proxy, picked in zip(ordered, secure_random.bernoulli(len(ordered), rate)) if picked]

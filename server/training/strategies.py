@@ -24,6 +24,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from server.training.aggregate_metrics import robust_average, weighted_average
+from server.training.client_privacy import ClientLevel
 from server.training.update_checks import (
     LOSS_EXPLOSION,
     NORM_MODEL_MULTIPLE,
@@ -153,6 +154,7 @@ def build_strategy(
         clip_norm=s.clip_norm,
         known_metrics=known_metrics(task_metrics or {}),
         evaluates=s.fraction_evaluate > 0 or s.min_evaluate_clients > 0,
+        client_dp=ClientLevel.from_settings(s),
     )
 
 
@@ -229,8 +231,12 @@ class GuardedStrategy(Strategy):
         known_metrics: tuple[dict[str, str], dict[str, str]] = (FIT_METRICS, EVALUATE_METRICS),
         norm_median_multiple: float = 0.0,
         evaluates: bool = True,
+        client_dp: ClientLevel | None = None,
     ) -> None:
         self.clip_norm = clip_norm
+        # DP=client: every round's update clipped, averaged with equal weights and noised
+        # (server/training/client_privacy.py); `connected`: the clients the round sampled from.
+        self.client_dp, self.connected = client_dp, 0
         # Whether the run evaluates between rounds: then only an evaluation proves a model sound.
         # Finite updates are weak evidence: a wrecked model with huge but finite weights still
         # yields finite updates (an attacker's and an honest client's), and rolling back to it
@@ -269,6 +275,7 @@ class GuardedStrategy(Strategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         self.measure_from(parameters, server_round - 1)
         _tell_round(client_manager, server_round, "fit")
+        self.connected = client_manager.num_available()
         return self.inner.configure_fit(server_round, parameters, client_manager)
 
     def measure_from(self, parameters: Parameters, version: int) -> None:
@@ -315,6 +322,10 @@ class GuardedStrategy(Strategy):
                 norms.append(distance)
             else:
                 self.refuse(refused, server_round, proxy, problem or "")
+        if self.client_dp is not None:
+            # The median of the others' norms must not decide whether an update counts, nor
+            # their verdict which model stays: under DP=client only the noisy average does.
+            return self.private_average(server_round, sound, refused, failures)
         if not checked_as_trained:
             sound = self.within_median(refused, server_round, sound, norms)
         if trained_on_base:
@@ -345,24 +356,52 @@ class GuardedStrategy(Strategy):
         parameters, metrics = self.inner.aggregate_fit(server_round, sound, [*failures, *as_failures])
         return FitReport(self.as_reference_dtypes(parameters) if parameters is not None else None, metrics, refused)
 
-    def clip_updates(self, results: FitResults) -> None:
-        """CLIP_NORM: an update further than it from the global model is pulled back along its own
-        direction to that distance (vectorized over all arrays at once; only when set)."""
+    def clip_updates(self, results: FitResults, bound: float | None = None) -> None:
+        """CLIP_NORM (or `bound`): an update further than it from the global model is pulled back
+        along its own direction to that distance (vectorized over all arrays at once)."""
+        bound = self.clip_norm if bound is None else bound
         center = self.distance.flat
         assert center is not None
         for _, res in results:
-            tensors = res.parameters.tensors
-            flat = np.concatenate([ref.view(t).astype(np.float64).ravel() for t, ref in zip(tensors, self.reference)])
-            delta = flat - center
+            delta = self.flat(res.parameters) - center
             norm = l2_norm(delta)
-            if norm <= self.clip_norm:
+            if norm <= bound:
                 continue
-            clipped = center + delta * (self.clip_norm / norm)
-            sizes = np.cumsum([int(np.prod(ref.shape)) for ref in self.reference])[:-1]
-            arrays = [
-                part.reshape(ref.shape).astype(ref.dtype) for part, ref in zip(np.split(clipped, sizes), self.reference)
-            ]
-            res.parameters = ndarrays_to_parameters(arrays)
+            res.parameters = self.unflat(center + delta * (bound / norm))
+
+    def flat(self, parameters: Parameters) -> np.ndarray:
+        return np.concatenate(
+            [ref.view(t).astype(np.float64).ravel() for t, ref in zip(parameters.tensors, self.reference)]
+        )
+
+    def unflat(self, flat: np.ndarray) -> Parameters:
+        sizes = np.cumsum([int(np.prod(ref.shape)) for ref in self.reference])[:-1]
+        arrays = [part.reshape(ref.shape).astype(ref.dtype) for part, ref in zip(np.split(flat, sizes), self.reference)]
+        return ndarrays_to_parameters(arrays)
+
+    def private_average(
+        self, server_round: int, sound: FitResults, refused: list[tuple[ClientProxy, str]], failures: Failures
+    ) -> FitReport:
+        """DP=client: the sound updates clipped to DP_CLIP_NORM, averaged by the Flower strategy
+        with equal weights, scaled to the expected number sampled and noised. Always applied, no
+        sound update too (noise alone): whether a round counts must not depend on one client."""
+        dp = self.client_dp
+        assert dp is not None and self.distance.flat is not None
+        center = self.distance.flat
+        self.refused_fit = (server_round, {proxy.cid for proxy, _ in refused})
+        self.clip_updates(sound, dp.clip_norm)
+        for _, res in sound:
+            res.num_examples = 1  # example weights would let a client's count outweigh the clip norm
+        sound.sort(key=_stable_order)
+        metrics: dict[str, Scalar] = {}
+        mean = center
+        if sound:
+            as_failures = [ValueError(problem) for _, problem in refused]
+            parameters, metrics = self.inner.aggregate_fit(server_round, sound, [*failures, *as_failures])
+            if parameters is not None:
+                mean = self.flat(parameters)
+        noised = dp.noised(center, mean, len(sound), self.connected)
+        return FitReport(self.unflat(noised), metrics, refused)
 
     def too_few(self, sound: int, sampled: int, clients: int | None = None) -> str | None:
         """Why a round in which `sound` of `sampled` participants (certificates, else sites) sent a
@@ -477,7 +516,9 @@ class GuardedStrategy(Strategy):
         the version and model that were evaluated (async), else the latest configure_evaluate's."""
         if evaluated is None:
             evaluated, self.evaluated = self.evaluated, None
-        if evaluated is None or evaluated[0] != server_round:
+        if evaluated is None or evaluated[0] != server_round or self.client_dp is not None:
+            # DP=client: no roll-back, which would pick the model by the clients' evaluations,
+            # outside the noise; one client cannot wreck it (its update is clipped) anyway.
             return None
         why, best = None, self.best_loss
         if loss is None and len(refused) >= 1 and all(NOT_FINITE in p for p in refused):

@@ -14,7 +14,7 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 
-from server.training.sampling import seeded_sample
+from server.training.sampling import poisson_sample, seeded_sample
 from shared.errors import ClientsTimeout
 
 log = logging.getLogger("flowerpot.server")
@@ -84,10 +84,14 @@ class BoundedClientManager(SimpleClientManager):
     reproducible: seeded from SEED and the round (server/training/sampling.py), which the strategy sets
     with `for_round` before it samples (Flower's strategies do not pass the round)."""
 
-    def __init__(self, wait_timeout: float, seed: int = 0) -> None:
+    def __init__(self, wait_timeout: float, seed: int = 0, poisson_rate: float | None = None) -> None:
         super().__init__()
         self.wait_timeout = wait_timeout
         self.seed = seed
+        # DP=client: each fit samples every client with this probability from the secure source,
+        # since amplification by sampling holds only for a random and secret sample (SEED is
+        # shared in .env); the number sampled then varies, and may be 0.
+        self.poisson_rate = poisson_rate
         self.round, self.phase = 0, "fit"
         # Clients still working on an instruction a sync round stopped waiting for (FIT_QUORUM,
         # ROUND_DEADLINE): not sampled until they answer, since their stream takes one
@@ -146,4 +150,6 @@ class BoundedClientManager(SimpleClientManager):
         if num_clients > len(available):
             log.info("sampling failed: %d clients available, %d requested", len(available), num_clients)
             return []
+        if self.poisson_rate is not None and self.phase == "fit":
+            return poisson_sample(available, self.poisson_rate)
         return seeded_sample(available, num_clients, self.seed, self.round, self.phase)
