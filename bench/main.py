@@ -21,6 +21,7 @@ from bench import (
     cross_device_learning,
     deployment,
     overhead,
+    privacy,
     report,
     robustness,
     round_cost,
@@ -78,6 +79,15 @@ class Plan:
     # Cross-device learning (bench/cross_device_learning.py): its cohorts and seeds.
     cross_learning: tuple[cross_device_learning.Cohort, ...] = cross_device_learning.COHORTS
     cross_learning_seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
+    # Differential privacy (bench/privacy.py): the frontier's cohorts, noise multipliers, seeds,
+    # rounds and local epochs; the membership-inference set-up (None: not run) and its seeds.
+    privacy_cohorts: tuple[privacy.Cohort, ...] = privacy.COHORTS
+    privacy_noises: tuple[float, ...] = (0.5, 1.0, 2.0)
+    privacy_seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
+    privacy_rounds: int = 5
+    privacy_epochs: int = 3
+    privacy_attack: privacy.Attack | None = privacy.ATTACK
+    privacy_attack_seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
 
     def robustness_runs(self) -> int:
         """Federations the robustness section starts: per partition, the clean column and every attack's."""
@@ -143,12 +153,19 @@ QUICK = Plan(
     cross_memory=(1, 5),
     cross_learning=cross_device_learning.QUICK_COHORTS,
     cross_learning_seeds=(1,),
+    privacy_cohorts=privacy.QUICK_COHORTS,
+    privacy_noises=(1.0,),
+    privacy_seeds=(1,),
+    privacy_rounds=2,
+    privacy_epochs=1,
+    privacy_attack=privacy.Attack(rounds=2, epochs=2, noises=(1.0,)),
+    privacy_attack_seeds=(1,),
 )
 
 # The sections `--only` can pick, in the order they run; the Compose ones need a Docker engine.
 SECTIONS = (
     "accuracy", "overhead", "round-cost", "scale", "deployment", "scale-compose", "robustness", "async", "cross-device",
-    "cross-device-learning",
+    "cross-device-learning", "privacy",
 )  # fmt: skip
 COMPOSE_SECTIONS = ("deployment", "scale-compose")
 
@@ -218,6 +235,20 @@ def run(out: Path, quick: bool, compose: bool, command: str, docs: Path | None =
                 work / "cross-device-learning", p.cross_learning, list(p.cross_learning_seeds)
             ),
         ),
+        (
+            "privacy",
+            lambda: privacy.measure(
+                work / "privacy",
+                p.privacy_cohorts,
+                list(p.privacy_noises),
+                list(p.privacy_seeds),
+                p.privacy_rounds,
+                p.privacy_epochs,
+                p.privacy_attack,
+                list(p.privacy_attack_seeds),
+                grid=privacy.GRID if not quick else privacy.GRID[:1],
+            ),
+        ),
     ]
     steps = [(n, step) for n, step in steps if (n == only if only else compose or n not in COMPOSE_SECTIONS)]
     for number, (name, step) in enumerate(steps, 1):
@@ -272,6 +303,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         found += asynchrony.targets(results["async"])
     if "cross_device" in results:
         found += cross_device.targets(results["cross_device"])
+    if "privacy" in results:
+        found += privacy.targets(results["privacy"])
     ladder = results.get("scale", {}).get("local processes")
     if ladder:
         largest = max((r["clients"] for r in ladder if r["ok"]), default=0)

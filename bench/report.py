@@ -204,6 +204,10 @@ def to_markdown(results: dict[str, Any], plots: list[str]) -> str:
         from bench import cross_device_learning
 
         parts.append(cross_device_learning.markdown(results["cross_device_learning"]))
+    if "privacy" in results:
+        from bench import privacy
+
+        parts.append(privacy.markdown(results["privacy"]))
     parts += [f"![{p}]({p})\n" for p in plots]
     return "\n".join(parts)
 

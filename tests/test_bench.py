@@ -40,8 +40,17 @@ def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
     assert local["ok"] and local["peak_pss_server_mb"] > 10 and local["peak_pss_client_mb_max"] > 50
     assert {t["target"].split(" ")[0] for t in results["targets"]} >= {"federated", "median", "30", "peak", "per-round"}
 
+    private = results["privacy"]["cohorts"][0]  # tuned on validation, then with and without DP on test
+    assert {c["split"] for m in private["tuned"].values() for c in m["grid"]} == {"validation"}
+    off, dp = private["rows"]
+    assert off["noise"] is None and dp["noise"] == 1.0
+    assert all(r["ok"] and r["split"] == "test" and 0 < r["accuracy"] <= 1 for r in off["runs"] + dp["runs"])
+    assert all(r["epsilon"] is None for r in off["runs"]) and all(r["epsilon"] > 0 for r in dp["runs"])
+    assert all(0 <= r["auc"] <= 1 for row in results["privacy"]["attack"]["rows"] for r in row["runs"])
+
     report = (out / "report.md").read_text()
     assert "## Framework overhead per round" in report and "## Accuracy at equal total local epochs" in report
+    assert "## Differential privacy: accuracy against epsilon, and membership inference" in report
     assert "## Per-round cost with trivial clients" in report
     assert (out / "accuracy.png").stat().st_size > 1000 and (out / "overhead.png").stat().st_size > 1000
     docs = (tmp_path / "docs" / "benchmarks.md").read_text()
@@ -70,7 +79,7 @@ def test_only_runs_one_section_and_refuses_an_unknown_one(tmp_path: Path) -> Non
     assert result.returncode == 2 and not (tmp_path / "bench-results").exists()
     assert result.stderr.strip().splitlines() == [
         "flowerpot bench: error: --only 'speed' is not a section of the benchmark: use one of accuracy, overhead, "
-        "round-cost, scale, deployment, scale-compose, robustness, async, cross-device, cross-device-learning"
+        "round-cost, scale, deployment, scale-compose, robustness, async, cross-device, cross-device-learning, privacy"
     ]
     result = run_cli(["bench", "--quick", "--only", "round-cost", "--out", "out"], cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
