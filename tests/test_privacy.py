@@ -214,6 +214,9 @@ def test_a_private_run_reports_an_epsilon_another_accountant_recomputes(spawn, d
     eps = [r["fit_metrics"]["privacy_epsilon"] for r in history]
     assert eps == sorted(eps) and eps[-1] == pytest.approx(max(s["epsilon"] for s in report["sites"]))
     assert history[-1]["eval_accuracy"] > 0.3  # private, and learning: chance is 0.1 (3 epochs in all)
+    sites = json.loads((tmp_path / "results" / "sites.json").read_text())["clients"]  # the per-site view
+    spent = {(s["site"], s["shard"]): s["epsilon"] for s in report["sites"]}
+    assert len(sites) == 3 and all(c["privacy_epsilon"] == spent[(c["site"], c["shard"])] for c in sites)
 
 
 def site_examples(data: Path, shard: str) -> int:

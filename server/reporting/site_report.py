@@ -72,14 +72,18 @@ def named_list(parts: list[str], limit: int = MAX_LISTED) -> str:
     return ", ".join(parts[:limit]) + more
 
 
-def site_summary(record: RoundRecord) -> dict[str, Any]:
-    """Per-client accuracy of a round (worst, best, spread) and the weighted mean."""
+def site_summary(record: RoundRecord, spent: dict[tuple[str, str], float] | None = None) -> dict[str, Any]:
+    """Per-client accuracy of a round (worst, best, spread) and the weighted mean; with `spent`
+    (DP=record: each (site, shard)'s epsilon after its last private fit), each one's epsilon."""
     clients: list[dict[str, Any]] = [
         {"site": c.site or c.client, "shard": c.shard, "client": c.client, "examples": c.num_examples,
          "accuracy": float(c.metrics[protocol.ACCURACY]), **task_metrics(c.metrics)}
         for c in record.clients
         if c.phase == "evaluate" and isinstance(c.metrics.get(protocol.ACCURACY), int | float)
     ]  # fmt: skip
+    for client in clients:
+        if spent and (epsilon := spent.get((client["site"], client["shard"]))) is not None:
+            client[protocol.PRIVACY_EPSILON] = epsilon
     summary: dict[str, Any] = {"round": record.round, "weighted_accuracy": record.eval_accuracy, "clients": clients}
     if clients:
         worst = min(clients, key=lambda c: c["accuracy"])
@@ -99,9 +103,9 @@ def task_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return {"metrics": extra} if extra else {}
 
 
-def report_sites(final: RoundRecord, folder: Path) -> list[str]:
+def report_sites(final: RoundRecord, folder: Path, spent: dict[tuple[str, str], float] | None = None) -> list[str]:
     """Write SITES_JSON for the final round; the log lines that report it."""
-    summary = site_summary(final)
+    summary = site_summary(final, spent)
     write_json(folder / SITES_JSON, summary)
     if "worst" not in summary:
         return [f"no client reported an accuracy of the final {step(final)}: no per-site report"]

@@ -23,7 +23,7 @@ from flwr.server import Server
 from flwr.server.client_proxy import ClientProxy
 
 from server.reporting.live_metrics import LiveMetrics, write_run_file
-from server.reporting.privacy import report_privacy
+from server.reporting.privacy import report_privacy, site_ledgers
 from server.reporting.record import RoundRecord
 from server.reporting.results import Checkpoint, Results
 from server.reporting.site_report import client_entries, clients_line, fmt, report_sites
@@ -162,7 +162,8 @@ class Federation:
                 fmt(final.eval_accuracy), fmt(final.eval_loss),
                 final.clients_evaluated, self.results.folder,
             )  # fmt: skip
-            for line in report_sites(final, self.results.folder):
+            spent = {(row["site"], row["shard"]): row["epsilon"] for row in site_ledgers(self.history)}
+            for line in report_sites(final, self.results.folder, spent):
                 log.info(line)
             for line in report_privacy(self.history, self.results.folder, s.dp, ClientLevel.from_settings(s)):
                 log.info(line)
