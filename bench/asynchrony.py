@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from bench.federation import prepare
+from bench.report import save_figure
 from bench.warm import WarmPopen
 from flowerpot.launcher import LocalFederation
 
@@ -429,10 +430,7 @@ def plot(res: dict[str, Any], path: Path) -> Path:
                xlabel="wall-clock seconds", ylabel="accuracy (all test splits)", ylim=(0.3, 1.0))  # fmt: skip
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def targets(res: dict[str, Any]) -> list[dict[str, Any]]:

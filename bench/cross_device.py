@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from bench.federation import REFERENCE_SERVER, prepare, pss_kb
+from bench.report import save_figure
 from bench.scale import memory_available_mb
 from flowerpot.launcher import SERVER, LocalFederation, descendants, free_port
 
@@ -447,7 +448,4 @@ def plot(res: dict[str, Any], path: Path) -> Path:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -26,7 +26,7 @@ import numpy as np
 from bench.accuracy import PARTITIONS
 from bench.attacker import ATTACKS, COLLUDING, attack_success_rate
 from bench.federation import prepare
-from bench.report import noise, noise_sentence, within_noise
+from bench.report import noise, noise_sentence, save_figure, within_noise
 from bench.warm import WarmPopen
 from flowerpot.launcher import CLIENT, LocalFederation
 from shared.settings import Settings
@@ -259,10 +259,7 @@ def plot(rob: dict[str, Any], path: Path) -> Path:
                ylim=(0, 1.02))  # fmt: skip
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def targets(rob: dict[str, Any]) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from client.privacy import dpsgd
 from client.privacy.ledger import Ledger, Spend, epsilon
-from conftest import free_address, run_cli
+from conftest import free_address
 from server.reporting.privacy import report_privacy
 from server.reporting.record import ClientEntry, RoundRecord
 from server.training.client_privacy import ClientLevel
@@ -156,14 +156,6 @@ def test_the_privacy_report_keeps_each_sites_last_private_fit(tmp_path: Path) ->
     assert report_privacy([record(1, [])], tmp_path / "none", "off") == []
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = tmp_path_factory.mktemp("dp") / "data"
-    made = run_cli(["prepare"], cwd=data.parent, DATA_DIR=str(data), NUM_SHARDS="3")
-    assert made.returncode == 0, made.stderr
-    return data
-
-
 def private_env(data: Path, tmp_path: Path, **overrides: str) -> dict[str, str]:
     address = free_address()
     return {
@@ -195,15 +187,17 @@ def federate(spawn, env: dict[str, str], clients: int = 3) -> tuple[str, dict]:
     return server.output, json.loads((Path(env["RESULTS_DIR"]) / "privacy.json").read_text())
 
 
-def test_a_private_run_reports_an_epsilon_another_accountant_recomputes(spawn, digits, tmp_path) -> None:
-    output, report = federate(spawn, private_env(digits, tmp_path))
+def test_a_private_run_reports_an_epsilon_another_accountant_recomputes(spawn, digits_shards, tmp_path) -> None:
+    output, report = federate(spawn, private_env(digits_shards, tmp_path))
     assert report["mode"] == "record" and report["delta"] == 1e-5 and "RDPAccountant" in report["accountant"]
     assert len(report["sites"]) == 3
     for site in report["sites"]:
-        rate = 32 / site_examples(digits, site["shard"])
+        rate = 32 / site_examples(digits_shards, site["shard"])
         assert site["sample_rate"] == pytest.approx(rate)
         assert site["ledger"] == [[1.1, pytest.approx(rate), site["steps"]]]
-        assert site["steps"] == 3 * -(-site_examples(digits, site["shard"]) // 32)  # 3 rounds x an epoch's batches
+        assert site["steps"] == 3 * -(
+            -site_examples(digits_shards, site["shard"]) // 32
+        )  # 3 rounds x an epoch's batches
         assert site["epsilon"] == pytest.approx(dp_accounting_epsilon(site["ledger"], 1e-5), rel=0.05)
         assert site["epsilon"] == pytest.approx(epsilon([Spend(*site["ledger"][0])], 1e-5), rel=1e-9)
     assert (
@@ -223,18 +217,18 @@ def site_examples(data: Path, shard: str) -> int:
     return len(np.load(data / shard / "train.npz")["y"])
 
 
-def test_the_ledger_adds_up_across_runs_and_a_budget_stops_training_at_it(spawn, digits, tmp_path) -> None:
+def test_the_ledger_adds_up_across_runs_and_a_budget_stops_training_at_it(spawn, digits_shards, tmp_path) -> None:
     """A second run on the same shards starts from the first's spend; a third, with a budget
     below what one more round would spend, declines every fit and ends with epsilon within it."""
-    _, first = federate(spawn, private_env(digits, tmp_path, NUM_ROUNDS="2"))
-    _, second = federate(spawn, private_env(digits, tmp_path, NUM_ROUNDS="2", RESULTS_DIR=str(tmp_path / "r2")))
+    _, first = federate(spawn, private_env(digits_shards, tmp_path, NUM_ROUNDS="2"))
+    _, second = federate(spawn, private_env(digits_shards, tmp_path, NUM_ROUNDS="2", RESULTS_DIR=str(tmp_path / "r2")))
     steps = {s["shard"]: s["steps"] for s in first["sites"]}
     for site in second["sites"]:
         assert site["steps"] == 2 * steps[site["shard"]]
         assert site["epsilon"] > next(s["epsilon"] for s in first["sites"] if s["shard"] == site["shard"])
     budget = min(s["epsilon"] for s in second["sites"]) + 0.001  # not enough for another round anywhere
-    env = private_env(digits, tmp_path, NUM_ROUNDS="2", RESULTS_DIR=str(tmp_path / "r3"), DP_EPSILON_BUDGET=f"{budget}",
-                      MIN_COMPLETION_RATE="0")  # fmt: skip
+    env = private_env(digits_shards, tmp_path, NUM_ROUNDS="2", RESULTS_DIR=str(tmp_path / "r3"),
+                      DP_EPSILON_BUDGET=f"{budget}", MIN_COMPLETION_RATE="0")  # fmt: skip
     server = spawn(["server"], **env)
     server.wait_for("listening", timeout=30)
     clients = [spawn(["client"], **env) for _ in range(3)]
@@ -326,11 +320,13 @@ def test_client_level_applies_a_round_without_updates_as_noise_alone() -> None:
     assert report.failed is None and abs(got.std() / 0.05 - 1) < 0.02
 
 
-def test_a_client_level_run_reports_the_epsilon_dp_accounting_and_opacus_recompute(spawn, digits, tmp_path) -> None:
+def test_a_client_level_run_reports_the_epsilon_dp_accounting_and_opacus_recompute(
+    spawn, digits_shards, tmp_path
+) -> None:
     from opacus.accountants import RDPAccountant
 
-    env = private_env(digits, tmp_path, DP="client", DP_NOISE_MULTIPLIER="0.5", DP_CLIP_NORM="2", FRACTION_FIT="0.5",
-                      MIN_FIT_CLIENTS="1")  # fmt: skip
+    env = private_env(digits_shards, tmp_path, DP="client", DP_NOISE_MULTIPLIER="0.5", DP_CLIP_NORM="2",
+                      FRACTION_FIT="0.5", MIN_FIT_CLIENTS="1")  # fmt: skip
     output, report = federate(spawn, env)
     assert "DP=client: every round samples each client with probability 0.5 from a secure source" in output
     assert report["mode"] == "client" and report["steps"] == 3 and report["sample_rate"] == 0.5
