@@ -21,10 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bench.compose import BUILT, build_images, docker, env_file_with
 from compose_checks import docker_available
 from conftest import MEASUREMENTS, REPO, free_address, run_cli
+
+# The stack's named volumes, as docker-stack.yml declares them: each is removed after a test.
+STACK_VOLUMES = tuple(yaml.safe_load((REPO / "docker-stack.yml").read_text())["volumes"])
 
 pytestmark = pytest.mark.compose
 
@@ -137,7 +141,7 @@ class Stack:
         self.sh(REMOVE, timeout=120)
         self.sh(REMOVED, timeout=120)
         deadline = time.monotonic() + 120
-        for volume in (f"{self.name}_data", f"{self.name}_results"):
+        for volume in (f"{self.name}_{v}" for v in STACK_VOLUMES):
             while docker("volume", "rm", volume, check=False).returncode != 0:
                 if not docker("volume", "ls", "-q", "--filter", f"name=^{volume}$").stdout.strip():
                     break
