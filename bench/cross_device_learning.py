@@ -29,6 +29,7 @@ from typing import Any
 
 from bench.asynchrony import curve, reached, union
 from bench.federation import prepare
+from bench.report import mean_sd_text
 from flowerpot.launcher import LocalFederation
 
 log = logging.getLogger("flowerpot.bench")
@@ -165,14 +166,6 @@ def _f(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _mean_sd(values: list[float], digits: int, scale: float = 1.0) -> str:
-    if not values:
-        return "n/a"
-    mean = statistics.mean(values) * scale
-    sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
-
-
 def summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for cohort in res["cohorts"]:
@@ -197,8 +190,8 @@ def markdown(res: dict[str, Any]) -> str:
     for s in summary(res):
         lines.append("| " + " | ".join([
             s["cohort"], s["mode"], f"{s['target']:.2f}", f"{s['completed']}/{s['runs']}",
-            f"{s['reached']}/{s['completed']}", _mean_sd(s["rounds_to_target"], 1),
-            _mean_sd(s["seconds_to_target"], 1), _mean_sd(s["final"], 1, 100), _mean_sd(s["seconds"], 1),
+            f"{s['reached']}/{s['completed']}", mean_sd_text(s["rounds_to_target"], 1),
+            mean_sd_text(s["seconds_to_target"], 1), mean_sd_text(s["final"], 1, 100), mean_sd_text(s["seconds"], 1),
         ]) + " |")  # fmt: skip
     return (
         "## Cross-device learning: a tenth of many clients per round\n\n"

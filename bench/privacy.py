@@ -29,6 +29,7 @@ import numpy as np
 
 from bench.accuracy import PARTITIONS
 from bench.federation import prepare, run_federation
+from bench.report import mean_sd_text
 from bench.report import noise as noise_of
 
 log = logging.getLogger("flowerpot.bench")
@@ -228,13 +229,6 @@ def _values(runs: list[dict[str, Any]], key: str) -> list[float]:
     return [r[key] for r in runs if r.get(key) is not None]
 
 
-def _mean_sd(values: list[float], digits: int, scale: float = 1.0) -> str:
-    if not values:
-        return "n/a"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values) * scale:.{digits}f} ± {sd * scale:.{digits}f}"
-
-
 def summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     """Per cohort and row: accuracies, epsilons, the gap to the cohort's non-private row and
     whether it is within noise."""
@@ -294,8 +288,8 @@ def markdown(res: dict[str, Any]) -> str:
             gap += " ≈"
         lines.append("| " + " | ".join([
             s["cohort"], "off" if s["noise"] is None else f"record, noise {s['noise']:g}", f"{s['batch']}, {s['lr']:g}",
-            f"{s['completed']}/{s['runs']}", _mean_sd(s["epsilon"], 2) if s["epsilon"] else "∞ (no DP)",
-            _mean_sd(s["accuracy"], 1, 100), gap,
+            f"{s['completed']}/{s['runs']}", mean_sd_text(s["epsilon"], 2) if s["epsilon"] else "∞ (no DP)",
+            mean_sd_text(s["accuracy"], 1, 100), gap,
         ]) + " |")  # fmt: skip
     grid = ", ".join(f"B={b} lr={lr:g}" for b, lr in res["grid"])
     text = (
@@ -314,8 +308,8 @@ def markdown(res: dict[str, Any]) -> str:
             eps = _values(row["runs"], "epsilon")
             rows.append("| " + " | ".join([
                 "off" if row["noise"] is None else f"record, noise {row['noise']:g}",
-                f"{len(_values(row['runs'], 'auc'))}/{len(row['runs'])}", _mean_sd(eps, 1) if eps else "∞ (no DP)",
-                _mean_sd(_values(row["runs"], "auc"), 3), _mean_sd(_values(row["runs"], "accuracy"), 1, 100),
+                f"{len(_values(row['runs'], 'auc'))}/{len(row['runs'])}", mean_sd_text(eps, 1) if eps else "∞ (no DP)",
+                mean_sd_text(_values(row["runs"], "auc"), 3), mean_sd_text(_values(row["runs"], "accuracy"), 1, 100),
             ]) + " |")  # fmt: skip
         text += (
             "\nThe loss-threshold membership-inference attack (Yeom et al. 2018) against the final model: "

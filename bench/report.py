@@ -256,6 +256,15 @@ def accuracy_markdown(acc: dict[str, Any]) -> str:
     )
 
 
+def mean_sd_text(values: Sequence[float], digits: int, scale: float = 1.0) -> str:
+    """`mean ± standard deviation` of `values` times `scale`, or n/a for none."""
+    if not values:
+        return "n/a"
+    mean = statistics.mean(values) * scale
+    sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
 def mean_std(values: Sequence[float]) -> str:
     """`mean ± std` of accuracies, as fractions."""
     spread = statistics.stdev(values) if len(values) > 1 else 0.0

@@ -23,14 +23,16 @@ def weighted_average(results: list[tuple[int, Metrics]]) -> dict[str, Scalar]:
     maximum); text and bytes are skipped here (they stay in the per-client records of the history)."""
     sums: dict[str, float] = {}
     weights: dict[str, int] = {}
+    most: dict[str, float] = {}
     for num_examples, metrics in results:
         for key, value in numbers(metrics):
             sums[key] = sums.get(key, 0.0) + value * num_examples
             weights[key] = weights.get(key, 0) + num_examples
+            if key in PRIVACY_METRICS:
+                most[key] = max(most.get(key, value), value)
     averaged: dict[str, Scalar] = {key: sums[key] / weights[key] for key in sums if weights[key] > 0}
     # The privacy spent is every site's own: a round's is its most spent site's, never a mean.
-    for key in averaged.keys() & PRIVACY_METRICS.keys():
-        averaged[key] = max(float(m[key]) for _, m in results if key in dict(numbers(m)))
+    averaged.update({key: most[key] for key in averaged.keys() & most.keys()})
     return averaged
 
 
