@@ -26,6 +26,7 @@ from client.data.images import ImageSpec
 from client.data.shards import Shard, load_shard, no_validation_split
 from client.fleet import run_fleet
 from client.privacy.training import PrivateTraining
+from client.secure_aggregation import Identity, Participant
 from client.shards_wait import wait_for_shards
 from client.tasks import (
     Config,
@@ -43,6 +44,7 @@ from shared.errors import BadInput, RunIncomplete
 from shared.logs import tame_flower
 from shared.modelfile import FINAL_MODEL, save_model
 from shared.protocol import join_value
+from shared.secure_aggregation import ProtocolProblem
 from shared.settings import Settings
 from shared.tls_files import bundle, check_pair, common_name, read_pem
 
@@ -77,6 +79,12 @@ class FlowerpotClient(NumPyClient):
         self.privacy = (
             PrivateTraining.start(shard, settings, self.task, self.model) if settings.dp == "record" else None
         )
+        self.secure = Participant(settings, signing_identity(settings), shard.name)
+
+    def get_properties(self, config: dict) -> dict:
+        if protocol.SECAGG_STAGE in config:
+            return self.secure.answer(config)
+        return {}
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
         return get_weights(self.model)
@@ -112,6 +120,21 @@ class FlowerpotClient(NumPyClient):
             return self._fit(parameters, config)
 
     def _fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        secure = None
+        if config.get(protocol.SECAGG_STAGE) == protocol.MASKED_INPUT:
+            try:
+                secure = self.secure.prepare_input(config)  # before training: a refused round costs none
+            except ProtocolProblem as problem:
+                log.warning(
+                    "%s: secure aggregation, masked input: %s; this client leaves the round", step(config), problem
+                )
+                raise wiring.AnswerFailed(f"secure aggregation: {problem}") from None
+        elif self.settings.secure_aggregation:
+            log.warning("%s: the server asked for this client's update in the clear; refused", step(config))
+            raise wiring.AnswerFailed(
+                "this client runs SECURE_AGGREGATION=true and sends its update only masked: run the server "
+                "with SECURE_AGGREGATION=true as well"
+            )
         self.set_parameters(parameters)
         started, cpu_started = time.perf_counter(), time.process_time()
         run_config = self.round_config(config, fit=True)
@@ -146,6 +169,13 @@ class FlowerpotClient(NumPyClient):
         metrics.update({protocol.TRAIN_SECONDS: seconds, protocol.SHARD: self.shard.name})
         if private is not None and self.privacy is not None:
             metrics.update(self.privacy.spent(private, step(config)))  # on the ledger before the update leaves
+        if secure is not None:
+            delta = np.concatenate(
+                [(new.astype(np.float64) - old.astype(np.float64)).ravel()
+                 for new, old in zip(self.get_parameters({}), parameters)]
+            )  # fmt: skip
+            # The example count travels inside the masked input, as its weight: 0 here.
+            return [self.secure.masked_input(secure, delta, len(data), run_config.seed)], 0, metrics
         return self.get_parameters({}), len(data), metrics
 
     def emulated_slowdown(self, fit_seed: int) -> float:
@@ -380,6 +410,14 @@ def check_message_size(task: Task, model: torch.nn.Module, settings: Settings) -
             f"{settings.max_message_mb} lets through: set MAX_MESSAGE_MB to at least {needed} on the server "
             "and every client"
         )
+
+
+def signing_identity(settings: Settings) -> Identity | None:
+    """What signs this client's keys under secure aggregation: its client certificate, when it has one."""
+    if not settings.secure_aggregation or settings.client_auth != "certificate":
+        return None
+    options = tls_options(settings)
+    return Identity(options["private_key"], options["certificate_chain"], options["root_certificates"])
 
 
 def tls_options(settings: Settings) -> dict:

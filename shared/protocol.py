@@ -13,8 +13,8 @@ import json
 import re
 from typing import Any
 
-VERSION = 4  # 1: no "protocol" key; 2: no task in the input; 3: the task (name, layout, METRICS);
-# 4: the server tells its clients that a run completed (RUN_COMPLETED)
+VERSION = 5  # 1: no "protocol" key; 2: no task in the input; 3: the task (name, layout, METRICS);
+# 4: the server tells its clients that a run completed (RUN_COMPLETED); 5: secure aggregation's stages
 # Flowerpot's version (pyproject.toml's, a test keeps them equal): named in a refusal, so that the
 # operator knows which side to update.
 FLOWERPOT_VERSION = "0.1.0"
@@ -44,6 +44,23 @@ FIT_ID = "fit_id"  # async: a number per fit, which seeds the client's shuffling
 # RUN_COMPLETED (a plain Flower client answers it with no properties). A Flowerpot client that
 # is told to leave without it knows that the run failed, and exits with RUN_INCOMPLETE.
 RUN_COMPLETED = "flowerpot_run_completed"
+
+# Secure aggregation (SECURE_AGGREGATION, shared/secure_aggregation.py): a round's four stages.
+# ADVERTISE, SHARE_KEYS and UNMASK are get_properties instructions, MASKED_INPUT a fit; each
+# carries SECAGG_STAGE, SECAGG_PLAN (the round's parameters, JSON) and SECAGG_ID (the client's
+# number in the round, 1..n). Every other value is bytes, JSON inside.
+SECAGG_STAGE = "secagg_stage"
+ADVERTISE, SHARE_KEYS, MASKED_INPUT, UNMASK = "advertise", "share_keys", "masked_input", "unmask"
+SECAGG_PLAN = "secagg_plan"
+SECAGG_ID = "secagg_id"
+SECAGG_KEYS = "secagg_keys"  # ADVERTISE's answer: this client's two public keys, signed
+SECAGG_PEERS = "secagg_peers"  # SHARE_KEYS: the neighbours' advertised keys, as they advertised them
+SECAGG_COMMITMENT = "secagg_commitment"  # SHARE_KEYS' answer: a hash of the self-mask seed
+SECAGG_CIPHERTEXTS = "secagg_ciphertexts"  # SHARE_KEYS' answer, and MASKED_INPUT's: shares, encrypted
+SECAGG_SURVIVORS = "secagg_survivors"  # UNMASK: who sent a masked input (their self-mask shares)
+SECAGG_DROPPED = "secagg_dropped"  # UNMASK: who shared keys and sent none (their mask key's shares)
+SECAGG_SHARES = "secagg_shares"  # UNMASK's answer
+SECAGG_PROBLEM = "secagg_problem"  # any stage's answer when the client refuses it: why
 
 # The metrics a Flowerpot client reports, with their types; the server drops any other.
 RATIO, NUMBER, TEXT, NAME = "ratio", "number", "text", "name"  # a name: a short text

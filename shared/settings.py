@@ -64,7 +64,7 @@ def setting(
     defines: Defines,
     *,
     allowed: str | None = None,
-    when: tuple[str, str | list[str]] | None = None,
+    when: tuple[str, str | list[Any]] | None = None,
     unit: str | None = None,
     note: str | None = None,
     ge: float | None = None,
@@ -201,6 +201,27 @@ class Settings(BaseSettings):
     dp_metrics: PrivateMetrics = setting("sent", NOTHING, when=("dp", "record"), allowed=_one_of(PrivateMetrics))
     dp_ledger_dir: Path | None = setting(
         None, NOTHING, allowed="a writable folder for the shards' privacy ledgers (empty: DATA_DIR/privacy)"
+    )
+
+    # Secure aggregation (docs/secure-aggregation.md): SecAgg+, the server unmasks only the sum of
+    # a round's updates. Each client clips its update to +-SECAGG_CLIP_RANGE per coordinate and
+    # quantizes it to SECAGG_QUANTIZATION_BITS; a secret is split among a client's neighbourhood
+    # (SECAGG_NEIGHBOURS others on a ring, 0: all), and SECAGG_THRESHOLD of it rebuilds one.
+    secure_aggregation: bool = setting(False, RUN, allowed="true or false")
+    secagg_threshold: float = setting(
+        0.6, RUN, when=("secure_aggregation", [True]), gt=0.5, le=1,
+        note="share of a neighbourhood, itself included, whose shares rebuild a secret",
+    )  # fmt: skip
+    secagg_neighbours: int = setting(
+        0, RUN, when=("secure_aggregation", [True]), ge=0, le=10_000,
+        note="even; 0: every sampled client (SecAgg), else e.g. 16 at 1,000 clients (SecAgg+)",
+    )  # fmt: skip
+    secagg_clip_range: float = setting(
+        1.0, RUN, when=("secure_aggregation", [True]), gt=0, le=1e6, note="each coordinate of an update, within +-this"
+    )
+    secagg_quantization_bits: int = setting(22, RUN, when=("secure_aggregation", [True]), ge=8, le=30)
+    secagg_stage_timeout: float = setting(
+        30, NOTHING, gt=0, le=604_800, unit="seconds", note="the key and unmask stages' wait; training: ROUND_TIMEOUT"
     )
 
     # Asynchronous training (server/training/buffered.py), so that a slow client does not hold up
@@ -591,6 +612,46 @@ class Settings(BaseSettings):
                 f"DP_DELTA={self.dp_delta:g} is not well below 1/{self.max_clients} for the MAX_CLIENTS="
                 f"{self.max_clients} clients DP=client protects",
                 f"set DP_DELTA at most {1 / (2 * self.max_clients):.1e}",
+            ),
+            # Secure aggregation hides every single update from the server: what needs one is refused.
+            (
+                not self.secure_aggregation or self.mode == "sync",
+                "SECURE_AGGREGATION=true needs a cohort that shares keys before any of it sends its input, and "
+                "MODE=async's buffer fills with updates one by one, each trained on its own version",
+                "set MODE=sync, or SECURE_AGGREGATION=false",
+            ),
+            (
+                not self.secure_aggregation or not STRATEGIES[self.strategy].robust,
+                f"STRATEGY={self.strategy} compares individual updates, which SECURE_AGGREGATION=true hides from "
+                "the server",
+                "set STRATEGY to fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad (they need only the sum)",
+            ),
+            (
+                not self.secure_aggregation or self.dp != "client",
+                "DP=client clips each update at the server, which SECURE_AGGREGATION=true hides from it",
+                "set DP=record (each site's own DP-SGD works with secure aggregation), or SECURE_AGGREGATION=false",
+            ),
+            (
+                not self.secure_aggregation or self.clip_norm == 0,
+                f"CLIP_NORM={self.clip_norm:g} clips each update at the server, which SECURE_AGGREGATION=true hides",
+                "set CLIP_NORM=0: under secure aggregation the clients clip to SECAGG_CLIP_RANGE",
+            ),
+            (
+                not self.secure_aggregation or self.fit_quorum == 1,
+                f"FIT_QUORUM={self.fit_quorum:g}: under SECURE_AGGREGATION=true every client that shared its keys "
+                "is waited for (a late one is a dropout, unmasked at a cost)",
+                "set FIT_QUORUM=1",
+            ),
+            (
+                not self.secure_aggregation or self.min_fit_clients >= 3,
+                f"MIN_FIT_CLIENTS={self.min_fit_clients}: with 2 clients in a round each can tell the other's update "
+                "from the sum and its own",
+                "set MIN_FIT_CLIENTS to 3 or more",
+            ),
+            (
+                not self.secure_aggregation or self.secagg_neighbours % 2 == 0,
+                f"SECAGG_NEIGHBOURS={self.secagg_neighbours}: a ring's neighbourhood has as many on each side",
+                "set an even number, or 0 for every sampled client",
             ),
             (
                 self.metrics_port == 0 or self.metrics_port != _port(self.server_listen_address),

@@ -47,7 +47,7 @@ def render() -> str:
         defines = "data" if "data" in marks["defines"] else "run" if "run" in marks["defines"] else ""
         if marks.get("when") and defines:
             other, value = marks["when"]
-            shown = " or ".join(value) if isinstance(value, list) else value
+            shown = " or ".join(str(v).lower() for v in value) if isinstance(value, list) else value
             defines += f" (only with {other.upper()}={shown})"
         accepted = (field.description or "").replace("|", "\\|")
         rows.append(f"| `{name.upper()}` | {_default(field.default)} | {accepted} | {defines} |")

@@ -217,7 +217,7 @@ def test_a_join_without_a_protocol_version_is_protocol_1_and_refused() -> None:
     from shared.protocol import join_value
 
     fields = json.loads(join_value("site-a", "shard_000", "abc", {"dataset": "digits"}))
-    assert fields["protocol"] == VERSION == 4
+    assert fields["protocol"] == VERSION == 5
     del fields["protocol"]
     proxy = NamedClientProxy(cid="cid0", bridge=GrpcBridge(), name="client-0")
     refusal = Sites().enter(json.dumps(fields), "client-0", proxy)

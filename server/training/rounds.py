@@ -31,6 +31,7 @@ from server.training.buffered import BufferedRounds
 from server.training.client_privacy import ClientLevel
 from server.training.final_model import hand_out
 from server.training.initial_weights import NoAnswers, agreed_parameters, load_pinned
+from server.training.secure_rounds import SecureAggregator
 from server.training.strategies import (
     FitReport,
     GuardedStrategy,
@@ -92,6 +93,7 @@ class Federation:
         self.live = live or LiveMetrics(settings.num_rounds)  # without an endpoint: in-memory values only
         self.history: list[RoundRecord] = []
         self.last_evaluated: set[str] = set()  # the clients that evaluated the latest round
+        self.secure: SecureAggregator | None = None  # SECURE_AGGREGATION: every round's fit phase
 
     def run(self) -> list[RoundRecord]:
         s = self.settings
@@ -115,6 +117,8 @@ class Federation:
             declared = self.task_metrics()
             self.live.watch_task_metrics(declared)
             strategy = build_strategy(s, initial, declared)
+            if s.secure_aggregation:
+                self.secure = SecureAggregator(s, self.client_manager, strategy.size)
             server.set_strategy(strategy)
             server.parameters = initial
             first = 1
@@ -248,7 +252,13 @@ class Federation:
         fit_failures: list = []
         late = 0
         instructions = strategy.configure_fit(server_round, server.parameters, self.client_manager)
-        if instructions:  # Flower's Server.fit_round, with the guard's report kept
+        if instructions and self.secure is not None:  # the clients' updates, masked: only their sum
+            secure = self.secure.fit(server_round, instructions)
+            fit_results, fit_failures = secure.results, list(secure.failures)
+            report = strategy.aggregate_secure(server_round, secure)
+            if report.parameters is not None:
+                server.parameters = report.parameters
+        elif instructions:  # Flower's Server.fit_round, with the guard's report kept
             fit_results, fit_failures, late = self.fit_first(instructions, server_round, started)
             report = strategy.aggregate(server_round, fit_results, fit_failures)
             if report.parameters is not None:

@@ -10,12 +10,14 @@ from typing import Any
 
 import numpy as np
 from flwr.common import (
+    Code,
     EvaluateIns,
     EvaluateRes,
     FitIns,
     FitRes,
     Parameters,
     Scalar,
+    Status,
     ndarrays_to_parameters,
 )
 from flwr.server import strategy as flwr_strategies
@@ -25,6 +27,7 @@ from flwr.server.strategy import Strategy
 
 from server.training.aggregate_metrics import robust_average, weighted_average
 from server.training.client_privacy import ClientLevel
+from server.training.secure_rounds import SecureFit
 from server.training.update_checks import (
     LOSS_EXPLOSION,
     NORM_MODEL_MULTIPLE,
@@ -402,6 +405,33 @@ class GuardedStrategy(Strategy):
                 mean = self.flat(parameters)
         noised = dp.noised(center, mean, len(sound), self.connected)
         return FitReport(self.unflat(noised), metrics, refused)
+
+    def aggregate_secure(self, server_round: int, secure: SecureFit) -> FitReport:
+        """SECURE_AGGREGATION: the unmasked mean update applied through the Flower strategy, as
+        one answer of weight 1 (FedAvg takes it as it is, a server optimizer steps along it); the
+        survivors' metrics averaged with equal weights (their example counts are secret too)."""
+        self.refused_fit = (server_round, set())
+        if secure.delta is None:
+            log.warning("round %d failed, its result is not applied: %s", server_round, secure.failed)
+            return FitReport(None, {}, [], secure.failed)
+        for proxy, res in secure.results:
+            self.keep_known_metrics(proxy, res, self.fit_metrics)
+        completed, sampled = completed_participants(secure.results, secure.results, secure.failures)
+        failed = self.too_few(completed, sampled, len(secure.results) + len(secure.failures))
+        if failed is not None:
+            log.warning("round %d failed, its result is not applied: %s", server_round, failed)
+            return FitReport(None, {}, [], failed)
+        assert self.distance.flat is not None
+        aggregate = self.unflat(self.distance.flat + secure.delta)
+        proxy = secure.results[0][0]
+        one = FitRes(Status(Code.OK, ""), aggregate, 1, {})
+        parameters, _ = self.inner.aggregate_fit(server_round, [(proxy, one)], [])
+        if parameters is None or not self.finite(parameters):
+            failed = f"the server strategy's step on the unmasked sum is unusable ({NOT_FINITE})"
+            log.warning("round %d failed, its result is not applied: %s", server_round, failed)
+            return FitReport(None, {}, [], failed)
+        metrics = weighted_average([(1, res.metrics) for _, res in secure.results])
+        return FitReport(self.as_reference_dtypes(parameters), metrics, [])
 
     def too_few(self, sound: int, sampled: int, clients: int | None = None) -> str | None:
         """Why a round in which `sound` of `sampled` participants (certificates, else sites) sent a

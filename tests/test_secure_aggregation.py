@@ -1,0 +1,352 @@
+"""Secure aggregation (SECURE_AGGREGATION): the server learns the sum of a round's updates and
+nothing of any one of them; dropouts up to the threshold still give the sum; a relaying server
+that swaps keys is caught; malformed messages drop their sender, not the round.
+
+The protocol tests run the real gRPC server and the real client wiring in this process, with
+clients whose "training" returns a known update: the test knows every true input, and records
+every message the server receives."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from flwr.common import FitIns, ndarrays_to_parameters
+from flwr.compat.client.numpy_client import NumPyClient
+from flwr.proto.transport_pb2 import ClientMessage
+from flwr.server import Server
+
+from client import wiring
+from client.secure_aggregation import Identity, Participant
+from flowerpot import certs
+from server.training.secure_rounds import SecureAggregator, SecureFit
+from server.transport.admission import Admission, BoundedClientManager
+from server.transport.wiring import Traffic, start_grpc_server
+from shared import protocol
+from shared import secure_aggregation as sa
+from shared.modelfile import npy_view
+from shared.settings import Settings
+from tests.conftest import free_address
+
+pytestmark = pytest.mark.unit  # one process: the gRPC server and its clients are threads of the test's
+
+SIZE = 20_000  # coordinates: a chance correlation of two unrelated inputs is about 1/sqrt(SIZE)
+MAX_WEIGHT = 1000
+SEED = 7
+
+
+def secure_settings(**values: object) -> Settings:
+    base: dict[str, object] = dict(
+        secure_aggregation=True, min_fit_clients=3, min_available_clients=3, max_client_examples=MAX_WEIGHT,
+        secagg_stage_timeout=5, round_timeout=20,
+    )  # fmt: skip
+    return Settings(**{**base, **values})
+
+
+def true_update(index: int) -> np.ndarray:
+    """Client `index`'s update: structured and its own (an unmasked one would be recognised)."""
+    rng = np.random.default_rng(index)
+    return np.sin(np.arange(SIZE) / (index + 3)) * 0.3 + rng.normal(0, 0.2, SIZE)
+
+
+@dataclass
+class ScriptedClient(NumPyClient):
+    """A real participant whose fit returns a known update; `behaviour` makes it misbehave."""
+
+    participant: Participant
+    delta: np.ndarray
+    examples: int
+    behaviour: str = ""
+    rounds_misbehaving: set[int] = field(default_factory=lambda: {1})
+
+    def misbehaves(self, config: dict) -> bool:
+        plan = json.loads(str(config.get(protocol.SECAGG_PLAN, "{}")))
+        return plan.get("round") in self.rounds_misbehaving
+
+    def get_parameters(self, config: dict) -> list[np.ndarray]:
+        return []
+
+    def get_properties(self, config: dict) -> dict:
+        answer = self.participant.answer(config)
+        if (
+            self.behaviour == "wrong-share"
+            and config[protocol.SECAGG_STAGE] == protocol.UNMASK
+            and self.misbehaves(config)
+        ):
+            shares = sa.unpack(answer[protocol.SECAGG_SHARES], "shares", sa.SHARE_BYTES)
+            own = int(config[protocol.SECAGG_ID])
+            other = next(v for v in sorted(shares) if v != own)
+            shares[other] = shares[other][:4] + bytes(48)  # its index kept, its content wrong
+            answer[protocol.SECAGG_SHARES] = sa.pack(shares)
+        return answer
+
+    def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        if self.behaviour == "drop-at-input" and self.misbehaves(config):
+            raise wiring.AnswerFailed("this client went away")
+        if self.behaviour == "malformed-input" and self.misbehaves(config):
+            return [np.zeros(3, dtype=np.uint32)], 0, {}
+        secrets = self.participant.prepare_input(config)
+        return [self.participant.masked_input(secrets, self.delta, self.examples, SEED)], 0, {}
+
+
+class Recording(Traffic):
+    """The server's own byte counter, keeping every message it receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[ClientMessage] = []
+
+    def deserialize(self, data: bytes):  # type: ignore[no-untyped-def]
+        message = super().deserialize(data)
+        if isinstance(message, ClientMessage):
+            self.messages.append(message)
+        return message
+
+
+def scripted(settings: Settings, behaviours: list[str], identities: list[Identity | None] | None = None) -> list:
+    identities = identities or [None] * len(behaviours)
+    return [
+        ScriptedClient(Participant(settings, identity, f"site-{i}"), true_update(i), 200 + 150 * i, behaviour)
+        for i, (behaviour, identity) in enumerate(zip(behaviours, identities))
+    ]
+
+
+@contextmanager
+def federation(settings: Settings, clients: list[ScriptedClient]) -> Iterator[tuple[BoundedClientManager, Recording]]:
+    manager, traffic, address = BoundedClientManager(wait_timeout=10, seed=1), Recording(), free_address()
+    server = start_grpc_server(manager, Admission(64), traffic, address, 64 << 20)
+    threads = [
+        threading.Thread(
+            target=wiring.run,
+            args=(client.to_client(), wiring.Endpoint(address, f"site-{i}", 64 << 20, 10)),
+            daemon=True,
+        )
+        for i, client in enumerate(clients)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        assert manager.wait_for(len(clients), timeout=20)
+        yield manager, traffic
+    finally:
+        Server(client_manager=manager).disconnect_all_clients(timeout=5)
+        for thread in threads:
+            thread.join(timeout=10)
+        server.stop(0)
+
+
+def secure_round(settings: Settings, manager: BoundedClientManager, server_round: int = 1) -> SecureFit:
+    proxies = sorted(manager.all().values(), key=lambda p: p.cid)
+    parameters = ndarrays_to_parameters([np.zeros(SIZE, dtype=np.float32)])
+    return SecureAggregator(settings, manager, SIZE).fit(server_round, [(p, FitIns(parameters, {})) for p in proxies])
+
+
+def expected_mean(clients: list[ScriptedClient], settings: Settings) -> np.ndarray:
+    """The example-weighted mean of the clipped updates: plain FedAvg's, what the sum must give."""
+    weights = [min(c.examples, MAX_WEIGHT) / MAX_WEIGHT for c in clients]
+    clipped = [np.clip(c.delta, -settings.secagg_clip_range, settings.secagg_clip_range) for c in clients]
+    return sum(w * d for w, d in zip(weights, clipped)) / sum(weights)
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of the centred vectors: two inputs that share nothing have about 0."""
+    a, b = a.astype(np.float64) - a.mean(), b.astype(np.float64) - b.mean()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_the_server_holds_only_masked_inputs_and_unmasks_their_exact_sum() -> None:
+    settings = secure_settings()
+    clients = scripted(settings, [""] * 4)
+    with federation(settings, clients) as (manager, traffic):
+        outcome = secure_round(settings, manager)
+    assert outcome.failed is None and len(outcome.results) == 4 and not outcome.failures
+    assert outcome.delta is not None
+    error = np.abs(outcome.delta - expected_mean(clients, settings)).max()
+    assert error <= outcome.error_bound and outcome.error_bound < 1e-4, (error, outcome.error_bound)
+    plan = sa.Plan(1, 4, 0, settings.secagg_threshold, settings.secagg_clip_range, 22, MAX_WEIGHT)
+    quantized = [
+        sa.encode_update(
+            c.delta, c.examples, plan, np.random.default_rng([SEED, zlib.crc32(c.participant.label.encode())])
+        )
+        for c in clients
+    ]
+    arrays = [npy_view(t) for m in traffic.messages if m.HasField("fit_res") for t in m.fit_res.parameters.tensors]
+    assert len(arrays) == 4
+    for array in arrays:
+        for true, client in zip(quantized, clients):
+            assert abs(correlation(array, true)) < 0.1
+            assert abs(correlation(array[:-1], client.delta)) < 0.1
+    # what the test's check would have caught: an input sent as it is
+    assert correlation(quantized[0], quantized[0]) > 0.99
+    # nothing else carried the update: every other message the server received is small
+    others = [m for m in traffic.messages if not m.HasField("fit_res")]
+    assert max(m.ByteSize() for m in others) < 4 * 1024
+
+
+def test_dropouts_after_key_sharing_up_to_the_threshold_still_give_the_survivors_sum() -> None:
+    settings = secure_settings()  # threshold 0.6 of 5: 3 shares rebuild a secret, 2 may drop
+    clients = scripted(settings, ["", "drop-at-input", "", "drop-at-input", ""])
+    with federation(settings, clients) as (manager, _):
+        outcome = secure_round(settings, manager)
+    assert outcome.failed is None and len(outcome.results) == 3 and len(outcome.failures) == 2
+    assert all("left at masked_input" in str(f) for f in outcome.failures)
+    survivors = [c for c in clients if not c.behaviour]
+    assert outcome.delta is not None
+    assert np.abs(outcome.delta - expected_mean(survivors, settings)).max() <= outcome.error_bound
+
+
+def test_beyond_the_threshold_the_round_fails_and_the_next_one_succeeds() -> None:
+    settings = secure_settings()
+    clients = scripted(settings, ["", "drop-at-input", "drop-at-input", "drop-at-input", ""])
+    with federation(settings, clients) as (manager, _):
+        failed = secure_round(settings, manager, 1)
+        recovered = secure_round(settings, manager, 2)  # the same clients behave in round 2
+    assert failed.delta is None
+    assert failed.failed == "secure aggregation failed: only 2 clients sent a masked input, 3 are needed"
+    assert recovered.failed is None and recovered.delta is not None
+    assert np.abs(recovered.delta - expected_mean(clients, settings)).max() <= recovered.error_bound
+
+
+def test_a_malformed_input_drops_its_client_and_a_wrong_share_is_left_out(caplog) -> None:
+    settings = secure_settings()
+    clients = scripted(settings, ["", "malformed-input", "wrong-share", "", ""])
+    with caplog.at_level(logging.WARNING, logger="flowerpot.server"), federation(settings, clients) as (manager, _):
+        outcome = secure_round(settings, manager)
+    assert outcome.failed is None and len(outcome.results) == 4
+    survivors = [c for c in clients if c.behaviour != "malformed-input"]
+    assert outcome.delta is not None
+    assert np.abs(outcome.delta - expected_mean(survivors, settings)).max() <= outcome.error_bound
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("left at masked_input: its masked input is uint32 of shape (3,)" in line for line in lines), lines
+    assert any("revealed a wrong share of client" in line and "it was left out" in line for line in lines), lines
+
+
+# --- the client's own checks, with the test as the relaying server -------------------------------
+
+
+def config(stage: str, plan: sa.Plan, me: int, **values: object) -> dict:
+    return {protocol.SECAGG_STAGE: stage, protocol.SECAGG_PLAN: plan.to_json(), protocol.SECAGG_ID: me, **values}
+
+
+def identities(count: int) -> tuple[list[Identity], certs.Credential]:
+    ca = certs.new_ca()
+    issued = [certs.issue(ca, f"site-{i}", client=True) for i in range(count)]
+    return [Identity(certs.key_pem(c.key), certs.pem(c.cert), certs.pem(ca.cert)) for c in issued], ca
+
+
+def test_a_key_swapped_by_the_relaying_server_is_caught_by_the_signature() -> None:
+    settings = secure_settings()
+    ids, _ = identities(3)
+    plan = sa.Plan(1, 3, 0, 0.6, 1.0, 22, MAX_WEIGHT)
+    participants = [Participant(settings, ids[i], f"site-{i}") for i in range(3)]
+    keys = {
+        u: p.answer(config(protocol.ADVERTISE, plan, u))[protocol.SECAGG_KEYS] for u, p in enumerate(participants, 1)
+    }
+    # The server puts its own key in place of client 2's, keeping client 2's signature and certificate.
+    entry = sa.Advertised.from_bytes(keys[2])
+    swapped = sa.Advertised(sa.public_bytes(sa.new_key()), entry.s_public, entry.signature, entry.certificate)
+    answer = participants[0].answer(
+        config(protocol.SHARE_KEYS, plan, 1, **{protocol.SECAGG_PEERS: sa.pack({**keys, 2: swapped.to_bytes()})})
+    )
+    assert answer == {
+        protocol.SECAGG_PROBLEM: "client 2's keys are refused: the signature over its keys does not verify "
+        "(the keys were changed on the way)"
+    }
+    # ... or its own key pair signed with a certificate of its own CA: not the clients' CA
+    forged_ids, _ = identities(1)
+    c_key, s_key = sa.new_key(), sa.new_key()
+    message = sa.keys_message(1, 2, sa.public_bytes(c_key), sa.public_bytes(s_key))
+    forged = sa.Advertised(
+        sa.public_bytes(c_key),
+        sa.public_bytes(s_key),
+        sa.sign(forged_ids[0].private_key, message),
+        forged_ids[0].certificate,
+    )
+    participants[1].answer(config(protocol.ADVERTISE, plan, 2))  # a new round for client 2: fresh keys
+    answer = participants[2].answer(
+        config(protocol.SHARE_KEYS, plan, 3, **{protocol.SECAGG_PEERS: sa.pack({**keys, 2: forged.to_bytes()})})
+    )
+    assert (
+        "client 2's keys are refused: its certificate was not issued by this client's CA"
+        in answer[protocol.SECAGG_PROBLEM]
+    )
+    # the honest relay is taken
+    fresh = Participant(settings, ids[0], "site-0")
+    keys[1] = fresh.answer(config(protocol.ADVERTISE, plan, 1))[protocol.SECAGG_KEYS]
+    assert protocol.SECAGG_CIPHERTEXTS in fresh.answer(
+        config(protocol.SHARE_KEYS, plan, 1, **{protocol.SECAGG_PEERS: sa.pack(keys)})
+    )
+
+
+def test_a_client_reveals_one_share_per_neighbour_once_and_refuses_an_unsafe_plan() -> None:
+    settings = secure_settings()
+    plan = sa.Plan(1, 3, 0, 0.6, 1.0, 22, MAX_WEIGHT)
+    participants = [Participant(settings, None, f"site-{i}") for i in range(3)]
+    keys = {
+        u: p.answer(config(protocol.ADVERTISE, plan, u))[protocol.SECAGG_KEYS] for u, p in enumerate(participants, 1)
+    }
+    sealed = {
+        u: sa.unpack(
+            p.answer(config(protocol.SHARE_KEYS, plan, u, **{protocol.SECAGG_PEERS: sa.pack(keys)}))[
+                protocol.SECAGG_CIPHERTEXTS
+            ],
+            "",
+            10**6,
+        )
+        for u, p in enumerate(participants, 1)
+    }
+    first = participants[0]
+    delivered = sa.pack({v: sealed[v][1] for v in (2, 3)})
+    secrets = first.prepare_input(config(protocol.MASKED_INPUT, plan, 1, **{protocol.SECAGG_CIPHERTEXTS: delivered}))
+    first.masked_input(secrets, np.zeros(10), 100, SEED)
+    # Told that 3 both survived and dropped out: refused, nothing revealed
+    both = config(
+        protocol.UNMASK, plan, 1, **{protocol.SECAGG_SURVIVORS: b"[1, 2, 3]", protocol.SECAGG_DROPPED: b"[3]"}
+    )
+    assert "named both survivor and dropout" in first.answer(both)[protocol.SECAGG_PROBLEM]
+    assert "out of order" in first.answer(both)[protocol.SECAGG_PROBLEM]  # the round's secrets are gone
+    # An honest unmask, once
+    for p, u in ((participants[1], 2),):
+        secrets = p.prepare_input(
+            config(
+                protocol.MASKED_INPUT,
+                plan,
+                u,
+                **{protocol.SECAGG_CIPHERTEXTS: sa.pack({v: sealed[v][u] for v in (1, 3)})},
+            )
+        )
+        p.masked_input(secrets, np.zeros(10), 100, SEED)
+    unmask = config(protocol.UNMASK, plan, 2, **{protocol.SECAGG_SURVIVORS: b"[1, 2]", protocol.SECAGG_DROPPED: b"[3]"})
+    shares = sa.unpack(participants[1].answer(unmask)[protocol.SECAGG_SHARES], "", 100)
+    assert sorted(shares) == [1, 2, 3]  # seed shares of 1 and 2, the mask key's share of 3
+    again = participants[1].answer(unmask)
+    assert "out of order" in again[protocol.SECAGG_PROBLEM]
+    # A server that lowers the threshold, or sets one that lets two groups rebuild both secrets
+    for threshold in (0.5, 0.3):
+        low = sa.Plan(2, 3, 0, threshold, 1.0, 22, MAX_WEIGHT)
+        answer = Participant(Settings(), None, "x").answer(config(protocol.ADVERTISE, low, 1))
+        assert "a strict majority of a neighbourhood is needed" in answer[protocol.SECAGG_PROBLEM]
+    other = sa.Plan(2, 3, 0, 0.9, 1.0, 22, MAX_WEIGHT)
+    assert (
+        "run both with the same .env"
+        in participants[2].answer(config(protocol.ADVERTISE, other, 1))[protocol.SECAGG_PROBLEM]
+    )
+
+
+def test_the_neighbourhoods_are_symmetric_and_a_strict_majority_rebuilds() -> None:
+    for n, k in ((5, 0), (10, 4), (100, 16), (1000, 16)):
+        plan = sa.Plan(1, n, k, 0.6, 1.0, 22, 100)
+        for u in range(1, n + 1):
+            assert all(u in plan.neighbours_of(v) for v in plan.neighbours_of(u))
+        assert len(plan.neighbours_of(1)) == plan.group - 1 == (n - 1 if k == 0 else k)
+        assert plan.shares_needed > plan.group / 2
+    secret = b"s" * 32
+    shares = sa.split(secret, 3, 5)
+    assert sa.rebuild(shares[:3]) == secret and sa.rebuild(shares[2:]) == secret
