@@ -371,6 +371,16 @@ def test_a_private_run_writes_its_report_and_a_second_continues_the_ledgers(proj
         assert sum(n for _, _, n in data["spends"]) == 2 * steps[data["shard"]]
 
 
+def test_a_secure_run_completes_in_compose(project, tmp_path: Path) -> None:
+    """SECURE_AGGREGATION in Compose: every round's sum unmasked from three containers' inputs."""
+    p = project(SECURE_AGGREGATION="true", MIN_FIT_CLIENTS="3", NUM_ROUNDS="2")
+    result, _ = p.up("--scale", "client=3")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert p.exit_codes("server") == [0] and p.exit_codes("client") == [0] * 3, p.logs("server")[-3000:]
+    assert p.logs("server").count("3 advertised keys, 3 shared them, 3 sent inputs") == 2, p.logs("server")[-3000:]
+    assert [r["clients_trained"] for r in history(p, tmp_path)] == [3, 3]
+
+
 def test_four_containers_of_25_logical_clients_federate_a_tenth_a_round(project, tmp_path: Path) -> None:
     """Cross-device on Compose: `--scale client=4` with CLIENTS_PER_PROCESS=25 is 100 clients on
     100 digits shards, about 10 of them trained a round; the global model is sensible on every

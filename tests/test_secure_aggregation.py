@@ -8,38 +8,26 @@ every message the server receives."""
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 from flwr.common import FitIns, ndarrays_to_parameters
-from flwr.compat.client.numpy_client import NumPyClient
-from flwr.proto.transport_pb2 import ClientMessage
-from flwr.server import Server
 
-from client import wiring
+from bench.secure_aggregation import MAX_WEIGHT, SEED, ScriptedClient, in_process, scripted
 from client.secure_aggregation import Identity, Participant
 from flowerpot import certs
 from server.training.secure_rounds import SecureAggregator, SecureFit
-from server.transport.admission import Admission, BoundedClientManager
-from server.transport.wiring import Traffic, start_grpc_server
+from server.transport.admission import BoundedClientManager
 from shared import protocol
 from shared import secure_aggregation as sa
 from shared.modelfile import npy_view
 from shared.settings import Settings
-from tests.conftest import free_address
 
 pytestmark = pytest.mark.unit  # one process: the gRPC server and its clients are threads of the test's
 
 SIZE = 20_000  # coordinates: a chance correlation of two unrelated inputs is about 1/sqrt(SIZE)
-MAX_WEIGHT = 1000
-SEED = 7
 
 
 def secure_settings(**values: object) -> Settings:
@@ -48,98 +36,6 @@ def secure_settings(**values: object) -> Settings:
         secagg_stage_timeout=5, round_timeout=20,
     )  # fmt: skip
     return Settings(**{**base, **values})
-
-
-def true_update(index: int) -> np.ndarray:
-    """Client `index`'s update: structured and its own (an unmasked one would be recognised)."""
-    rng = np.random.default_rng(index)
-    return np.sin(np.arange(SIZE) / (index + 3)) * 0.3 + rng.normal(0, 0.2, SIZE)
-
-
-@dataclass
-class ScriptedClient(NumPyClient):
-    """A real participant whose fit returns a known update; `behaviour` makes it misbehave."""
-
-    participant: Participant
-    delta: np.ndarray
-    examples: int
-    behaviour: str = ""
-    rounds_misbehaving: set[int] = field(default_factory=lambda: {1})
-
-    def misbehaves(self, config: dict) -> bool:
-        plan = json.loads(str(config.get(protocol.SECAGG_PLAN, "{}")))
-        return plan.get("round") in self.rounds_misbehaving
-
-    def get_parameters(self, config: dict) -> list[np.ndarray]:
-        return []
-
-    def get_properties(self, config: dict) -> dict:
-        answer = self.participant.answer(config)
-        if (
-            self.behaviour == "wrong-share"
-            and config[protocol.SECAGG_STAGE] == protocol.UNMASK
-            and self.misbehaves(config)
-        ):
-            shares = sa.unpack(answer[protocol.SECAGG_SHARES], "shares", sa.SHARE_BYTES)
-            own = int(config[protocol.SECAGG_ID])
-            other = next(v for v in sorted(shares) if v != own)
-            shares[other] = shares[other][:4] + bytes(48)  # its index kept, its content wrong
-            answer[protocol.SECAGG_SHARES] = sa.pack(shares)
-        return answer
-
-    def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
-        if self.behaviour == "drop-at-input" and self.misbehaves(config):
-            raise wiring.AnswerFailed("this client went away")
-        if self.behaviour == "malformed-input" and self.misbehaves(config):
-            return [np.zeros(3, dtype=np.uint32)], 0, {}
-        secrets = self.participant.prepare_input(config)
-        return [self.participant.masked_input(secrets, self.delta, self.examples, SEED)], 0, {}
-
-
-class Recording(Traffic):
-    """The server's own byte counter, keeping every message it receives."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[ClientMessage] = []
-
-    def deserialize(self, data: bytes):  # type: ignore[no-untyped-def]
-        message = super().deserialize(data)
-        if isinstance(message, ClientMessage):
-            self.messages.append(message)
-        return message
-
-
-def scripted(settings: Settings, behaviours: list[str], identities: list[Identity | None] | None = None) -> list:
-    identities = identities or [None] * len(behaviours)
-    return [
-        ScriptedClient(Participant(settings, identity, f"site-{i}"), true_update(i), 200 + 150 * i, behaviour)
-        for i, (behaviour, identity) in enumerate(zip(behaviours, identities))
-    ]
-
-
-@contextmanager
-def federation(settings: Settings, clients: list[ScriptedClient]) -> Iterator[tuple[BoundedClientManager, Recording]]:
-    manager, traffic, address = BoundedClientManager(wait_timeout=10, seed=1), Recording(), free_address()
-    server = start_grpc_server(manager, Admission(64), traffic, address, 64 << 20)
-    threads = [
-        threading.Thread(
-            target=wiring.run,
-            args=(client.to_client(), wiring.Endpoint(address, f"site-{i}", 64 << 20, 10)),
-            daemon=True,
-        )
-        for i, client in enumerate(clients)
-    ]
-    for thread in threads:
-        thread.start()
-    try:
-        assert manager.wait_for(len(clients), timeout=20)
-        yield manager, traffic
-    finally:
-        Server(client_manager=manager).disconnect_all_clients(timeout=5)
-        for thread in threads:
-            thread.join(timeout=10)
-        server.stop(0)
 
 
 def secure_round(settings: Settings, manager: BoundedClientManager, server_round: int = 1) -> SecureFit:
@@ -163,8 +59,8 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_the_server_holds_only_masked_inputs_and_unmasks_their_exact_sum() -> None:
     settings = secure_settings()
-    clients = scripted(settings, [""] * 4)
-    with federation(settings, clients) as (manager, traffic):
+    clients = scripted(size=SIZE, settings=settings, behaviours=[""] * 4)
+    with in_process(clients) as (manager, traffic):
         outcome = secure_round(settings, manager)
     assert outcome.failed is None and len(outcome.results) == 4 and not outcome.failures
     assert outcome.delta is not None
@@ -192,8 +88,8 @@ def test_the_server_holds_only_masked_inputs_and_unmasks_their_exact_sum() -> No
 
 def test_dropouts_after_key_sharing_up_to_the_threshold_still_give_the_survivors_sum() -> None:
     settings = secure_settings()  # threshold 0.6 of 5: 3 shares rebuild a secret, 2 may drop
-    clients = scripted(settings, ["", "drop-at-input", "", "drop-at-input", ""])
-    with federation(settings, clients) as (manager, _):
+    clients = scripted(size=SIZE, settings=settings, behaviours=["", "drop-at-input", "", "drop-at-input", ""])
+    with in_process(clients) as (manager, _):
         outcome = secure_round(settings, manager)
     assert outcome.failed is None and len(outcome.results) == 3 and len(outcome.failures) == 2
     assert all("left at masked_input" in str(f) for f in outcome.failures)
@@ -204,8 +100,10 @@ def test_dropouts_after_key_sharing_up_to_the_threshold_still_give_the_survivors
 
 def test_beyond_the_threshold_the_round_fails_and_the_next_one_succeeds() -> None:
     settings = secure_settings()
-    clients = scripted(settings, ["", "drop-at-input", "drop-at-input", "drop-at-input", ""])
-    with federation(settings, clients) as (manager, _):
+    clients = scripted(
+        size=SIZE, settings=settings, behaviours=["", "drop-at-input", "drop-at-input", "drop-at-input", ""]
+    )
+    with in_process(clients) as (manager, _):
         failed = secure_round(settings, manager, 1)
         recovered = secure_round(settings, manager, 2)  # the same clients behave in round 2
     assert failed.delta is None
@@ -216,8 +114,8 @@ def test_beyond_the_threshold_the_round_fails_and_the_next_one_succeeds() -> Non
 
 def test_a_malformed_input_drops_its_client_and_a_wrong_share_is_left_out(caplog) -> None:
     settings = secure_settings()
-    clients = scripted(settings, ["", "malformed-input", "wrong-share", "", ""])
-    with caplog.at_level(logging.WARNING, logger="flowerpot.server"), federation(settings, clients) as (manager, _):
+    clients = scripted(size=SIZE, settings=settings, behaviours=["", "malformed-input", "wrong-share", "", ""])
+    with caplog.at_level(logging.WARNING, logger="flowerpot.server"), in_process(clients) as (manager, _):
         outcome = secure_round(settings, manager)
     assert outcome.failed is None and len(outcome.results) == 4
     survivors = [c for c in clients if c.behaviour != "malformed-input"]

@@ -72,3 +72,24 @@ def test_a_client_killed_mid_round_is_a_dropout_and_sigterm_stops_a_secure_round
     assert time.monotonic() - stopped < 10, server.output[-2000:]
     for proc in others:
         proc.popen.send_signal(signal.SIGTERM)
+
+
+def test_signed_keys_under_mutual_tls_with_logical_clients_and_a_server_optimizer(spawn, digits_shards, tmp_path):
+    """Three logical clients in one process share a client certificate, sign their keys with it
+    and check each other's; FedAdam steps along the unmasked sum."""
+    made = run_cli(["certs", "--client", "site-a"], cwd=tmp_path, CERTS_DIR="certs")
+    assert made.returncode == 0, made.stderr
+    env = env_for(
+        digits_shards, tmp_path / "results", SECURE_AGGREGATION="true", STRATEGY="fedadam", NUM_ROUNDS="2",
+        TLS_ENABLED="true", CLIENT_AUTH="certificate", CERTS_DIR=str(tmp_path / "certs"), CLIENT_NAME="site-a",
+    )  # fmt: skip
+    env["SERVER_ADDRESS"] = env["SERVER_ADDRESS"].replace("127.0.0.1", "localhost")  # a name in its certificate
+    server = spawn(["server"], **env)
+    server.wait_for("listening", timeout=30)
+    fleet = spawn(["client"], **env, CLIENTS_PER_PROCESS="3")
+    assert server.wait(timeout=300) == 0, server.output[-3000:]
+    assert fleet.wait(timeout=60) == 0, fleet.output[-3000:]
+    assert server.output.count("3 advertised keys, 3 shared them, 3 sent inputs") == 2, server.output[-3000:]
+    assert "not signed" not in fleet.output and "refused" not in fleet.output, fleet.output[-3000:]
+    history = json.loads((tmp_path / "results" / "history.json").read_text())
+    assert history[-1]["eval_accuracy"] > history[0]["eval_accuracy"] - 0.05 and not history[-1].get("failed")

@@ -21,6 +21,8 @@ import functools
 import json
 import logging
 import math
+import random
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -59,6 +61,7 @@ class SecureFit:
     failures: list[Any] = field(default_factory=list)  # one Dropout per client that left
     failed: str | None = None
     error_bound: float = 0.0  # per coordinate, between `delta` and the mean of the clipped updates
+    unmask_seconds: float = 0.0  # the server's own work: rebuilding the secrets, removing the masks
 
 
 def max_weight(settings: Settings) -> int:
@@ -95,7 +98,10 @@ class SecureAggregator:
         )
 
     def fit(self, server_round: int, instructions: list[tuple[ClientProxy, FitIns]]) -> SecureFit:
-        instructions = sorted(instructions, key=lambda item: item[0].cid)  # ids in a stable order
+        # The clients' numbers, and so who neighbours whom on the ring, from a secure shuffle each
+        # round (SecAgg+'s random graph): no client can arrange to neighbour a chosen one.
+        instructions = list(instructions)
+        random.SystemRandom().shuffle(instructions)
         plan = self.plan(server_round, len(instructions))
         outcome = SecureFit(plan)
         proxies = {i + 1: proxy for i, (proxy, _) in enumerate(instructions)}
@@ -202,10 +208,12 @@ class SecureAggregator:
                 revealed[w] = shares
 
             self.checked(outcome, proxies[w], protocol.UNMASK, read_shares, leaves=False)
+        started = time.perf_counter()
         try:
             total = self.unmasked_sum(plan, inputs, revealed, keys, commitments, dropped, delivered, proxies)
         except ProtocolProblem as problem:
             return self.fail(outcome, str(problem))
+        outcome.unmask_seconds = time.perf_counter() - started
         delta, weight = sa.decode_sum(total, len(survivors), plan)
         bound = sa.error_bound(len(survivors), weight, plan) if weight > 0 else math.inf
         # The sum of clipped, weighted updates: finite, a weight of at most 1 each, and a mean no

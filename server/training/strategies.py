@@ -426,12 +426,14 @@ class GuardedStrategy(Strategy):
         proxy = secure.results[0][0]
         one = FitRes(Status(Code.OK, ""), aggregate, 1, {})
         parameters, _ = self.inner.aggregate_fit(server_round, [(proxy, one)], [])
+        if parameters is not None:
+            parameters = self.as_reference_dtypes(parameters)  # a server optimizer's float64, back to the model's
         if parameters is None or not self.finite(parameters):
             failed = f"the server strategy's step on the unmasked sum is unusable ({NOT_FINITE})"
             log.warning("round %d failed, its result is not applied: %s", server_round, failed)
             return FitReport(None, {}, [], failed)
         metrics = weighted_average([(1, res.metrics) for _, res in secure.results])
-        return FitReport(self.as_reference_dtypes(parameters), metrics, [])
+        return FitReport(parameters, metrics, [])
 
     def too_few(self, sound: int, sampled: int, clients: int | None = None) -> str | None:
         """Why a round in which `sound` of `sampled` participants (certificates, else sites) sent a
