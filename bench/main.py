@@ -26,6 +26,7 @@ from bench import (
     robustness,
     round_cost,
     scale,
+    secure_aggregation,
 )
 from shared.errors import BadInput
 
@@ -88,6 +89,14 @@ class Plan:
     privacy_epochs: int = 3
     privacy_attack: privacy.Attack | None = privacy.ATTACK
     privacy_attack_seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
+    # Secure aggregation (bench/secure_aggregation.py): the cost rows' clients, dropout shares and
+    # rounds; the accuracy pairs' seeds, rounds and local epochs.
+    secure_clients: tuple[int, ...] = secure_aggregation.CLIENTS
+    secure_dropouts: tuple[float, ...] = secure_aggregation.DROPOUTS
+    secure_rounds: int = 2
+    secure_seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
+    secure_accuracy_rounds: int = 5
+    secure_accuracy_epochs: int = 3
 
     def robustness_runs(self) -> int:
         """Federations the robustness section starts: per partition, the clean column and every attack's."""
@@ -160,12 +169,18 @@ QUICK = Plan(
     privacy_epochs=1,
     privacy_attack=privacy.Attack(rounds=2, epochs=2, noises=(1.0,)),
     privacy_attack_seeds=(1,),
+    secure_clients=(5,),
+    secure_dropouts=(0.0, 0.3),
+    secure_rounds=1,
+    secure_seeds=(1,),
+    secure_accuracy_rounds=2,
+    secure_accuracy_epochs=1,
 )
 
 # The sections `--only` can pick, in the order they run; the Compose ones need a Docker engine.
 SECTIONS = (
     "accuracy", "overhead", "round-cost", "scale", "deployment", "scale-compose", "robustness", "async", "cross-device",
-    "cross-device-learning", "privacy",
+    "cross-device-learning", "privacy", "secure-aggregation",
 )  # fmt: skip
 COMPOSE_SECTIONS = ("deployment", "scale-compose")
 
@@ -249,6 +264,18 @@ def run(out: Path, quick: bool, compose: bool, command: str, docs: Path | None =
                 grid=privacy.GRID if not quick else privacy.GRID[:1],
             ),
         ),
+        (
+            "secure-aggregation",
+            lambda: secure_aggregation.measure(
+                work / "secure-aggregation",
+                list(p.secure_clients),
+                list(p.secure_dropouts),
+                p.secure_rounds,
+                list(p.secure_seeds),
+                p.secure_accuracy_rounds,
+                p.secure_accuracy_epochs,
+            ),
+        ),
     ]
     steps = [(n, step) for n, step in steps if (n == only if only else compose or n not in COMPOSE_SECTIONS)]
     for number, (name, step) in enumerate(steps, 1):
@@ -305,6 +332,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         found += cross_device.targets(results["cross_device"])
     if "privacy" in results:
         found += privacy.targets(results["privacy"])
+    if "secure_aggregation" in results:
+        found += secure_aggregation.targets(results["secure_aggregation"])
     ladder = results.get("scale", {}).get("local processes")
     if ladder:
         largest = max((r["clients"] for r in ladder if r["ok"]), default=0)

@@ -208,6 +208,10 @@ def to_markdown(results: dict[str, Any], plots: list[str]) -> str:
         from bench import privacy
 
         parts.append(privacy.markdown(results["privacy"]))
+    if "secure_aggregation" in results:
+        from bench import secure_aggregation
+
+        parts.append(secure_aggregation.markdown(results["secure_aggregation"]))
     parts += [f"![{p}]({p})\n" for p in plots]
     return "\n".join(parts)
 

@@ -47,11 +47,15 @@ def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
     assert all(r["ok"] and r["split"] == "test" and 0 < r["accuracy"] <= 1 for r in off["runs"] + dp["runs"])
     assert all(r["epsilon"] is None for r in off["runs"]) and all(r["epsilon"] > 0 for r in dp["runs"])
     assert all(0 <= r["auc"] <= 1 for row in results["privacy"]["attack"]["rows"] for r in row["runs"])
+    secure = results["secure_aggregation"]  # the protocol's cost at 5 clients, and one seed's accuracy pair
+    assert [(r["clients"], r["dropout"], r["ok"]) for r in secure["cost"]] == [(5, 0.0, True), (5, 0.3, True)]
+    assert all(r["secure_round_s"] > 0 and r["plain_round_s"] > 0 for r in secure["cost"])
+    assert [a["seed"] for a in secure["accuracy"]] == [1] and 0 < secure["accuracy"][0]["secure"] <= 1
 
     report = (out / "report.md").read_text()
     assert "## Framework overhead per round" in report and "## Accuracy at equal total local epochs" in report
     assert "## Differential privacy: accuracy against epsilon, and membership inference" in report
-    assert "## Per-round cost with trivial clients" in report
+    assert "## Per-round cost with trivial clients" in report and "## Secure aggregation" in report
     assert (out / "accuracy.png").stat().st_size > 1000 and (out / "overhead.png").stat().st_size > 1000
     docs = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert docs.startswith("# Benchmarks") and "Command: `flowerpot bench --quick" in docs
@@ -79,7 +83,8 @@ def test_only_runs_one_section_and_refuses_an_unknown_one(tmp_path: Path) -> Non
     assert result.returncode == 2 and not (tmp_path / "bench-results").exists()
     assert result.stderr.strip().splitlines() == [
         "flowerpot bench: error: --only 'speed' is not a section of the benchmark: use one of accuracy, overhead, "
-        "round-cost, scale, deployment, scale-compose, robustness, async, cross-device, cross-device-learning, privacy"
+        "round-cost, scale, deployment, scale-compose, robustness, async, cross-device, cross-device-learning, "
+        "privacy, secure-aggregation"
     ]
     result = run_cli(["bench", "--quick", "--only", "round-cost", "--out", "out"], cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
