@@ -608,10 +608,10 @@ class Settings(BaseSettings):
                 "set CLIP_NORM=0 (and DP_CLIP_NORM to the bound you want)",
             ),
             (
-                self.dp != "client" or self.dp_delta <= 1 / (2 * self.max_clients),
+                self.dp != "client" or self.dp_delta <= largest_delta(self.max_clients),
                 f"DP_DELTA={self.dp_delta:g} is not well below 1/{self.max_clients} for the MAX_CLIENTS="
                 f"{self.max_clients} clients DP=client protects",
-                f"set DP_DELTA at most {1 / (2 * self.max_clients):.1e}",
+                f"set DP_DELTA at most {largest_delta(self.max_clients):.1e}",
             ),
             # Secure aggregation hides every single update from the server: what needs one is refused.
             (
@@ -727,6 +727,12 @@ def parse_shard_owners(text: str) -> dict[str, tuple[int, ...]]:
     if len(taken) != len(set(taken)):
         raise ValueError("a shard is given to two names")
     return owners
+
+
+def largest_delta(protected: int) -> float:
+    """The largest DP_DELTA for `protected` records (DP=record) or clients (DP=client): well below
+    1/N, since a delta of 1/N lets the mechanism publish one of them in the clear; 1/(2N) here."""
+    return 1 / (2 * protected)
 
 
 def _port(address: str) -> int:

@@ -17,6 +17,7 @@ from torch import nn
 from client.privacy import dpsgd
 from client.privacy.ledger import Ledger, Spend, epsilon
 from conftest import free_address
+from server.reporting.live_metrics import LiveMetrics
 from server.reporting.privacy import report_privacy
 from server.reporting.record import ClientEntry, RoundRecord
 from server.training.client_privacy import ClientLevel
@@ -318,6 +319,11 @@ def test_client_level_applies_a_round_without_updates_as_noise_alone() -> None:
     report = guarded.aggregate(1, [], [ValueError("a client failed")])
     got = parameters_to_ndarrays(report.parameters)[0]
     assert report.failed is None and abs(got.std() / 0.05 - 1) < 0.02
+    # the round's spend, for the history and the live metrics
+    assert report.metrics["privacy_epsilon"] == pytest.approx(guarded.client_dp.epsilon(1))  # type: ignore[union-attr]
+    live = LiveMetrics(num_rounds=3)
+    live.round_done({"round": 1, "fit_metrics": report.metrics})
+    assert live.epsilon.labels(live.run_id)._value.get() == pytest.approx(report.metrics["privacy_epsilon"])
 
 
 def test_a_client_level_run_reports_the_epsilon_dp_accounting_and_opacus_recompute(
@@ -340,4 +346,6 @@ def test_a_client_level_run_reports_the_epsilon_dp_accounting_and_opacus_recompu
            f"epsilon {report['epsilon']:.3f} at delta 1e-05 after 3 rounds" in output  # fmt: skip
     history = json.loads((tmp_path / "results" / "history.json").read_text())
     assert len(history) == 3 and all(r.get("failed") is None for r in history)
+    spent = [r["fit_metrics"]["privacy_epsilon"] for r in history]  # the run's spend, round by round
+    assert spent == sorted(spent) and spent[0] > 0 and spent[-1] == pytest.approx(report["epsilon"])
     assert not (Path(env["DP_LEDGER_DIR"])).exists()  # the clients train as usual: no ledger

@@ -105,6 +105,8 @@ def train(model: nn.Module, data: Any, config: Any, noise_multiplier: float, cli
     params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     anchors = [a for p, a in zip(model.parameters(), config.global_weights) if p.requires_grad]
     velocity = [torch.zeros_like(p) for p in params]
+    sizes = [p.numel() for p in params]
+    size = sum(sizes)
     expected_batch = plan.sample_rate * len(data)
     total_loss, correct, seen = 0.0, 0, 0
     try:
@@ -121,8 +123,10 @@ def train(model: nn.Module, data: Any, config: Any, noise_multiplier: float, cli
                 total_loss += loss.item()
                 correct += int((logits.argmax(1) == data.y[idx]).sum().item())
                 seen += len(idx)
-            for i, (p, s) in enumerate(zip(params, summed)):
-                p.grad = (s + gaussian_noise(p.shape, noise_multiplier * clip_norm).to(p.device)) / expected_batch
+            # One draw per step for every parameter at once: the secure source's cost is per call.
+            noise = gaussian_noise(torch.Size([size]), noise_multiplier * clip_norm).split(sizes)
+            for i, (p, s, n) in enumerate(zip(params, summed, noise)):
+                p.grad = (s + n.view(p.shape).to(p.device)) / expected_batch
                 if config.proximal_mu > 0 and anchors:  # FedProx: (mu/2)||w - w_global||^2's gradient
                     p.grad += config.proximal_mu * (p.detach() - anchors[i])
                 p.grad_sample = None  # type: ignore[attr-defined]

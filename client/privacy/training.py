@@ -20,13 +20,9 @@ from client.tasks import Task, builtin_module
 from shared import protocol
 from shared.errors import BadInput
 from shared.protocol import MAX_TEXT
-from shared.settings import Settings
+from shared.settings import Settings, largest_delta
 
 log = logging.getLogger("flowerpot.client")
-
-# DP_DELTA must be well below 1/N for the N records it protects: a delta of 1/N allows the
-# mechanism to publish one record in the clear. At most 1/(2N) here.
-DELTA_RECORDS = 2
 
 
 @dataclass(frozen=True)
@@ -56,7 +52,7 @@ class PrivateTraining:
             )
         dpsgd.check_private(model, task.name)
         examples = len(shard.y_train)
-        most = 1 / (DELTA_RECORDS * examples)
+        most = largest_delta(examples)
         if settings.dp_delta > most:
             raise BadInput(
                 f"DP_DELTA={settings.dp_delta:g} is not well below 1/{examples} for the {examples} training "

@@ -143,6 +143,12 @@ class LiveMetrics:
                 ("eval_accuracy", "Evaluation accuracy (weighted mean over clients)"),
             )
         }
+        self.epsilon = Gauge(
+            "flowerpot_privacy_epsilon",
+            "Epsilon spent after the latest round: DP=client the run's, per client; DP=record the most spent site's",
+            run,
+            registry=r,
+        )
         self.sent = Counter(
             "flowerpot_bytes_sent", "Bytes of Flower messages sent to clients in rounds", run, registry=r
         )
@@ -248,6 +254,9 @@ class LiveMetrics:
             value = _get(record, key)
             if value is not None:
                 gauge.labels(run).set(value)
+        epsilon = (_get(record, "fit_metrics") or {}).get(protocol.PRIVACY_EPSILON)
+        if isinstance(epsilon, int | float) and not isinstance(epsilon, bool):
+            self.epsilon.labels(run).set(epsilon)
         self.sent.labels(run).inc(_get(record, "bytes_sent") or 0)
         self.received.labels(run).inc(_get(record, "bytes_received") or 0)
         for phase, metrics, prefix in (("fit", "fit_metrics", "train_"), ("evaluate", "eval_metrics", "")):
