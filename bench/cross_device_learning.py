@@ -84,8 +84,11 @@ def mode_settings(mode: str, cohort: Cohort) -> dict[str, Any]:
     }
 
 
-def run_one(workdir: Path, data: Path, cohort: Cohort, mode: str, seed: int) -> dict[str, Any]:
-    run_dir = workdir / f"{cohort.dataset}-{cohort.clients}-{cohort.partition}-{mode}-{seed}"
+def run_one(
+    workdir: Path, data: Path, cohort: Cohort, mode: str, seed: int, extra: dict[str, Any] | None = None, tag: str = ""
+) -> dict[str, Any]:
+    """One run of `cohort` in `mode`; `extra` settings on top (tagged `tag` in its folder's name)."""
+    run_dir = workdir / f"{cohort.dataset}-{cohort.clients}-{cohort.partition}-{mode}-{seed}{tag}"
     run_dir.mkdir(parents=True, exist_ok=True)
     each = math.ceil(cohort.clients / PROCESSES)
     env = {
@@ -107,6 +110,7 @@ def run_one(workdir: Path, data: Path, cohort: Cohort, mode: str, seed: int) -> 
         "CONNECT_TIMEOUT": 900,
         "ROUND_TIMEOUT": 900,
         **mode_settings(mode, cohort),
+        **(extra or {}),
     }
     with LocalFederation(env, cwd=run_dir, log_dir=run_dir) as federation:
         federation.start_server(wait_seconds=120)

@@ -17,6 +17,7 @@ from typing import Any
 from bench import (
     accuracy,
     asynchrony,
+    client_privacy,
     cross_device,
     cross_device_learning,
     deployment,
@@ -89,6 +90,10 @@ class Plan:
     privacy_epochs: int = 3
     privacy_attack: privacy.Attack | None = privacy.ATTACK
     privacy_attack_seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
+    # Client-level DP (bench/client_privacy.py): its cohorts, noise multipliers and seeds.
+    client_privacy_cohorts: tuple[cross_device_learning.Cohort, ...] = client_privacy.COHORTS
+    client_privacy_noises: tuple[float, ...] = client_privacy.NOISES
+    client_privacy_seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
     # Secure aggregation (bench/secure_aggregation.py): the cost rows' clients, dropout shares and
     # rounds; the accuracy pairs' seeds, rounds and local epochs.
     secure_clients: tuple[int, ...] = secure_aggregation.CLIENTS
@@ -169,6 +174,9 @@ QUICK = Plan(
     privacy_epochs=1,
     privacy_attack=privacy.Attack(rounds=2, epochs=2, noises=(1.0,)),
     privacy_attack_seeds=(1,),
+    client_privacy_cohorts=client_privacy.QUICK_COHORTS,
+    client_privacy_noises=(1.0,),
+    client_privacy_seeds=(1,),
     secure_clients=(5,),
     secure_dropouts=(0.0, 0.3),
     secure_rounds=1,
@@ -180,7 +188,7 @@ QUICK = Plan(
 # The sections `--only` can pick, in the order they run; the Compose ones need a Docker engine.
 SECTIONS = (
     "accuracy", "overhead", "round-cost", "scale", "deployment", "scale-compose", "robustness", "async", "cross-device",
-    "cross-device-learning", "privacy", "secure-aggregation",
+    "cross-device-learning", "privacy", "client-privacy", "secure-aggregation",
 )  # fmt: skip
 COMPOSE_SECTIONS = ("deployment", "scale-compose")
 
@@ -262,6 +270,15 @@ def run(out: Path, quick: bool, compose: bool, command: str, docs: Path | None =
                 p.privacy_attack,
                 list(p.privacy_attack_seeds),
                 grid=privacy.GRID if not quick else privacy.GRID[:1],
+            ),
+        ),
+        (
+            "client-privacy",
+            lambda: client_privacy.measure(
+                work / "client-privacy",
+                p.client_privacy_cohorts,
+                list(p.client_privacy_noises),
+                list(p.client_privacy_seeds),
             ),
         ),
         (

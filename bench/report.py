@@ -208,6 +208,10 @@ def to_markdown(results: dict[str, Any], plots: list[str]) -> str:
         from bench import privacy
 
         parts.append(privacy.markdown(results["privacy"]))
+    if "client_privacy" in results:
+        from bench import client_privacy
+
+        parts.append(client_privacy.markdown(results["client_privacy"]))
     if "secure_aggregation" in results:
         from bench import secure_aggregation
 

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION",
         default=None,
         help="run one section alone: accuracy, overhead, round-cost, scale, deployment, scale-compose, robustness, "
-        "async, cross-device, cross-device-learning or privacy",
+        "async, cross-device, cross-device-learning, privacy, client-privacy or secure-aggregation",
     )
 
     local = sub.add_parser("run-local", help="prepare, then run the server and N clients as local processes")

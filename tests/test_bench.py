@@ -47,6 +47,9 @@ def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
     assert all(r["ok"] and r["split"] == "test" and 0 < r["accuracy"] <= 1 for r in off["runs"] + dp["runs"])
     assert all(r["epsilon"] is None for r in off["runs"]) and all(r["epsilon"] > 0 for r in dp["runs"])
     assert all(0 <= r["auc"] <= 1 for row in results["privacy"]["attack"]["rows"] for r in row["runs"])
+    client_level = results["client_privacy"]["runs"]  # 20 logical clients, without DP and at noise 1
+    assert [(r["noise"], r["ok"]) for r in client_level] == [(None, True), (1.0, True)]
+    assert client_level[0]["epsilon"] is None and client_level[1]["epsilon"] > 0
     secure = results["secure_aggregation"]  # the protocol's cost at 5 clients, and one seed's accuracy pair
     assert [(r["clients"], r["dropout"], r["ok"]) for r in secure["cost"]] == [(5, 0.0, True), (5, 0.3, True)]
     assert all(r["secure_round_s"] > 0 and r["plain_round_s"] > 0 for r in secure["cost"])
@@ -84,7 +87,7 @@ def test_only_runs_one_section_and_refuses_an_unknown_one(tmp_path: Path) -> Non
     assert result.stderr.strip().splitlines() == [
         "flowerpot bench: error: --only 'speed' is not a section of the benchmark: use one of accuracy, overhead, "
         "round-cost, scale, deployment, scale-compose, robustness, async, cross-device, cross-device-learning, "
-        "privacy, secure-aggregation"
+        "privacy, client-privacy, secure-aggregation"
     ]
     result = run_cli(["bench", "--quick", "--only", "round-cost", "--out", "out"], cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
