@@ -49,6 +49,10 @@ SHOWN_DROPOUTS = 10  # named in a round's line; the rest counted (all of them in
 class Dropout(RuntimeError):
     """A client that left a secure round at a stage, and why."""
 
+    def __init__(self, proxy: ClientProxy, line: str) -> None:
+        super().__init__(line)
+        self.proxy = proxy
+
 
 @dataclass
 class SecureFit:
@@ -391,7 +395,7 @@ class SecureAggregator:
         line = f"{self.label(proxy)} left at {name}: {why}"
         log.warning("round %d: secure aggregation: %s", outcome.plan.round, line)
         if leaves:
-            outcome.failures.append(Dropout(line))
+            outcome.failures.append(Dropout(proxy, line))
 
     @staticmethod
     def label(proxy: ClientProxy) -> str:

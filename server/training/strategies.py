@@ -27,7 +27,7 @@ from flwr.server.strategy import Strategy
 
 from server.training.aggregate_metrics import robust_average, weighted_average
 from server.training.client_privacy import ClientLevel
-from server.training.secure_rounds import SecureFit
+from server.training.secure_rounds import Dropout, SecureFit
 from server.training.update_checks import (
     LOSS_EXPLOSION,
     NORM_MODEL_MULTIPLE,
@@ -404,6 +404,8 @@ class GuardedStrategy(Strategy):
             if parameters is not None:
                 mean = self.flat(parameters)
         noised = dp.noised(center, mean, len(sound), self.connected)
+        # The run's spend after this round, in the history and the live metrics as it grows.
+        metrics = {**metrics, protocol.PRIVACY_EPSILON: dp.epsilon(server_round)}
         return FitReport(self.unflat(noised), metrics, refused)
 
     def aggregate_secure(self, server_round: int, secure: SecureFit) -> FitReport:
@@ -740,8 +742,8 @@ def completed_participants(sound: FitResults, results: FitResults, failures: Fai
     failure without its client (an exception) counts as a participant of its own."""
     sampled = {participant_of(p) for p, _ in results}
     sampled |= {participant_of(f[0]) for f in failures if isinstance(f, tuple)}
-    sampled |= {participant_of(f.proxy) for f in failures if isinstance(f, Refused | ClientFailure)}
-    lone = sum(1 for f in failures if not isinstance(f, tuple | Refused | ClientFailure))
+    sampled |= {participant_of(f.proxy) for f in failures if isinstance(f, Refused | ClientFailure | Dropout)}
+    lone = sum(1 for f in failures if not isinstance(f, tuple | Refused | ClientFailure | Dropout))
     return len({participant_of(p) for p, _ in sound}), len(sampled) + lone
 
 
