@@ -17,8 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bench.cross_device_learning import Cohort, run_one
-from bench.federation import prepare
+from bench.cross_device_learning import Cohort, cohort_data, run_one
 from bench.report import mean_sd_text
 
 log = logging.getLogger("flowerpot.bench")
@@ -43,9 +42,7 @@ def measure(workdir: Path, cohorts: tuple[Cohort, ...], noises: list[float], see
     runs = []
     for cohort in cohorts:
         for seed in seeds:
-            data = workdir / f"data-{cohort.dataset}-{cohort.clients}-{seed}"
-            if not data.is_dir():
-                prepare(data, **cohort.data_settings(), SEED=seed)
+            data = cohort_data(workdir, cohort, seed)
             for noise in [None, *noises]:
                 extra: dict[str, Any] = {"MIN_FIT_CLIENTS": 1, **(CROSS_SILO if cohort.clients <= 3 else {})}
                 if noise is not None:

@@ -140,14 +140,20 @@ def run_one(
     return row
 
 
+def cohort_data(workdir: Path, cohort: Cohort, seed: int) -> Path:
+    """The cohort's shards for `seed` (its own partition), prepared once in `workdir`."""
+    data = workdir / f"data-{cohort.dataset}-{cohort.clients}-{cohort.partition}-{seed}"
+    if not data.is_dir():
+        prepare(data, **cohort.data_settings(), SEED=seed)
+    return data
+
+
 def measure(workdir: Path, cohorts: tuple[Cohort, ...], seeds: list[int]) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     runs = []
     for cohort in cohorts:
         for seed in seeds:
-            data = workdir / f"data-{cohort.dataset}-{cohort.clients}-{cohort.partition}-{seed}"
-            if not data.is_dir():
-                prepare(data, **cohort.data_settings(), SEED=seed)
+            data = cohort_data(workdir, cohort, seed)
             for mode in ("sync", "async"):
                 row = run_one(workdir, data, cohort, mode, seed)
                 runs.append(row)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import statistics
@@ -188,36 +189,24 @@ def to_markdown(results: dict[str, Any], plots: list[str]) -> str:
                 ["clients", "model", "sent", "received", "sent / (model x copies)", "received / (model x copies)"], rows
             )
         )
-    if "robustness" in results:
-        from bench import robustness
-
-        parts.append(robustness.markdown(results["robustness"]))
-    if "async" in results:
-        from bench import asynchrony
-
-        parts.append(asynchrony.markdown(results["async"]))
-    if "cross_device" in results:
-        from bench import cross_device
-
-        parts.append(cross_device.markdown(results["cross_device"]))
-    if "cross_device_learning" in results:
-        from bench import cross_device_learning
-
-        parts.append(cross_device_learning.markdown(results["cross_device_learning"]))
-    if "privacy" in results:
-        from bench import privacy
-
-        parts.append(privacy.markdown(results["privacy"]))
-    if "client_privacy" in results:
-        from bench import client_privacy
-
-        parts.append(client_privacy.markdown(results["client_privacy"]))
-    if "secure_aggregation" in results:
-        from bench import secure_aggregation
-
-        parts.append(secure_aggregation.markdown(results["secure_aggregation"]))
+    # The sections that write their own markdown, in the report's order (each module imported only
+    # when its results are there: some import the server and the clients).
+    for key, module in SECTION_MODULES.items():
+        if key in results:
+            parts.append(importlib.import_module(f"bench.{module}").markdown(results[key]))
     parts += [f"![{p}]({p})\n" for p in plots]
     return "\n".join(parts)
+
+
+SECTION_MODULES = {  # results key: module of bench
+    "robustness": "robustness",
+    "async": "asynchrony",
+    "cross_device": "cross_device",
+    "cross_device_learning": "cross_device_learning",
+    "privacy": "privacy",
+    "client_privacy": "client_privacy",
+    "secure_aggregation": "secure_aggregation",
+}
 
 
 def accuracy_markdown(acc: dict[str, Any]) -> str:
