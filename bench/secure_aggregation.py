@@ -89,6 +89,11 @@ class ScriptedClient(NumPyClient):
         started = time.perf_counter()
         answer = self.participant.answer(config)
         self.busy_seconds += time.perf_counter() - started
+        if config[protocol.SECAGG_STAGE] == protocol.ADVERTISE and self.misbehaves(config):
+            if self.behaviour == "zero-key":  # 32 bytes that agree on nothing
+                answer[protocol.SECAGG_KEYS] = sa.Advertised(bytes(32), bytes(32)).to_bytes()
+            elif self.behaviour == "nested-keys":  # JSON deep enough to exhaust a parser's recursion
+                answer[protocol.SECAGG_KEYS] = b"[" * 100_000
         if (
             self.behaviour == "wrong-share"
             and config[protocol.SECAGG_STAGE] == protocol.UNMASK

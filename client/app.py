@@ -174,6 +174,9 @@ class FlowerpotClient(NumPyClient):
                 [(new.astype(np.float64) - old.astype(np.float64)).ravel()
                  for new, old in zip(self.get_parameters({}), parameters)]
             )  # fmt: skip
+            if not np.isfinite(delta).all():  # clipping would hide it in the sum: said, not sent
+                log.warning("%s: the update holds NaN or Inf values; not sent", step(config))
+                raise wiring.AnswerFailed(f"the update holds {protocol.NOT_FINITE} values")
             # The example count travels inside the masked input, as its weight: 0 here.
             return [self.secure.masked_input(secure, delta, len(data), run_config.seed)], 0, metrics
         return self.get_parameters({}), len(data), metrics

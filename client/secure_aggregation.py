@@ -50,6 +50,7 @@ class RoundSecrets:
     peers: dict[int, Advertised] = field(default_factory=dict)  # the neighbourhood, itself included
     held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # owner: (seed share, key share)
     masked_with: set[int] = field(default_factory=set)  # the neighbours whose pairwise masks it adds
+    pairwise: dict[int, bytes] = field(default_factory=dict)  # each one's agreed mask seed
 
     @property
     def advertised(self) -> tuple[bytes, bytes]:
@@ -165,9 +166,20 @@ class Participant:
                 )
                 self.warned_unsigned = True
             return
+        own = sa.certificate_id(self.identity.certificate)
+        seen: dict[bytes, int] = {}
+        # One certificate other than its own may vouch for at most MAX_CONNECTIONS_PER_CLIENT
+        # neighbours (a site's replicas): else one colluding certificate could fill them all.
+        bound = self.settings.max_connections_per_client or len(peers)
         for v, entry in sorted(peers.items()):
             if v == me:
                 continue
+            cert = sa.certificate_id(entry.certificate)
+            seen[cert] = seen.get(cert, 0) + 1
+            if cert != own and seen[cert] > bound:
+                raise ProtocolProblem(
+                    f"one certificate signs the keys of more than MAX_CONNECTIONS_PER_CLIENT={bound} of its neighbours"
+                )
             if not entry.signature or not entry.certificate:
                 raise ProtocolProblem(f"client {v}'s keys are not signed (every client needs CLIENT_AUTH=certificate)")
             problem = sa.signature_problem(
@@ -190,7 +202,8 @@ class Participant:
             )
         for v, blob in sorted(sealed.items()):
             # Its pairwise mask is added whether or not its share opens: the server paired the
-            # two of them, and the other side adds it too.
+            # two of them, and the other side adds it too. Agreed here, where a bad key refuses.
+            secrets.pairwise[v] = sa.agree(secrets.s_key, secrets.peers[v].s_public, b"pair", plan.round)
             secrets.masked_with.add(v)
             try:
                 key = sa.agree(secrets.c_key, secrets.peers[v].c_public, b"share", plan.round)
@@ -209,8 +222,7 @@ class Participant:
         length, bits = len(quantized), plan.modulus_bits
         total = quantized + sa.mask(secrets.seed, b"self", plan.round, length, bits)
         for v in sorted(secrets.masked_with):
-            agreed = sa.agree(secrets.s_key, secrets.peers[v].s_public, b"pair", plan.round)
-            pairwise = sa.mask(agreed, b"pair", plan.round, length, bits)
+            pairwise = sa.mask(secrets.pairwise[v], b"pair", plan.round, length, bits)
             total = total + pairwise if v > me else total - pairwise  # uint64: wraps modulo 2**64
         secrets.stage = protocol.MASKED_INPUT
         return (total & np.uint64((1 << bits) - 1)).astype(plan.dtype)
@@ -224,8 +236,10 @@ class Participant:
             raise ProtocolProblem(f"clients {sorted(survivors & dropped)} are named both survivor and dropout")
         if me not in survivors:
             raise ProtocolProblem("it is not named among the survivors, yet it sent its input")
-        if len(survivors) < plan.shares_needed:
-            raise ProtocolProblem(f"only {len(survivors)} clients survived, fewer than the {plan.shares_needed} needed")
+        if len(survivors) < plan.survivors_needed:
+            raise ProtocolProblem(
+                f"only {len(survivors)} clients survived, fewer than the {plan.survivors_needed} needed"
+            )
         if not dropped <= secrets.masked_with:
             raise ProtocolProblem("a dropout named is not a neighbour that shared its keys")
         secrets.stage = protocol.UNMASK  # once: a second request finds the stage passed

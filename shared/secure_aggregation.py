@@ -17,6 +17,7 @@ groups can rebuild both of one client's secrets) rebuild it.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import json
 import math
@@ -33,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_concat,
@@ -75,6 +77,12 @@ class Plan:
         return max(2, math.ceil(self.threshold * self.group - 1e-9), self.group // 2 + 1)
 
     @property
+    def survivors_needed(self) -> int:
+        """Clients whose inputs a sum needs: a neighbourhood's threshold, and never fewer than 3
+        (of 2, each could tell the other's update from the sum and its own)."""
+        return max(3, self.shares_needed)
+
+    @property
     def levels(self) -> int:
         """Quantization levels: a coordinate becomes an integer from 0 to this."""
         return 2**self.bits
@@ -113,7 +121,7 @@ class Plan:
                 bits=int(fields["bits"]),
                 max_weight=int(fields["max_weight"]),
             )
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, RecursionError) as exc:
             raise ProtocolProblem(f"the round's plan is malformed ({exc})") from None
         problem = plan.unsafe()
         if problem is not None:
@@ -195,6 +203,12 @@ def signature_problem(certificate_pem: bytes, ca_pem: bytes, message: bytes, sig
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
         return "its certificate was not issued by this client's CA"
+    # Only a client certificate: the server's own (same CA) must not vouch for keys it relays.
+    if _usages(cert) != {ExtendedKeyUsageOID.CLIENT_AUTH} or _is_ca(cert):
+        return "its certificate is not a client certificate (the server's, or a CA's, cannot sign a client's keys)"
+    now = dt.datetime.now(dt.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        return "its certificate is not valid now (expired, or not yet valid)"
     key = cert.public_key()
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):
@@ -206,6 +220,25 @@ def signature_problem(certificate_pem: bytes, ca_pem: bytes, message: bytes, sig
     except InvalidSignature:
         return "the signature over its keys does not verify (the keys were changed on the way)"
     return None
+
+
+def _usages(cert: x509.Certificate) -> set[x509.ObjectIdentifier]:
+    try:
+        return set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return set()
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def certificate_id(certificate_pem: bytes) -> bytes:
+    """What tells two certificates apart: the SHA-256 of the PEM as sent."""
+    return hashlib.sha256(certificate_pem).digest()
 
 
 def seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:
@@ -308,7 +341,7 @@ def unpack(blob: Any, what: str, limit: int) -> dict[int, bytes]:
             raise TypeError(f"{type(blob).__name__}, not bytes")
         raw = json.loads(blob)
         entries = {int(k): base64.b64decode(v, validate=True) for k, v in raw.items()}
-    except (TypeError, ValueError, AttributeError) as exc:
+    except (TypeError, ValueError, AttributeError, RecursionError) as exc:
         raise ProtocolProblem(f"its {what} are malformed ({exc})") from None
     if any(len(v) > limit for v in entries.values()):
         raise ProtocolProblem(f"its {what} hold a value longer than {limit} bytes")
@@ -335,7 +368,7 @@ class Advertised:
                 raise TypeError(f"{type(blob).__name__}, not bytes")
             fields = {k: base64.b64decode(v, validate=True) for k, v in json.loads(blob).items()}
             entry = cls(**fields)
-        except (TypeError, ValueError, AttributeError) as exc:
+        except (TypeError, ValueError, AttributeError, RecursionError) as exc:
             raise ProtocolProblem(f"its advertised keys are malformed ({exc})") from None
         if len(entry.c_public) != KEY_BYTES or len(entry.s_public) != KEY_BYTES:
             raise ProtocolProblem("its advertised keys are not two 32-byte X25519 keys")
@@ -348,9 +381,11 @@ def ids(blob: Any, what: str, plan: Plan) -> set[int]:
     """A JSON list of client numbers of the round; ProtocolProblem when malformed."""
     try:
         found = json.loads(blob)
-        numbers = {int(v) for v in found}
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ProtocolProblem(f"the {what} are malformed ({exc})") from None
+    if not isinstance(found, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in found):
+        raise ProtocolProblem(f"the {what} are not a list of client numbers")
+    numbers = set(found)
     if not all(1 <= v <= plan.sampled for v in numbers):
         raise ProtocolProblem(f"the {what} name a client outside 1..{plan.sampled}")
     return numbers

@@ -126,6 +126,18 @@ def test_a_malformed_input_drops_its_client_and_a_wrong_share_is_left_out(caplog
     assert any("revealed a wrong share of client" in line and "it was left out" in line for line in lines), lines
 
 
+def test_unusable_keys_drop_their_sender_at_the_first_stage(caplog) -> None:
+    settings = secure_settings()
+    clients = scripted(size=SIZE, settings=settings, behaviours=["", "zero-key", "", "nested-keys", ""])
+    with caplog.at_level(logging.WARNING, logger="flowerpot.server"), in_process(clients) as (manager, _):
+        outcome = secure_round(settings, manager)
+    assert outcome.failed is None and len(outcome.results) == 3
+    assert sorted(str(f).split(" left at ")[1].split(":")[0] for f in outcome.failures) == ["advertise"] * 2
+    honest = [c for c in clients if not c.behaviour]
+    assert outcome.delta is not None
+    assert np.abs(outcome.delta - expected_mean(honest, settings)).max() <= outcome.error_bound
+
+
 # --- the client's own checks, with the test as the relaying server -------------------------------
 
 
@@ -167,6 +179,21 @@ def test_a_key_swapped_by_the_relaying_server_is_caught_by_the_signature() -> No
         sa.sign(forged_ids[0].private_key, message),
         forged_ids[0].certificate,
     )
+    # ... or keys signed with the server's own certificate, from the same CA as the clients'
+    server_ids, server_ca = identities(1)
+    server_cert = certs.issue(server_ca, "server", hosts=("localhost",))
+    as_server = sa.Advertised(
+        sa.public_bytes(c_key), sa.public_bytes(s_key), sa.sign(certs.key_pem(server_cert.key), message),
+        certs.pem(server_cert.cert),
+    )  # fmt: skip
+    fooled = Participant(
+        settings, Identity(server_ids[0].private_key, server_ids[0].certificate, certs.pem(server_ca.cert)), "x"
+    )
+    mine = fooled.answer(config(protocol.ADVERTISE, plan, 3))[protocol.SECAGG_KEYS]
+    answer = fooled.answer(
+        config(protocol.SHARE_KEYS, plan, 3, **{protocol.SECAGG_PEERS: sa.pack({2: as_server.to_bytes(), 3: mine})})
+    )
+    assert "its certificate is not a client certificate" in answer[protocol.SECAGG_PROBLEM]
     participants[1].answer(config(protocol.ADVERTISE, plan, 2))  # a new round for client 2: fresh keys
     answer = participants[2].answer(
         config(protocol.SHARE_KEYS, plan, 3, **{protocol.SECAGG_PEERS: sa.pack({**keys, 2: forged.to_bytes()})})
@@ -221,9 +248,30 @@ def test_a_client_reveals_one_share_per_neighbour_once_and_refuses_an_unsafe_pla
             )
         )
         p.masked_input(secrets, np.zeros(10), 100, SEED)
-    unmask = config(protocol.UNMASK, plan, 2, **{protocol.SECAGG_SURVIVORS: b"[1, 2]", protocol.SECAGG_DROPPED: b"[3]"})
-    shares = sa.unpack(participants[1].answer(unmask)[protocol.SECAGG_SHARES], "", 100)
-    assert sorted(shares) == [1, 2, 3]  # seed shares of 1 and 2, the mask key's share of 3
+    two = config(protocol.UNMASK, plan, 2, **{protocol.SECAGG_SURVIVORS: b"[1, 2]", protocol.SECAGG_DROPPED: b"[3]"})
+    # a sum of 2 would tell each the other's update: refused, whatever the threshold allows
+    assert "fewer than the 3 needed" in participants[1].answer(two)[protocol.SECAGG_PROBLEM]
+    p = participants[1] = Participant(settings, None, "site-1")  # the round again, from its first stage
+    keys[2] = p.answer(config(protocol.ADVERTISE, plan, 2))[protocol.SECAGG_KEYS]
+    sealed[2] = sa.unpack(
+        p.answer(config(protocol.SHARE_KEYS, plan, 2, **{protocol.SECAGG_PEERS: sa.pack(keys)}))[
+            protocol.SECAGG_CIPHERTEXTS
+        ],
+        "",
+        10**6,
+    )
+    # the others' shares for 2 were sealed to its old key: it opens none, and still masks with both
+    secrets = p.prepare_input(
+        config(
+            protocol.MASKED_INPUT, plan, 2, **{protocol.SECAGG_CIPHERTEXTS: sa.pack({v: sealed[v][2] for v in (1, 3)})}
+        )
+    )
+    p.masked_input(secrets, np.zeros(10), 100, SEED)
+    unmask = config(
+        protocol.UNMASK, plan, 2, **{protocol.SECAGG_SURVIVORS: b"[1, 2, 3]", protocol.SECAGG_DROPPED: b"[]"}
+    )
+    shares = sa.unpack(p.answer(unmask)[protocol.SECAGG_SHARES], "", 100)
+    assert sorted(shares) == [2]  # its own seed share: the others' did not open
     again = participants[1].answer(unmask)
     assert "out of order" in again[protocol.SECAGG_PROBLEM]
     # A server that lowers the threshold, or sets one that lets two groups rebuild both secrets
@@ -248,3 +296,21 @@ def test_the_neighbourhoods_are_symmetric_and_a_strict_majority_rebuilds() -> No
     secret = b"s" * 32
     shares = sa.split(secret, 3, 5)
     assert sa.rebuild(shares[:3]) == secret and sa.rebuild(shares[2:]) == secret
+
+
+def test_one_certificate_signs_for_at_most_max_connections_per_client_neighbours() -> None:
+    """A colluding client's certificate cannot vouch for every neighbour of its target."""
+    settings = secure_settings(max_connections_per_client=1)
+    ids, _ = identities(2)
+    plan = sa.Plan(1, 4, 0, 0.6, 1.0, 22, MAX_WEIGHT)
+    target = Participant(settings, ids[0], "target")
+    keys = {1: target.answer(config(protocol.ADVERTISE, plan, 1))[protocol.SECAGG_KEYS]}
+    for v in (2, 3, 4):  # keys the server made, all signed with the one colluding certificate
+        c_key, s_key = sa.new_key(), sa.new_key()
+        message = sa.keys_message(1, v, sa.public_bytes(c_key), sa.public_bytes(s_key))
+        signature = sa.sign(ids[1].private_key, message)
+        keys[v] = sa.Advertised(
+            sa.public_bytes(c_key), sa.public_bytes(s_key), signature, ids[1].certificate
+        ).to_bytes()
+    answer = target.answer(config(protocol.SHARE_KEYS, plan, 1, **{protocol.SECAGG_PEERS: sa.pack(keys)}))
+    assert "one certificate signs the keys of more than MAX_CONNECTIONS_PER_CLIENT=1" in answer[protocol.SECAGG_PROBLEM]

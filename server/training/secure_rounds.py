@@ -76,6 +76,15 @@ def max_weight(settings: Settings) -> int:
     return max(1, math.ceil(2 * example_limit(settings) / settings.num_shards))
 
 
+def usable_keys(blob: Any) -> None:
+    """Advertised keys that parse and agree (an all-zero X25519 key agrees nothing): else the
+    client's neighbours would fail on it."""
+    entry = Advertised.from_bytes(blob)
+    trial = sa.new_key()
+    sa.agree(trial, entry.c_public, b"check", 0)
+    sa.agree(trial, entry.s_public, b"check", 0)
+
+
 def seed_matches(round_: int, client: int, commitment: bytes, seed: bytes) -> bool:
     return sa.commitment(seed, round_, client) == commitment
 
@@ -122,11 +131,11 @@ class SecureAggregator:
         keys: dict[int, bytes] = {}
         for u, props in answers.items():
             blob = props.get(protocol.SECAGG_KEYS)
-            if self.checked(outcome, proxies[u], protocol.ADVERTISE, functools.partial(Advertised.from_bytes, blob)):
+            if self.checked(outcome, proxies[u], protocol.ADVERTISE, functools.partial(usable_keys, blob)):
                 assert isinstance(blob, bytes)  # from_bytes took it
                 keys[u] = blob  # relayed as sent
-        if len(keys) < plan.shares_needed:
-            return self.fail(outcome, f"only {len(keys)} clients advertised keys, {plan.shares_needed} are needed")
+        if len(keys) < plan.survivors_needed:
+            return self.fail(outcome, f"only {len(keys)} clients advertised keys, {plan.survivors_needed} are needed")
 
         # 2. share keys: each gets its neighbourhood's keys
         neighbourhood = {u: ({u} | set(plan.neighbours_of(u))) & set(keys) for u in keys}
@@ -157,8 +166,10 @@ class SecureAggregator:
 
             self.checked(outcome, proxies[u], protocol.SHARE_KEYS, read)
         shared = set(sealed)
-        if len(shared) < plan.shares_needed:
-            return self.fail(outcome, f"only {len(shared)} clients shared their keys, {plan.shares_needed} are needed")
+        if len(shared) < plan.survivors_needed:
+            return self.fail(
+                outcome, f"only {len(shared)} clients shared their keys, {plan.survivors_needed} are needed"
+            )
 
         # 3. masked input: each gets the shares sealed for it by the others that shared keys
         delivered = {u: {v: sealed[v][u] for v in shared if v != u and u in sealed[v]} for u in shared}
@@ -183,9 +194,9 @@ class SecureAggregator:
 
             self.checked(outcome, proxies[u], protocol.MASKED_INPUT, read_input)
         survivors = set(inputs)
-        if len(survivors) < plan.shares_needed:
+        if len(survivors) < plan.survivors_needed:
             return self.fail(
-                outcome, f"only {len(survivors)} clients sent a masked input, {plan.shares_needed} are needed"
+                outcome, f"only {len(survivors)} clients sent a masked input, {plan.survivors_needed} are needed"
             )
 
         # 4. unmask
