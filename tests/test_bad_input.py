@@ -197,6 +197,9 @@ def mlp_task(model: str = MLP, result: str = '{"loss": 1.0}', server: bool = Fal
     return task_module(MLP_TASK.format(model=model, result=result), server)
 
 
+# Secure aggregation's smallest valid round: what each of its cases changes one thing of.
+SECURE = {"SECURE_AGGREGATION": "true", "MIN_FIT_CLIENTS": "3", "MIN_AVAILABLE_CLIENTS": "3"}
+
 CASES = [
     # the user's task (TASK, TASK_DIR): checked at start, before connecting, where it can be
     Case(
@@ -524,7 +527,7 @@ CASES = [
     Case(
         "secagg-threshold-half",
         ["server"],
-        {"SECURE_AGGREGATION": "true", "MIN_FIT_CLIENTS": "3", "MIN_AVAILABLE_CLIENTS": "3", "SECAGG_THRESHOLD": "0.5"},
+        {**SECURE, "SECAGG_THRESHOLD": "0.5"},
         2,
         "SECAGG_THRESHOLD='0.5' is not valid: use a number > 0.5 and <= 1",
     ),
@@ -532,9 +535,7 @@ CASES = [
         "secagg-bits-too-many",
         ["client"],
         {
-            "SECURE_AGGREGATION": "true",
-            "MIN_FIT_CLIENTS": "3",
-            "MIN_AVAILABLE_CLIENTS": "3",
+            **SECURE,
             "SECAGG_QUANTIZATION_BITS": "40",
         },
         2,
@@ -543,14 +544,14 @@ CASES = [
     Case(
         "secagg-odd-neighbours",
         ["server"],
-        {"SECURE_AGGREGATION": "true", "MIN_FIT_CLIENTS": "3", "MIN_AVAILABLE_CLIENTS": "3", "SECAGG_NEIGHBOURS": "5"},
+        {**SECURE, "SECAGG_NEIGHBOURS": "5"},
         2,
         "SECAGG_NEIGHBOURS=5: a ring's neighbourhood has as many on each side: set an even number",
     ),
     Case(
         "secagg-async",
         ["server"],
-        {"SECURE_AGGREGATION": "true", "MIN_FIT_CLIENTS": "3", "MIN_AVAILABLE_CLIENTS": "3", "MODE": "async"},
+        {**SECURE, "MODE": "async"},
         2,
         "SECURE_AGGREGATION=true needs a cohort that shares keys before any of it sends its input",
     ),
@@ -558,9 +559,7 @@ CASES = [
         "secagg-robust-strategy",
         ["server"],
         {
-            "SECURE_AGGREGATION": "true",
-            "MIN_FIT_CLIENTS": "3",
-            "MIN_AVAILABLE_CLIENTS": "3",
+            **SECURE,
             "STRATEGY": "krum",
             "KRUM_MALICIOUS_CLIENTS": "0",
         },
@@ -571,9 +570,7 @@ CASES = [
         "secagg-dp-client",
         ["server"],
         {
-            "SECURE_AGGREGATION": "true",
-            "MIN_FIT_CLIENTS": "3",
-            "MIN_AVAILABLE_CLIENTS": "3",
+            **SECURE,
             "DP": "client",
             "DP_DELTA": "1e-5",
         },
@@ -583,14 +580,14 @@ CASES = [
     Case(
         "secagg-clip-norm",
         ["server"],
-        {"SECURE_AGGREGATION": "true", "MIN_FIT_CLIENTS": "3", "MIN_AVAILABLE_CLIENTS": "3", "CLIP_NORM": "2"},
+        {**SECURE, "CLIP_NORM": "2"},
         2,
         "CLIP_NORM=2 clips each update at the server, which SECURE_AGGREGATION=true hides: set CLIP_NORM=0",
     ),
     Case(
         "secagg-quorum",
         ["server"],
-        {"SECURE_AGGREGATION": "true", "MIN_FIT_CLIENTS": "3", "MIN_AVAILABLE_CLIENTS": "3", "FIT_QUORUM": "0.8"},
+        {**SECURE, "FIT_QUORUM": "0.8"},
         2,
         "FIT_QUORUM=0.8: under SECURE_AGGREGATION=true every client that shared its keys is waited for",
     ),

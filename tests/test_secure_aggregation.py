@@ -13,9 +13,8 @@ import zlib
 
 import numpy as np
 import pytest
-from flwr.common import FitIns, ndarrays_to_parameters
 
-from bench.secure_aggregation import MAX_WEIGHT, SEED, ScriptedClient, in_process, scripted
+from bench.secure_aggregation import MAX_WEIGHT, SEED, ScriptedClient, in_process, instructions, scripted
 from client.secure_aggregation import Identity, Participant
 from flowerpot import certs
 from server.training.secure_rounds import SecureAggregator, SecureFit
@@ -39,9 +38,7 @@ def secure_settings(**values: object) -> Settings:
 
 
 def secure_round(settings: Settings, manager: BoundedClientManager, server_round: int = 1) -> SecureFit:
-    proxies = sorted(manager.all().values(), key=lambda p: p.cid)
-    parameters = ndarrays_to_parameters([np.zeros(SIZE, dtype=np.float32)])
-    return SecureAggregator(settings, manager, SIZE).fit(server_round, [(p, FitIns(parameters, {})) for p in proxies])
+    return SecureAggregator(settings, manager, SIZE).fit(server_round, instructions(manager, SIZE))
 
 
 def expected_mean(clients: list[ScriptedClient], settings: Settings) -> np.ndarray:

@@ -8,7 +8,6 @@ in one line and checkpointed before the next one starts, and the run can start f
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -256,13 +255,11 @@ class Federation:
             secure = self.secure.fit(server_round, instructions)
             fit_results, fit_failures = secure.results, list(secure.failures)
             report = strategy.aggregate_secure(server_round, secure)
-            if report.parameters is not None:
-                server.parameters = report.parameters
         elif instructions:  # Flower's Server.fit_round, with the guard's report kept
             fit_results, fit_failures, late = self.fit_first(instructions, server_round, started)
             report = strategy.aggregate(server_round, fit_results, fit_failures)
-            if report.parameters is not None:
-                server.parameters = report.parameters
+        if report.parameters is not None:
+            server.parameters = report.parameters
         fit_seconds = time.perf_counter() - started
         fit_metrics: dict[str, Any] = report.metrics
         evaluation = server.evaluate_round(server_round=server_round, timeout=self.settings.round_timeout)
@@ -314,9 +311,6 @@ class Federation:
         missing = [p for cid, p in self.client_manager.all().items() if cid not in self.last_evaluated]
         hand_out(missing, parameters, strategy.evaluate_config(s.num_rounds), s.round_timeout, s.num_rounds)
 
-    def release_late(self, cid: str, _: Future) -> None:
-        self.client_manager.release(cid)  # its late answer arrived (dropped) or timed out
-
     def fit_first(
         self, instructions: list[tuple[ClientProxy, FitIns]], server_round: int, started: float
     ) -> tuple[list[tuple[ClientProxy, FitRes]], list, int]:
@@ -347,8 +341,7 @@ class Federation:
                 res = future.result()
                 (results if res.status.code == Code.OK else failures).append((proxy, res))
         for future, proxy in pending.items():
-            self.client_manager.hold(proxy.cid)
-            future.add_done_callback(functools.partial(self.release_late, proxy.cid))
+            self.client_manager.hold_until(proxy.cid, future)
         if pending:
             why = "ROUND_DEADLINE" if len(results) < quorum else f"FIT_QUORUM={s.fit_quorum:g}"
             log.info(

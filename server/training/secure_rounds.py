@@ -381,13 +381,9 @@ class SecureAggregator:
                 answers[u] = future.result()
         for future in late:
             u = pending[future]
-            self.client_manager.hold(proxies[u].cid)
-            future.add_done_callback(functools.partial(self.release_late, proxies[u].cid))
+            self.client_manager.hold_until(proxies[u].cid, future)
             self.drop(outcome, proxies[u], name, f"no answer within {timeout:g} s", leaves)
         return answers
-
-    def release_late(self, cid: str, _: Future) -> None:
-        self.client_manager.release(cid)  # its late answer arrived (dropped) or timed out
 
     def checked(
         self, outcome: SecureFit, proxy: ClientProxy, name: str, read: Callable[[], Any], leaves: bool = True
@@ -416,11 +412,10 @@ class SecureAggregator:
 
     def fail(self, outcome: SecureFit, why: str) -> SecureFit:
         outcome.failed = f"secure aggregation failed: {why}"
-        outcome.delta = None
         return outcome
 
     def summary(self, outcome: SecureFit, sampled: int, advertised: int, shared: int) -> None:
-        names = [str(f).split(" left at ")[0] for f in outcome.failures]
+        names = [self.label(f.proxy) for f in outcome.failures]
         shown = ", ".join(names[:SHOWN_DROPOUTS]) + (
             f" and {len(names) - SHOWN_DROPOUTS} more" if len(names) > SHOWN_DROPOUTS else ""
         )

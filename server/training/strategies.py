@@ -349,8 +349,7 @@ class GuardedStrategy(Strategy):
         failed = self.too_few(completed, sampled, len(results) + len(failures))
         if failed is not None:
             # The model stays and a server optimizer's moments are not fed with a lone update.
-            log.warning("round %d failed, its result is not applied: %s", server_round, failed)
-            return FitReport(None, {}, refused, failed)
+            return failed_round(server_round, failed, refused)
         self.clip_counts(server_round, sound, "training")
         if self.clip_norm > 0 and not checked_as_trained:
             self.clip_updates(sound)
@@ -413,17 +412,15 @@ class GuardedStrategy(Strategy):
         one answer of weight 1 (FedAvg takes it as it is, a server optimizer steps along it); the
         survivors' metrics averaged with equal weights (their example counts are secret too)."""
         self.refused_fit = (server_round, set())
-        if secure.delta is None:
-            log.warning("round %d failed, its result is not applied: %s", server_round, secure.failed)
-            return FitReport(None, {}, [], secure.failed)
+        if secure.failed is not None:
+            return failed_round(server_round, secure.failed)
         for proxy, res in secure.results:
             self.keep_known_metrics(proxy, res, self.fit_metrics)
         completed, sampled = completed_participants(secure.results, secure.results, secure.failures)
         failed = self.too_few(completed, sampled, len(secure.results) + len(secure.failures))
         if failed is not None:
-            log.warning("round %d failed, its result is not applied: %s", server_round, failed)
-            return FitReport(None, {}, [], failed)
-        assert self.distance.flat is not None
+            return failed_round(server_round, failed)
+        assert self.distance.flat is not None and secure.delta is not None
         aggregate = self.unflat(self.distance.flat + secure.delta)
         proxy = secure.results[0][0]
         one = FitRes(Status(Code.OK, ""), aggregate, 1, {})
@@ -431,9 +428,9 @@ class GuardedStrategy(Strategy):
         if parameters is not None:
             parameters = self.as_reference_dtypes(parameters)  # a server optimizer's float64, back to the model's
         if parameters is None or not self.finite(parameters):
-            failed = f"the server strategy's step on the unmasked sum is unusable ({NOT_FINITE})"
-            log.warning("round %d failed, its result is not applied: %s", server_round, failed)
-            return FitReport(None, {}, [], failed)
+            return failed_round(
+                server_round, f"the server strategy's step on the unmasked sum is unusable ({NOT_FINITE})"
+            )
         metrics = weighted_average([(1, res.metrics) for _, res in secure.results])
         return FitReport(parameters, metrics, [])
 
@@ -709,6 +706,12 @@ class GuardedStrategy(Strategy):
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         return self.inner.evaluate(server_round, parameters)
+
+
+def failed_round(server_round: int, why: str, refused: list[tuple[ClientProxy, str]] | None = None) -> FitReport:
+    """A round whose result is not applied (the model stays), logged once with why."""
+    log.warning("round %d failed, its result is not applied: %s", server_round, why)
+    return FitReport(None, {}, refused or [], why)
 
 
 def _tell_round(client_manager: ClientManager, server_round: int, phase: str) -> None:

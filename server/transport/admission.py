@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future
 
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -107,6 +108,12 @@ class BoundedClientManager(SimpleClientManager):
         with self._cv:
             self.busy.discard(cid)
             self._cv.notify_all()
+
+    def hold_until(self, cid: str, answer: Future) -> None:
+        """Held from sampling until `answer`, an instruction a round stopped waiting for, arrives
+        (dropped) or times out."""
+        self.hold(cid)
+        answer.add_done_callback(lambda _: self.release(cid))
 
     def wait_free(self, timeout: float) -> bool:
         """Wait until no client is busy with an instruction a round stopped waiting for."""
