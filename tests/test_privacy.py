@@ -349,3 +349,17 @@ def test_a_client_level_run_reports_the_epsilon_dp_accounting_and_opacus_recompu
     spent = [r["fit_metrics"]["privacy_epsilon"] for r in history]  # the run's spend, round by round
     assert spent == sorted(spent) and spent[0] > 0 and spent[-1] == pytest.approx(report["epsilon"])
     assert not (Path(env["DP_LEDGER_DIR"])).exists()  # the clients train as usual: no ledger
+
+
+def test_a_client_level_round_that_samples_nobody_is_noise_alone_and_counted(spawn, digits_shards, tmp_path) -> None:
+    """Poisson sampling picks nobody in most of these rounds (0.97 ** 3 per round): such a round
+    still moves the model by the noise and spends its epsilon, as the accountant assumes."""
+    env = private_env(digits_shards, tmp_path, DP="client", DP_NOISE_MULTIPLIER="0.5", DP_CLIP_NORM="2",
+                      FRACTION_FIT="0.01", MIN_FIT_CLIENTS="1")  # fmt: skip
+    _, report = federate(spawn, env)
+    history = json.loads((tmp_path / "results" / "history.json").read_text())
+    assert len(history) == 3 and all(r.get("failed") is None for r in history)
+    spent = [r["fit_metrics"].get("privacy_epsilon") for r in history]
+    assert None not in spent and spent == sorted(spent) and spent[-1] == pytest.approx(report["epsilon"])
+    losses = [r["eval_loss"] for r in history]
+    assert len(set(losses)) == 3  # every round's model is a new one: the noise was applied

@@ -258,6 +258,8 @@ class Federation:
         elif instructions:  # Flower's Server.fit_round, with the guard's report kept
             fit_results, fit_failures, late = self.fit_first(instructions, server_round, started)
             report = strategy.aggregate(server_round, fit_results, fit_failures)
+        elif strategy.client_dp is not None:  # Poisson picked nobody: the round is noise alone, and counted
+            report = strategy.aggregate(server_round, [], [])
         if report.parameters is not None:
             server.parameters = report.parameters
         fit_seconds = time.perf_counter() - started
