@@ -189,16 +189,16 @@ def federate(spawn, env: dict[str, str], clients: int = 3) -> tuple[str, dict]:
 
 
 def test_a_private_run_reports_an_epsilon_another_accountant_recomputes(spawn, digits_shards, tmp_path) -> None:
-    output, report = federate(spawn, private_env(digits_shards, tmp_path))
+    output, report = federate(spawn, private_env(digits_shards, tmp_path, LOCAL_EPOCHS="2"))
     assert report["mode"] == "record" and report["delta"] == 1e-5 and "RDPAccountant" in report["accountant"]
     assert len(report["sites"]) == 3
     for site in report["sites"]:
         rate = 32 / site_examples(digits_shards, site["shard"])
         assert site["sample_rate"] == pytest.approx(rate)
         assert site["ledger"] == [[1.1, pytest.approx(rate), site["steps"]]]
-        assert site["steps"] == 3 * -(
+        assert site["steps"] == 6 * -(
             -site_examples(digits_shards, site["shard"]) // 32
-        )  # 3 rounds x an epoch's batches
+        )  # 3 rounds x 2 epochs' batches
         assert site["epsilon"] == pytest.approx(dp_accounting_epsilon(site["ledger"], 1e-5), rel=0.05)
         assert site["epsilon"] == pytest.approx(epsilon([Spend(*site["ledger"][0])], 1e-5), rel=1e-9)
     assert (
@@ -208,7 +208,7 @@ def test_a_private_run_reports_an_epsilon_another_accountant_recomputes(spawn, d
     history = json.loads((tmp_path / "results" / "history.json").read_text())
     eps = [r["fit_metrics"]["privacy_epsilon"] for r in history]
     assert eps == sorted(eps) and eps[-1] == pytest.approx(max(s["epsilon"] for s in report["sites"]))
-    assert history[-1]["eval_accuracy"] > 0.3  # private, and learning: chance is 0.1 (3 epochs in all)
+    assert history[-1]["eval_accuracy"] > 0.3  # private, and learning: chance is 0.1 (6 epochs in all)
     sites = json.loads((tmp_path / "results" / "sites.json").read_text())["clients"]  # the per-site view
     spent = {(s["site"], s["shard"]): s["epsilon"] for s in report["sites"]}
     assert len(sites) == 3 and all(c["privacy_epsilon"] == spent[(c["site"], c["shard"])] for c in sites)
