@@ -41,11 +41,17 @@ def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
     assert {t["target"].split(" ")[0] for t in results["targets"]} >= {"federated", "median", "30", "peak", "per-round"}
 
     private = results["privacy"]["cohorts"][0]  # tuned on validation, then with and without DP on test
-    assert {c["split"] for m in private["tuned"].values() for c in m["grid"]} == {"validation"}
-    off, dp = private["rows"]
-    assert off["noise"] is None and dp["noise"] == 1.0
-    assert all(r["ok"] and r["split"] == "test" and 0 < r["accuracy"] <= 1 for r in off["runs"] + dp["runs"])
-    assert all(r["epsilon"] is None for r in off["runs"]) and all(r["epsilon"] > 0 for r in dp["runs"])
+    assert {c["split"] for m in private["tuned"].values() for mode in m.values() for c in mode["grid"]} == {
+        "validation"
+    }
+    # each model without DP, at noise 1 and at the noise that spends epsilon 8
+    assert [(r["model"].split(" ")[1], r["noise"]) for r in private["rows"]] == [
+        (model, noise) for model in ("CNN", "MLP") for noise in (None, 1.0, "target")
+    ]
+    runs = [r for row in private["rows"] for r in row["runs"]]
+    assert all(r["ok"] and r["split"] == "test" and 0 < r["accuracy"] <= 1 for r in runs)
+    assert all((r["epsilon"] is None) == (r["noise"] is None) for r in runs)
+    assert all(r["epsilon"] <= 8 for row in private["rows"] if row["noise"] == "target" for r in row["runs"])
     assert all(0 <= r["auc"] <= 1 for row in results["privacy"]["attack"]["rows"] for r in row["runs"])
     client_level = results["client_privacy"]["runs"]  # 20 logical clients, without DP and at noise 1
     assert [(r["noise"], r["ok"]) for r in client_level] == [(None, True), (1.0, True)]

@@ -195,6 +195,20 @@ def test_the_folder_example_trains_a_residual_network_on_rgb_images(tmp_path: Pa
     assert json.loads(predicted.stdout)[0]["label"] in ("red", "green", "blue")
 
 
+def test_the_private_example_trains_under_dp_sgd_and_reports_its_epsilon(tmp_path: Path) -> None:
+    """examples/digits_private has no train, so DP=record trains it with Flowerpot's DP-SGD loop."""
+    env = {"NUM_ROUNDS": "3", "LOCAL_EPOCHS": "2", "METRICS_PORT": "0", "DP": "record", "DP_NOISE_MULTIPLIER": "1"}
+    env.update(TASK="small_mlp", TASK_DIR=str(REPO / "examples" / "digits_private"))
+    result = run_cli(["run-local"], cwd=tmp_path, timeout=300, **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert history(tmp_path)[-1]["eval_accuracy"] >= 0.7, history(tmp_path)[-1]
+    report = json.loads((tmp_path / "results" / "privacy.json").read_text())
+    assert report["mode"] == "record" and len(report["sites"]) == 3
+    assert all(0 < site["epsilon"] < 10 for site in report["sites"])
+    meta = json.loads((tmp_path / "results" / "final_model.json").read_text())
+    assert meta["task"] == "small_mlp" and sum(np.prod(a["shape"]) for a in meta["arrays"]) == 2410
+
+
 OTHER_SHAPE = CONTRACT.read_text().replace("128", "64")  # the same module name, another network
 
 
