@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -301,7 +301,7 @@ def run_client(settings: Settings) -> None:
         run_fleet(settings, site_shards, lambda folder, slot, keeps: ready_client(settings, task, folder, slot, keeps))
         return
     with claim_shard(settings.data_dir, settings.shard_id, site_shards) as folder:
-        ready_client(settings, task, folder)()
+        wiring.block_on(ready_client(settings, task, folder)())
 
 
 def ready_client(
@@ -310,7 +310,7 @@ def ready_client(
     folder: Path,
     slot: AbstractContextManager[Any] | None = None,
     keeps_final_model: bool = True,
-) -> Callable[[], None]:
+) -> Callable[[], Coroutine[Any, Any, None]]:
     """One client on its claimed shard's folder, loaded and built (what can fail before any
     connection fails here); what it returns joins the server and serves until the run ends
     (RunIncomplete when the server ended the run before it completed)."""
@@ -344,8 +344,8 @@ def ready_client(
         **tls_options(settings),
     )
 
-    def serve() -> None:
-        if not wiring.run(client.to_client(), endpoint):
+    async def serve() -> None:
+        if not await wiring.serve(client.to_client(), endpoint):
             raise RunIncomplete(
                 f"the server at SERVER_ADDRESS={settings.server_address} ended the run before it completed "
                 f"(its log says why); {shard.name} is released: start the run again"

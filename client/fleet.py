@@ -4,35 +4,42 @@ emulated on a few machines.
 Why in one process: a client process carries its own PyTorch runtime (about 200 MB in a
 container), so a machine holds a few dozen; logical clients share it, and each costs its shard
 and a model. Each still is a client in every way the server can see: its own shard claim, its
-own gRPC stream, join value and seed, its own state; they are threads of one process, so they
-share its machine and are not isolated from each other (a bug in a user's task that corrupts
-the process ends them all; one whose training raises fails only that client's fit).
+own gRPC stream, join value and seed, its own state; they share one process, so they share its
+machine and are not isolated from each other (a bug in a user's task that corrupts the process
+ends them all; one whose training raises fails only that client's fit).
 
 All are loaded and built first, one after the other (a shard or task that cannot work fails
-the process before any connection), then each joins the server from a thread of its own, all
-at once, named after its shard, and prefixes its log lines with it; at most TRAINING_SLOTS of
-them train or evaluate at once, the others wait their turn. The first keeps the final model's
-copy for the process.
+the process before any connection), then all join the server at once, each a task of the
+process's one event loop (client/wiring.py: an idle stream costs no CPU), named after its shard,
+which prefixes its log lines; at most TRAINING_SLOTS of them train or evaluate at once, the
+others wait their turn. The first keeps the final model's copy for the process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import AbstractContextManager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from client.claim import Claim, candidate_folders, claim_free, no_free_shard
+from client.wiring import block_on
 from shared.errors import ExitCode, FlowerpotError
 from shared.settings import Settings
 
 log = logging.getLogger("flowerpot.client")
 
 # (shard folder, training slot, keeps the final model) -> the built client's serve()
-Ready = Callable[[Path, AbstractContextManager[Any], bool], Callable[[], None]]
+Serve = Callable[[], Coroutine[Any, Any, None]]
+Ready = Callable[[Path, AbstractContextManager[Any], bool], Serve]
+
+# The logical client whose task (or answer thread: client/wiring.py's in_thread) runs: its shard.
+LOGICAL_CLIENT: ContextVar[str | None] = ContextVar("logical_client", default=None)
 
 
 class LogicalClientFailed(FlowerpotError):
@@ -40,22 +47,18 @@ class LogicalClientFailed(FlowerpotError):
     the first one's."""
 
 
-class _ThreadName(logging.Filter):
-    """Prefixes the lines logged from a logical client's thread with its shard's name."""
-
-    def __init__(self, names: frozenset[str]) -> None:
-        super().__init__()
-        self.names = names
+class _ClientName(logging.Filter):
+    """Prefixes the lines a logical client logs with its shard's name."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        name = threading.current_thread().name
-        if name in self.names and not getattr(record, "_flowerpot_named", False):
+        name = LOGICAL_CLIENT.get()
+        if name is not None and not getattr(record, "_flowerpot_named", False):
             record.msg, record._flowerpot_named = f"{name}: {record.msg}", True
         return True
 
 
 def run_fleet(settings: Settings, site_shards: tuple[int, ...] | None, ready: Ready) -> None:
-    """Claim up to CLIENTS_PER_PROCESS free shards and serve each in a thread until all end."""
+    """Claim up to CLIENTS_PER_PROCESS free shards and serve each until all end."""
     wanted = settings.clients_per_process
     folders = candidate_folders(settings.data_dir, settings.shard_id, site_shards)
     claims = claim_free(folders, wanted)
@@ -71,15 +74,16 @@ def run_fleet(settings: Settings, site_shards: tuple[int, ...] | None, ready: Re
         log.info("starting %d logical clients, at most %d training at once", len(claims), settings.training_slots)
     slots = threading.BoundedSemaphore(settings.training_slots)
     outcomes: dict[str, BaseException | None] = {}
-    named = _ThreadName(frozenset(c.folder.name for c in claims))
+    named = _ClientName()
     logging.getLogger("flowerpot").addFilter(named)
     log.addFilter(named)
 
-    def one(claim: Claim, serve: Callable[[], None]) -> None:
+    async def one(claim: Claim, serve: Serve) -> None:
+        LOGICAL_CLIENT.set(claim.folder.name)  # this task's own context: its lines, its threads
         try:
-            serve()
+            await serve()
             outcomes[claim.folder.name] = None
-        except BaseException as exc:  # recorded and said at the end; the others go on
+        except Exception as exc:  # recorded and said at the end; the others go on
             outcomes[claim.folder.name] = exc
             if isinstance(exc, FlowerpotError):
                 log.error("stopped: %s", exc)
@@ -88,18 +92,14 @@ def run_fleet(settings: Settings, site_shards: tuple[int, ...] | None, ready: Re
         finally:
             claim.release()
 
+    async def all_of(clients: list[Serve]) -> None:
+        await asyncio.gather(*(one(claim, serve) for claim, serve in zip(claims, clients)))
+
     try:
         built = time.monotonic()
         clients = [ready(claim.folder, slots, i == 0) for i, claim in enumerate(claims)]
         log.info("built %d logical clients in %.1f s; joining the server", len(clients), time.monotonic() - built)
-        threads = [
-            threading.Thread(target=one, args=(claim, serve), name=claim.folder.name, daemon=True)
-            for claim, serve in zip(claims, clients)
-        ]
-        for thread in threads:
-            thread.start()
-        while any(thread.is_alive() for thread in threads):
-            time.sleep(0.2)  # not join(): the main thread must stay free to take SIGTERM
+        block_on(all_of(clients))
     finally:
         for claim in claims:  # a stop (SIGTERM) ends the process: its claims go with it
             claim.release()

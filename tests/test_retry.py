@@ -3,6 +3,7 @@ is final (checked against a real Flowerpot gRPC server on loopback)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterator
@@ -98,14 +99,18 @@ def test_the_handshake_probe_is_not_seated_as_a_client(caplog: pytest.LogCapture
     manager = BoundedClientManager(wait_timeout=5)
     server = start_grpc_server(manager, Admission(capacity=5), Traffic(), address, max_message_bytes=1 << 20)
     caplog.set_level(logging.INFO)
-    try:
+
+    async def probe() -> str:
         channel = wiring._open_channel(
             wiring.Endpoint(address=address, name="probe", max_message_bytes=1 << 20, connect_timeout=5)
         )
         try:
-            assert wiring._failure_details(channel) == ""  # the channel connects by now: no reason to give
+            return await wiring._failure_details(channel)
         finally:
-            channel.close()
+            await channel.close()
+
+    try:
+        assert asyncio.run(probe()) == ""  # the channel connects by now: no reason to give
     finally:
         server.stop(grace=None)
     assert "join metadata" not in caplog.text and "joined" not in caplog.text, caplog.text
