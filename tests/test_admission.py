@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 
-from server.transport.admission import Admission
+from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import GrpcBridge
+
+from server.transport.admission import Admission, BoundedClientManager
+from server.transport.stream import NamedClientProxy
 
 
 def test_places_up_to_the_capacity_then_a_reason_that_names_max_clients() -> None:
@@ -70,3 +75,39 @@ def test_concurrent_joins_never_exceed_the_capacity_and_all_places_come_back() -
     for thread in threads:
         thread.join()
     assert admission.connected == 0
+
+
+def test_counting_free_clients_while_others_join_and_leave_never_raises() -> None:
+    """Flower's register changes the client dict outside its lock; a count iterating it (the
+    live metrics' scrape) raised "dictionary changed size during iteration" in a join storm."""
+    manager = BoundedClientManager(wait_timeout=1)
+    resident = [NamedClientProxy(f"resident-{i}", GrpcBridge(), "r") for i in range(5000)]
+    for proxy in resident:
+        manager.register(proxy)
+    stop, errors = threading.Event(), []
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            proxy = NamedClientProxy(f"churn-{i}", GrpcBridge(), "c")
+            manager.register(proxy)
+            manager.unregister(proxy)
+            i += 1
+
+    thread = threading.Thread(target=churn)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: the race shows at once
+    thread.start()
+    try:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                assert manager.num_available() >= 5000
+            except RuntimeError as exc:
+                errors.append(exc)
+                break
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert not errors, errors

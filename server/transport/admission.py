@@ -100,6 +100,16 @@ class BoundedClientManager(SimpleClientManager):
         self.busy: set[str] = set()
         self.busy_wait = wait_timeout  # how long sampling waits for busy clients (server: ROUND_TIMEOUT)
 
+    def register(self, client: ClientProxy) -> bool:
+        # Flower changes `clients` outside its lock; sampling and counting iterate it under the
+        # lock, and raised "dictionary changed size during iteration" in a join storm.
+        with self._cv:
+            return super().register(client)
+
+    def unregister(self, client: ClientProxy) -> None:
+        with self._cv:
+            super().unregister(client)
+
     def hold(self, cid: str) -> None:
         with self._cv:
             self.busy.add(cid)
