@@ -25,6 +25,7 @@ import socket
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, TypeVar
 
 import grpc
@@ -123,14 +124,21 @@ async def serve(client: Client, endpoint: Endpoint) -> bool:
         try:
             wait = max(0.1, min(ATTEMPT_SECONDS, backoff.remaining()))
             if await _ready(channel, wait):
-                if await _serve(client, channel, endpoint, told):
+                end = await _serve(client, channel, endpoint, told)
+                if end is StreamEnd.RUN_ENDED:
                     return told.completed
-                log.warning("lost the connection to the server at %s; reconnecting", endpoint.address)
-                backoff.restart()
-                handshake_failures = 0
-                continue
-            problem = await in_thread(_tcp_problem, endpoint.address)
-            details = await _failure_details(channel) if problem is None else ""
+                if end is StreamEnd.LOST:
+                    log.warning("lost the connection to the server at %s; reconnecting", endpoint.address)
+                    backoff.restart()
+                    handshake_failures = 0
+                    continue
+                # Cut before its first instruction (a busy server's queue): joining again at
+                # once would only add to what is queued, so the client waits as if unreachable.
+                problem: str | None = "it ended the stream before its first instruction"
+                details = ""
+            else:
+                problem = await in_thread(_tcp_problem, endpoint.address)
+                details = await _failure_details(channel) if problem is None else ""
         finally:
             await channel.close(grace=CLOSE_GRACE_SECONDS)
         if problem is None:  # the port answers, yet no gRPC channel: TLS or protocol mismatch
@@ -251,6 +259,14 @@ async def _ready(channel: grpc.aio.Channel, timeout: float) -> bool:
         return False
 
 
+class StreamEnd(Enum):
+    """How one stream ended."""
+
+    RUN_ENDED = "the server ended the run"
+    LOST = "lost after at least one instruction"
+    CUT = "cut before its first instruction"
+
+
 @dataclass
 class Told:
     """What the server said about the run, over all of this client's streams."""
@@ -258,8 +274,8 @@ class Told:
     completed: bool = False
 
 
-async def _serve(client: Client, channel: grpc.aio.Channel, endpoint: Endpoint, told: Told) -> bool:
-    """Answer instructions on one stream; True when the server ended the run."""
+async def _serve(client: Client, channel: grpc.aio.Channel, endpoint: Endpoint, told: Told) -> StreamEnd:
+    """Answer instructions on one stream until it ends; how it ended."""
     call = FlowerServiceStub(channel).Join(metadata=_metadata(endpoint))
     received = 0
     try:
@@ -268,7 +284,7 @@ async def _serve(client: Client, channel: grpc.aio.Channel, endpoint: Endpoint, 
             kind = message.WhichOneof("msg")
             if kind == "reconnect_ins":
                 await call.write(ClientMessage(disconnect_res=ClientMessage.DisconnectRes(reason=Reason.ACK)))
-                return True
+                return StreamEnd.RUN_ENDED
             if kind == "get_properties_ins" and RUN_COMPLETED in message.get_properties_ins.config:
                 told.completed = True  # the server's, not the user's client's: answered here
                 await call.write(ClientMessage(get_properties_res=_NO_PROPERTIES))
@@ -283,10 +299,10 @@ async def _serve(client: Client, channel: grpc.aio.Channel, endpoint: Endpoint, 
         if err.code() in REFUSAL_CODES:
             raise Refused(f"the server at {endpoint.address} refused this client: {err.details()}") from None
         log.debug("stream ended: %s %s", err.code(), err.details())
-        return False
+        return StreamEnd.LOST if received else StreamEnd.CUT
     except asyncio.InvalidStateError:  # the server ended the stream while this client answered
         log.debug("stream ended while answering")
-        return False
+        return StreamEnd.LOST
     finally:
         with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
             await call.done_writing()  # ends the request stream
@@ -295,7 +311,7 @@ async def _serve(client: Client, channel: grpc.aio.Channel, endpoint: Endpoint, 
             f"the server at {endpoint.address} closed the connection before sending any instruction: "
             "it refused this client (at capacity?)"
         )
-    return False
+    return StreamEnd.LOST
 
 
 def _metadata(endpoint: Endpoint) -> tuple[tuple[str, str], ...]:

@@ -206,6 +206,33 @@ def test_a_thousand_logical_clients_in_four_processes_federate_a_tenth_per_round
     assert records[-1]["eval_accuracy"] > 0.2, records[-1]["eval_accuracy"]  # 10 classes: chance is 0.1
 
 
+def test_a_join_storm_of_4000_logical_clients_is_seated_without_a_cancelled_stream(spawn, tmp_path) -> None:
+    """gRPC's core cancels streams queued beyond 1,000 (3,000 at most) waiting for a worker: 4
+    processes of 1,000 logical clients saw 3,439 cancelled joins, each joined again at once."""
+    many, each = 4000, 1000
+    data = tmp_path / "data"
+    made = run_cli(
+        ["prepare"],
+        cwd=tmp_path,
+        DATA_DIR=str(data),
+        DATASET="synthetic",
+        NUM_SHARDS=str(many),
+        SYNTHETIC_EXAMPLES="120000",
+    )
+    assert made.returncode == 0, made.stderr
+    env = fleet_env(
+        data, tmp_path, DATASET="synthetic", NUM_SHARDS=str(many), MAX_CLIENTS=str(many + 1),
+        MIN_AVAILABLE_CLIENTS=str(many + 1), CLIENTS_PER_PROCESS=str(each), START_TIMEOUT="300",
+    )  # fmt: skip
+    server = spawn(["server"], **env)
+    server.wait_for("listening", timeout=30)
+    clients = [spawn(["client"], **env) for _ in range(many // each)]
+    server.wait_for(rf"\({many} connected\)", timeout=240)
+    for client in clients:
+        assert "lost the connection" not in client.output, client.output[-2000:]
+        assert "before its first instruction" not in client.output, client.output[-2000:]
+
+
 def test_logical_clients_join_a_tls_server_under_their_process_certificate(spawn, twenty_shards, tmp_path) -> None:
     """Mutual TLS: every logical client of a process presents the process's one certificate, so
     MAX_CONNECTIONS_PER_CLIENT must hold CLIENTS_PER_PROCESS of them (docs/cross-device.md)."""

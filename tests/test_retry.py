@@ -4,10 +4,13 @@ is final (checked against a real Flowerpot gRPC server on loopback)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import itertools
 import logging
 import time
 from collections.abc import Iterator
 
+import grpc
 import numpy as np
 import pytest
 from flwr.compat.client.numpy_client import NumPyClient
@@ -16,8 +19,8 @@ from client import wiring
 from client.retry import FIRST_DELAY, MAX_BACKOFF, Backoff
 from conftest import free_address
 from server.transport.admission import Admission, BoundedClientManager
-from server.transport.wiring import Traffic, start_grpc_server
-from shared.errors import Refused
+from server.transport.wiring import FLOWER_SERVICE, Traffic, start_grpc_server
+from shared.errors import Refused, Unreachable
 
 
 def delays_until_giving_up(backoff: Backoff) -> list[float]:
@@ -114,3 +117,30 @@ def test_the_handshake_probe_is_not_seated_as_a_client(caplog: pytest.LogCapture
     finally:
         server.stop(grace=None)
     assert "join metadata" not in caplog.text and "joined" not in caplog.text, caplog.text
+
+
+def test_a_stream_cut_before_its_first_instruction_is_joined_again_only_after_a_wait() -> None:
+    """gRPC cancels the streams it cannot queue in a join storm (10,000 clients): a client that
+    joined again at once added to the storm (125,882 cancelled joins in one run). It now waits
+    as for an unreachable server, the waits growing, and gives up within CONNECT_TIMEOUT."""
+    joins: list[float] = []
+
+    def cut(request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        joins.append(time.monotonic())
+        context.abort(grpc.StatusCode.CANCELLED, "queue full")
+        yield b""  # never reached: a generator, as a stream handler must be
+
+    address = free_address()
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
+    handler = grpc.stream_stream_rpc_method_handler(cut)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(FLOWER_SERVICE, {"Join": handler}),))
+    server.add_insecure_port(address)
+    server.start()
+    try:
+        endpoint = wiring.Endpoint(address=address, name="storm", max_message_bytes=1 << 20, connect_timeout=3)
+        with pytest.raises(Unreachable, match="before its first instruction"):
+            wiring.run(Idle().to_client(), endpoint)
+    finally:
+        server.stop(grace=None)
+    assert 2 <= len(joins) <= 4, joins  # waits of 0.5, 1 and 2 s fit in 3 s; at once, hundreds would
+    assert all(b - a >= 0.4 for a, b in itertools.pairwise(joins)), joins

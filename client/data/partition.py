@@ -18,7 +18,8 @@ def iid(num_examples: int, num_shards: int, min_size: int, rng: np.random.Genera
         raise BadInput(
             f"{num_examples} examples cannot give NUM_SHARDS={num_shards} shards of at least "
             f"MIN_SHARD_SIZE={min_size}: lower NUM_SHARDS, or MIN_SHARD_SIZE to at most "
-            f"{max(num_examples // num_shards, 0)}, or use a larger data set (DATASET=synthetic for load tests)"
+            f"{max(num_examples // num_shards, 0)}, or use a larger data set "
+            "(for load tests DATASET=synthetic, sized by SYNTHETIC_EXAMPLES)"
         )
     return [np.sort(part) for part in np.array_split(rng.permutation(num_examples), num_shards)]
 
