@@ -83,7 +83,9 @@ def run_fleet(settings: Settings, site_shards: tuple[int, ...] | None, ready: Re
         try:
             await serve()
             outcomes[claim.folder.name] = None
-        except Exception as exc:  # recorded and said at the end; the others go on
+        except asyncio.CancelledError:  # the loop itself is ending: not this client's outcome
+            raise
+        except BaseException as exc:  # recorded and said at the end (a task's sys.exit too); the others go on
             outcomes[claim.folder.name] = exc
             if isinstance(exc, FlowerpotError):
                 log.error("stopped: %s", exc)
