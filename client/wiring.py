@@ -43,6 +43,10 @@ from shared.tls_files import client_certificate_problems
 log = logging.getLogger("flowerpot.client")
 
 ATTEMPT_SECONDS = 10.0  # the longest one attempt waits for the channel to become ready
+# A closing channel lets its stream deliver what was written last (the answer to the server's
+# final instruction) for this long before cancelling it.
+CLOSE_GRACE_SECONDS = 1.0
+T = TypeVar("T")
 REFUSAL_CODES = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.PERMISSION_DENIED,
@@ -162,12 +166,6 @@ async def serve(client: Client, endpoint: Endpoint) -> bool:
             delay,
         )
         await asyncio.sleep(delay)
-
-
-T = TypeVar("T")
-# A closing channel lets its stream deliver what was written last (the answer to the server's
-# final instruction) for this long before cancelling it.
-CLOSE_GRACE_SECONDS = 1.0
 
 
 def block_on(main: Coroutine[Any, Any, T]) -> T:
